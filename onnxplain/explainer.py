@@ -1,0 +1,295 @@
+"""The Python API: `Explainer(model).attribute(x, method=..., target=..., layer=..., **options)`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import canonize as _canonize
+from . import methods as _methods  # noqa: F401  (registers the methods)
+from .compile import META_KEY, compile_explainer
+from .errors import InputError, ModelError, OptionError
+from .graph import Graph, read_model
+from .methods.base import Context, get_method
+from .runtime import Session
+
+LOOK_THROUGH = ("Softmax", "LogSoftmax")
+
+
+class Explainer:
+    """Explains one ONNX model.
+
+    model: a path, bytes or onnx.ModelProto. providers: onnxruntime execution providers
+    (default: CUDA when it really works, else CPU). memory_budget: bytes that one batched
+    run may use; multi-pass methods split their passes to stay under it.
+    """
+
+    def __init__(self, model, providers=None, memory_budget: int | None = None, canonize: bool = True):
+        proto = read_model(model)
+        self.source = proto
+        self.graph = Graph(_canonize.canonize(proto) if canonize else proto)
+        self.providers = providers
+        self.memory_budget = memory_budget
+        self._sessions: dict = {}
+        self._specialized: dict = {}
+        self._compiled_cache: dict = {}
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def inputs(self) -> dict:
+        return self.graph.input_shapes()
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.graph.outputs)
+
+    @property
+    def float_inputs(self) -> list[str]:
+        return [n for n in self.graph.inputs if self.graph.is_float(n)]
+
+    def preprocess_metadata(self) -> dict | None:
+        raw = self.metadata.get("onnxplain.preprocess")
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ inputs
+    def _feeds(self, x) -> dict:
+        names = self.graph.inputs
+        if isinstance(x, dict):
+            feeds = dict(x)
+        elif isinstance(x, (list, tuple)) and len(names) > 1 and len(x) == len(names):
+            feeds = dict(zip(names, x))
+        else:
+            if len(names) != 1:
+                raise InputError(f"the model has {len(names)} inputs ({', '.join(names)}); pass a dict name -> array")
+            feeds = {names[0]: x}
+        missing = [n for n in names if n not in feeds]
+        extra = [n for n in feeds if n not in names]
+        if missing or extra:
+            raise InputError(
+                f"inputs do not match the model: missing {missing or 'none'}, unknown {extra or 'none'}; "
+                f"the model takes {', '.join(names)}"
+            )
+        out = {}
+        batch = None
+        for n in names:
+            a = np.asarray(feeds[n])
+            want = self.graph.shape(n)
+            dtype = _np_dtype(self.graph.elem_type(n))
+            if a.dtype.kind not in "biuf":
+                raise InputError(f"input '{n}' has dtype {a.dtype}; expected numbers of type {dtype}")
+            if want is not None:
+                if a.ndim == len(want) - 1:
+                    a = a[None]  # a single sample without its batch axis
+                if a.ndim != len(want):
+                    raise InputError(f"input '{n}' must have shape {_fmt(want)}, got {a.shape}")
+                bad = [i for i, (d, s) in enumerate(zip(want, a.shape)) if i > 0 and isinstance(d, int) and d != s]
+                if bad:
+                    raise InputError(f"input '{n}' must have shape {_fmt(want)}, got {a.shape}")
+            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                raise InputError(f"input '{n}' contains NaN or Inf values")
+            a = np.ascontiguousarray(a, dtype=dtype)
+            if batch is None:
+                batch = a.shape[0]
+            elif a.shape[0] != batch:
+                raise InputError(f"inputs have different batch sizes ({batch} and {a.shape[0]})")
+            out[n] = a
+        if batch == 0:
+            raise InputError("the input batch is empty")
+        return out
+
+    def _graph_for(self, feeds) -> Graph:
+        key = tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
+        if key not in self._specialized:
+            self._specialized[key] = self.graph.specialize({k: v.shape for k, v in feeds.items()})
+        return self._specialized[key]
+
+    # ------------------------------------------------------------------ forward
+    def _session(self, key, build) -> Session:
+        if key not in self._sessions:
+            self._sessions[key] = Session(build(), self.providers, self.memory_budget)
+        return self._sessions[key]
+
+    def _forward(self, feeds: dict, tensors) -> dict:
+        """Values of any tensors of the model on `feeds`, batched under the memory budget."""
+        tensors = list(tensors)
+        graph = self._graph_for(feeds)
+        sess = self._session(("forward", tuple(tensors)) + tuple((k, v.shape[1:]) for k, v in feeds.items()),
+                             lambda: _with_outputs(graph, tensors))
+        n = next(iter(feeds.values())).shape[0]
+        parts = {t: [] for t in tensors}
+        for _s, _e, out in sess.run_rows(n, lambda s, e: {k: v[s:e] for k, v in feeds.items()}, tensors):
+            for t in tensors:
+                parts[t].append(out[t])
+        return {t: np.concatenate(v) for t, v in parts.items()}
+
+    def predict(self, x, output=None) -> np.ndarray:
+        """The model's output (the first one, or `output` by name or index) on x."""
+        feeds = self._feeds(x)
+        name = self._output_name(output)
+        return self._forward(feeds, [name])[name]
+
+    def _output_name(self, output) -> str:
+        outs = self.graph.outputs
+        if output is None:
+            return outs[0]
+        if isinstance(output, (int, np.integer)) and not isinstance(output, bool):
+            if not 0 <= output < len(outs):
+                raise OptionError(f"output index {output} out of range; the model has {len(outs)} output(s)")
+            return outs[int(output)]
+        if output not in outs:
+            if output in set(self.graph.tensor_names()):
+                return output
+            raise OptionError(f"unknown output '{output}'; the model's outputs: {', '.join(outs)}")
+        return output
+
+    def explained_tensor(self, output=None, probability: bool = False) -> str:
+        """The tensor a seed is applied to: the chosen output, or the logits before a
+        terminal Softmax/LogSoftmax (the peers' convention) unless `probability`."""
+        name = self._output_name(output)
+        if probability:
+            return name
+        node = self.graph.producer.get(name)
+        if node is not None and node.op_type in LOOK_THROUGH:
+            return node.input[0]
+        return name
+
+    # ------------------------------------------------------------------ seeds
+    def seed_for(self, feeds: dict, explained: str, target) -> np.ndarray:
+        n = next(iter(feeds.values())).shape[0]
+        if isinstance(target, np.ndarray) and target.dtype.kind == "f":
+            out_shape = self._forward(feeds, [explained])[explained].shape
+            seed = np.asarray(target, dtype=np.float32)
+            if seed.shape == out_shape[1:]:
+                seed = np.broadcast_to(seed, out_shape)
+            if seed.shape != out_shape:
+                raise InputError(f"a seed array must have the explained output's shape {out_shape}, got {seed.shape}")
+            return np.ascontiguousarray(seed)
+        out = self._forward(feeds, [explained])[explained]
+        seed = np.zeros(out.shape, dtype=np.float32)
+        if out.ndim < 2:
+            if target not in (None, 0):
+                raise InputError(f"the explained output has shape {out.shape}: there are no classes to choose from")
+            seed[...] = 1.0
+            return seed
+        classes = _targets(target, out, n)
+        for i, c in enumerate(classes):
+            if isinstance(c, tuple):
+                seed[(i,) + c] = 1.0
+            else:
+                if not -out.shape[1] <= c < out.shape[1]:
+                    raise InputError(f"target {c} is out of range: the output has {out.shape[1]} classes")
+                seed[i, c] = 1.0
+        return seed
+
+    # ------------------------------------------------------------------ attribution
+    def attribute(self, x, method: str = "gradient", target=None, layer=None, output=None,
+                  probability: bool = False, **options):
+        """Attribution of `method` for inputs x (array, or dict for multi-input models).
+
+        target: class index per sample (int or sequence), None for the predicted class, or a
+        float seed array shaped like the explained output. layer: a tensor name; the
+        attribution is then at that tensor. Returns an array shaped like the input (or the
+        layer), or a dict when the model has several float inputs.
+        """
+        m = get_method(method)
+        opts = m.resolve(options)
+        feeds = self._feeds(x)
+        explained = self.explained_tensor(output, probability)
+        if layer is not None:
+            if layer not in set(self.graph.tensor_names()):
+                raise OptionError(f"unknown layer '{layer}'; `onnxplain inspect MODEL` lists the model's tensors")
+            wrt = [layer]
+        else:
+            wrt = self.float_inputs
+            if not wrt:
+                raise OptionError("the model has no float inputs to attribute to; give a layer (e.g. the embedding output)")
+        seed = self.seed_for(feeds, explained, target)
+        ctx = Context(self, feeds, seed, wrt, explained, method)
+        result = m.run(ctx, **opts)
+        if len(result) == 1:
+            return next(iter(result.values()))
+        return result
+
+    def _compiled(self, composite, wrt: tuple, explained: str, feeds: dict, method: str):
+        graph = self._graph_for(feeds)
+        key = (composite.key(), wrt, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())))
+        if key not in self._compiled_cache:
+            acts = [t for t in wrt if t not in graph.inputs]
+            spec = compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method)
+            self._compiled_cache[key] = (spec, Session(spec.model, self.providers, self.memory_budget))
+        return self._compiled_cache[key]
+
+    # ------------------------------------------------------------------ export
+    def export(self, path, method: str = "gradient", layer=None, output=None, probability: bool = False,
+               input_shape=None):
+        """Save the explainer model of a single-pass method: feed the model's inputs and a
+        seed named 'onnxplain.seed'; read the attribution outputs named in its metadata."""
+        from .methods import exportable
+
+        composite = exportable(method)
+        explained = self.explained_tensor(output, probability)
+        graph = self.graph if input_shape is None else self.graph.specialize(
+            {self.graph.inputs[0]: tuple(input_shape)})
+        wrt = [layer] if layer else self.float_inputs
+        acts = [t for t in wrt if t not in graph.inputs]
+        spec = compile_explainer(graph, composite, wrt, explained, activations=acts, method=method)
+        path = Path(path)
+        try:
+            onnx.save(spec.model, str(path))
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror}") from None
+        return spec
+
+
+def _with_outputs(graph: Graph, tensors) -> onnx.ModelProto:
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(graph.model)
+    existing = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in existing:
+            m.graph.output.append(helper.make_tensor_value_info(t, graph.elem_type(t) or onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def _targets(target, out, n) -> list:
+    if target is None:
+        flat = out.reshape(n, out.shape[1], -1).sum(axis=2) if out.ndim > 2 else out
+        return [int(c) for c in flat.argmax(axis=1)]
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        return [int(target)] * n
+    if isinstance(target, tuple):
+        return [tuple(int(v) for v in target)] * n
+    t = list(np.asarray(target).reshape(-1)) if not isinstance(target, list) else target
+    if len(t) != n:
+        raise InputError(f"got {len(t)} targets for a batch of {n}; give one class per sample")
+    return [tuple(int(v) for v in c) if isinstance(c, tuple) else int(c) for c in t]
+
+
+def _np_dtype(elem):
+    from onnx import helper
+
+    if not elem:
+        return np.float32
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
+
+
+def explainer_metadata(model: onnx.ModelProto) -> dict:
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            return json.loads(p.value)
+    raise ModelError("this model is not an onnxplain explainer (no metadata)")

@@ -1,0 +1,303 @@
+"""Load ONNX models safely and hold them as a layer-wise representation.
+
+Nothing here knows about explanations: a `Graph` is the forward model, its nodes in
+topological order, its constants as numpy arrays and the shape and dtype of every tensor
+that shape inference could determine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference, version_converter
+
+from .errors import InputError, ModelError
+
+# Backward rules use operators in their opset-17 form or later (ScatterElements with
+# reduction="add" needs 16); older models are converted up on load and checked to compute
+# the same outputs (tests/test_graph.py).
+MIN_OPSET = 17
+MAX_OPSET = 21
+MAX_MODEL_BYTES = 2 * 1024**3  # protobuf's own limit for one message
+BATCH = "N"
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+
+
+def _fail(msg: str) -> None:
+    raise ModelError(msg)
+
+
+def read_model(source, *, convert: bool = True) -> onnx.ModelProto:
+    """Read a model from a path, bytes or a ModelProto; validate it; bring it to MIN_OPSET.
+
+    External data must lie inside the model's own folder: a model file is untrusted input
+    and must not make us read arbitrary files.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        base_dir = None
+    elif isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "<bytes>")
+        base_dir = None
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            _fail(f"model file not found: {path}")
+        if not path.is_file():
+            _fail(f"model path is not a file: {path}")
+        size = path.stat().st_size
+        if size > MAX_MODEL_BYTES:
+            _fail(f"model file {path} is {size} bytes; models over 2 GB must keep weights as external data")
+        model = _parse(path.read_bytes(), str(path))
+        base_dir = path.resolve().parent
+    else:
+        raise ModelError(f"cannot read a model from {type(source).__name__}; give a path, bytes or onnx.ModelProto")
+
+    _load_external_data(model, base_dir)
+    if len(model.graph.node) == 0:
+        _fail("the model graph has no nodes")
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, Exception) as exc:  # checker raises several types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"the model is not a valid ONNX graph: {first}")
+    if convert:
+        model = _convert_opset(model)
+    return model
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:
+        raise ModelError(f"{where} is not an ONNX model (protobuf parse failed: {exc})") from None
+    if not model.HasField("graph"):
+        _fail(f"{where} is not an ONNX model (no graph)")
+    return model
+
+
+def _external_tensors(model):
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            yield t
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                yield a.t
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path | None) -> None:
+    tensors = list(_external_tensors(model))
+    if not tensors:
+        return
+    if base_dir is None:
+        _fail("the model refers to external data files; load it from its path so they can be found")
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc):
+            _fail(f"external data of tensor '{t.name}' has an absolute or empty location '{loc}'")
+        target = (base_dir / loc).resolve()
+        if base_dir not in target.parents:
+            _fail(f"external data of tensor '{t.name}' points outside the model's folder ('{loc}')")
+        if not target.is_file():
+            _fail(f"external data file '{loc}' of tensor '{t.name}' not found next to the model")
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0) or 0)
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            _fail(f"external data of tensor '{t.name}' reads past the end of '{loc}'")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except Exception as exc:
+        raise ModelError(f"cannot read the model's external data: {exc}") from None
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    opset = model_opset(model)
+    if opset == 0:
+        _fail("the model imports no standard ONNX opset")
+    if opset > MAX_OPSET:
+        # Newer opsets are accepted as long as the installed onnxruntime runs them.
+        return model
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise ModelError(
+            f"cannot convert the model from opset {opset} to {MIN_OPSET} ({str(exc).splitlines()[0]}); "
+            f"re-export it with opset {MIN_OPSET} or later"
+        ) from None
+    return converted
+
+
+def tensor_shape(vi) -> tuple | None:
+    """(int | str | None, ...) from a ValueInfoProto; None when the rank is unknown."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+class Graph:
+    """A forward model: nodes in topological order, constants, shapes and dtypes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        _name_nodes(model)
+        try:
+            model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except Exception as exc:
+            raise ModelError(f"shape inference failed on the model: {str(exc).splitlines()[0]}") from None
+        self.model = model
+        g = model.graph
+        self.opset = model_opset(model)
+        self.initializers: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.inputs = [vi.name for vi in g.input if vi.name not in self.initializers]
+        self.outputs = [vi.name for vi in g.output]
+        self.nodes = _toposort(g)
+        self._info = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            self._info[vi.name] = vi
+        self.producer = {}
+        self.consumers = defaultdict(list)
+        self._constants = dict(self.initializers)
+        for node in self.nodes:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = _constant_value(node)
+                if value is not None:
+                    self._constants[node.output[0]] = value
+
+    # --- tensors -------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple | None:
+        if name in self._constants:
+            return tuple(self._constants[name].shape)
+        vi = self._info.get(name)
+        return tensor_shape(vi) if vi is not None else None
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self._constants:
+            return helper.np_dtype_to_tensor_dtype(self._constants[name].dtype)
+        vi = self._info.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
+        return vi.type.tensor_type.elem_type or None
+
+    def is_float(self, name: str) -> bool:
+        return self.elem_type(name) in _FLOAT_TYPES
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a tensor fixed at load time (an initializer or a Constant node)."""
+        return self._constants.get(name)
+
+    def input_shapes(self) -> dict[str, tuple | None]:
+        return {n: self.shape(n) for n in self.inputs}
+
+    def tensor_names(self) -> list[str]:
+        names = list(self.inputs)
+        for node in self.nodes:
+            names.extend(o for o in node.output if o)
+        return names
+
+    def specialize(self, shapes: dict[str, tuple]) -> "Graph":
+        """A copy whose inputs have the given shapes with the batch axis left symbolic.
+
+        Knowing every other dimension lets rules decide broadcasting statically.
+        """
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        del model.graph.value_info[:]
+        for vi in model.graph.input:
+            if vi.name not in shapes:
+                continue
+            shape = shapes[vi.name]
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) != len(shape):
+                raise InputError(
+                    f"input '{vi.name}' has rank {len(dims)} in the model, got an array of rank {len(shape)}"
+                )
+            for i, (d, s) in enumerate(zip(dims, shape)):
+                if i == 0:
+                    d.Clear()
+                    d.dim_param = BATCH
+                else:
+                    d.Clear()
+                    d.dim_value = int(s)
+        for vi in model.graph.output:
+            vi.type.tensor_type.ClearField("shape")
+        return Graph(model)
+
+
+def _constant_value(node) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def _toposort(g) -> list:
+    available = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {""}
+    pending = list(g.node)
+    ordered = []
+    # Most exported graphs are already sorted: one pass is usually enough.
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i not in available})
+            raise ModelError(
+                f"the graph has a cycle or uses undefined tensors: {', '.join(missing[:5])}"
+            )
+        pending = rest
+    return ordered
+
+
+def load(source) -> Graph:
+    return Graph(read_model(source))

@@ -1,0 +1,239 @@
+"""Method registry, option specifications, and the context methods run in.
+
+A method is a function `run(ctx, **options) -> dict[tensor name -> attribution]`
+registered under a stable name with its options and defaults. The same spelling works
+from Python (`attribute(x, method=..., n_steps=50)`), from the CLI
+(`--option n_steps=50`) and in an exported explainer's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError, OptionError
+
+# ----------------------------------------------------------------------------- options
+
+
+def _parse_bool(s):
+    if isinstance(s, bool):
+        return s
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"'{s}' is not a boolean (true/false)")
+
+
+def _parse_ints(s):
+    if isinstance(s, (list, tuple)):
+        return tuple(int(v) for v in s)
+    if isinstance(s, (int, np.integer)):
+        return (int(s),)
+    return tuple(int(v) for v in str(s).replace("(", "").replace(")", "").split(",") if v.strip())
+
+
+def _parse_array_or_float(s):
+    """A scalar, a comma list, an array, or a path to .npy (CLI)."""
+    if isinstance(s, np.ndarray):
+        return s
+    if isinstance(s, (int, float, np.floating, np.integer)):
+        return float(s)
+    if isinstance(s, (list, tuple)):
+        return np.asarray(s, dtype=np.float32)
+    text = str(s).strip()
+    if text.endswith(".npy"):
+        from ..io import load_array
+
+        return load_array(text)
+    parts = [p for p in text.split(",") if p.strip()]
+    if len(parts) == 1:
+        return float(parts[0])
+    return np.asarray([float(p) for p in parts], dtype=np.float32)
+
+
+PARSERS = {
+    int: lambda s: int(s) if not isinstance(s, bool) else int(s),
+    float: float,
+    str: str,
+    bool: _parse_bool,
+    "ints": _parse_ints,
+    "array": _parse_array_or_float,
+    "any": lambda s: s,
+}
+
+
+@dataclass
+class Option:
+    name: str
+    default: Any
+    kind: Any  # int, float, str, bool, "ints", "array", "any"
+    help: str
+    choices: tuple | None = None
+    check: Callable | None = None  # value -> error message or None
+
+    def parse(self, value, method: str):
+        try:
+            v = PARSERS[self.kind](value)
+        except (ValueError, TypeError) as exc:
+            raise OptionError(f"option {self.name}={value!r} of method '{method}': {exc}") from None
+        if self.choices and v not in self.choices:
+            raise OptionError(
+                f"option {self.name}={v!r} of method '{method}' must be one of: {', '.join(map(str, self.choices))}"
+            )
+        if self.check:
+            msg = self.check(v)
+            if msg:
+                raise OptionError(f"option {self.name}={v!r} of method '{method}': {msg}")
+        return v
+
+
+def positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must not be negative"
+
+
+@dataclass
+class Method:
+    name: str
+    run: Callable
+    description: str
+    options: dict = field(default_factory=dict)
+    reference: str = ""
+    kind: str = "white-box"  # or "black-box"
+
+    def resolve(self, given: dict) -> dict:
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = ", ".join(self.options) or "none"
+            raise OptionError(f"method '{self.name}' has no option(s) {', '.join(unknown)}; its options: {valid}")
+        out = {}
+        for name, opt in self.options.items():
+            out[name] = opt.parse(given[name], self.name) if name in given else opt.default
+        return out
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, description: str, options=(), reference: str = "", kind: str = "white-box"):
+    def deco(fn):
+        METHODS[name] = Method(name, fn, description, {o.name: o for o in options}, reference, kind)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        close = [m for m in METHODS if name.split(".")[0] in m or m in name]
+        hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+        raise OptionError(f"unknown method '{name}'{hint}; `onnxplain methods` lists them")
+    return METHODS[name]
+
+
+# ----------------------------------------------------------------------------- context
+
+
+class Context:
+    """What a method sees: the inputs, the explained tensor and its seed, and passes.
+
+    `wrt` are the tensors attributions are asked for: the model's float inputs, or the
+    layer tensor. `backward` runs a compiled explainer for any number of rows, chunked
+    under the memory budget.
+    """
+
+    def __init__(self, explainer, feeds: dict, seed: np.ndarray, wrt: list, explained: str, method: str):
+        self.explainer = explainer
+        self.feeds = feeds
+        self.seed = seed
+        self.wrt = wrt
+        self.explained = explained
+        self.method = method
+        self.n = next(iter(feeds.values())).shape[0]
+
+    @property
+    def inputs(self) -> list[str]:
+        """Float model inputs (the ones an input-space path can move)."""
+        return self.explainer.float_inputs
+
+    @property
+    def layer(self) -> str | None:
+        return self.wrt[0] if self.wrt and self.wrt[0] not in self.feeds else None
+
+    def compiled(self, composite):
+        return self.explainer._compiled(composite, tuple(self.wrt), self.explained, self.feeds, self.method)
+
+    def backward(self, composite, feeds=None, seed=None):
+        """Attributions (dict wrt -> array) and activations at wrt, for one set of rows."""
+        spec, session = self.compiled(composite)
+        feeds = self.feeds if feeds is None else feeds
+        seed = self.seed if seed is None else seed
+        return self._run(spec, session, feeds, seed)
+
+    def backward_rows(self, composite, total: int, make_rows, consume, label: str | None = None):
+        """Run `total` rows in chunks: make_rows(start, stop) -> (feeds, seed);
+        consume(start, stop, attributions, activations) is called for each chunk."""
+        spec, session = self.compiled(composite)
+        self.backward_rows_with(spec, session, total, make_rows, consume, label)
+
+    def _run(self, spec, session, feeds, seed):
+        total = next(iter(feeds.values())).shape[0]
+        attrs = {t: [] for t in spec.attributions}
+        acts = {}
+
+        def rows(start, stop):
+            return {k: v[start:stop] for k, v in feeds.items()}, seed[start:stop]
+
+        def consume(start, stop, a, c):
+            for t in a:
+                attrs[t].append(a[t])
+            for t in c:
+                acts.setdefault(t, []).append(c[t])
+
+        self.backward_rows_with(spec, session, total, rows, consume)
+        return ({t: np.concatenate(v) for t, v in attrs.items()}, {t: np.concatenate(v) for t, v in acts.items()})
+
+    def backward_rows_with(self, spec, session, total, make_rows, consume, label=None):
+        outs = list(spec.attributions.values()) + list(spec.activations.values())
+        chunk = {}
+
+        def feeds_for(start, stop):
+            f, s = make_rows(start, stop)
+            chunk["feeds"] = f
+            f = dict(f)
+            f[spec.seed] = s.astype(np.float32, copy=False)
+            return f
+
+        for start, stop, out in session.run_rows(total, feeds_for, outs, label=label):
+            attrs = {t: _finite(out[o], self.method) for t, o in spec.attributions.items()}
+            # Activations of the attributed tensors: layers come out of the explainer,
+            # inputs are what was fed.
+            acts = {t: out[o] for t, o in spec.activations.items()}
+            acts.update({t: chunk["feeds"][t] for t in spec.attributions if t in chunk["feeds"]})
+            consume(start, stop, attrs, acts)
+
+    def activations(self, feeds=None) -> dict:
+        """Values of the wrt tensors on `feeds` (inputs are themselves)."""
+        feeds = self.feeds if feeds is None else feeds
+        out = {t: feeds[t] for t in self.wrt if t in feeds}
+        rest = [t for t in self.wrt if t not in feeds]
+        if rest:
+            out.update(self.explainer._forward(feeds, rest))
+        return out
+
+
+def _finite(a: np.ndarray, method: str) -> np.ndarray:
+    if not np.all(np.isfinite(a)):
+        raise InputError(
+            f"method '{method}' produced non-finite values (overflow in the model or its backward pass); "
+            "check the input's scale, or choose another method"
+        )
+    return a

@@ -1,0 +1,86 @@
+"""SmoothGrad and its variants (Smilkov et al. 2017; Adebayo et al. 2018): a method's
+attribution averaged over gaussian-noised copies of the input, as Captum's NoiseTunnel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OptionError
+from .base import Option, non_negative, positive, register
+from .gradients import DECONVNET, GRADIENT, GUIDED
+
+# Single-pass bases run all noisy copies in row chunks; the composite and whether the
+# attribution is multiplied by the (noisy) input define them.
+BASES = {
+    "gradient": (GRADIENT, False),
+    "input_x_gradient": (GRADIENT, True),
+    "guided_backprop": (GUIDED, False),
+    "deconvnet": (DECONVNET, False),
+}
+
+
+def _options():
+    return [
+        Option("n_samples", 5, int, "number of noisy samples (Captum's nt_samples)", check=positive),
+        Option("stdev", 1.0, float, "standard deviation of the gaussian noise (Captum's stdevs)", check=non_negative),
+        Option("base", "gradient", str, "the attribution method that is smoothed", choices=tuple(BASES)),
+        Option("seed", 0, int, "random seed of the noise"),
+        Option("noise", None, "any", "explicit noise array of shape (n_samples, *input shape) (Python only)"),
+    ]
+
+
+def _noise(ctx, n_samples, stdev, seed, noise, k):
+    x = ctx.feeds[k]
+    shape = (n_samples,) + x.shape
+    if noise is None:
+        return np.random.default_rng(seed).normal(0.0, stdev, size=shape).astype(x.dtype)
+    arr = noise[k] if isinstance(noise, dict) else noise
+    arr = np.asarray(arr, dtype=x.dtype)
+    if arr.shape != shape:
+        raise OptionError(f"noise for input '{k}' must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def _smooth(ctx, kind, n_samples, stdev, base, seed, noise):
+    composite, times_input = BASES[base]
+    inputs = ctx.inputs
+    noise = {k: _noise(ctx, n_samples, stdev, seed, noise, k) for k in inputs}
+    n = ctx.n
+    s1 = {t: np.zeros((n,) + _shape(ctx, t), np.float64) for t in ctx.wrt}
+    s2 = {t: np.zeros_like(v) for t, v in s1.items()}
+
+    def rows(start, stop):
+        idx = np.arange(start, stop)
+        draw, sample = idx // n, idx % n
+        feeds = {k: v[sample] for k, v in ctx.feeds.items()}
+        for k in inputs:
+            feeds[k] = feeds[k] + noise[k][draw, sample]
+        return feeds, ctx.seed[sample]
+
+    def consume(start, stop, attrs, acts):
+        sample = np.arange(start, stop) % n
+        for t, g in attrs.items():
+            a = g * acts[t] if times_input else g
+            np.add.at(s1[t], sample, a)
+            np.add.at(s2[t], sample, a * a)
+
+    ctx.backward_rows(composite, n_samples * n, rows, consume, label=kind)
+    out = {}
+    for t in ctx.wrt:
+        mean, sq = s1[t] / n_samples, s2[t] / n_samples
+        out[t] = {"smoothgrad": mean, "smoothgrad_sq": sq, "vargrad": sq - mean * mean}[kind].astype(np.float32)
+    return out
+
+
+def _shape(ctx, t):
+    return ctx.feeds[t].shape[1:] if t in ctx.feeds else tuple(ctx.activations()[t].shape[1:])
+
+
+for _kind, _desc in [
+    ("smoothgrad", "attribution averaged over noisy copies of the input"),
+    ("smoothgrad_sq", "squared attribution averaged over noisy copies of the input"),
+    ("vargrad", "variance of the attribution over noisy copies of the input"),
+]:
+    register(_kind, _desc, options=_options(), reference="Captum NoiseTunnel")(
+        (lambda kind: lambda ctx, **o: _smooth(ctx, kind, **o))(_kind)
+    )

@@ -1,0 +1,6 @@
+"""Backward rules, one module per family; importing this package registers them all."""
+
+from . import base  # noqa: F401
+from . import gradient_elementwise, gradient_linear, gradient_pool, gradient_shape  # noqa: F401
+from . import modified  # noqa: F401
+from .base import RULES, Builder, lookup, register  # noqa: F401

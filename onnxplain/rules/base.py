@@ -1,0 +1,198 @@
+"""The rule registry and the builder that rules emit backward nodes with.
+
+A rule is a function `rule(b, node, grads) -> list` registered for one operator in one
+family. `b` is a `Builder`, `node` the forward NodeProto, `grads` the name of the incoming
+gradient (or relevance) for each of the node's outputs (None where nothing flows back).
+It returns, for each of the node's inputs, the name of the outgoing tensor, or None where
+nothing flows (non-differentiable inputs such as shapes and indices).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ModelError
+
+Rule = Callable[["Builder", onnx.NodeProto, list], list]
+
+# (family, op_type) -> rule. Families: "gradient" (exact vector-Jacobian products) and the
+# modified backward passes (guided_backprop, deconvnet, lrp rules, ...), which fall back to
+# "gradient" for the operators they leave alone.
+RULES: dict[tuple[str, str], Rule] = {}
+
+
+def register(*op_types: str, family: str = "gradient"):
+    def deco(fn: Rule) -> Rule:
+        for op in op_types:
+            RULES[(family, op)] = fn
+        return fn
+
+    return deco
+
+
+def lookup(op_type: str, family: str = "gradient") -> Rule | None:
+    return RULES.get((family, op_type))
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _decode(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return _decode(helper.get_attribute_value(a))
+    return default
+
+
+class Builder:
+    """Emits ONNX nodes and constants into the explainer under construction.
+
+    Forward tensors keep their names; every emitted tensor gets a fresh one. The helpers
+    hide opset differences (ReduceMean/ReduceMax take axes as an input from opset 18 on).
+    """
+
+    def __init__(self, graph, prefix: str = "onnxplain"):
+        self.graph = graph
+        self.opset = graph.opset
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self._consts: dict = {}
+        self.current = "bw"  # name of the forward node being processed, for readable names
+
+    # --- naming and emission ---------------------------------------------------------------
+    def fresh(self, hint: str = "t") -> str:
+        self._count += 1
+        return f"{self.prefix}/{self.current}/{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs, outputs: int = 1, domain: str = "", **attributes):
+        names = [self.fresh(op_type) for _ in range(outputs)]
+        ins = ["" if i is None else i for i in inputs]
+        attributes = {k: v for k, v in attributes.items() if v is not None}
+        self.nodes.append(
+            helper.make_node(op_type, ins, names, name=self.fresh(op_type + "_node"), domain=domain, **attributes)
+        )
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant tensor; scalars and small vectors are shared."""
+        arr = np.asarray(value, dtype=dtype)
+        key = None
+        if arr.size <= 16:
+            key = (arr.dtype.str, arr.shape, arr.tobytes())
+            if key in self._consts:
+                return self._consts[key]
+        name = self.fresh("const")
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        if key is not None:
+            self._consts[key] = name
+        return name
+
+    def ints(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64).reshape(-1), np.int64)
+
+    def scalar_like(self, value, like: str) -> str:
+        """A scalar constant with the element type of tensor `like`."""
+        return self.const(value, self.np_dtype(like))
+
+    # --- forward tensor facts ------------------------------------------------------------
+    def shape(self, name: str) -> tuple | None:
+        return self.graph.shape(name)
+
+    def rank(self, name: str) -> int:
+        s = self.graph.shape(name)
+        if s is None:
+            raise ModelError(f"the rank of tensor '{name}' is unknown; give the model static input ranks")
+        return len(s)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        return self.graph.constant(name) if name else None
+
+    def np_dtype(self, name: str):
+        t = self.graph.elem_type(name)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(t)) if t else np.dtype(np.float32)
+
+    # --- opset-aware helpers ---------------------------------------------------------------
+    def reduce(self, kind: str, x: str, axes, keepdims: bool = True) -> str:
+        axes = [int(a) for a in axes]
+        if not axes:
+            return x
+        if kind == "ReduceSum" or self.opset >= 18:
+            return self.op(kind, x, self.ints(axes), keepdims=int(keepdims))
+        return self.op(kind, x, axes=axes, keepdims=int(keepdims))
+
+    def reduce_sum(self, x: str, axes, keepdims: bool = True) -> str:
+        return self.reduce("ReduceSum", x, axes, keepdims)
+
+    def squeeze(self, x: str, axes) -> str:
+        return self.op("Squeeze", x, self.ints(axes))
+
+    def unsqueeze(self, x: str, axes) -> str:
+        return self.op("Unsqueeze", x, self.ints(axes))
+
+    def shape_of(self, x: str) -> str:
+        return self.op("Shape", x)
+
+    def reshape_like(self, g: str, like: str) -> str:
+        return self.op("Reshape", g, self.shape_of(like))
+
+    def zeros_like(self, x: str) -> str:
+        zero = numpy_helper.from_array(np.zeros(1, dtype=self.np_dtype(x)))
+        return self.op("ConstantOfShape", self.shape_of(x), value=zero)
+
+    def mul(self, a: str, b: str) -> str:
+        return self.op("Mul", a, b)
+
+    def add(self, a: str, b: str) -> str:
+        return self.op("Add", a, b)
+
+    def sum(self, names: list[str]) -> str:
+        names = [n for n in names if n]
+        if len(names) == 1:
+            return names[0]
+        return self.op("Sum", *names)
+
+    def cast_like(self, x: str, like: str) -> str:
+        return self.op("Cast", x, to=self.graph.elem_type(like) or onnx.TensorProto.FLOAT)
+
+    def unbroadcast(self, g: str, out: str, inp: str) -> str:
+        """Sum gradient `g` (shaped like forward tensor `out`) down to the shape of `inp`.
+
+        Numpy broadcasting aligns shapes on the right; every axis `inp` lacks, or has as 1
+        where `out` has more, was broadcast and its gradient is a sum.
+        """
+        so, si = self.shape(out), self.shape(inp)
+        if so is None or si is None:
+            raise ModelError(
+                f"cannot tell how '{inp}' was broadcast to '{out}': unknown shapes; give the model static input shapes"
+            )
+        lead = len(so) - len(si)
+        axes = list(range(lead))
+        for k, di in enumerate(si):
+            do = so[lead + k]
+            if di == do:
+                continue
+            if di == 1:
+                axes.append(lead + k)
+            elif isinstance(di, int) and isinstance(do, int):
+                raise ModelError(f"shapes {si} and {so} do not broadcast")
+            else:
+                raise ModelError(
+                    f"cannot tell whether '{inp}' {si} was broadcast to {so}; give the model static input shapes"
+                )
+        if not axes:
+            return g
+        r = self.reduce_sum(g, axes, keepdims=True)
+        if lead:
+            r = self.squeeze(r, list(range(lead)))
+        return r

@@ -1,0 +1,3 @@
+"""Exact vector-Jacobian products of pooling operators."""
+
+from .base import register  # noqa: F401

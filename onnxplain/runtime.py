@@ -1,0 +1,171 @@
+"""onnxruntime sessions: provider choice, batching under a memory budget, progress.
+
+Multi-pass methods (1000 integration steps, 500 noise samples, 4000 masks) hand the
+runtime a number of rows and a function that builds the feeds for a range of rows; the
+runtime runs as many rows at once as the memory budget allows and hands each chunk's
+outputs back, so no method ever holds all passes at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from functools import lru_cache
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from .errors import InputError, ModelError
+
+DEFAULT_MEMORY_BUDGET = int(os.environ.get("ONNXPLAIN_MEMORY_BUDGET", 1 << 30))  # bytes
+QUIET = False  # set by the CLI's --quiet and by library users who want no progress bars
+
+
+def _ort():
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # provider fallbacks are ours to report, not ORT's
+    return ort
+
+
+@lru_cache(maxsize=None)
+def cuda_works() -> bool:
+    """True when the CUDA provider is installed *and* can run a node here.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a driver; a
+    session then silently falls back or logs errors. Running a one-node model tells.
+    """
+    ort = _ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        if "CUDAExecutionProvider" not in s.get_providers():
+            return False
+        s.run(None, {"x": np.ones(1, np.float32)})
+        return True
+    except Exception:
+        return False
+
+
+def default_providers() -> list[str]:
+    env = os.environ.get("ONNXPLAIN_PROVIDERS")
+    if env:
+        return [p.strip() for p in env.split(",") if p.strip()]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
+
+
+def resolve_providers(providers=None) -> list[str]:
+    if providers is None:
+        return default_providers()
+    if isinstance(providers, str):
+        providers = [providers]
+    ort = _ort()
+    available = ort.get_available_providers()
+    bad = [p if isinstance(p, str) else p[0] for p in providers]
+    bad = [p for p in bad if p not in available]
+    if bad:
+        raise InputError(f"execution provider(s) {', '.join(bad)} not available; installed: {', '.join(available)}")
+    return list(providers)
+
+
+class Session:
+    """One onnxruntime session on a model, with row-chunked execution."""
+
+    def __init__(self, model: onnx.ModelProto, providers=None, memory_budget: int | None = None):
+        ort = _ort()
+        self.model = model
+        self.providers = resolve_providers(providers)
+        self.memory_budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        threads = os.environ.get("ONNXPLAIN_THREADS")
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._row_bytes = None
+
+    def run(self, feeds: dict, outputs=None) -> dict:
+        outputs = list(outputs or self.output_names)
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        try:
+            values = self.session.run(outputs, feeds)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"onnxruntime failed to run the model on this input: {msg}") from None
+        return dict(zip(outputs, values))
+
+    def row_bytes(self) -> int:
+        """Upper bound of the memory one batch row needs: all intermediate tensors at once."""
+        if self._row_bytes is None:
+            self._row_bytes = estimate_row_bytes(self.model)
+        return self._row_bytes
+
+    def rows_per_run(self, cap: int | None = None) -> int:
+        rows = max(1, self.memory_budget // max(1, self.row_bytes()))
+        return min(rows, cap) if cap else rows
+
+    def run_rows(self, total: int, make_feeds, outputs, label: str | None = None, cap: int | None = None):
+        """Yield (start, stop, outputs) for row chunks [start, stop) covering `total` rows."""
+        step = self.rows_per_run(cap)
+        with progress(total, label) as bar:
+            for start in range(0, total, step):
+                stop = min(total, start + step)
+                out = self.run(make_feeds(start, stop), outputs)
+                yield start, stop, out
+                bar.update(stop - start)
+
+
+def estimate_row_bytes(model: onnx.ModelProto) -> int:
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    total = 0
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if not dims:
+            continue
+        # The first axis is the batch; every other axis must be known to count the tensor.
+        rest = dims[1:]
+        if any(d is None for d in rest):
+            continue
+        size = int(np.prod(rest)) if rest else 1
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize if t.elem_type else 4
+        total += size * itemsize
+    return max(total, 1 << 16)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+@contextlib.contextmanager
+def progress(total: int, label: str | None):
+    """click's progress bar on stderr, only for an interactive terminal and long runs."""
+    if QUIET or not label or total <= 1 or not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    import click
+
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar
