@@ -18,9 +18,11 @@ def integration_points(n: int, rule: str):
         return 0.5 * (x + 1.0), 0.5 * w
     if rule == "riemann_trapezoid":
         if n < 2:
-            raise OptionError("integrated_gradients with method=riemann_trapezoid needs n_steps >= 2")
-        w = np.full(n, 1.0 / (n - 1))
-        w[0] = w[-1] = 0.5 / (n - 1)
+            raise OptionError("integrated_gradients with integration=riemann_trapezoid needs n_steps >= 2")
+        # Captum's trapezoid: steps of 1/n with the two ends halved (the weights sum to
+        # (n-1)/n, not 1). Kept so results compare one to one with Captum.
+        w = np.full(n, 1.0 / n)
+        w[0] = w[-1] = 0.5 / n
         return np.linspace(0.0, 1.0, n), w
     w = np.full(n, 1.0 / n)
     if rule == "riemann_left":
@@ -45,15 +47,17 @@ def baseline_like(baseline, x: np.ndarray, name: str) -> np.ndarray:
 
 OPTIONS = [
     Option("n_steps", 50, int, "number of integration points", check=positive),
-    Option("method", "gausslegendre", str, "integration rule", choices=RULES),
+    # DESIGN.md names this option `method`, as Captum does; in Python that keyword is taken
+    # by attribute(method=...), so it is `integration` everywhere.
+    Option("integration", "gausslegendre", str, "integration rule", choices=RULES),
     Option("baseline", 0.0, "array", "reference input: a number, per-channel values, or an array (.npy on the CLI)"),
 ]
 
 
 @register("integrated_gradients", "path integral of gradients from a baseline to the input",
           options=OPTIONS, reference="Captum IntegratedGradients")
-def integrated_gradients(ctx, n_steps, method, baseline):
-    alphas, weights = integration_points(n_steps, method)
+def integrated_gradients(ctx, n_steps, integration, baseline):
+    alphas, weights = integration_points(n_steps, integration)
     inputs = ctx.inputs
     x = {k: ctx.feeds[k] for k in inputs}
     base = {k: baseline_like(baseline, x[k], k) for k in inputs}
