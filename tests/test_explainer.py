@@ -1,0 +1,175 @@
+"""The Python API's contract: shapes, targets, layers, errors, memory budget, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxplain import Explainer, InputError, ModelError, OptionError, UnsupportedOperatorError
+from onnxplain.compile import SEED
+from onnxplain.explainer import explainer_metadata
+
+
+def _mlp_with_softmax(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4), torch.nn.Softmax(-1)).eval()
+    path = tmp_path / "mlp_softmax.onnx"
+    torch.onnx.export(net, (torch.randn(2, 6),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["p"], dynamic_axes={"x": {0: "b"}, "p": {0: "b"}})
+    return net, path
+
+
+def _grad(net, x, target, upto=None):
+    xt = torch.tensor(x, requires_grad=True)
+    out = net[:upto](xt) if upto else net(xt)
+    out[torch.arange(len(x)), target].sum().backward()
+    return xt.grad.numpy()
+
+
+def test_terminal_softmax_is_looked_through_unless_probability_asked(tmp_path):
+    net, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+    np.testing.assert_allclose(e.attribute(x, target=[0, 1, 2]), _grad(net, x, [0, 1, 2], upto=3), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e.attribute(x, target=[0, 1, 2], probability=True), _grad(net, x, [0, 1, 2]),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_layer_attribution_is_the_gradient_at_that_tensor(tmp_path):
+    net, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    relu_out = next(n.output[0] for n in e.graph.nodes if n.op_type == "Relu")
+    x = np.random.default_rng(1).normal(size=(2, 6)).astype(np.float32)
+    h = net[:2](torch.tensor(x)).detach().requires_grad_(True)
+    net[2](h)[:, 3].sum().backward()
+    got = e.attribute(x, method="gradient", target=3, layer=relu_out)
+    assert got.shape == (2, 8)
+    np.testing.assert_allclose(got, h.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_single_sample_without_batch_axis_is_accepted(tmp_path):
+    _, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    x = np.ones(6, np.float32)
+    assert e.attribute(x, target=1).shape == (1, 6)
+
+
+def test_seed_array_explains_a_weighted_sum_of_outputs(tmp_path):
+    net, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    x = np.random.default_rng(2).normal(size=(2, 6)).astype(np.float32)
+    seed = np.array([[1, -1, 0, 0.5], [0, 0, 2, 0]], np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    (net[:3](xt) * torch.tensor(seed)).sum().backward()
+    np.testing.assert_allclose(e.attribute(x, target=seed), xt.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_memory_budget_chunks_passes_without_changing_results(tmp_path):
+    _, path = _mlp_with_softmax(tmp_path)
+    x = np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)
+    big = Explainer(path).attribute(x, method="integrated_gradients", target=1, n_steps=300)
+    small_e = Explainer(path, memory_budget=1)  # one row per run
+    small = small_e.attribute(x, method="integrated_gradients", target=1, n_steps=300)
+    np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-7)
+    session = next(s for _, s in small_e._compiled_cache.values())
+    assert session.rows_per_run() == 1
+
+
+def test_thousand_step_ig_runs_in_bounded_chunks(tmp_path):
+    _, path = _mlp_with_softmax(tmp_path)
+    budget = 4 << 20
+    e = Explainer(path, memory_budget=budget)
+    x = np.random.default_rng(4).normal(size=(2, 6)).astype(np.float32)
+    e.attribute(x, method="integrated_gradients", target=0, n_steps=1000)
+    session = next(s for _, s in e._compiled_cache.values())
+    assert session.rows_per_run() * session.row_bytes() <= budget
+
+
+def test_unsupported_operators_are_all_named(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes = [helper.make_node("Einsum", ["x", "x"], ["e"], equation="ij,ij->ij"),
+             helper.make_node("LpNormalization", ["e"], ["y"], axis=1)]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    e = Explainer(m)
+    with pytest.raises(UnsupportedOperatorError) as info:
+        e.attribute(np.ones((1, 4), np.float32), target=0)
+    msg = str(info.value)
+    assert "Einsum" in msg and "LpNormalization" in msg and "occlusion" in msg
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (np.ones((2, 5), np.float32), InputError, "must have shape (b, 6), got (2, 5)"),
+    (np.full((1, 6), np.nan, np.float32), InputError, "NaN"),
+    (np.array([["a"] * 6]), InputError, "dtype"),
+])
+def test_bad_inputs_raise_clear_errors(tmp_path, bad, error, words):
+    _, path = _mlp_with_softmax(tmp_path)
+    with pytest.raises(error, match=None) as info:
+        Explainer(path).attribute(bad, target=0)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(method="no_such_method"), "unknown method"),
+    (dict(method="integrated_gradients", steps=3), "n_steps"),
+    (dict(method="integrated_gradients", n_steps=0), "positive"),
+    (dict(method="integrated_gradients", integration="simpson"), "gausslegendre"),
+    (dict(method="gradient", layer="nope"), "unknown layer"),
+])
+def test_bad_options_raise_option_errors(tmp_path, kwargs, words):
+    _, path = _mlp_with_softmax(tmp_path)
+    with pytest.raises(OptionError) as info:
+        Explainer(path).attribute(np.ones((1, 6), np.float32), target=0, **kwargs)
+    assert words in str(info.value)
+
+
+def test_target_out_of_range_is_an_input_error(tmp_path):
+    _, path = _mlp_with_softmax(tmp_path)
+    with pytest.raises(InputError, match="out of range"):
+        Explainer(path).attribute(np.ones((1, 6), np.float32), target=7)
+
+
+def test_garbage_model_is_a_model_error(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ModelError):
+        Explainer(p)
+
+
+def test_exported_explainer_runs_in_plain_onnxruntime(tmp_path):
+    net, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    out = tmp_path / "explainer.onnx"
+    e.export(out, method="gradient")
+    model = onnx.load(str(out))
+    meta = explainer_metadata(model)
+    x = np.random.default_rng(5).normal(size=(2, 6)).astype(np.float32)
+    seed = np.zeros((2, 4), np.float32)
+    seed[:, 2] = 1
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    attr = sess.run([meta["attributions"]["x"]], {"x": x, SEED: seed})[0]
+    np.testing.assert_allclose(attr, e.attribute(x, target=2), rtol=1e-6)
+    np.testing.assert_allclose(attr, _grad(net, x, [2, 2], upto=3), rtol=1e-5, atol=1e-7)
+
+
+def test_multi_pass_methods_cannot_be_exported(tmp_path):
+    _, path = _mlp_with_softmax(tmp_path)
+    with pytest.raises(OptionError, match="several passes"):
+        Explainer(path).export(tmp_path / "x.onnx", method="integrated_gradients")
+
+
+def test_model_with_int_input_needs_a_layer():
+    x = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 2])
+    emb = numpy_helper.from_array(np.arange(10, dtype=np.float32).reshape(5, 2), "emb")
+    m = helper.make_model(helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"])], "g", [x], [y], [emb]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    with pytest.raises(OptionError, match="layer"):
+        Explainer(m).attribute(np.zeros((1, 3), np.int64), target=0)
