@@ -165,30 +165,45 @@ class Explainer:
     # ------------------------------------------------------------------ seeds
     def seed_for(self, feeds: dict, explained: str, target) -> np.ndarray:
         n = next(iter(feeds.values())).shape[0]
+        out_shape = self._explained_shape(feeds, explained)
         if isinstance(target, np.ndarray) and target.dtype.kind == "f":
-            out_shape = self._forward(feeds, [explained])[explained].shape
             seed = np.asarray(target, dtype=np.float32)
             if seed.shape == out_shape[1:]:
                 seed = np.broadcast_to(seed, out_shape)
             if seed.shape != out_shape:
                 raise InputError(f"a seed array must have the explained output's shape {out_shape}, got {seed.shape}")
             return np.ascontiguousarray(seed)
-        out = self._forward(feeds, [explained])[explained]
-        seed = np.zeros(out.shape, dtype=np.float32)
-        if out.ndim < 2:
+        seed = np.zeros(out_shape, dtype=np.float32)
+        if len(out_shape) < 2:
             if target not in (None, 0):
-                raise InputError(f"the explained output has shape {out.shape}: there are no classes to choose from")
+                raise InputError(f"the explained output has shape {out_shape}: there are no classes to choose from")
             seed[...] = 1.0
             return seed
-        classes = _targets(target, out, n)
+        if target is None:
+            # The predicted class needs the output itself: one forward pass.
+            out = self._forward(feeds, [explained])[explained]
+            classes = _targets(None, out, n)
+        else:
+            classes = _targets(target, seed, n)
         for i, c in enumerate(classes):
             if isinstance(c, tuple):
-                seed[(i,) + c] = 1.0
+                try:
+                    seed[(i,) + c] = 1.0
+                except IndexError:
+                    raise InputError(f"target {c} is out of range for the output shape {out_shape}") from None
             else:
-                if not -out.shape[1] <= c < out.shape[1]:
-                    raise InputError(f"target {c} is out of range: the output has {out.shape[1]} classes")
+                if not -out_shape[1] <= c < out_shape[1]:
+                    raise InputError(f"target {c} is out of range: the output has {out_shape[1]} classes")
                 seed[i, c] = 1.0
         return seed
+
+    def _explained_shape(self, feeds, explained) -> tuple:
+        """The explained tensor's shape for this batch; static shapes spare a forward pass."""
+        n = next(iter(feeds.values())).shape[0]
+        shape = self._graph_for(feeds).shape(explained)
+        if shape is not None and len(shape) >= 1 and all(isinstance(d, int) for d in shape[1:]):
+            return (n,) + tuple(shape[1:])
+        return self._forward(feeds, [explained])[explained].shape
 
     # ------------------------------------------------------------------ attribution
     def attribute(self, x, method: str = "gradient", target=None, layer=None, output=None,
