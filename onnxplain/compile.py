@@ -87,7 +87,8 @@ def active_nodes(graph: Graph, wrt, explained: str) -> list:
     need = _ancestors(graph, explained)
     return [
         n for n in graph.nodes
-        if any(o in need for o in n.output) and any(i in dep for i in n.input if i)
+        if n.op_type not in NON_DIFFERENTIABLE
+        and any(o in need for o in n.output) and any(i in dep for i in n.input if i)
     ]
 
 

@@ -27,7 +27,7 @@ LAYOUTS = ("nchw", "nhwc")
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-_PRESETS = {
+PRESETS = {
     "imagenet": dict(size=(224, 224), resize=256, mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
     # Inception/ViT-style: [-1, 1] range, no resize margin.
     "inception": dict(size=(299, 299), resize=299, mean=(0.5,) * 3, std=(0.5,) * 3),
@@ -36,6 +36,9 @@ _PRESETS = {
                   mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
     "none": dict(),
 }
+
+
+_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Preprocess:
     layout: str = "nchw"
     bgr: bool = False
     grayscale: bool = False
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
         size = self.size
@@ -84,6 +88,9 @@ class Preprocess:
         layout = str(self.layout).lower()
         if layout not in LAYOUTS:
             raise OptionError(f"preprocess layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.interpolation not in _FILTERS:
+            raise OptionError(f"preprocess interpolation must be one of {', '.join(_FILTERS)}, "
+                              f"got {self.interpolation!r}")
         if self.bgr and self.grayscale:
             raise OptionError("preprocess cannot be both bgr and grayscale; choose one channel order")
         for name, value in (("size", size), ("mean", mean), ("std", std), ("layout", layout),
@@ -96,9 +103,9 @@ class Preprocess:
 
     @classmethod
     def preset(cls, name: str) -> "Preprocess":
-        if name not in _PRESETS:
-            raise OptionError(f"unknown preprocess preset '{name}'; choose one of {', '.join(_PRESETS)}")
-        return cls(**_PRESETS[name])
+        if name not in PRESETS:
+            raise OptionError(f"unknown preprocess preset '{name}'; choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
 
     @classmethod
     def from_metadata(cls, meta: dict | str) -> "Preprocess":
@@ -216,14 +223,14 @@ def _geometry(img: Image.Image, pre: Preprocess) -> Image.Image:
         w, h = img.size
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(pre.resize * long / short)  # truncation, as torchvision's Resize
-        img = img.resize((pre.resize, new_long) if w <= h else (new_long, pre.resize), Image.BILINEAR)
+        img = img.resize((pre.resize, new_long) if w <= h else (new_long, pre.resize), _FILTERS[pre.interpolation])
         if pre.size is not None:
             ch, cw = pre.size
             w, h = img.size
             top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
             img = img.crop((left, top, left + cw, top + ch))
     elif pre.size is not None:
-        img = img.resize((pre.size[1], pre.size[0]), Image.BILINEAR)
+        img = img.resize((pre.size[1], pre.size[0]), _FILTERS[pre.interpolation])
     return img
 
 
@@ -248,7 +255,7 @@ def prepare_images(paths, pre: Preprocess) -> tuple[np.ndarray, list[np.ndarray]
         raise InputError("no images given; pass at least one image file")
     if len({s.shape for s in samples}) > 1:
         raise InputError("images have different sizes and cannot form one batch; "
-                         "give the preprocessing a size (e.g. --preprocess imagenet)")
+                         "give the preprocessing a size (e.g. --preset imagenet or --size H,W)")
     return np.ascontiguousarray(np.stack(samples), dtype=np.float32), display
 
 

@@ -1,0 +1,490 @@
+"""The command line: `onnxplain explain | methods | inspect | export`.
+
+Scripts rely on the exit codes: 0 success; 2 for anything the user can fix (a bad
+model, input, option or path), reported as one line `error: ...` on stderr; 1 for a
+bug in onnxplain ("internal error: ..."; the traceback with --debug or ONNXPLAIN_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import __version__, runtime
+from .errors import InputError, OnnxplainError, OptionError
+from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, LAYOUTS, Preprocess, load_inputs, save_array
+from .io import PRESETS
+from .methods.base import METHODS, get_method
+from .visualize import DIVERGING, SEQUENTIAL
+
+DEBUG_ENV = "ONNXPLAIN_DEBUG"
+DEFAULT_MODEL, DEFAULT_PHOTO = "efficientnet_lite0.onnx", "chelsea.png"
+
+
+def models_dir() -> Path:
+    """The bundled models: the repo's `models/` folder, or $ONNXPLAIN_MODELS."""
+    env = os.environ.get("ONNXPLAIN_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class _Group(click.Group):
+    """Turns every failure into one line on stderr and an exit code scripts can rely on."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        cut = args.index("--") if "--" in args else len(args)
+        debug = "--debug" in args[:cut] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        args = [a for i, a in enumerate(args) if not (i < cut and a == "--debug")]
+        try:
+            rv = super().main(args, prog_name or "onnxplain", complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())
+            code = 0
+        except click.ClickException as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+            code = _fail(f"error: {exc.format_message()}{hint}", 2)
+        except OnnxplainError as exc:
+            code = _fail(f"error: {exc}", 2, debug)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            code = _fail(f"error: {exc.strerror or exc}{where}", 2, debug)
+        except (click.Abort, KeyboardInterrupt):
+            code = _fail("error: interrupted", 130)
+        except Exception as exc:  # a bug: say so, in one line unless asked for more
+            tail = "" if debug else f"; rerun with --debug (or {DEBUG_ENV}=1) for the traceback"
+            code = _fail(f"internal error: {type(exc).__name__}: {exc}{tail}", 1, debug)
+        sys.exit(code)
+
+
+def _fail(message: str, code: int, debug: bool = False) -> int:
+    if debug:
+        traceback.print_exc()
+    click.echo(" ".join(message.split()), err=True)
+    return code
+
+
+# ----------------------------------------------------------------------------- parameter types
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a list of numbers (e.g. 0.5,0.5,0.5)") from None
+
+
+def _ints(ctx, param, value):
+    if value is None:
+        return None
+    parts = value.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{value}' is not a list of positive integers (e.g. 1,3,224,224)")
+    return tuple(int(p) for p in parts)
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    parts = value.lower().replace("x", ",").split(",")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{value}' is not a size H,W of two positive integers (e.g. 224,224)")
+    return int(parts[0]), int(parts[1])
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _bytes(ctx, param, value):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) * _UNITS[m.group(2)] < 1:
+        raise click.BadParameter(f"'{value}' is not a memory size (e.g. 512MB, 2GB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _providers(ctx, param, value):
+    return [p.strip() for p in value.split(",") if p.strip()] if value else None
+
+
+def _target(ctx, param, value):
+    if value is None or value.lower() in ("pred", "predicted"):
+        return None
+    try:
+        classes = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a class index, a list of them (3,5) or 'pred'") from None
+    return classes[0] if len(classes) == 1 else classes
+
+
+def _key_values(ctx, param, values):
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE (e.g. --option n_steps=20)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def model_options(fn):
+    """Options shared by the commands that build an Explainer."""
+    for deco in reversed([
+        click.option("-m", "--method", default="gradient", show_default=True,
+                     help="Attribution method (`onnxplain methods` lists them)."),
+        click.option("--layer", metavar="TENSOR", help="Attribute to this tensor instead of the input "
+                                                       "(`onnxplain inspect MODEL` lists them)."),
+        click.option("--output", metavar="NAME", help="Explain this model output (default: the first)."),
+        click.option("--probability", is_flag=True,
+                     help="Explain the probability, not the logit before a final Softmax."),
+        click.option("--providers", callback=_providers, metavar="P1,P2",
+                     help="onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider."),
+        click.option("--memory-budget", callback=_bytes, metavar="SIZE",
+                     help="Memory one batched run may use, e.g. 512MB or 2GB (default 1GiB)."),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="onnxplain")
+@click.option("--debug", is_flag=True, expose_value=False,
+              help=f"Show the traceback of internal errors (also {DEBUG_ENV}=1); valid after any command.")
+def main():
+    """Explain the decisions of any ONNX model.
+
+    \b
+    Examples:
+      onnxplain explain                                  # bundled EfficientNet on a cat photo
+      onnxplain explain models/tiny_cnn.onnx cat.jpg --method integrated_gradients --out ig.png
+      onnxplain methods
+      onnxplain inspect models/efficientnet_lite0.onnx
+    """
+
+
+@main.command(epilog="""\b
+Examples:
+  onnxplain explain
+  onnxplain explain cat.jpg dog.jpg -m integrated_gradients -O n_steps=20 -o ig.png
+  onnxplain explain models/efficientnet_lite0.onnx cat.jpg --target 281 --layer /_swish_1/Clip_output_0
+  onnxplain explain models/tiny_cnn.onnx x.npy -m occlusion -O window=3,8,8 -o attribution.npz
+
+Preprocessing of images: explicit flags > --preset > the model's metadata > the input shape.
+""")
+@click.argument("paths", nargs=-1, metavar="[MODEL] [INPUT]...")
+@model_options
+@click.option("-t", "--target", callback=_target, metavar="INT|pred",
+              help="Class to explain: an index, one per sample (3,5), or 'pred' (default: predicted).")
+@click.option("-O", "--option", "options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
+              help="Method option, repeatable; tuples are written 3,32,32.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write: .png heatmap, .npy or .npz array "
+                   "(default: explanation.png for images, attribution.npy for arrays).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Image preprocessing preset.")
+@click.option("--size", callback=_size, metavar="H,W", help="Model input size of images.")
+@click.option("--mean", callback=_floats, metavar="A,B,C", help="Per-channel mean on 0..1 pixels.")
+@click.option("--std", callback=_floats, metavar="A,B,C", help="Per-channel std on 0..1 pixels.")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="Image layout of the model input.")
+@click.option("--bgr", is_flag=True, help="The model takes BGR images.")
+@click.option("--cmap", type=click.Choice(DIVERGING + SEQUENTIAL),
+              help="Heatmap colours (default: bwr if signed, else inferno).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; only the result lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def explain(paths, method, layer, output, probability, providers, memory_budget, target, options, out,
+            preset, size, mean, std, layout, bgr, cmap, quiet, as_json):
+    """Explain a model's decision on images or arrays (.npy/.npz).
+
+    With no MODEL, the bundled EfficientNet-Lite0 explains its bundled photo of a cat.
+    """
+    from .explainer import Explainer
+
+    runtime.QUIET = quiet
+    get_method(method).resolve(options)  # fail on a bad option before loading anything
+    if out is not None and out.suffix.lower() not in (".png",) + ARRAY_SUFFIXES:
+        raise OptionError(f"cannot write '{out.name}': --out must end in .png, .npy or .npz")
+    model, inputs = _split_paths(paths)
+    explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
+    shapes = list(explainer.inputs.values())
+    if not inputs:
+        if len(shapes) != 1 or len(shapes[0] or ()) != 4:
+            raise InputError(f"no INPUT given: pass .npy/.npz arrays shaped like the model's inputs "
+                             f"{', '.join(f'{k} {_shape(v)}' for k, v in explainer.inputs.items())}")
+        inputs = [models_dir() / DEFAULT_PHOTO]
+    bundled = [str(p) for p in (model, inputs[0]) if p.parent == models_dir() and str(p) not in paths]
+    if bundled and not quiet:
+        click.echo(f"using the bundled {' and '.join(bundled)}", err=True)
+    pre = None
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in inputs):
+        flags = dict(size=size, mean=mean, std=std, layout=layout, bgr=bgr or None)
+        pre = _preprocess(explainer, preset, {k: v for k, v in flags.items() if v is not None})
+    batch = load_inputs(inputs, pre, shapes[0] if len(shapes) == 1 else None)
+    out = Path(out or ("explanation.png" if batch.images else "attribution.npy"))
+
+    attr = explainer.attribute(batch.batch, method=method, target=target, layer=layer, output=output,
+                               probability=probability, **options)
+    written = _write(out, attr, batch, layer or next(iter(explainer.inputs)), cmap,
+                     pre.layout if pre is not None and layer is None else None)
+    scores = explainer.predict(batch.batch, output)
+    records = _records(batch.names, scores, target, attr, written, _labels(model, explainer))
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+    for r in records if not as_json else []:
+        click.echo(f"{r['sample']}: predicted {_cls(r['predicted'], r.get('predicted_label'))}, "
+                   f"explained {_cls(r['target'], r.get('target_label'))} with {method}: "
+                   f"attribution {tuple(r['shape'])} -> {r['file']}")
+
+
+@main.command(epilog="\b\nExamples:\n  onnxplain methods\n  onnxplain methods --json | jq '.[].name'")
+@click.option("--json", "as_json", is_flag=True, help="Print the methods as JSON.")
+def methods(as_json):
+    """List the attribution methods with their options and defaults."""
+    if as_json:
+        click.echo(json.dumps([{
+            "name": m.name, "kind": m.kind, "description": m.description, "reference": m.reference,
+            "options": [{"name": o.name, "default": _plain(o.default), "kind": getattr(o.kind, "__name__", o.kind),
+                         "help": o.help, "choices": list(o.choices) if o.choices else None}
+                        for o in m.options.values()],
+        } for m in METHODS.values()], indent=2))
+        return
+    width = max(len(m.name) for m in METHODS.values()) + 2
+    wrap = textwrap.TextWrapper(width=max(60, shutil.get_terminal_size().columns),
+                                initial_indent=" " * (width + 12), subsequent_indent=" " * (width + 12))
+    for m in METHODS.values():
+        click.echo(f"{m.name:<{width}}{m.kind:<12}{m.description}")
+        if m.options:
+            click.echo(wrap.fill("  ".join(f"{o.name}={_fmt_value(o.default)}" for o in m.options.values())))
+    click.echo("\nSet an option with --option KEY=VALUE, e.g. onnxplain explain -m integrated_gradients "
+               "-O n_steps=20.")
+
+
+@main.command(epilog="\b\nExamples:\n  onnxplain inspect models/tiny_cnn.onnx\n"
+                     "  onnxplain inspect models/tiny_cnn.onnx --json | jq '.layers[].tensor'")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(model, as_json):
+    """Show a model's inputs, outputs, layers (names usable as --layer) and missing rules."""
+    from .explainer import Explainer
+
+    e = Explainer(model)
+    report = _inspect(e)
+    report["model"] = str(model)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"model   {model} (opset {report['opset']})")
+    for kind in ("inputs", "outputs"):
+        for t in report[kind]:
+            click.echo(f"{kind[:-1]:<7} {t['name']}  {t['dtype']}  {_shape(t['shape'])}")
+    if report["preprocess"]:
+        click.echo("preprocess  " + " ".join(f"{k}={_fmt_value(v)}" for k, v in report["preprocess"].items()))
+    click.echo(f"\nlayers ({len(report['layers'])}); give a tensor to --layer:")
+    click.echo(_table([(r["node"], r["op"], r["tensor"], _shape(r["shape"])) for r in report["layers"]],
+                      ("node", "op", "tensor", "shape"), indent=2))
+    click.echo("\noperators without a rule, per method family:")
+    click.echo(_table([(f, ", ".join(ops) if ops else "none (all supported)")
+                       for f, ops in report["unsupported"].items()], ("family", "missing"), indent=2))
+
+
+@main.command(epilog="\b\nExamples:\n  onnxplain export models/tiny_cnn.onnx -m gradient -o explainer.onnx\n"
+                     "  onnxplain export models/efficientnet_lite0.onnx -m guided_backprop "
+                     "--layer /_swish_1/Clip_output_0 -o gb.onnx")
+@click.argument("model", type=click.Path(path_type=Path))
+@model_options
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default="explainer.onnx",
+              show_default=True, help="Where to save the explainer model.")
+@click.option("--input-shape", callback=_ints, metavar="N,C,H,W", help="Fix the input shape in the export.")
+def export(model, method, layer, output, probability, providers, memory_budget, out, input_shape):
+    """Save a standalone explainer model that any onnxruntime can run."""
+    from .explainer import Explainer
+
+    e = Explainer(model, providers=providers, memory_budget=memory_budget)
+    spec = e.export(out, method=method, layer=layer, output=output, probability=probability,
+                    input_shape=input_shape)
+    g = e.graph
+    click.echo(f"wrote {out} ({method}, attribution at {', '.join(spec.attributions)})")
+    rows = [("feed", n, _dtype(g, n), _shape(g.shape(n)), "model input") for n in g.inputs]
+    rows.append(("feed", spec.seed, "float32", _shape(g.shape(spec.explained)),
+                 f"weights of '{spec.explained}' to explain (one-hot row = that class)"))
+    rows += [("read", n, _dtype(g, n), _shape(g.shape(n)), "model output") for n in spec.forward_outputs]
+    rows += [("read", n, _dtype(g, t), _shape(g.shape(t)), f"attribution at '{t}'")
+             for t, n in spec.attributions.items()]
+    click.echo(_table(rows, ("", "name", "dtype", "shape", "meaning")))
+    feeds = ", ".join(f"'{n}': x" for n in g.inputs)
+    click.echo(f"e.g. onnxruntime.InferenceSession('{out}').run(None, {{{feeds}, '{spec.seed}': seed}})")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _split_paths(paths) -> tuple[Path, list[Path]]:
+    """[MODEL] [INPUT]...: a first path that is not an image or array is the model."""
+    paths = [Path(p) for p in paths]
+    if paths and paths[0].suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES:
+        return paths[0], paths[1:]
+    return models_dir() / DEFAULT_MODEL, paths
+
+
+def _preprocess(explainer, preset, flags) -> Preprocess | None:
+    """explicit flags > --preset > the model's metadata > inferred from the input shape."""
+    if preset:
+        base = Preprocess.preset(preset)
+    else:
+        meta = explainer.preprocess_metadata()
+        base = Preprocess.from_metadata(meta) if meta else None
+    if not flags:
+        return base
+    if base is None:
+        shapes = list(explainer.inputs.values())
+        base = Preprocess.infer(shapes[0]) if len(shapes) == 1 and shapes[0] and len(shapes[0]) == 4 \
+            else Preprocess()
+    if "size" in flags and base.resize:
+        # Keep the resize margin of the base (256 for a 224 crop) at the new size.
+        ratio = base.resize / min(base.size) if base.size else 1.0
+        flags["resize"] = max(int(round(ratio * min(flags["size"]))), min(flags["size"]))
+    return dataclasses.replace(base, **flags)
+
+
+def _write(out: Path, attr, batch, tensor, cmap, layout) -> list[str]:
+    """Save the attribution; one PNG per sample. Returns the file written for each sample."""
+    if out.suffix.lower() in ARRAY_SUFFIXES:
+        if isinstance(attr, dict) or out.suffix.lower() == ".npz":
+            attr = attr if isinstance(attr, dict) else {tensor: attr}
+            out = out.with_suffix(".npz")
+        return [str(save_array(out, attr))] * len(batch)
+    if isinstance(attr, dict):
+        raise OptionError(f"the model has several inputs ({', '.join(attr)}); save with --out FILE.npz")
+    from .visualize import save_heatmap
+
+    files = []
+    for i in range(len(attr)):
+        path = out if len(attr) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        image = batch.images[i] if batch.images else None
+        save_heatmap(path, attr[i], image=image, layout=layout, cmap=cmap)
+        files.append(str(path))
+    return files
+
+
+def _labels(model: Path, explainer) -> list[str] | None:
+    name = (explainer.preprocess_metadata() or {}).get("labels")
+    if not isinstance(name, str):
+        return None
+    folder = model.resolve().parent
+    path = (folder / name).resolve()
+    if folder not in path.parents or not path.is_file():  # a model file must not point elsewhere
+        return None
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def _records(names, scores, target, attr, files, labels) -> list[dict]:
+    scores = np.asarray(scores)
+    flat = scores.reshape(len(scores), scores.shape[1], -1).sum(axis=2) if scores.ndim > 2 else scores
+    predicted = [int(c) for c in flat.argmax(axis=1)] if scores.ndim >= 2 else [None] * len(scores)
+    targets = target if isinstance(target, list) else [target] * len(scores)
+    shapes = {k: v.shape[1:] for k, v in attr.items()} if isinstance(attr, dict) else {None: attr.shape[1:]}
+    out = []
+    for i, name in enumerate(names):
+        t = predicted[i] if targets[i] is None else targets[i]
+        r = {"sample": name, "predicted": predicted[i], "target": t,
+             "shape": list(next(iter(shapes.values()))), "file": files[i]}
+        for key, c in (("predicted_label", predicted[i]), ("target_label", t)):
+            if labels and c is not None and -len(labels) <= c < len(labels):
+                r[key] = labels[c]
+        out.append(r)
+    return out
+
+
+def _inspect(e) -> dict:
+    from .compile import Composite, unsupported
+    from .methods import gradients
+
+    g = e.graph
+    families = {}
+    for c in [gradients.GRADIENT, gradients.GUIDED, gradients.DECONVNET] + _composites():
+        families.setdefault(c.key(), c)
+    explained = e.explained_tensor()
+    wrt = e.float_inputs
+    layers = [{"node": n.name, "op": n.op_type, "tensor": o, "shape": g.shape(o)}
+              for n in g.nodes for o in n.output if o and g.is_float(o) and g.constant(o) is None]
+    return {
+        "opset": g.opset,
+        "inputs": [{"name": n, "dtype": _dtype(g, n), "shape": g.shape(n)} for n in g.inputs],
+        "outputs": [{"name": n, "dtype": _dtype(g, n), "shape": g.shape(n)} for n in g.outputs],
+        "preprocess": e.preprocess_metadata(),
+        "layers": layers,
+        "unsupported": {k: unsupported(g, c, wrt, explained) if wrt else [] for k, c in families.items()
+                        if isinstance(c, Composite)},
+    }
+
+
+def _composites() -> list:
+    """Module-level composites of the method modules (LRP and others, as they are added)."""
+    from . import methods as pkg
+    from .compile import Composite
+
+    found = []
+    for mod in list(vars(pkg).values()):
+        if getattr(mod, "__name__", "").startswith(pkg.__name__ + "."):
+            found += [v for v in vars(mod).values() if isinstance(v, Composite)]
+    return found
+
+
+def _dtype(graph, name) -> str:
+    from onnx import helper
+
+    elem = graph.elem_type(name)
+    return str(helper.tensor_dtype_to_np_dtype(elem)) if elem else "?"
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "(?)"
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _cls(c, label) -> str:
+    return "-" if c is None else f"{c} ({label})" if label else str(c)
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(_fmt_value, v))
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows, headers, indent: int = 0) -> str:
+    rows = [tuple(map(str, r)) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+    lines = [" " * indent + "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The command line as a user and a script see it: results, files, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from onnxplain import Explainer, cli
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+TINY = MODELS / "tiny_cnn.onnx"
+SCRIPT = Path(sys.executable).parent / "onnxplain"
+
+
+def run(*args, env=None):
+    result = CliRunner().invoke(cli.main, [str(a) for a in args], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    """Gemm-Relu-Gemm on 12 features, 5 classes: needs only the first rules written."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        initializer=[numpy_helper.from_array(rng.normal(size=(12, 16)).astype(np.float32), "W1"),
+                     numpy_helper.from_array(rng.normal(size=(16, 5)).astype(np.float32), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def sample(tmp_path, model, batch=2, name="x.npy"):
+    (dims,) = Explainer(model).inputs.values()
+    shape = [d if isinstance(d, int) else batch for d in dims]
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    np.save(tmp_path / name, x)
+    return tmp_path / name, x
+
+
+def photo(tmp_path, name="photo.png", size=(50, 40)):
+    pixels = np.random.default_rng(2).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / name)
+    return tmp_path / name
+
+
+# ----------------------------------------------------------------------------- methods, inspect
+
+
+def test_methods_lists_gradient_and_integrated_gradients_with_their_defaults():
+    result = run("methods")
+    assert result.exit_code == 0
+    blocks = {}
+    for line in result.stdout.splitlines():
+        if line[:1].strip():
+            name = line.split()[0]
+        blocks[name] = blocks.get(name, "") + line
+    assert "gradient" in blocks and "n_steps=50" in blocks["integrated_gradients"]
+    listed = {m["name"]: m for m in json.loads(run("methods", "--json").stdout)}
+    options = {o["name"]: o["default"] for o in listed["integrated_gradients"]["options"]}
+    assert options["n_steps"] == 50 and "gradient" in listed
+
+
+def test_inspect_shows_inputs_layers_with_shapes_and_missing_rules():
+    result = run("inspect", TINY)
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "input" in out and "(batch, 3, 32, 32)" in out and "(batch, 10)" in out
+    assert "/relu1/Relu_output_0" in out and "(batch, 8, 32, 32)" in out and "MaxPool" in out
+    report = json.loads(run("inspect", TINY, "--json").stdout)
+    layers = {r["tensor"]: r for r in report["layers"]}
+    assert layers["/pool/MaxPool_output_0"]["shape"] == ["batch", 8, 16, 16]
+    assert {"gradient", "guided_backprop", "deconvnet"} <= set(report["unsupported"])
+    assert report["inputs"][0]["dtype"] == "float32" and report["opset"] >= 17
+
+
+def test_every_layer_inspect_lists_is_accepted_by_explain_as_layer(mlp, tmp_path):
+    x_path, _ = sample(tmp_path, mlp)
+    for layer in json.loads(run("inspect", mlp, "--json").stdout)["layers"]:
+        result = run("explain", mlp, x_path, "--layer", layer["tensor"], "-o", tmp_path / "a.npy")
+        assert result.exit_code == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+@pytest.mark.parametrize("model", ["mlp", "tiny_cnn"])
+def test_explain_npy_writes_the_same_attribution_as_the_python_api(model, mlp, tmp_path):
+    path = mlp if model == "mlp" else TINY
+    x_path, x = sample(tmp_path, path)
+    out = tmp_path / "attr.npy"
+    result = run("explain", path, x_path, "--method", "integrated_gradients", "--target", 3,
+                 "--option", "n_steps=20", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    expected = Explainer(path).attribute(x, method="integrated_gradients", target=3, n_steps=20)
+    written = np.load(out)
+    assert written.shape == x.shape
+    np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-6)
+    assert len(result.stdout.splitlines()) == len(x) and "explained 3" in result.stdout
+
+
+def test_explain_npz_and_json_summary_name_the_tensor_and_the_file(mlp, tmp_path):
+    x_path, x = sample(tmp_path, mlp, batch=3)
+    result = run("explain", mlp, x_path, "-o", tmp_path / "a.npz", "--json", "--target", "1,2,4")
+    assert result.exit_code == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [r["target"] for r in records] == [1, 2, 4] and records[0]["file"].endswith("a.npz")
+    with np.load(tmp_path / "a.npz") as npz:
+        assert npz["x"].shape == x.shape
+
+
+def test_explain_png_input_writes_a_heatmap_png_of_the_model_image_size(tmp_path):
+    out = tmp_path / "heat.png"
+    result = run("explain", TINY, photo(tmp_path), "--out", out)
+    assert result.exit_code == 0, result.stderr
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (32, 32) and img.mode == "RGB"
+    assert "photo: predicted" in result.stdout and str(out) in result.stdout
+
+
+def test_explain_several_images_writes_one_png_per_sample(tmp_path):
+    result = run("explain", TINY, photo(tmp_path, "a.png"), photo(tmp_path, "b.png", (40, 60)),
+                 "-o", tmp_path / "e.png", "--cmap", "jet")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "e_0.png").is_file() and (tmp_path / "e_1.png").is_file()
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_explain_with_no_arguments_explains_the_bundled_photo_as_a_cat(tmp_path):
+    # A real subprocess of the installed console script, from a scratch directory.
+    proc = subprocess.run([str(SCRIPT), "explain", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "cat" in proc.stdout and "(3, 224, 224)" in proc.stdout
+    with Image.open(tmp_path / "explanation.png") as img:
+        assert img.size == (224, 224)
+
+
+def test_preprocessing_precedence_is_flags_then_preset_then_metadata():
+    e = Explainer(TINY)
+    assert cli._preprocess(e, None, {}).mean == (0.5, 0.5, 0.5)  # metadata
+    assert cli._preprocess(e, "imagenet", {}).mean == (0.485, 0.456, 0.406)
+    pre = cli._preprocess(e, "imagenet", {"mean": (0.1, 0.2, 0.3), "size": (32, 32)})
+    assert pre.mean == (0.1, 0.2, 0.3) and pre.size == (32, 32) and pre.resize >= 32
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _bad_cases(tmp_path, mlp):
+    x_path, _ = sample(tmp_path, TINY)
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 3, 16, 16), np.float32))
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((1, 3, 32, 32), np.nan, np.float32))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf \x00\xff")
+    return {
+        "missing model": ("explain", tmp_path / "missing.onnx", x_path),
+        "garbage model": ("explain", garbage, x_path),
+        "missing input": ("explain", TINY, tmp_path / "nothing.npy"),
+        "wrong shape": ("explain", TINY, wrong),
+        "nan": ("explain", TINY, nan),
+        "unknown method": ("explain", TINY, x_path, "--method", "gradientt"),
+        "unknown option": ("explain", TINY, x_path, "-m", "integrated_gradients", "--option", "steps=3"),
+        "option without =": ("explain", TINY, x_path, "-m", "integrated_gradients", "--option", "n_steps"),
+        "bad option value": ("explain", TINY, x_path, "-m", "integrated_gradients", "--option", "n_steps=x"),
+        "target out of range": ("explain", TINY, x_path, "--target", 10),
+        "unknown layer": ("explain", TINY, x_path, "--layer", "no/such/tensor"),
+        "bad out suffix": ("explain", TINY, x_path, "--out", tmp_path / "a.txt"),
+        "no input for a non-image model": ("explain", mlp),
+        "unknown flag": ("explain", TINY, x_path, "--no-such-flag"),
+        "bad memory budget": ("explain", TINY, x_path, "--memory-budget", "lots"),
+        "inspect missing": ("inspect", tmp_path / "missing.onnx"),
+        "export multi-pass": ("export", TINY, "-m", "integrated_gradients", "-o", tmp_path / "e.onnx"),
+        "unknown command": ("explian",),
+    }
+
+
+CASES = ["missing model", "garbage model", "missing input", "wrong shape", "nan", "unknown method",
+         "unknown option", "option without =", "bad option value", "target out of range", "unknown layer",
+         "bad out suffix", "no input for a non-image model", "unknown flag", "bad memory budget",
+         "inspect missing", "export multi-pass", "unknown command"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_input_exits_2_with_one_error_line(case, tmp_path, mlp):
+    result = run(*_bad_cases(tmp_path, mlp)[case])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_the_console_script_reports_errors_in_one_line(tmp_path):
+    proc = subprocess.run([str(SCRIPT), "explain", str(TINY), str(tmp_path / "none.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: ") and "none.npy" in proc.stderr
+
+
+def test_an_internal_error_is_one_line_unless_debug_asks_for_the_traceback(monkeypatch):
+    def broken(_):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_inspect", broken)
+    result = run("inspect", TINY)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("internal error: RuntimeError: boom")
+    for debug in (("inspect", TINY, "--debug"), ("--debug", "inspect", TINY)):
+        assert "Traceback" in run(*debug).stderr
+    assert "Traceback" in run("inspect", TINY, env={"ONNXPLAIN_DEBUG": "1"}).stderr
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("model", ["mlp", "tiny_cnn"])
+def test_export_writes_an_explainer_plain_onnxruntime_runs_with_the_api_gradient(model, mlp, tmp_path):
+    path = mlp if model == "mlp" else TINY
+    out = tmp_path / "explainer.onnx"
+    result = run("export", path, "--method", "gradient", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "onnxplain.seed" in result.stdout and "onnxplain.attribution.0" in result.stdout
+    _, x = sample(tmp_path, path, batch=3)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    n_classes = sess.get_outputs()[0].shape[1] if isinstance(sess.get_outputs()[0].shape[1], int) else 5
+    seed = np.eye(n_classes, dtype=np.float32)[[1, 2, 3]]
+    feeds = {sess.get_inputs()[0].name: x, "onnxplain.seed": seed}
+    attribution = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))["onnxplain.attribution.0"]
+    expected = Explainer(path).attribute(x, method="gradient", target=[1, 2, 3])
+    np.testing.assert_allclose(attribution, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", ["explain", "methods", "inspect", "export"])
+def test_help_of_every_command_shows_a_real_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and f"onnxplain {command}" in result.stdout.split("Examples:")[1]
+
+
+def test_version_and_bare_command_help():
+    assert run("--version").stdout.strip().endswith(cli.__version__)
+    bare = run()
+    assert bare.exit_code == 0 and "explain" in bare.stdout
+
+
+def test_models_folder_can_be_moved_with_an_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNXPLAIN_MODELS", str(tmp_path))
+    assert cli.models_dir() == tmp_path
+    monkeypatch.delenv("ONNXPLAIN_MODELS")
+    assert (cli.models_dir() / "efficientnet_lite0.onnx").is_file()
+    assert os.path.samefile(cli.models_dir(), MODELS)
