@@ -202,8 +202,19 @@ class Explainer:
         n = next(iter(feeds.values())).shape[0]
         shape = self._graph_for(feeds).shape(explained)
         if shape is not None and len(shape) >= 1 and all(isinstance(d, int) for d in shape[1:]):
+            if isinstance(shape[0], int) and shape[0] != n:
+                raise OptionError(
+                    f"the explained tensor '{explained}' has shape {_fmt(shape)}: its first axis is not the batch; "
+                    "explain an output (or layer) that keeps the batch axis first"
+                )
             return (n,) + tuple(shape[1:])
-        return self._forward(feeds, [explained])[explained].shape
+        out_shape = self._forward(feeds, [explained])[explained].shape
+        if not out_shape or out_shape[0] != n:
+            raise OptionError(
+                f"the explained tensor '{explained}' has shape {out_shape} for a batch of {n}: its first axis is "
+                "not the batch; explain an output (or layer) that keeps the batch axis first"
+            )
+        return out_shape
 
     # ------------------------------------------------------------------ attribution
     def attribute(self, x, method: str = "gradient", target=None, layer=None, output=None,

@@ -1,10 +1,532 @@
 """Exact vector-Jacobian products of operators that move or select elements (reshapes,
-transposes, slicing, concatenation, padding, resizing, reductions)."""
+transposes, slicing, concatenation, padding, resizing, reductions).
 
-from .base import register
+Every operator here is linear in its data input, except the max/min-like reductions, so
+its gradient is the transposed map: a permutation goes back by the inverse permutation, a
+selection scatters (and adds where one element was selected several times), a broadcast
+sums. Index tensors are computed at compile time from the constant attributes and the
+static (non-batch) shapes; the batch axis is left symbolic and read with `Shape` at run time.
+"""
 
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ModelError
+from .base import attr, register
+
+
+# --- shared pieces -----------------------------------------------------------------------
+
+def _const_input(b, node, i: int, what: str):
+    """The value of optional input `i` (None when absent); it must be fixed at compile time."""
+    if len(node.input) <= i or not node.input[i]:
+        return None
+    value = b.constant(node.input[i])
+    if value is None:
+        raise ModelError(
+            f"{node.op_type} node '{node.name}': its {what} input '{node.input[i]}' is computed at run time; "
+            "onnxplain needs it constant to build the gradient (fold the shape computation into a constant)"
+        )
+    return value
+
+
+def _dim(b, x: str, axis: int) -> str:
+    """The length of `axis` of `x` at run time, as a 1-element int64 tensor."""
+    return b.op("Shape", x, start=axis, end=axis + 1)
+
+
+def _static(dim) -> bool:
+    return isinstance(dim, (int, np.integer))
+
+
+def _static_dim(b, node, x: str, axis: int, why: str) -> int:
+    shape = b.shape(x)
+    if shape is None or not _static(shape[axis]):
+        raise ModelError(
+            f"{node.op_type} node '{node.name}': the gradient needs the length of axis {axis} of '{x}' "
+            f"({why}), which is not static (shape {shape}); give the model static input shapes"
+        )
+    return int(shape[axis])
+
+
+def _axis_matrix(b, g: str, axis: int, rank: int, m: np.ndarray, like: str) -> str:
+    """Contract axis `axis` of `g` (length m.shape[0]) with matrix m, in the element type of
+    forward tensor `like`: the result has length m.shape[1] there. For a forward map along
+    one axis y[k] = sum_j m[k, j] x[j], this is the vector-Jacobian product."""
+    last = rank - 1
+    if axis != last:
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        g = b.op("Transpose", g, perm=perm)
+    g = b.op("MatMul", g, b.const(m, b.np_dtype(like)))
+    if axis != last:
+        g = b.op("Transpose", g, perm=[int(i) for i in np.argsort(perm)])
+    return g
+
+
+def _one_hot_matrix(src: np.ndarray, d: int) -> np.ndarray:
+    """m[k, j] = 1 where output position k reads input position src[k]."""
+    m = np.zeros((len(src), d))
+    m[np.arange(len(src)), src] = 1.0
+    return m
+
+
+def _grads_out(node, grads):
+    return [grads[0]] + [None] * (len(node.input) - 1)
+
+
+# --- reshapes and permutations -----------------------------------------------------------
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(b, node, grads):
     # Element order is unchanged: the gradient takes the input's shape back.
     return [b.reshape_like(grads[0], node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@register("Transpose")
+def transpose(b, node, grads):
+    perm = attr(node, "perm")
+    if perm is None:
+        perm = list(range(b.rank(node.input[0])))[::-1]
+    return [b.op("Transpose", grads[0], perm=[int(i) for i in np.argsort(perm)])]
+
+
+@register("DepthToSpace")
+def depth_to_space(b, node, grads):
+    bs = int(attr(node, "blocksize"))
+    if attr(node, "mode", "DCR") == "DCR":
+        # SpaceToDepth is exactly the inverse permutation of DCR DepthToSpace.
+        return [b.op("SpaceToDepth", grads[0], blocksize=bs)]
+    # CRD: x (N, C, bs, bs, H, W) -> y (N, C, H, bs, W, bs); undo it.
+    _, c, h, w = b.shape(node.input[0])
+    g = b.op("Reshape", grads[0], b.ints([-1, c // (bs * bs), h, bs, w, bs]))
+    g = b.op("Transpose", g, perm=[0, 1, 3, 5, 2, 4])
+    return [b.reshape_like(g, node.input[0])]
+
+
+@register("SpaceToDepth")
+def space_to_depth(b, node, grads):
+    return [b.op("DepthToSpace", grads[0], blocksize=int(attr(node, "blocksize")), mode="DCR")]
+
+
+# --- joining and splitting ---------------------------------------------------------------
+
+@register("Concat")
+def concat(b, node, grads):
+    rank = b.rank(node.output[0])
+    axis = int(attr(node, "axis")) % rank
+    if len(node.input) == 1:
+        return [grads[0]]
+    sizes = [(b.shape(x) or [None] * rank)[axis] for x in node.input]
+    if all(_static(s) for s in sizes):
+        parts = b.op("Split", grads[0], b.ints(sizes), axis=axis, outputs=len(sizes))
+        return list(parts)
+    # A length is only known at run time (concatenation along the batch axis).
+    out, start = [], b.ints([0])
+    for x in node.input:
+        end = b.op("Add", start, _dim(b, x, axis))
+        out.append(b.op("Slice", grads[0], start, end, b.ints([axis])))
+        start = end
+    return out
+
+
+@register("Split")
+def split(b, node, grads):
+    rank = b.rank(node.input[0])
+    axis = int(attr(node, "axis", 0)) % rank
+    parts = [g if g is not None else b.zeros_like(o) for g, o in zip(grads, node.output)]
+    g = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=axis)
+    return _grads_out(node, [g])
+
+
+# --- selection ---------------------------------------------------------------------------
+
+def _slice_indices(start, end, step, d: int) -> list[int]:
+    # Python's slice clamping is the ONNX one (negative values count from the end; ends
+    # clamp to [-1, d-1] for negative steps and to [0, d] otherwise).
+    return list(range(d))[slice(int(start), int(end), int(step))]
+
+
+@register("Slice")
+def slice_(b, node, grads):
+    x = node.input[0]
+    rank = b.rank(x)
+    shape = b.shape(x)
+    starts = _const_input(b, node, 1, "starts")
+    ends = _const_input(b, node, 2, "ends")
+    axes = _const_input(b, node, 3, "axes")
+    steps = _const_input(b, node, 4, "steps")
+    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
+    steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
+    g = grads[0]
+    befores = [0] * rank
+    unit = any(st == 1 for st in steps)
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        d = shape[a]
+        if st == 1 and not _static(d):
+            if s < 0:
+                raise ModelError(
+                    f"Slice node '{node.name}': a negative start on axis {a}, whose length is only known at "
+                    "run time, is not supported; give the model static input shapes"
+                )
+            befores[a] = int(s)
+            continue
+        d = _static_dim(b, node, x, a, "a slice with a step other than 1 or a negative start")
+        idx = _slice_indices(s, e, st, d)
+        if st == 1:
+            befores[a] = idx[0] if idx else 0
+            continue
+        # Scatter by gathering: append one zero along the axis and read it wherever the
+        # input position was not selected.
+        pos = np.full(d, len(idx), dtype=np.int64)
+        pos[idx] = np.arange(len(idx))
+        pads = [0] * (2 * rank)
+        pads[rank + a] = 1
+        g = b.op("Gather", b.op("Pad", g, b.ints(pads)), b.const(pos, np.int64), axis=a)
+    if not unit:
+        return _grads_out(node, [g])
+    # Unit-step axes: zero-pad back; what comes after is whatever length is missing.
+    before = b.ints(befores)
+    after = b.op("Sub", b.op("Sub", b.shape_of(x), b.shape_of(g)), before)
+    g = b.op("Pad", g, b.op("Concat", before, after, axis=0))
+    return _grads_out(node, [g])
+
+
+@register("Gather")
+def gather(b, node, grads):
+    data, indices = node.input[0], node.input[1]
+    rank = b.rank(data)
+    axis = int(attr(node, "axis", 0)) % rank
+    g = grads[0]
+    idx = b.constant(indices)
+    q_rank = idx.ndim if idx is not None else b.rank(indices)
+    # View the indices as one axis of length m at `axis`, and the gradient likewise.
+    if q_rank == 0:
+        g = b.unsqueeze(g, [axis])
+    elif q_rank > 1:
+        target = b.op("Concat", b.op("Shape", data, start=0, end=axis), b.ints([-1]),
+                      b.op("Shape", data, start=axis + 1), axis=0)
+        g = b.op("Reshape", g, target)
+    view = [1] * axis + [-1] + [1] * (rank - axis - 1)
+    if idx is not None:
+        idx = idx.astype(np.int64)
+        d = b.shape(data)[axis]
+        if _static(d):
+            idx = np.where(idx < 0, idx + d, idx)
+        where = b.const(idx.reshape(view), np.int64)
+    else:
+        # Indices computed at run time; ScatterElements accepts negative ones as Gather does.
+        where = b.op("Reshape", b.op("Cast", indices, to=7), b.ints(view))
+    where = b.op("Expand", where, b.shape_of(g))
+    # reduction="add": an index repeated in `indices` receives the sum of its gradients.
+    out = b.op("ScatterElements", b.zeros_like(data), where, g, axis=axis, reduction="add")
+    return [out, None]
+
+
+@register("GatherElements")
+def gather_elements(b, node, grads):
+    data = node.input[0]
+    axis = int(attr(node, "axis", 0)) % b.rank(data)
+    out = b.op("ScatterElements", b.zeros_like(data), node.input[1], grads[0], axis=axis, reduction="add")
+    return [out, None]
+
+
+@register("GatherND")
+def gather_nd(b, node, grads):
+    if int(attr(node, "batch_dims", 0)) != 0:
+        raise ModelError(f"GatherND node '{node.name}': the gradient supports batch_dims=0 only")
+    out = b.op("ScatterND", b.zeros_like(node.input[0]), node.input[1], grads[0], reduction="add")
+    return [out, None]
+
+
+# --- padding -----------------------------------------------------------------------------
+
+def _pad_source(mode: str, before: int, d: int, n_out: int) -> np.ndarray:
+    """For each output position along one axis, the input position it copies."""
+    i = np.arange(n_out) - before
+    if mode == "edge":
+        return np.clip(i, 0, d - 1)
+    if mode == "wrap":
+        return np.mod(i, d)
+    if mode == "reflect":
+        if d == 1:
+            return np.zeros(n_out, dtype=np.int64)
+        period = 2 * (d - 1)
+        i = np.mod(i, period)
+        return np.where(i < d, i, period - i)
+    raise ModelError(f"Pad mode '{mode}' is not supported by the gradient (constant, reflect, edge, wrap are)")
+
+
+@register("Pad")
+def pad(b, node, grads):
+    x = node.input[0]
+    rank = b.rank(x)
+    pads = _const_input(b, node, 1, "pads").astype(np.int64)
+    axes = _const_input(b, node, 3, "axes")
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    full = np.zeros(2 * rank, dtype=np.int64)
+    for k, a in enumerate(axes):
+        full[a], full[rank + a] = pads[k], pads[len(axes) + k]
+    mode = attr(node, "mode", "constant")
+    g = grads[0]
+    if mode == "constant":
+        # Padding with the negated amounts crops what was added and zero-fills what was cropped.
+        return _grads_out(node, [b.op("Pad", g, b.ints(-full))])
+    # reflect / edge / wrap copy input elements: scatter-add them back, one axis at a time.
+    for a in range(rank):
+        before, after = int(full[a]), int(full[rank + a])
+        if before == 0 and after == 0:
+            continue
+        d = _static_dim(b, node, x, a, f"'{mode}' padding along it")
+        src = _pad_source(mode, before, d, d + before + after)
+        g = _axis_matrix(b, g, a, rank, _one_hot_matrix(src, d), x)
+    return _grads_out(node, [g])
+
+
+# --- broadcasting and tiling ---------------------------------------------------------------
+
+@register("Expand")
+def expand(b, node, grads):
+    return [b.unbroadcast(grads[0], node.output[0], node.input[0]), None]
+
+
+@register("Tile")
+def tile(b, node, grads):
+    x = node.input[0]
+    reps = _const_input(b, node, 1, "repeats").astype(np.int64).reshape(-1)
+    if (reps == 1).all():
+        return [grads[0], None]
+    k = len(reps)
+    # View the gradient as (r0, d0, r1, d1, ...) and sum over the repetitions.
+    pairs = b.op("Concat", b.unsqueeze(b.ints(reps), [1]), b.unsqueeze(b.shape_of(x), [1]), axis=1)
+    g = b.op("Reshape", grads[0], b.op("Reshape", pairs, b.ints([-1])))
+    return [b.reduce_sum(g, list(range(0, 2 * k, 2)), keepdims=False), None]
+
+
+# --- reductions --------------------------------------------------------------------------
+
+def _reduce_axes(b, node, rank: int):
+    axes = attr(node, "axes")
+    if axes is None:
+        axes = _const_input(b, node, 1, "axes")
+    if axes is None or len(axes) == 0:
+        return None if int(attr(node, "noop_with_empty_axes", 0)) else list(range(rank))
+    return sorted(int(a) % rank for a in np.asarray(axes).reshape(-1))
+
+
+def _reduced_count(b, node, x: str, axes) -> str:
+    shape = b.shape(x)
+    dims = [shape[a] for a in axes]
+    if all(_static(d) for d in dims):
+        return b.scalar_like(float(np.prod(dims)), x)
+    # The batch axis is reduced: count at run time.
+    return b.cast_like(b.op("Div", b.op("Size", x), b.op("Size", node.output[0])), x)
+
+
+@register("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2",
+          "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
+def reduce(b, node, grads):
+    x, y = node.input[0], node.output[0]
+    rank = b.rank(x)
+    axes = _reduce_axes(b, node, rank)
+    g = grads[0]
+    if axes is None:  # noop_with_empty_axes: the identity
+        return _grads_out(node, [g])
+    keep = int(attr(node, "keepdims", 1))
+    if not keep:
+        g = b.unsqueeze(g, axes)
+    yk = y if keep else b.unsqueeze(y, axes)
+    op = node.op_type
+    if op == "ReduceSum":
+        out = b.op("Expand", g, b.shape_of(x))
+    elif op == "ReduceMean":
+        out = b.op("Expand", b.op("Div", g, _reduced_count(b, node, x, axes)), b.shape_of(x))
+    elif op in ("ReduceMax", "ReduceMin"):
+        # Ties share the gradient equally (the convention of torch.amax/amin).
+        mask = b.cast_like(b.op("Equal", x, yk), x)
+        out = b.mul(mask, b.op("Div", g, b.reduce_sum(mask, axes, keepdims=True)))
+    elif op == "ReduceL1":
+        out = b.mul(g, b.op("Sign", x))
+    elif op == "ReduceL2":
+        # d|x|/dx = x / |x|, taken as 0 where |x| = 0 (the subgradient of least norm).
+        zero = b.scalar_like(0.0, x)
+        safe = b.op("Where", b.op("Equal", yk, zero), b.scalar_like(1.0, x), yk)
+        out = b.mul(g, b.op("Div", x, safe))
+    elif op == "ReduceSumSquare":
+        out = b.mul(g, b.mul(x, b.scalar_like(2.0, x)))
+    elif op == "ReduceLogSum":
+        out = b.op("Expand", b.op("Div", g, b.op("Exp", yk)), b.shape_of(x))
+    else:  # ReduceLogSumExp: softmax over the reduced axes
+        out = b.mul(g, b.op("Exp", b.op("Sub", x, yk)))
+    return _grads_out(node, [out])
+
+
+# --- resizing ----------------------------------------------------------------------------
+
+_F = np.float32  # onnxruntime computes sampling coordinates in float32; so do we, to agree at ties
+
+
+def _source_coords(ctm: str, dout: int, din: int, scale, roi, out_len_float) -> np.ndarray:
+    x = np.arange(dout, dtype=_F)
+    s = _F(scale)
+    if ctm == "half_pixel":
+        return (x + _F(0.5)) / s - _F(0.5)
+    if ctm == "half_pixel_symmetric":
+        adjustment = _F(dout) / _F(out_len_float)
+        offset = _F(din) / _F(2) * (_F(1) - adjustment)
+        return offset + (x + _F(0.5)) / s - _F(0.5)
+    if ctm == "pytorch_half_pixel":
+        # The spec says -0.5 for a length-1 output; onnxruntime samples at 0 (they differ for cubic).
+        return (x + _F(0.5)) / s - _F(0.5) if dout > 1 else np.zeros(dout, dtype=_F)
+    if ctm == "align_corners":
+        return x * _F(din - 1) / _F(dout - 1) if dout > 1 else np.zeros(dout, dtype=_F)
+    if ctm == "asymmetric":
+        return x / s
+    if ctm == "tf_crop_and_resize":
+        r0, r1 = _F(roi[0]), _F(roi[1])
+        if dout > 1:
+            return r0 * _F(din - 1) + x * (r1 - r0) * _F(din - 1) / _F(dout - 1)
+        return np.full(dout, _F(0.5) * (r0 + r1) * _F(din - 1), dtype=_F)
+    raise ModelError(f"Resize coordinate_transformation_mode '{ctm}' is not supported by the gradient")
+
+
+def _nearest_index(xo: np.ndarray, mode: str) -> np.ndarray:
+    fl = np.floor(xo)
+    if mode == "floor":
+        r = fl
+    elif mode == "ceil":
+        r = np.ceil(xo)
+    elif mode == "round_prefer_floor":
+        r = np.where(xo - fl == _F(0.5), fl, np.round(xo))
+    elif mode == "round_prefer_ceil":
+        r = np.where(xo - fl == _F(0.5), fl + 1, np.round(xo))
+    else:
+        raise ModelError(f"Resize nearest_mode '{mode}' is not supported by the gradient")
+    return r.astype(np.int64)
+
+
+def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
+    """Keys cubic convolution weights of the 4 neighbours floor(x)-1 .. floor(x)+2."""
+    def near(u):  # |u| <= 1
+        return ((a + 2) * u - (a + 3)) * u * u + 1
+
+    def far(u):  # 1 < |u| < 2
+        return ((a * u - 5 * a) * u + 8 * a) * u - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+
+
+def resize_matrix(mode: str, ctm: str, din: int, dout: int, scale, *, nearest_mode="round_prefer_floor",
+                  cubic_a=-0.75, exclude_outside=False, roi=(0.0, 1.0), out_len_float=None) -> np.ndarray:
+    """The (dout, din) matrix of a 1-D Resize along one axis: y = m @ x."""
+    xo = _source_coords(ctm, dout, din, scale, roi, out_len_float if out_len_float is not None else dout)
+    m = np.zeros((dout, din))
+    rows = np.arange(dout)
+    if mode == "nearest":
+        m[rows, np.clip(_nearest_index(xo, nearest_mode), 0, din - 1)] = 1.0
+    elif mode == "linear":
+        xc = np.clip(xo.astype(np.float64), 0, din - 1)
+        i0 = np.floor(xc).astype(np.int64)
+        t = xc - i0
+        i1 = np.minimum(i0 + 1, din - 1)
+        np.add.at(m, (rows, i0), 1 - t)
+        np.add.at(m, (rows, i1), t)
+    elif mode == "cubic":
+        xd = xo.astype(np.float64)
+        i0 = np.floor(xd).astype(np.int64)
+        w = _cubic_weights(xd - i0, cubic_a)
+        idx = i0[:, None] + np.arange(-1, 3)[None, :]
+        if exclude_outside:
+            w = np.where((idx >= 0) & (idx < din), w, 0.0)
+            w = w / w.sum(axis=1, keepdims=True)
+        for k in range(4):
+            np.add.at(m, (rows, np.clip(idx[:, k], 0, din - 1)), w[:, k])
+    else:
+        raise ModelError(f"Resize mode '{mode}' is not supported by the gradient")
+    if ctm == "tf_crop_and_resize":
+        # Positions sampled outside the input take extrapolation_value, a constant.
+        m[(xo < 0) | (xo > din - 1)] = 0.0
+    return m
+
+
+def _resize_plan(b, node, x: str, rank: int):
+    """Per axis (in length, out length, scale) with scales/sizes spread over all axes."""
+    shape = list(b.shape(x))
+    roi = _const_input(b, node, 1, "roi") if len(node.input) > 1 else None
+    scales = _const_input(b, node, 2, "scales") if len(node.input) > 2 else None
+    sizes = _const_input(b, node, 3, "sizes") if len(node.input) > 3 else None
+    scales = None if scales is None or scales.size == 0 else scales.astype(np.float32).reshape(-1)
+    sizes = None if sizes is None or sizes.size == 0 else sizes.astype(np.int64).reshape(-1)
+    axes = attr(node, "axes")
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    if roi is not None and roi.size:
+        roi = np.asarray(roi, dtype=np.float32).reshape(-1)
+        full_roi = [(0.0, 1.0)] * rank
+        for k, a in enumerate(axes):
+            full_roi[a] = (roi[k], roi[len(axes) + k])
+    else:
+        full_roi = [(0.0, 1.0)] * rank
+    full_scales = [1.0] * rank
+    full_sizes = [None] * rank
+    if scales is not None:
+        for k, a in enumerate(axes):
+            full_scales[a] = float(scales[k])
+    elif sizes is not None:
+        policy = attr(node, "keep_aspect_ratio_policy", "stretch")
+        ratios = {a: _F(sizes[k]) / _F(shape[a]) for k, a in enumerate(axes) if _static(shape[a])}
+        if policy in ("not_larger", "not_smaller") and ratios:
+            common = (min if policy == "not_larger" else max)(ratios.values())
+            for a in ratios:
+                full_scales[a] = float(common)
+                full_sizes[a] = int(np.floor(float(common) * shape[a] + 0.5))
+        else:
+            for k, a in enumerate(axes):
+                full_sizes[a] = int(sizes[k])
+                if a in ratios:
+                    full_scales[a] = float(ratios[a])
+    else:
+        raise ModelError(f"Resize node '{node.name}': neither scales nor sizes is given")
+    out_shape = b.shape(node.output[0]) or [None] * rank
+    plan = []
+    for a in range(rank):
+        din, s = shape[a], full_scales[a]
+        if not _static(din):
+            # The batch axis: scaling it would mix samples, which no exported model does.
+            if scales is not None and s != 1.0:
+                raise ModelError(f"Resize node '{node.name}': resizing axis {a}, whose length is only known "
+                                 "at run time, is not supported")
+            plan.append(None)
+            continue
+        if full_sizes[a] is not None:
+            dout = full_sizes[a]
+        elif _static(out_shape[a]):
+            dout = int(out_shape[a])
+        else:
+            dout = int(np.floor(din * np.float32(s)))
+        plan.append((int(din), dout, s, full_roi[a]))
+    return plan
+
+
+@register("Resize")
+def resize(b, node, grads):
+    x = node.input[0]
+    rank = b.rank(x)
+    if int(attr(node, "antialias", 0)):
+        raise ModelError(f"Resize node '{node.name}': antialias=1 is not supported by the gradient")
+    mode = attr(node, "mode", "nearest")
+    ctm = attr(node, "coordinate_transformation_mode", "half_pixel")
+    g = grads[0]
+    for a, step in enumerate(_resize_plan(b, node, x, rank)):
+        if step is None:
+            continue
+        din, dout, s, roi = step
+        m = resize_matrix(
+            mode, ctm, din, dout, s, nearest_mode=attr(node, "nearest_mode", "round_prefer_floor"),
+            cubic_a=float(attr(node, "cubic_coeff_a", -0.75)), exclude_outside=bool(attr(node, "exclude_outside", 0)),
+            roi=roi, out_len_float=float(np.float32(s) * din),
+        )
+        if m.shape == (din, din) and np.array_equal(m, np.eye(din)):
+            continue
+        g = _axis_matrix(b, g, a, rank, m, x)
+    return _grads_out(node, [g])
+
