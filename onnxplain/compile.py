@@ -27,7 +27,7 @@ META_KEY = "onnxplain.explainer"
 NON_DIFFERENTIABLE = {
     "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Less", "Greater", "LessOrEqual",
     "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Floor", "Ceil",
-    "Round", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike", "TopK_indices",
+    "Round", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike",
 }
 
 

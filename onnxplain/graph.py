@@ -25,7 +25,7 @@ MAX_OPSET = 21
 MAX_MODEL_BYTES = 2 * 1024**3  # protobuf's own limit for one message
 BATCH = "N"
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 def _fail(msg: str) -> None:
@@ -243,7 +243,9 @@ class Graph:
                     f"input '{vi.name}' has rank {len(dims)} in the model, got an array of rank {len(shape)}"
                 )
             for i, (d, s) in enumerate(zip(dims, shape)):
-                if i == 0:
+                # The batch axis stays symbolic where the model leaves it open; an input
+                # with a fixed first axis (a fed bias, a batch-1 export) keeps its shape.
+                if i == 0 and not d.HasField("dim_value"):
                     d.Clear()
                     d.dim_param = BATCH
                 else:

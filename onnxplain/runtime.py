@@ -100,6 +100,9 @@ class Session:
         except Exception as exc:
             raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
+        # A model exported with a fixed batch size runs exactly that many rows at once.
+        first = self.session.get_inputs()[0].shape if self.input_names else None
+        self.fixed_batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._row_bytes = None
 
@@ -120,6 +123,8 @@ class Session:
         return self._row_bytes
 
     def rows_per_run(self, cap: int | None = None) -> int:
+        if self.fixed_batch:
+            return self.fixed_batch
         rows = max(1, self.memory_budget // max(1, self.row_bytes()))
         return min(rows, cap) if cap else rows
 
