@@ -118,12 +118,18 @@ class Explainer:
             self._sessions[key] = Session(build(), self.providers, self.memory_budget)
         return self._sessions[key]
 
+    def forward_session(self, feeds: dict, tensors) -> Session:
+        """The (cached) forward session that returns `tensors` for inputs shaped like `feeds`;
+        its `run_rows` runs any number of rows under the memory budget."""
+        tensors = list(tensors)
+        graph = self._graph_for(feeds)
+        key = ("forward", tuple(tensors)) + tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
+        return self._session(key, lambda: _with_outputs(graph, tensors))
+
     def _forward(self, feeds: dict, tensors) -> dict:
         """Values of any tensors of the model on `feeds`, batched under the memory budget."""
         tensors = list(tensors)
-        graph = self._graph_for(feeds)
-        sess = self._session(("forward", tuple(tensors)) + tuple((k, v.shape[1:]) for k, v in feeds.items()),
-                             lambda: _with_outputs(graph, tensors))
+        sess = self.forward_session(feeds, tensors)
         n = next(iter(feeds.values())).shape[0]
         parts = {t: [] for t in tensors}
         for _s, _e, out in sess.run_rows(n, lambda s, e: {k: v[s:e] for k, v in feeds.items()}, tensors):

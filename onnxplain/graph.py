@@ -84,13 +84,23 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
 
 
 def _external_tensors(model):
-    for t in model.graph.initializer:
+    yield from _external_in_graph(model.graph)
+
+
+def _external_in_graph(g):
+    # Subgraphs (If/Loop/Scan bodies) may hold external tensors too.
+    for t in g.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             yield t
-    for node in model.graph.node:
+    for node in g.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
                 yield a.t
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _external_in_graph(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _external_in_graph(sub)
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path | None) -> None:
@@ -237,6 +247,9 @@ class Graph:
             if vi.name not in shapes:
                 continue
             shape = shapes[vi.name]
+            if not vi.type.tensor_type.HasField("shape"):
+                for _ in shape:  # the model leaves the rank open: take the array's
+                    vi.type.tensor_type.shape.dim.add()
             dims = vi.type.tensor_type.shape.dim
             if len(dims) != len(shape):
                 raise InputError(

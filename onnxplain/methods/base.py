@@ -77,6 +77,8 @@ class Option:
     check: Callable | None = None  # value -> error message or None
 
     def parse(self, value, method: str):
+        if value is None and self.default is None:
+            return None
         try:
             v = PARSERS[self.kind](value)
         except (ValueError, TypeError) as exc:
