@@ -488,3 +488,18 @@ def _table(rows, headers, indent: int = 0) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def _load_commands() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        for command in getattr(module, "COMMANDS", ()):
+            main.add_command(command)
+
+
+_load_commands()
