@@ -147,13 +147,20 @@ def heatmap(attr2d, cmap=None, symmetric: bool | None = None, clip_percentile: f
 
 
 def overlay(image, attr2d, alpha: float = 0.5, cmap=None, symmetric: bool | None = None,
-            clip_percentile: float | None = 99.5) -> np.ndarray:
+            clip_percentile: float | None = 99.5, background: str = "photo") -> np.ndarray:
     """The heatmap blended over a uint8 image, resized to it; the result has the image's shape.
 
     Signed maps are blended in proportion to |relevance|, so the photo shows through
     where the relevance is near zero instead of being tinted by the zero colour.
+    background="gray" draws on a faded grey copy of the photo, where the colours of
+    sparse pixel-level relevance stand out.
     """
     img = _as_rgb(image)
+    if background == "gray":
+        grey = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        img = np.repeat((0.45 * grey + 0.55 * 255.0)[..., None], 3, axis=2)
+    elif background != "photo":
+        raise OptionError(f"overlay background must be 'photo' or 'gray', got {background!r}")
     if not 0.0 <= alpha <= 1.0:
         raise OptionError(f"alpha must be in [0, 1], got {alpha!r}")
     t, mag, symmetric = _scale(attr2d, symmetric, clip_percentile)
@@ -236,13 +243,13 @@ def _fit(draw, text, font, width) -> str:
 
 def save_heatmap(path, attr, image=None, layout: str | None = "nchw", how: str = "sum", cmap=None,
                  symmetric: bool | None = None, clip_percentile: float | None = 99.5,
-                 alpha: float = 0.5) -> np.ndarray:
+                 alpha: float = 0.8) -> np.ndarray:
     """Reduce one sample's attribution to (H,W), draw it (over ``image`` if given), write a PNG."""
     a2d = reduce_channels(attr, layout=layout, how=how)
     if image is None:
         picture = heatmap(a2d, cmap=cmap, symmetric=symmetric, clip_percentile=clip_percentile)
     else:
-        picture = overlay(image, a2d, alpha=alpha, cmap=cmap, symmetric=symmetric,
+        picture = overlay(image, a2d, alpha=alpha, cmap=cmap, symmetric=symmetric, background="gray",
                           clip_percentile=clip_percentile)
     save_png(path, picture)
     return picture
