@@ -146,12 +146,13 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
 
     fwd = graph.model.graph
     seed_vi = _value_info(graph, explained, SEED)
+    bw_nodes, bw_inits = _prune(b, [vi.name for vi in out_vis])
     g = helper.make_graph(
-        list(fwd.node) + b.nodes,
+        list(fwd.node) + bw_nodes,
         f"{fwd.name or 'model'}_explainer",
         list(fwd.input) + [seed_vi],
         list(fwd.output) + out_vis,
-        initializer=list(fwd.initializer) + b.initializers,
+        initializer=list(fwd.initializer) + bw_inits,
         value_info=list(fwd.value_info),
     )
     model = helper.make_model(g, opset_imports=list(graph.model.opset_import), producer_name="onnxplain")
@@ -166,6 +167,19 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     except Exception as exc:
         raise ModelError(f"internal error: the compiled explainer is invalid ({str(exc).splitlines()[0]})") from None
     return Explainer(model, SEED, explained, attributions, activations_out, list(graph.outputs))
+
+
+def _prune(b: Builder, outputs) -> tuple[list, list]:
+    """The emitted nodes and constants the outputs need. Rules may emit gradients nobody
+    reads (a weight's, an unused branch's), and onnxruntime runs every node it is given."""
+    needed = set(outputs)
+    keep = []
+    for node in reversed(b.nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    return keep, [t for t in b.initializers if t.name in needed]
 
 
 def _value_info(graph: Graph, tensor: str, name: str):

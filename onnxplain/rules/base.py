@@ -187,12 +187,21 @@ class Builder:
             elif isinstance(di, int) and isinstance(do, int):
                 raise ModelError(f"shapes {si} and {so} do not broadcast")
             else:
-                raise ModelError(
-                    f"cannot tell whether '{inp}' {si} was broadcast to {so}; give the model static input shapes"
-                )
+                return self.unbroadcast_at_run_time(g, lead, inp)
         if not axes:
             return g
         r = self.reduce_sum(g, axes, keepdims=True)
         if lead:
             r = self.squeeze(r, list(range(lead)))
         return r
+
+    def unbroadcast_at_run_time(self, g: str, lead: int, inp: str) -> str:
+        """Where static shapes cannot tell (a symbolic dim facing a fixed one), the broadcast
+        axes are those where the sizes differ at run time."""
+        want = self.shape_of(inp)
+        if lead:
+            want = self.op("Concat", self.ints([1] * lead), want, axis=0)
+        differs = self.op("Not", self.op("Equal", want, self.shape_of(g)))
+        axes = self.squeeze(self.op("NonZero", differs), [0])
+        g = self.op("ReduceSum", g, axes, keepdims=1, noop_with_empty_axes=1)
+        return self.reshape_like(g, inp)
