@@ -111,3 +111,22 @@ def test_predicted_class_is_the_default_target(exported):
     x = _input(model)
     pred = e.predict(x).argmax(1)
     np.testing.assert_array_equal(e.attribute(x, method="gradient"), e.attribute(x, method="gradient", target=pred))
+
+
+@pytest.mark.parametrize("exporter", zoo.EXPORTERS)
+def test_cli_integrated_gradients_matches_captum(exported, exporter, tmp_path):
+    """The issue's acceptance line: `onnxplain explain model.onnx input.npy --method
+    integrated_gradients --target 3 --out a.npy` equals Captum on that model."""
+    from click.testing import CliRunner
+
+    from onnxplain.cli import main
+
+    model, path = exported("resnet", exporter)
+    x = _input(model)
+    np.save(tmp_path / "input.npy", x)
+    out = tmp_path / "a.npy"
+    res = CliRunner().invoke(main, ["explain", str(path), str(tmp_path / "input.npy"), "--method",
+                                    "integrated_gradients", "--target", "3", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    ref = IntegratedGradients(model).attribute(torch.tensor(x), target=3, n_steps=50)
+    assert_agrees(np.load(out), ref.detach().numpy())
