@@ -26,7 +26,8 @@ PHOTO = ROOT / "models" / "chelsea.png"
 FIGURES = {
     "gradients.png": [
         ("gradient", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 32}),
-        ("smoothgrad", {"n_samples": 50, "stdev": 0.3}), ("guided_backprop", {}), ("deconvnet", {}),
+        ("smoothgrad", {"n_samples": 50, "stdev": 0.3}), ("guided_backprop", {"clip_as_relu": True}),
+        ("deconvnet", {"clip_as_relu": True}),
     ],
     "relevance.png": [
         ("excitation_backprop", {}), ("contrastive_excitation_backprop", {}), ("lrp.epsilon_plus", {}),

@@ -130,3 +130,26 @@ def test_cli_integrated_gradients_matches_captum(exported, exporter, tmp_path):
     assert res.exit_code == 0, res.output
     ref = IntegratedGradients(model).attribute(torch.tensor(x), target=3, n_steps=50)
     assert_agrees(np.load(out), ref.detach().numpy())
+
+
+@pytest.mark.parametrize("method, hooks", [("guided_backprop", GuidedBackprop), ("deconvnet", Deconvolution)])
+def test_clip_as_relu_modifies_relu6_like_captum_would_a_relu(exported, method, hooks):
+    """With clip_as_relu, ReLU6 (exported as Clip(0, 6)) gets the modified backward; the
+    reference is Captum on the same model with every ReLU6 swapped for a ReLU whose
+    forward is still clamped (so the forward pass is unchanged)."""
+    model, path = exported("mobilenet", "torchscript")
+    x = _input(model)
+
+    class ReLU6AsReLU(torch.nn.ReLU):
+        def forward(self, t):
+            return torch.clamp(super().forward(t), max=6.0)
+
+    swapped = zoo.build("mobilenet")
+    for i, m in enumerate(swapped.net):
+        if isinstance(m, torch.nn.ReLU6):
+            swapped.net[i] = ReLU6AsReLU()
+    ref = hooks(swapped).attribute(torch.tensor(x), target=TARGET)
+    ours = Explainer(path).attribute(x, method=method, target=TARGET, clip_as_relu=True)
+    assert_agrees(ours, ref.detach().numpy())
+    plain = Explainer(path).attribute(x, method=method, target=TARGET)
+    assert not np.allclose(plain, ours)

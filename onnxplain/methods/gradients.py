@@ -11,6 +11,12 @@ from .base import Option, register
 GRADIENT = Composite("gradient")
 GUIDED = Composite("guided_backprop", ("guided_backprop", "gradient"))
 DECONVNET = Composite("deconvnet", ("deconvnet", "gradient"))
+# Captum and Zennit modify ReLU only; ReLU6 networks (MobileNet, EfficientNet-Lite) export
+# it as Clip(0, 6), which `clip_as_relu` treats as a rectifier too.
+GUIDED_CLIP = Composite("guided_backprop_clip", ("guided_backprop_clip", "guided_backprop", "gradient"))
+DECONVNET_CLIP = Composite("deconvnet_clip", ("deconvnet_clip", "deconvnet", "gradient"))
+CLIP_AS_RELU = Option("clip_as_relu", False, bool,
+                      "also modify Clip(0, max) (ReLU6) as a ReLU; the references modify ReLU only")
 
 CHANNEL_AXIS = Option("channel_axis", 1, int, "axis of the channels to take the maximum over (-1 for NHWC)")
 
@@ -50,12 +56,12 @@ def input_x_gradient(ctx):
 
 
 @register("guided_backprop", "gradient with ReLUs passing only positive gradient of active units",
-          reference="Captum GuidedBackprop")
-def guided_backprop(ctx):
-    return ctx.backward(GUIDED)[0]
+          options=[CLIP_AS_RELU], reference="Captum GuidedBackprop")
+def guided_backprop(ctx, clip_as_relu):
+    return ctx.backward(GUIDED_CLIP if clip_as_relu else GUIDED)[0]
 
 
 @register("deconvnet", "gradient with ReLUs applied to the backward signal (Zeiler & Fergus 2014)",
-          reference="Captum Deconvolution")
-def deconvnet(ctx):
-    return ctx.backward(DECONVNET)[0]
+          options=[CLIP_AS_RELU], reference="Captum Deconvolution")
+def deconvnet(ctx, clip_as_relu):
+    return ctx.backward(DECONVNET_CLIP if clip_as_relu else DECONVNET)[0]
