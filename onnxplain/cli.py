@@ -486,10 +486,6 @@ def _table(rows, headers, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _load_commands() -> None:
     import importlib
     import pkgutil
@@ -503,3 +499,6 @@ def _load_commands() -> None:
 
 
 _load_commands()
+
+if __name__ == "__main__":
+    main()

@@ -97,7 +97,10 @@ def unsupported(graph: Graph, composite: Composite, wrt, explained: str) -> list
 
 
 def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, activations=(),
-                      method: str | None = None) -> Explainer:
+                      method: str | None = None, times_input: bool = False) -> Explainer:
+    """Compile `graph` plus the backward pass of `composite` into one model. With
+    `times_input`, each attribution output is multiplied by its tensor's value (input x
+    gradient as one graph)."""
     wrt = list(dict.fromkeys(wrt))
     known = set(graph.tensor_names())
     for t in list(wrt) + [explained] + list(activations):
@@ -135,6 +138,10 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     for i, t in enumerate(wrt):
         name = f"onnxplain.attribution.{i}"
         src = b.sum(grads[t]) if grads.get(t) else b.zeros_like(t)
+        if times_input:
+            prod = f"onnxplain/out/attr_x_input_{i}"
+            b.nodes.append(helper.make_node("Mul", [src, t], [prod], name=prod))
+            src = prod
         b.nodes.append(helper.make_node("Identity", [src], [name], name=f"onnxplain/out/attr_{i}"))
         attributions[t] = name
         out_vis.append(_value_info(graph, t, name))
@@ -158,7 +165,7 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     model = helper.make_model(g, opset_imports=list(graph.model.opset_import), producer_name="onnxplain")
     model.ir_version = graph.model.ir_version
     info = {
-        "composite": composite.key(), "method": method, "seed": SEED, "explained": explained,
+        "composite": composite.key(), "method": method, "times_input": times_input, "seed": SEED, "explained": explained,
         "attributions": attributions, "activations": activations_out,
     }
     helper.set_model_props(model, {META_KEY: json.dumps(info)})

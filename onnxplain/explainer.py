@@ -260,6 +260,20 @@ class Explainer:
             self._compiled_cache[key] = (spec, Session(spec.model, self.providers, self.memory_budget))
         return self._compiled_cache[key]
 
+    def _compiled_cut(self, composite, layer: str, explained: str, feeds: dict, method: str):
+        """An explainer of the model with `layer` cut out as an extra input: the layer's
+        consumers read the fed value while every other path still sees the real inputs (as
+        Captum's layer methods replace a module's output). Returns (spec, session, cut name)."""
+        graph = self._graph_for(feeds)
+        cut = f"{layer}/onnxplain.cut"
+        key = ("cut", composite.key(), layer, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())))
+        if key not in self._compiled_cache:
+            cut_graph = Graph(_cut_model(graph, layer, cut))
+            spec = compile_explainer(cut_graph, composite, [cut], explained, method=method)
+            self._compiled_cache[key] = (spec, Session(spec.model, self.providers, self.memory_budget))
+        spec, session = self._compiled_cache[key]
+        return spec, session, cut
+
     # ------------------------------------------------------------------ export
     def export(self, path, method: str = "gradient", layer=None, output=None, probability: bool = False,
                input_shape=None):
@@ -267,13 +281,14 @@ class Explainer:
         seed named 'onnxplain.seed'; read the attribution outputs named in its metadata."""
         from .methods import exportable
 
-        composite = exportable(method)
+        composite, times_input = exportable(method)
         explained = self.explained_tensor(output, probability)
         graph = self.graph if input_shape is None else self.graph.specialize(
             {self.graph.inputs[0]: tuple(input_shape)})
         wrt = [layer] if layer else self.float_inputs
         acts = [t for t in wrt if t not in graph.inputs]
-        spec = compile_explainer(graph, composite, wrt, explained, activations=acts, method=method)
+        spec = compile_explainer(graph, composite, wrt, explained, activations=acts, method=method,
+                                 times_input=times_input)
         path = Path(path)
         try:
             onnx.save(spec.model, str(path))
@@ -291,6 +306,28 @@ def _with_outputs(graph: Graph, tensors) -> onnx.ModelProto:
     for t in tensors:
         if t not in existing:
             m.graph.output.append(helper.make_tensor_value_info(t, graph.elem_type(t) or onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def _cut_model(graph: Graph, layer: str, cut: str) -> onnx.ModelProto:
+    from onnx import helper
+
+    if layer in graph.inputs:
+        raise OptionError(f"'{layer}' is a model input, not a layer inside it")
+    shape = graph.shape(layer)
+    if shape is None:
+        raise ModelError(f"the shape of layer '{layer}' is unknown; give the model static shapes")
+    m = onnx.ModelProto()
+    m.CopyFrom(graph.model)
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name == layer:
+                node.input[i] = cut
+    for o in m.graph.output:
+        if o.name == layer:
+            raise OptionError(f"layer '{layer}' is a model output; choose a tensor inside the model")
+    dims = ["N" if i == 0 and d is None else d for i, d in enumerate(shape)]
+    m.graph.input.append(helper.make_tensor_value_info(cut, graph.elem_type(layer) or onnx.TensorProto.FLOAT, dims))
     return m
 
 

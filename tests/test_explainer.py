@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxplain import Explainer, InputError, ModelError, OptionError, UnsupportedOperatorError
 from onnxplain.compile import SEED
 from onnxplain.explainer import explainer_metadata
+from onnxplain.methods import EXPORTABLE
 
 
 def _mlp_with_softmax(tmp_path):
@@ -173,3 +174,18 @@ def test_model_with_int_input_needs_a_layer():
     m.ir_version = 8
     with pytest.raises(OptionError, match="layer"):
         Explainer(m).attribute(np.zeros((1, 3), np.int64), target=0)
+
+
+@pytest.mark.parametrize("method", sorted(EXPORTABLE))
+def test_every_exportable_method_exports_what_attribute_returns(tmp_path, method):
+    _, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    out = tmp_path / "explainer.onnx"
+    e.export(out, method=method)
+    meta = explainer_metadata(onnx.load(str(out)))
+    x = np.random.default_rng(6).normal(size=(3, 6)).astype(np.float32)
+    seed = np.zeros((3, 4), np.float32)
+    seed[:, 1] = 1
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    attr = sess.run([meta["attributions"]["x"]], {"x": x, SEED: seed})[0]
+    np.testing.assert_allclose(attr, e.attribute(x, method=method, target=1), rtol=1e-5, atol=1e-7)
