@@ -180,6 +180,21 @@ class Context:
         seed = self.seed if seed is None else seed
         return self._run(spec, session, feeds, seed)
 
+    def backward_rows_cut(self, composite, total: int, make_rows, consume, label: str | None = None):
+        """Like backward_rows, with the layer cut out of the model and fed: make_rows returns
+        (feeds, layer value, seed); attributions come back keyed by the layer."""
+        spec, session, cut = self.explainer._compiled_cut(composite, self.layer, self.explained, self.feeds,
+                                                          self.method)
+
+        def rows(start, stop):
+            feeds, value, seed = make_rows(start, stop)
+            return {**feeds, cut: value}, seed
+
+        def renamed(start, stop, attrs, acts):
+            consume(start, stop, {self.layer: attrs[cut]}, acts)
+
+        self.backward_rows_with(spec, session, total, rows, renamed, label)
+
     def backward_rows(self, composite, total: int, make_rows, consume, label: str | None = None):
         """Run `total` rows in chunks: make_rows(start, stop) -> (feeds, seed);
         consume(start, stop, attributions, activations) is called for each chunk."""

@@ -64,6 +64,33 @@ def integrated_gradients(ctx, n_steps, integration, baseline):
     n = ctx.n
     total = {t: None for t in ctx.wrt}
 
+    def consume(start, stop, attrs, _acts):
+        idx = np.arange(start, stop)
+        step, sample = idx // n, idx % n
+        for t, g in attrs.items():
+            w = weights[step].reshape((-1,) + (1,) * (g.ndim - 1))
+            acc = np.zeros((n,) + g.shape[1:], dtype=np.float64)
+            np.add.at(acc, sample, w * g)
+            total[t] = acc if total[t] is None else total[t] + acc
+
+    if ctx.layer is not None:
+        # Layer integrated gradients: the layer's value moves on the straight line from its
+        # value at the baseline to its value at the input, while every path that bypasses
+        # the layer sees the real input (Captum's LayerIntegratedGradients).
+        layer = ctx.layer
+        act_x = ctx.activations()[layer]
+        act_b = ctx.activations({**ctx.feeds, **base})[layer]
+
+        def layer_rows(start, stop):
+            idx = np.arange(start, stop)
+            step, sample = idx // n, idx % n
+            a = alphas[step].astype(act_x.dtype).reshape((-1,) + (1,) * (act_x.ndim - 1))
+            value = act_b[sample] + a * (act_x[sample] - act_b[sample])
+            return {k: v[sample] for k, v in ctx.feeds.items()}, value, ctx.seed[sample]
+
+        ctx.backward_rows_cut(GRADIENT, n_steps * n, layer_rows, consume, label="layer integrated gradients")
+        return {layer: (total[layer] * (act_x - act_b)).astype(np.float32)}
+
     def rows(start, stop):
         idx = np.arange(start, stop)
         step, sample = idx // n, idx % n
@@ -74,15 +101,6 @@ def integrated_gradients(ctx, n_steps, integration, baseline):
             feeds[k] = base[k][sample] + a.reshape(shape) * (x[k][sample] - base[k][sample])
         feeds = {k: (v[sample] if k not in inputs else v) for k, v in feeds.items()}
         return feeds, ctx.seed[sample]
-
-    def consume(start, stop, attrs, _acts):
-        idx = np.arange(start, stop)
-        step, sample = idx // n, idx % n
-        for t, g in attrs.items():
-            w = weights[step].reshape((-1,) + (1,) * (g.ndim - 1))
-            acc = np.zeros((n,) + g.shape[1:], dtype=np.float64)
-            np.add.at(acc, sample, w * g)
-            total[t] = acc if total[t] is None else total[t] + acc
 
     ctx.backward_rows(GRADIENT, n_steps * n, rows, consume, label="integrated gradients")
     act_x = ctx.activations()
