@@ -114,14 +114,16 @@ def mlp(tmp_path_factory):
 
 
 @pytest.mark.parametrize("window,strides", [((3, 4, 4), (1, 2, 2)), ((1, 3, 5), (1, 2, 3)), ((3, 16, 16), None),
-                                            ((2, 5, 3), (1, 4, 3)), ((3, 2, 2), None)])
+                                            ((2, 5, 3), (1, 4, 3)), ((3, 2, 2), None),
+                                            ((3, 6, 4), None)])
 def test_occlusion_equals_captum_occlusion_elementwise(vgg, window, strides):
     model, ex = vgg
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
-    given = {} if strides is None else {"strides": strides}  # None: the default, 1 as in Captum
+    given = {} if strides is None else {"strides": strides}  # None: the default, half the window
+    strides = tuple(max(1, w // 2) for w in window) if strides is None else strides
     ours = ex.attribute(x, method="occlusion", target=1, window=window, baseline=0.3, **given)
     ref = captum_attr.Occlusion(model).attribute(torch.tensor(x), sliding_window_shapes=window,
-                                                 strides=1 if strides is None else strides, baselines=0.3, target=1,
+                                                 strides=strides, baselines=0.3, target=1,
                                                  perturbations_per_eval=256).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 

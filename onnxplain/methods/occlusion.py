@@ -34,7 +34,7 @@ OCCLUSION_OPTIONS = [
            "window shape over the non-batch axes, e.g. 3,8,8 (or 8,8: all channels); "
            "default: all channels and 1/8 of each spatial side, 1 for tabular rows", check=_positive_ints),
     Option("strides", None, "ints", "step of the window per axis (one number: all axes; or per spatial axis); "
-           "default 1 as Captum",
+           "default half the window (Captum's 1 is window-size times slower and rarely sharper)",
            check=_positive_ints),
     BASELINE,
 ]
@@ -56,7 +56,7 @@ def _window(shape, window, strides):
                           f"of the input shape {tuple(shape)}")
     if any(w > d for w, d in zip(window, dims)):
         raise OptionError(f"occlusion window {','.join(map(str, window))} is larger than the input {dims}")
-    strides = (1,) * len(dims) if strides is None else strides
+    strides = tuple(max(1, w // 2) for w in window) if strides is None else strides
     if len(strides) == 1:
         strides = strides * len(dims)
     elif len(strides) == len(spatial) and channel is not None and len(strides) != len(dims):
