@@ -53,6 +53,9 @@ CONV_CASES = {
     "2d_g2_s2_d2": _conv_case(size=8, group=2, stride=2, dil=2, pads=(1, 2)),
     "2d_depthwise": _conv_case(group=4, pads=(1, 1)),
     "2d_depthwise_mult2_s2": _conv_case(group=4, cout=8, stride=2, pads=(1, 1)),
+    "2d_depthwise_mult2_s1_asym": _conv_case(group=4, cout=8, pads=(0, 2)),
+    "2d_g2_s1_d2_asym": _conv_case(size=8, group=2, dil=2, pads=(3, 1)),
+    "2d_k1_s1_p1_pads_past_kernel": _conv_case(k=1, pads=(1, 1)),
     "2d_same_upper_s1": _conv_case(auto_pad="SAME_UPPER"),
     "2d_same_upper_s2_even": _conv_case(size=8, k=2, stride=2, auto_pad="SAME_UPPER"),
     "2d_same_upper_s2_odd": _conv_case(stride=2, auto_pad="SAME_UPPER"),
@@ -90,6 +93,21 @@ def _conv_model(case, op="Conv", weight_input=False, bias_input=False):
 def test_conv_input_gradient(name):
     m, feeds = _conv_model(CONV_CASES[name])
     check_gradient(m, feeds, **LINEAR_TOL)
+
+
+@pytest.mark.parametrize("name", ["2d_k3_s1_p1sym", "2d_depthwise_mult2_s1_asym", "3d_k2_g2_same_upper"])
+def test_stride_1_conv_input_gradient_is_a_forward_conv(name):
+    """Stride-1 Convs with constant weights propagate back through a Conv with the flipped
+    kernel (faster in onnxruntime than ConvTranspose); strided ones keep ConvTranspose."""
+    m, feeds = _conv_model(CONV_CASES[name])
+    graph = Graph(m)
+    spec = compile_explainer(graph, Composite("gradient"), ["x"], graph.outputs[0])
+    ops = [n.op_type for n in spec.model.graph.node]
+    assert ops.count("Conv") == 2 and "ConvTranspose" not in ops
+    strided, _ = _conv_model(CONV_CASES["2d_k3_s2_p1sym_odd"])
+    graph = Graph(strided)
+    spec = compile_explainer(graph, Composite("gradient"), ["x"], graph.outputs[0])
+    assert "ConvTranspose" in [n.op_type for n in spec.model.graph.node]
 
 
 @pytest.mark.parametrize("name", ["2d_k3_s2_p1sym_odd", "2d_k3_d2_s3_asym", "2d_g2_s2_d2", "2d_depthwise",
