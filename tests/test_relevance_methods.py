@@ -135,6 +135,53 @@ def test_deeplift_agrees_with_captum(exported, name, exporter):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+class _PoolNet(torch.nn.Module):
+    """Max pooling with windows that do not overlap (where Captum's MaxUnpool is exact), each
+    between Convs: Captum 0.9 loses summation-to-delta where a ReLU directly precedes or
+    follows a MaxPool (both hooked modules rewrite the same gradient), so none does here."""
+
+    shape = (3, 12, 12)
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        torch.manual_seed(4)
+        self.net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                                 nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.MaxPool2d(3),
+                                 nn.Flatten(), nn.Linear(8 * 2 * 2, 10), nn.ReLU(), nn.Linear(10, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("exporter", zr.EXPORTERS)
+def test_deeplift_agrees_with_captum_on_a_resnet_with_batchnorm_and_residual_adds(tmp_path, exporter):
+    import zoo  # the engine's zoo ResNet has no MaxPool next to a ReLU, which Captum mishandles
+
+    model = zoo.build("resnet").eval()
+    ex = Explainer(str(zoo.export(model, tmp_path / "resnet.onnx", exporter)))
+    x = _x(model)
+    target = ex.predict(x).argmax(1)
+    for baseline in (0.0, 0.3):
+        ours = ex.attribute(x, method="deeplift", target=target, baseline=baseline)
+        ref = zr.captum_deeplift(model, x, torch.tensor(target), baseline)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("exporter", zr.EXPORTERS)
+def test_deeplift_maxpool_agrees_with_captum(tmp_path, exporter):
+    """The MaxPool rule routes the output differences to the winners of input and baseline,
+    as Captum does. The zoo's VGG (overlapping windows, where Captum's unpooling overwrites
+    instead of adding, and ReLU before MaxPool) is checked by summation-to-delta below."""
+    model = _PoolNet().eval()
+    ex = Explainer(str(zr.export(model, tmp_path / "pool.onnx", exporter)))
+    x = _x(model, n=4)
+    for baseline in (0.0, 0.2):
+        ours = ex.attribute(x, method="deeplift", target=2, baseline=baseline)
+        ref = zr.captum_deeplift(model, x, 2, baseline)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet"])
 def test_deeplift_sums_to_the_output_difference(exported, name):
     # Summation-to-delta holds for the rescale rule on any of these networks, including
