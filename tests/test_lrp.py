@@ -334,3 +334,52 @@ def test_exported_lrp_explainer_gives_the_same_relevance(models, tmp_path):
         out = sess.run([spec.attributions["input"]], {"input": x, spec.seed: seed})[0]
         np.testing.assert_allclose(out, ex.attribute(x, method=method, target=seed), rtol=1e-5, atol=1e-7)
     assert onnx.load(str(tmp_path / "e.onnx")).graph.output
+
+
+def _relevance_at(model, module, x, seed, method, **kw):
+    """Zennit's relevance at `module`'s output: the gradient Zennit's hooks pass through it."""
+    kept = []
+
+    def keep(m, i, o):
+        o.retain_grad()
+        kept.append(o)
+
+    hook = module.register_forward_hook(keep)
+    try:
+        zr.zennit_relevance(model, x, seed, method, **kw)
+    finally:
+        hook.remove()
+    return kept[-1].grad.detach().numpy()
+
+
+def _tensor_of(ex, model, module, x):
+    import torch
+
+    acts = []
+    hook = module.register_forward_hook(lambda m, i, o: acts.append(o.detach().numpy()))
+    with torch.no_grad():
+        model(torch.tensor(x))
+    hook.remove()
+    want = acts[0]
+    names = [o for n in ex.graph.nodes if n.op_type == "Relu" for o in n.output]
+    values = ex._forward(ex._feeds(x), names)
+    found = [o for o in names if values[o].shape == want.shape and np.allclose(values[o], want, atol=1e-5)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("exporter", zr.EXPORTERS)
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus", "lrp.epsilon_alpha2_beta1", "excitation_backprop"])
+@pytest.mark.parametrize("where", ["features.3", "classifier.2"])
+def test_relevance_at_a_layer_agrees_with_zennit(models, exporter, method, where):
+    entry = models("vgg", exporter)
+    model, ex = entry["torch"], entry[exporter]
+    module = model.get_submodule(where)
+    x = _inputs(model)
+    target = ex.predict(x).argmax(1)
+    seed = np.eye(10, dtype=np.float32)[target]
+    ref = _relevance_at(model, module, x, seed, method)
+    ours = ex.attribute(x, method=method, target=target, layer=_tensor_of(ex, model, module, x))
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err < TOLERANCE.get(method, 2e-4), f"{method} at {where}: relative error {err:.2e}"
