@@ -115,26 +115,36 @@ def render(rows) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="narrow 128x128 models, batch 1 and 4")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+TITLE = "LRP composites: onnxplain vs Zennit (CPU)"
+
+
+def main(args=None) -> str:
+    """From run.py: `args` is its parsed namespace (models, width, resolution, batch, repeats,
+    threads). On its own: parse `args` as the command line."""
+    if not isinstance(args, argparse.Namespace):
+        p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        p.add_argument("--quick", action="store_true", help="narrow 128x128 models, batch 1 and 4")
+        p.add_argument("--threads", type=int, default=os.cpu_count())
+        p.add_argument("--repeats", type=int, default=3)
+        args = p.parse_args(args)
+        width, res, batches = (0.25, 128, (1, 4)) if args.quick else (1.0, 224, (1, 16))
+        names = ("vgg16", "resnet50")
+    else:
+        width, res, batches = args.width, args.resolution, tuple(args.batch)
+        names = tuple(n for n in args.models if n in ("vgg16", "resnet50"))
     torch.set_num_threads(args.threads)
-    width, res, batches = (0.25, 128, (1, 4)) if args.quick else (1.0, 224, (1, 16))
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     rows = []
-    for name in ("vgg16", "resnet50"):
+    for name in names:
         rows += bench(name, width, res, batches, args.repeats, log)
     table = render(rows)
-    print(f"LRP composites, CPU, {args.threads} threads, width {width:g}, {res}x{res}\n")
-    print(table)
-    return table
+    return (f"VGG-16 and ResNet-50 at width {width:g}, {res}x{res}, {args.threads} threads; "
+            "medians of repeats in ms per call for the whole batch. `max rel. diff` compares with "
+            "Zennit where its canonizers apply to the model (VGG).\n\n" + table)
 
 
 if __name__ == "__main__":
-    main()
+    print(main())
