@@ -12,7 +12,9 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
+
+from .graph import infer_types
 
 PASSTHROUGH = ("Identity", "Dropout")
 # Folding these would freeze one random draw into the model.
@@ -199,7 +201,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None
         vi.type.tensor_type.ClearField("shape")
     del m.graph.value_info[:]
     try:
-        m = shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        m = infer_types(m, strict_mode=False, data_prop=True)
     except Exception:
         return {}
     types = {}

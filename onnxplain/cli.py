@@ -309,19 +309,23 @@ def inspect(model, as_json):
 
 @main.command(epilog="\b\nExamples:\n  onnxplain export models/tiny_cnn.onnx -m gradient -o explainer.onnx\n"
                      "  onnxplain export models/efficientnet_lite0.onnx -m guided_backprop "
-                     "--layer /_swish_1/Clip_output_0 -o gb.onnx")
+                     "--layer /_swish_1/Clip_output_0 -o gb.onnx\n"
+                     "  onnxplain export models/tiny_cnn.onnx -m lrp -O rules=Conv:gamma,first:zbox -O gamma=0.5")
 @click.argument("model", type=click.Path(path_type=Path))
 @model_options
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default="explainer.onnx",
               show_default=True, help="Where to save the explainer model.")
 @click.option("--input-shape", callback=_ints, metavar="N,C,H,W", help="Fix the input shape in the export.")
-def export(model, method, layer, output, probability, providers, memory_budget, out, input_shape):
+@click.option("-O", "--option", "options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
+              help="Method option, repeatable (e.g. rules=Conv:gamma,first:zbox for -m lrp; epsilon=0.25).")
+def export(model, method, layer, output, probability, providers, memory_budget, out, input_shape, options):
     """Save a standalone explainer model that any onnxruntime can run."""
     from .explainer import Explainer
 
+    get_method(method).resolve(options)  # fail on a bad option before loading anything
     e = Explainer(model, providers=providers, memory_budget=memory_budget)
     spec = e.export(out, method=method, layer=layer, output=output, probability=probability,
-                    input_shape=input_shape)
+                    input_shape=input_shape, **options)
     g = e.graph
     click.echo(f"wrote {out} ({method}, attribution at {', '.join(spec.attributions)})")
     rows = [("feed", n, _dtype(g, n), _shape(g.shape(n)), "model input") for n in g.inputs]

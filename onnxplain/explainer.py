@@ -276,12 +276,13 @@ class Explainer:
 
     # ------------------------------------------------------------------ export
     def export(self, path, method: str = "gradient", layer=None, output=None, probability: bool = False,
-               input_shape=None):
-        """Save the explainer model of a single-pass method: feed the model's inputs and a
+               input_shape=None, **options):
+        """Save the explainer model of a single-pass method with its options (an LRP
+        composite's epsilon, a user composite's rules, ...): feed the model's inputs and a
         seed named 'onnxplain.seed'; read the attribution outputs named in its metadata."""
         from .methods import exportable
 
-        composite, times_input = exportable(method)
+        composite, times_input = exportable(method, options)
         explained = self.explained_tensor(output, probability)
         graph = self.graph if input_shape is None else self.graph.specialize(
             {self.graph.inputs[0]: tuple(input_shape)})

@@ -154,6 +154,31 @@ def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
+_LIGHT_BYTES = 1 << 16  # initializers larger than this are stripped for inference
+
+
+def infer_types(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
+    """ONNX shape inference without copying the weights.
+
+    `shape_inference.infer_shapes` serializes the model, parses it in C++, and serializes
+    and parses the result back: four transient copies of every weight, gigabytes for a
+    VGG-16. Shapes and types of an initializer come from its dims and data type alone, so
+    the large ones are emptied while inference runs (and restored before returning). The
+    result holds the inferred types; its large initializers are empty, so read types from
+    it and keep `model` for the weights.
+    """
+    saved = {}
+    for i, t in enumerate(model.graph.initializer):
+        if len(t.raw_data) > _LIGHT_BYTES:
+            saved[i] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        return shape_inference.infer_shapes(model, **kwargs)
+    finally:
+        for i, data in saved.items():
+            model.graph.initializer[i].raw_data = data
+
+
 def tensor_shape(vi) -> tuple | None:
     """(int | str | None, ...) from a ValueInfoProto; None when the rank is unknown."""
     t = vi.type.tensor_type
@@ -173,16 +198,25 @@ def tensor_shape(vi) -> tuple | None:
 class Graph:
     """A forward model: nodes in topological order, constants, shapes and dtypes."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, initializers: dict | None = None):
         _name_nodes(model)
         try:
-            model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            inferred = infer_types(model, strict_mode=False, data_prop=True)
         except Exception as exc:
             raise ModelError(f"shape inference failed on the model: {str(exc).splitlines()[0]}") from None
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+        for out, new in zip(model.graph.output, inferred.graph.output):
+            out.CopyFrom(new)
+        del inferred
         self.model = model
         g = model.graph
         self.opset = model_opset(model)
-        self.initializers: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        # `initializers` (from `specialize`) shares the arrays of a graph with the same weights.
+        given = initializers or {}
+        self.initializers: dict[str, np.ndarray] = {
+            t.name: given[t.name] if t.name in given else numpy_helper.to_array(t) for t in g.initializer
+        }
         self.inputs = [vi.name for vi in g.input if vi.name not in self.initializers]
         self.outputs = [vi.name for vi in g.output]
         self.nodes = _toposort(g)
@@ -266,7 +300,7 @@ class Graph:
                     d.dim_value = int(s)
         for vi in model.graph.output:
             vi.type.tensor_type.ClearField("shape")
-        return Graph(model)
+        return Graph(model, initializers=self.initializers)
 
 
 def _constant_value(node) -> np.ndarray | None:

@@ -15,9 +15,10 @@ from functools import lru_cache
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper
 
 from .errors import InputError, ModelError
+from .graph import infer_types
 
 DEFAULT_MEMORY_BUDGET = int(os.environ.get("ONNXPLAIN_MEMORY_BUDGET", 1 << 30))  # bytes
 QUIET = False  # set by the CLI's --quiet and by library users who want no progress bars
@@ -141,7 +142,7 @@ class Session:
 
 def estimate_row_bytes(model: onnx.ModelProto) -> int:
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = infer_types(model, strict_mode=False)
     except Exception:
         inferred = model
     g = inferred.graph

@@ -248,6 +248,25 @@ def test_export_writes_an_explainer_plain_onnxruntime_runs_with_the_api_gradient
     np.testing.assert_allclose(attribution, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_export_takes_method_options_and_rejects_bad_ones_with_exit_2(mlp, tmp_path):
+    out = tmp_path / "lrp.onnx"
+    result = run("export", mlp, "-m", "lrp", "-O", "rules=Gemm:alpha_beta", "-O", "alpha=3", "-O", "beta=2",
+                 "-o", out)
+    assert result.exit_code == 0, result.stderr
+    _, x = sample(tmp_path, mlp, batch=2)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    n_classes = sess.get_outputs()[0].shape[1] if isinstance(sess.get_outputs()[0].shape[1], int) else 5
+    seed = np.eye(n_classes, dtype=np.float32)[[1, 2]]
+    outputs = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {sess.get_inputs()[0].name: x, "onnxplain.seed": seed})))
+    expected = Explainer(mlp).attribute(x, method="lrp", target=[1, 2], rules="Gemm:alpha_beta", alpha=3.0, beta=2.0)
+    np.testing.assert_allclose(outputs["onnxplain.attribution.0"], expected, rtol=1e-5, atol=1e-6)
+    bad = run("export", mlp, "-m", "lrp", "-o", tmp_path / "x.onnx")
+    assert bad.exit_code == 2 and "rules" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("export", mlp, "-m", "lrp.epsilon", "-O", "alpha=2", "-o", tmp_path / "x.onnx")
+    assert bad.exit_code == 2 and "no option" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- help
 
 

@@ -189,3 +189,44 @@ def test_every_exportable_method_exports_what_attribute_returns(tmp_path, method
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     attr = sess.run([meta["attributions"]["x"]], {"x": x, SEED: seed})[0]
     np.testing.assert_allclose(attr, e.attribute(x, method=method, target=1), rtol=1e-5, atol=1e-7)
+
+
+EXPORT_OPTIONS = [
+    ("lrp.epsilon", {"epsilon": 0.25}),
+    ("lrp.epsilon_gamma_box", {"epsilon": 0.5, "gamma": 0.5, "low": -3.0, "high": 3.0}),  # an MLP: epsilon acts
+    ("lrp", {"rules": "Gemm:alpha_beta,first:flat", "alpha": 3.0, "beta": 2.0}),
+    ("deep_taylor", {"low": -4.0, "high": 4.0}),
+    ("excitation_backprop", {"stabilizer": 1e-3}),
+    ("guided_backprop", {"clip_as_relu": True}),
+]
+
+
+@pytest.mark.parametrize("method, options", EXPORT_OPTIONS, ids=[m for m, _ in EXPORT_OPTIONS])
+def test_export_with_options_exports_what_attribute_returns_with_them(tmp_path, method, options):
+    _, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    out = tmp_path / "explainer.onnx"
+    e.export(out, method=method, **options)
+    meta = explainer_metadata(onnx.load(str(out)))
+    x = np.random.default_rng(7).normal(size=(3, 6)).astype(np.float32)
+    seed = np.eye(4, dtype=np.float32)[[1, 2, 3]]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    attr = sess.run([meta["attributions"]["x"]], {"x": x, SEED: seed})[0]
+    with_options = e.attribute(x, method=method, target=[1, 2, 3], **options)
+    np.testing.assert_allclose(attr, with_options, rtol=1e-5, atol=1e-7)
+    if method.startswith("lrp"):  # the options took effect: defaults give other numbers
+        defaults = e.attribute(x, method=method, target=[1, 2, 3],
+                               **({"rules": options["rules"]} if method == "lrp" else {}))
+        assert np.abs(defaults - attr).max() > 1e-3 * np.abs(attr).max()
+
+
+def test_export_rejects_bad_options_and_a_user_composite_without_rules(tmp_path):
+    _, path = _mlp_with_softmax(tmp_path)
+    e = Explainer(path)
+    with pytest.raises(OptionError, match="no option"):
+        e.export(tmp_path / "x.onnx", method="lrp.epsilon", alpha=2.0)
+    with pytest.raises(OptionError, match="rules"):
+        e.export(tmp_path / "x.onnx", method="lrp")
+    with pytest.raises(OptionError, match="alpha - beta"):
+        e.export(tmp_path / "x.onnx", method="lrp", rules="Gemm:alpha_beta", alpha=2.0, beta=2.0)
+    assert not (tmp_path / "x.onnx").exists()

@@ -383,3 +383,40 @@ def test_relevance_at_a_layer_agrees_with_zennit(models, exporter, method, where
     assert ours.shape == ref.shape
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     assert err < TOLERANCE.get(method, 2e-4), f"{method} at {where}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("method, copies", [("gradient", 0), ("lrp.epsilon", 0), ("lrp", 2)])
+def test_explainers_hold_each_modified_weight_once(tmp_path, method, copies):
+    """A rule that uses W+ in a forward and in an adjoint, or the model's own weight, must not
+    emit copies of it: on VGG-16 each copy of the first dense layer is 411 MB."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(64, 100)).astype(np.float32)
+    model = single_node_model("Gemm", (64,), (100,), {"w": w, "b": rng.normal(size=100)})
+    options = {"rules": "Gemm:alpha_beta"} if method == "lrp" else {}
+    spec = Explainer(model).export(tmp_path / "e.onnx", method=method, **options)
+    saved = onnx.load(str(tmp_path / "e.onnx"))
+    weight_sized = [t.name for t in saved.graph.initializer if tuple(t.dims) == w.shape]
+    assert len(weight_sized) == 1 + copies, weight_sized  # the model's own W, then W+ and W-
+    if method == "lrp":  # the deduplicated constants still give the rule's numbers
+        x = rng.normal(size=(2, 64)).astype(np.float32)
+        r = rng.normal(size=(2, 100)).astype(np.float32)
+        bias = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+        got = Explainer(model).attribute(x, method="lrp", rules="Gemm:alpha_beta", target=r)
+        for n in range(2):
+            ref = reference("alpha_beta", w.T.astype(np.float64), bias, x[n].astype(np.float64), r[n].astype(np.float64))
+            np.testing.assert_allclose(got[n], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_shape_inference_keeps_the_weights_and_infers_every_shape():
+    from onnxplain.graph import Graph, infer_types
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(300, 200)).astype(np.float32)  # 240 kB: stripped while inferring
+    model = single_node_model("Gemm", (300,), (200,), {"w": w, "b": np.zeros(200)})
+    before = model.SerializeToString()
+    inferred = infer_types(model, strict_mode=False, data_prop=True)
+    assert model.SerializeToString() == before
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim][1:] == [200]
+    g = Graph(model)
+    np.testing.assert_array_equal(g.constant("w"), w)
+    assert g.shape("logits")[1:] == (200,)

@@ -17,12 +17,33 @@ EXPORTABLE = {
 TIMES_INPUT = {"input_x_gradient"}
 
 
-def exportable(method: str):
-    """The composite of a single-pass method, and whether its result is multiplied by the input."""
-    get_method(method)
-    if method not in EXPORTABLE:
+def exportable(method: str, options: dict | None = None):
+    """The composite of a single-pass method with its options, and whether its result is
+    multiplied by the input. `lrp` (a user composite) is exportable given its rules."""
+    m = get_method(method)
+    if method not in EXPORTABLE and method != "lrp":
         raise OptionError(
             f"method '{method}' runs several passes and cannot be exported as one graph; "
-            f"exportable: {', '.join(sorted(EXPORTABLE))}"
+            f"exportable: {', '.join(sorted(EXPORTABLE))}, lrp (with rules=...)"
         )
-    return EXPORTABLE[method], method in TIMES_INPUT
+    opts = m.resolve(dict(options or {}))
+    if method == "lrp" and not opts["rules"]:
+        raise OptionError("method 'lrp' exports a user composite: give its rules (e.g. rules=Conv:gamma,first:zbox)")
+    return _composite(method, opts) if options else EXPORTABLE[method], method in TIMES_INPUT
+
+
+def _composite(method: str, o: dict):
+    if method in relevance.ZENNIT:
+        return relevance.zennit_composite(method, **{k: relevance._array_key(v) if k in ("low", "high") else v
+                                                     for k, v in o.items()})
+    if method == "lrp":
+        return relevance.user_composite(**o)
+    if method == "deep_taylor":
+        return relevance.deep_taylor_composite(**o)
+    if method in ("excitation_backprop", "contrastive_excitation_backprop"):
+        return relevance.excitation_composite(method.startswith("contrastive"), o["stabilizer"])
+    if method == "guided_backprop":
+        return gradients.GUIDED_CLIP if o["clip_as_relu"] else gradients.GUIDED
+    if method == "deconvnet":
+        return gradients.DECONVNET_CLIP if o["clip_as_relu"] else gradients.DECONVNET
+    return EXPORTABLE[method]

@@ -68,6 +68,10 @@ class Builder:
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
         self._consts: dict = {}
+        # Large constants are shared by identity: a rule that uses the same array twice
+        # (W+ in a forward and in an adjoint) or a weight of the model itself emits no copy.
+        self._by_id: dict = {}
+        self._model_ids: dict | None = None
         self.current = "bw"  # name of the forward node being processed, for readable names
 
     # --- naming and emission ---------------------------------------------------------------
@@ -84,8 +88,27 @@ class Builder:
         )
         return names[0] if outputs == 1 else names
 
+    def _shared(self, value, dtype) -> str | None:
+        """The name of a tensor already holding array `value` (this very object), if any."""
+        if not isinstance(value, np.ndarray) or value.dtype != np.dtype(dtype):
+            return None
+        hit = self._by_id.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if self._model_ids is None:
+            consts = getattr(self.graph, "_constants", {})
+            self._model_ids = {id(a): (a, n) for n, a in consts.items() if isinstance(a, np.ndarray) and a.size > 16}
+        hit = self._model_ids.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        return None
+
     def const(self, value, dtype=np.float32) -> str:
-        """A constant tensor; scalars and small vectors are shared."""
+        """A constant tensor; scalars and small vectors are shared by value, larger arrays
+        by identity (the same array object gives the same tensor, a model weight its own)."""
+        shared = self._shared(value, dtype)
+        if shared is not None:
+            return shared
         arr = np.asarray(value, dtype=dtype)
         key = None
         if arr.size <= 16:
@@ -96,6 +119,8 @@ class Builder:
         self.initializers.append(numpy_helper.from_array(arr, name))
         if key is not None:
             self._consts[key] = name
+        elif isinstance(value, np.ndarray) and arr is value:
+            self._by_id[id(value)] = (value, name)
         return name
 
     def ints(self, values) -> str:
