@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +35,12 @@ class Explainer:
         self.graph = Graph(_canonize.canonize(proto) if canonize else proto)
         self.providers = providers
         self.memory_budget = memory_budget
-        self._sessions: dict = {}
+        # Sessions and compiled explainers are cached per method and input shape, least
+        # recently used first out once they hold more model bytes than the cache allows:
+        # each holds a copy of the weights (half a GB for a VGG-16).
+        self._sessions = _Cache()
         self._specialized: dict = {}
-        self._compiled_cache: dict = {}
+        self._compiled_cache = self._sessions
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     # ------------------------------------------------------------------ model facts
@@ -114,9 +119,11 @@ class Explainer:
 
     # ------------------------------------------------------------------ forward
     def _session(self, key, build) -> Session:
-        if key not in self._sessions:
-            self._sessions[key] = Session(build(), self.providers, self.memory_budget)
-        return self._sessions[key]
+        def make():
+            model = build()
+            return Session(model, self.providers, self.memory_budget), model.ByteSize()
+
+        return self._sessions.get(("session",) + key, make)
 
     def forward_session(self, feeds: dict, tensors) -> Session:
         """The (cached) forward session that returns `tensors` for inputs shaped like `feeds`;
@@ -254,11 +261,13 @@ class Explainer:
     def _compiled(self, composite, wrt: tuple, explained: str, feeds: dict, method: str):
         graph = self._graph_for(feeds)
         key = (composite.key(), wrt, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())))
-        if key not in self._compiled_cache:
+
+        def make():
             acts = [t for t in wrt if t not in graph.inputs]
             spec = compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method)
-            self._compiled_cache[key] = (spec, Session(spec.model, self.providers, self.memory_budget))
-        return self._compiled_cache[key]
+            return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
+
+        return self._compiled_cache.get(key, make)
 
     def _compiled_cut(self, composite, layer: str, explained: str, feeds: dict, method: str):
         """An explainer of the model with `layer` cut out as an extra input: the layer's
@@ -267,11 +276,13 @@ class Explainer:
         graph = self._graph_for(feeds)
         cut = f"{layer}/onnxplain.cut"
         key = ("cut", composite.key(), layer, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())))
-        if key not in self._compiled_cache:
+
+        def make():
             cut_graph = Graph(_cut_model(graph, layer, cut))
             spec = compile_explainer(cut_graph, composite, [cut], explained, method=method)
-            self._compiled_cache[key] = (spec, Session(spec.model, self.providers, self.memory_budget))
-        spec, session = self._compiled_cache[key]
+            return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
+
+        spec, session = self._compiled_cache.get(key, make)
         return spec, session, cut
 
     # ------------------------------------------------------------------ export
@@ -296,6 +307,52 @@ class Explainer:
         except OSError as exc:
             raise InputError(f"cannot write {path}: {exc.strerror}") from None
         return spec
+
+
+CACHE_BYTES = 2 * 1024**3  # model bytes of cached sessions; ONNXPLAIN_CACHE_BYTES overrides
+
+
+class _Cache:
+    """Least-recently-used cache of sessions bounded by the model bytes they hold. The
+    newest entry always stays, so one method on a model larger than the bound still works."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit if limit is not None else int(os.environ.get("ONNXPLAIN_CACHE_BYTES", CACHE_BYTES))
+        self._items: OrderedDict = OrderedDict()
+
+    def __len__(self):
+        return len(self._items)
+
+    def __contains__(self, key):
+        return key in self._items
+
+    def values(self):
+        return [v for v, _ in self._items.values()]
+
+    def get(self, key, make):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value, nbytes = make()
+        self._items[key] = (value, nbytes)
+        dropped = False
+        while len(self._items) > 1 and sum(n for _, n in self._items.values()) > self.limit:
+            self._items.popitem(last=False)
+            dropped = True
+        if dropped:
+            _return_freed_memory()
+        return value
+
+
+def _return_freed_memory():
+    """Hand the heap freed by a dropped session back to the system (glibc keeps it
+    otherwise: several GB after a few methods on a VGG-16)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _with_outputs(graph: Graph, tensors) -> onnx.ModelProto:
