@@ -74,8 +74,13 @@ LOW, HIGH = -127.0 / 128.0, 1.0
 #   unit cancels that much and the z-plus composites agree to 1e-6.)
 # * lrp.epsilon also divides every convolution's signed output z by z + 1e-6 sign(z): Zennit
 #   in float32 is itself 4e-4 to 8e-4 away from Zennit in float64 here.
+# * The rounding depends on the CPU's convolution kernels: the numbers above are from an AMD
+#   EPYC; on an Intel Xeon (other onnxruntime MLAS kernels) the torchscript export gives
+#   4.1e-4 (epsilon_plus) to 6.3e-4 (epsilon_plus_flat) for the same composites. The bound
+#   still catches rule errors: epsilon_plus with the biases dropped is 1.2e2 away, with a
+#   stabiliser of 1e-3 instead of 1e-6 6.1e-3 away (measured on the Xeon).
 TOLERANCE = {"lrp.epsilon": 1e-2}
-DEFAULT_TOLERANCE = 3e-4
+DEFAULT_TOLERANCE = 2e-3
 
 
 @contextlib.contextmanager
