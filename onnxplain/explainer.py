@@ -38,9 +38,8 @@ class Explainer:
         # Sessions and compiled explainers are cached per method and input shape, least
         # recently used first out once they hold more model bytes than the cache allows:
         # each holds a copy of the weights (half a GB for a VGG-16).
-        self._sessions = _Cache()
+        self._cache = _Cache()
         self._specialized: dict = {}
-        self._compiled_cache = self._sessions
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     # ------------------------------------------------------------------ model facts
@@ -123,7 +122,7 @@ class Explainer:
             model = build()
             return Session(model, self.providers, self.memory_budget), model.ByteSize()
 
-        return self._sessions.get(("session",) + key, make)
+        return self._cache.get(("session",) + key, make)
 
     def forward_session(self, feeds: dict, tensors) -> Session:
         """The (cached) forward session that returns `tensors` for inputs shaped like `feeds`;
@@ -267,7 +266,7 @@ class Explainer:
             spec = compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method)
             return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
 
-        return self._compiled_cache.get(key, make)
+        return self._cache.get(key, make)
 
     def _compiled_cut(self, composite, layer: str, explained: str, feeds: dict, method: str):
         """An explainer of the model with `layer` cut out as an extra input: the layer's
@@ -282,7 +281,7 @@ class Explainer:
             spec = compile_explainer(cut_graph, composite, [cut], explained, method=method)
             return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
 
-        spec, session = self._compiled_cache.get(key, make)
+        spec, session = self._cache.get(key, make)
         return spec, session, cut
 
     # ------------------------------------------------------------------ export
@@ -322,9 +321,6 @@ class _Cache:
 
     def __len__(self):
         return len(self._items)
-
-    def __contains__(self, key):
-        return key in self._items
 
     def values(self):
         return [v for v, _ in self._items.values()]

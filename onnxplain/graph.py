@@ -169,7 +169,7 @@ def infer_types(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
     """
     saved = {}
     for i, t in enumerate(model.graph.initializer):
-        if len(t.raw_data) > _LIGHT_BYTES:
+        if t.ByteSize() > _LIGHT_BYTES and t.HasField("raw_data"):  # ByteSize reads no data
             saved[i] = t.raw_data
             t.ClearField("raw_data")
     try:
@@ -259,6 +259,10 @@ class Graph:
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a tensor fixed at load time (an initializer or a Constant node)."""
         return self._constants.get(name)
+
+    def constants(self) -> dict[str, np.ndarray]:
+        """Every tensor fixed at load time, by name."""
+        return dict(self._constants)
 
     def input_shapes(self) -> dict[str, tuple | None]:
         return {n: self.shape(n) for n in self.inputs}

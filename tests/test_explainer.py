@@ -76,7 +76,7 @@ def test_memory_budget_chunks_passes_without_changing_results(tmp_path):
     small_e = Explainer(path, memory_budget=1)  # one row per run
     small = small_e.attribute(x, method="integrated_gradients", target=1, n_steps=300)
     np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-7)
-    session = next(v[1] for v in small_e._compiled_cache.values() if isinstance(v, tuple))
+    session = next(v[1] for v in small_e._cache.values() if isinstance(v, tuple))
     assert session.rows_per_run() == 1
 
 
@@ -86,7 +86,7 @@ def test_thousand_step_ig_runs_in_bounded_chunks(tmp_path):
     e = Explainer(path, memory_budget=budget)
     x = np.random.default_rng(4).normal(size=(2, 6)).astype(np.float32)
     e.attribute(x, method="integrated_gradients", target=0, n_steps=1000)
-    session = next(v[1] for v in e._compiled_cache.values() if isinstance(v, tuple))
+    session = next(v[1] for v in e._cache.values() if isinstance(v, tuple))
     assert session.rows_per_run() * session.row_bytes() <= budget
 
 
@@ -240,9 +240,9 @@ def test_session_cache_is_bounded_by_model_bytes_and_rebuilds_what_it_dropped(tm
     methods = ["gradient", "lrp.epsilon", "lrp.epsilon_plus", "excitation_backprop", "guided_backprop"]
     unbounded = Explainer(path)
     expected = {m: unbounded.attribute(x, method=m, target=1) for m in methods}
-    assert len(unbounded._sessions) >= len(methods)
+    assert len(unbounded._cache) >= len(methods)
     monkeypatch.setenv("ONNXPLAIN_CACHE_BYTES", "1")  # room for the newest entry only
     e = Explainer(path)
     for m in methods + methods[::-1]:
         np.testing.assert_allclose(e.attribute(x, method=m, target=1), expected[m], rtol=1e-6, atol=1e-8)
-        assert len(e._sessions) == 1
+        assert len(e._cache) == 1

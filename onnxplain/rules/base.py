@@ -96,8 +96,8 @@ class Builder:
         if hit is not None and hit[0] is value:
             return hit[1]
         if self._model_ids is None:
-            consts = getattr(self.graph, "_constants", {})
-            self._model_ids = {id(a): (a, n) for n, a in consts.items() if isinstance(a, np.ndarray) and a.size > 16}
+            self._model_ids = {id(a): (a, n) for n, a in self.graph.constants().items()
+                               if isinstance(a, np.ndarray) and a.size > 16}
         hit = self._model_ids.get(id(value))
         if hit is not None and hit[0] is value:
             return hit[1]
