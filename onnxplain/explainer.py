@@ -39,7 +39,9 @@ class Explainer:
         # recently used first out once they hold more model bytes than the cache allows:
         # each holds a copy of the weights (half a GB for a VGG-16).
         self._cache = _Cache()
-        self._specialized: dict = {}
+        # The model specialised to each input shape (a proto with its own copy of the
+        # weights): the few most recent shapes, for inputs whose length varies (text).
+        self._specialized = _Cache(limit=SPECIALIZED_SHAPES)
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     # ------------------------------------------------------------------ model facts
@@ -112,9 +114,7 @@ class Explainer:
 
     def _graph_for(self, feeds) -> Graph:
         key = tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
-        if key not in self._specialized:
-            self._specialized[key] = self.graph.specialize({k: v.shape for k, v in feeds.items()})
-        return self._specialized[key]
+        return self._specialized.get(key, lambda: (self.graph.specialize({k: v.shape for k, v in feeds.items()}), 1))
 
     # ------------------------------------------------------------------ forward
     def _session(self, key, build) -> Session:
@@ -309,11 +309,13 @@ class Explainer:
 
 
 CACHE_BYTES = 2 * 1024**3  # model bytes of cached sessions; ONNXPLAIN_CACHE_BYTES overrides
+SPECIALIZED_SHAPES = 4  # input shapes whose specialised model graph is kept
 
 
 class _Cache:
-    """Least-recently-used cache of sessions bounded by the model bytes they hold. The
-    newest entry always stays, so one method on a model larger than the bound still works."""
+    """Least-recently-used cache bounded by the sum of its entries' sizes (model bytes for
+    sessions; 1 each to bound a count). The newest entry always stays, so one method on a
+    model larger than the bound still works."""
 
     def __init__(self, limit: int | None = None):
         self.limit = limit if limit is not None else int(os.environ.get("ONNXPLAIN_CACHE_BYTES", CACHE_BYTES))

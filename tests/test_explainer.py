@@ -246,3 +246,23 @@ def test_session_cache_is_bounded_by_model_bytes_and_rebuilds_what_it_dropped(tm
     for m in methods + methods[::-1]:
         np.testing.assert_allclose(e.attribute(x, method=m, target=1), expected[m], rtol=1e-6, atol=1e-8)
         assert len(e._cache) == 1
+
+
+def test_inputs_of_many_shapes_keep_a_bounded_number_of_specialised_graphs():
+    """A text model fed sequences of every length must not keep one weight copy per length."""
+    from onnxplain.explainer import SPECIALIZED_SHAPES
+
+    w = np.random.default_rng(9).normal(size=(4, 3)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L", 3])
+    m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                                            [numpy_helper.from_array(w, "w")]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    e = Explainer(m)
+    for length in range(1, 3 * SPECIALIZED_SHAPES):
+        xs = np.ones((2, length, 4), np.float32)
+        seed = np.zeros((2, length, 3), np.float32)
+        seed[..., 1] = 1
+        np.testing.assert_allclose(e.attribute(xs, target=seed), np.broadcast_to(w[:, 1], (2, length, 4)))
+        assert len(e._specialized) <= SPECIALIZED_SHAPES
