@@ -242,11 +242,16 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     batch = load_inputs(inputs, pre, shapes[0] if len(shapes) == 1 else None)
     out = Path(out or ("explanation.png" if batch.images else "attribution.npy"))
 
-    attr = explainer.attribute(batch.batch, method=method, target=target, layer=layer, output=output,
+    scores = explainer.predict(batch.batch, output)
+    explained_target = target
+    if target is None and np.ndim(scores) == 2:
+        # The predicted class from the scores just computed: attribute() need not run the
+        # model once more to find it (a terminal softmax keeps the logits' argmax).
+        explained_target = [int(c) for c in np.asarray(scores).argmax(axis=1)]
+    attr = explainer.attribute(batch.batch, method=method, target=explained_target, layer=layer, output=output,
                                probability=probability, **options)
     written = _write(out, attr, batch, layer or next(iter(explainer.inputs)), cmap,
                      pre.layout if pre is not None and layer is None else None)
-    scores = explainer.predict(batch.batch, output)
     records = _records(batch.names, scores, target, attr, written, _labels(model, explainer))
     if as_json:
         click.echo(json.dumps(records, indent=2))

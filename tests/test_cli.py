@@ -228,6 +228,28 @@ def test_an_internal_error_is_one_line_unless_debug_asks_for_the_traceback(monke
     assert "Traceback" in run("inspect", TINY, env={"ONNXPLAIN_DEBUG": "1"}).stderr
 
 
+def test_explain_runs_the_model_once_for_the_predicted_class(tmp_path, monkeypatch):
+    """The scores the CLI prints give the predicted class; the attribution must not run the
+    model again to find it (a full forward pass on a VGG-16)."""
+    calls = []
+    original = Explainer._forward
+
+    def counting(self, feeds, tensors):
+        calls.append(list(tensors))
+        return original(self, feeds, tensors)
+
+    monkeypatch.setattr(Explainer, "_forward", counting)
+    path, x = sample(tmp_path, TINY, batch=3)
+    out = tmp_path / "a.npy"
+    result = run("explain", TINY, path, "-m", "gradient", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert len(calls) == 1
+    records = json.loads(result.stdout)
+    expected = Explainer(TINY).attribute(x, method="gradient")  # target None: its own forward
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-6, atol=1e-8)
+    assert [r["target"] for r in records] == [r["predicted"] for r in records]
+
+
 # ----------------------------------------------------------------------------- export
 
 
