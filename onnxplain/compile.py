@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -60,6 +61,9 @@ class Explainer:
     attributions: dict  # forward tensor -> output name
     activations: dict = field(default_factory=dict)  # forward tensor -> output name
     forward_outputs: list = field(default_factory=list)
+    # With the seed formed in the graph (the predicted class), `seed` is not fed and this
+    # output gives the class each row explained.
+    predicted: str | None = None
 
 
 def _depends_on(graph: Graph, sources) -> set:
@@ -97,10 +101,13 @@ def unsupported(graph: Graph, composite: Composite, wrt, explained: str) -> list
 
 
 def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, activations=(),
-                      method: str | None = None, times_input: bool = False) -> Explainer:
+                      method: str | None = None, times_input: bool = False,
+                      predicted_seed: bool = False) -> Explainer:
     """Compile `graph` plus the backward pass of `composite` into one model. With
     `times_input`, each attribution output is multiplied by its tensor's value (input x
-    gradient as one graph)."""
+    gradient as one graph). With `predicted_seed`, the seed is not an input but the one-hot
+    of each row's largest explained value (the predicted class, for an explained tensor
+    shaped (batch, classes)), so explaining the prediction takes one run, not two."""
     wrt = list(dict.fromkeys(wrt))
     known = set(graph.tensor_names())
     for t in list(wrt) + [explained] + list(activations):
@@ -153,11 +160,28 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
 
     fwd = graph.model.graph
     seed_vi = _value_info(graph, explained, SEED)
+    seed_inputs, predicted = [seed_vi], None
+    if predicted_seed:
+        shape = graph.shape(explained)
+        if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+            raise ModelError(f"a seed formed in the graph needs an explained tensor shaped (batch, classes); "
+                             f"'{explained}' has shape {shape}")
+        b.current = "seed"
+        predicted = "onnxplain.predicted"
+        values = b.const(np.array([0, 1]), b.np_dtype(explained))
+        # First in the backward graph: every rule that reads the seed comes after.
+        b.nodes[0:0] = [
+            helper.make_node("ArgMax", [explained], [predicted], name="onnxplain/seed/argmax", axis=1, keepdims=0),
+            helper.make_node("OneHot", [predicted, b.ints([shape[1]]), values], [SEED], name="onnxplain/seed/onehot",
+                             axis=-1),
+        ]
+        seed_inputs = []
+        out_vis.append(helper.make_tensor_value_info(predicted, onnx.TensorProto.INT64, [shape[0]]))
     bw_nodes, bw_inits = _prune(b, [vi.name for vi in out_vis])
     g = helper.make_graph(
         list(fwd.node) + bw_nodes,
         f"{fwd.name or 'model'}_explainer",
-        list(fwd.input) + [seed_vi],
+        list(fwd.input) + seed_inputs,
         list(fwd.output) + out_vis,
         initializer=list(fwd.initializer) + bw_inits,
         value_info=list(fwd.value_info),
@@ -165,7 +189,8 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     model = helper.make_model(g, opset_imports=list(graph.model.opset_import), producer_name="onnxplain")
     model.ir_version = graph.model.ir_version
     info = {
-        "composite": composite.key(), "method": method, "times_input": times_input, "seed": SEED, "explained": explained,
+        "composite": composite.key(), "method": method, "times_input": times_input,
+        "seed": None if predicted_seed else SEED, "predicted": predicted, "explained": explained,
         "attributions": attributions, "activations": activations_out,
     }
     helper.set_model_props(model, {META_KEY: json.dumps(info)})
@@ -173,7 +198,8 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelError(f"internal error: the compiled explainer is invalid ({str(exc).splitlines()[0]})") from None
-    return Explainer(model, SEED, explained, attributions, activations_out, list(graph.outputs))
+    return Explainer(model, None if predicted_seed else SEED, explained, attributions, activations_out,
+                     list(graph.outputs), predicted)
 
 
 def _prune(b: Builder, outputs) -> tuple[list, list]:

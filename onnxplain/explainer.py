@@ -250,20 +250,25 @@ class Explainer:
             wrt = self.float_inputs
             if not wrt:
                 raise OptionError("the model has no float inputs to attribute to; give a layer (e.g. the embedding output)")
-        seed = self.seed_for(feeds, explained, target)
+        # The predicted class (target None) is found lazily: a single-pass method forms it
+        # inside its explainer, so the model runs once, not twice.
+        seed = None if target is None else self.seed_for(feeds, explained, target)
         ctx = Context(self, feeds, seed, wrt, explained, method)
         result = m.run(ctx, **opts)
         if len(result) == 1:
             return next(iter(result.values()))
         return result
 
-    def _compiled(self, composite, wrt: tuple, explained: str, feeds: dict, method: str):
+    def _compiled(self, composite, wrt: tuple, explained: str, feeds: dict, method: str,
+                  predicted_seed: bool = False):
         graph = self._graph_for(feeds)
-        key = (composite.key(), wrt, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())))
+        key = (composite.key(), wrt, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())),
+               predicted_seed)
 
         def make():
             acts = [t for t in wrt if t not in graph.inputs]
-            spec = compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method)
+            spec = compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method,
+                                     predicted_seed=predicted_seed)
             return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
 
         return self._cache.get(key, make)

@@ -266,3 +266,51 @@ def test_inputs_of_many_shapes_keep_a_bounded_number_of_specialised_graphs():
         seed[..., 1] = 1
         np.testing.assert_allclose(e.attribute(xs, target=seed), np.broadcast_to(w[:, 1], (2, length, 4)))
         assert len(e._specialized) <= SPECIALIZED_SHAPES
+
+
+@pytest.mark.parametrize("method", ["gradient", "input_x_gradient", "guided_backprop", "lrp.epsilon_plus",
+                                    "excitation_backprop", "contrastive_excitation_backprop", "deeplift"])
+def test_the_predicted_class_is_formed_in_the_explainer_without_a_second_forward_pass(tmp_path, monkeypatch,
+                                                                                        method):
+    net, path = _mlp_with_softmax(tmp_path)
+    x = np.random.default_rng(10).normal(size=(5, 6)).astype(np.float32)
+    predicted = list(net[:3](torch.tensor(x)).argmax(1).numpy())
+    assert len(set(predicted)) > 1  # the rows explain different classes
+    expected = Explainer(path).attribute(x, method=method, target=predicted)
+    forwards = []
+    original = Explainer._forward
+    monkeypatch.setattr(Explainer, "_forward", lambda self, f, t: forwards.append(t) or original(self, f, t))
+    for budget in (None, 1):  # all rows in one run, and one row per run
+        e = Explainer(path, memory_budget=budget)
+        got = e.attribute(x, method=method)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    if method != "deeplift":  # DeepLIFT runs the model on its baseline as well
+        assert forwards == []
+
+
+def test_the_predicted_class_in_the_graph_breaks_ties_as_numpy_does():
+    """All-equal scores: the first class, as argmax over the scores gives."""
+    w = np.zeros((3, 4), np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                                            [numpy_helper.from_array(w, "w")]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    e = Explainer(m)
+    xs = np.ones((2, 3), np.float32)
+    ctx_seed = []
+    from onnxplain.methods.base import Context
+
+    original = Context.backward
+
+    def keep(self, *a, **k):
+        out = original(self, *a, **k)
+        ctx_seed.append(self.seed)
+        return out
+
+    import unittest.mock as mock
+
+    with mock.patch.object(Context, "backward", keep):
+        e.attribute(xs, method="gradient")
+    np.testing.assert_array_equal(ctx_seed[0], np.eye(4, dtype=np.float32)[[0, 0]])

@@ -155,11 +155,27 @@ class Context:
     def __init__(self, explainer, feeds: dict, seed: np.ndarray, wrt: list, explained: str, method: str):
         self.explainer = explainer
         self.feeds = feeds
-        self.seed = seed
+        self._seed = seed  # None: the predicted class, found when first needed
         self.wrt = wrt
         self.explained = explained
         self.method = method
         self.n = next(iter(feeds.values())).shape[0]
+
+    @property
+    def seed(self) -> np.ndarray:
+        """The seed of the explained tensor. Explaining the predicted class, it comes from
+        the first backward pass (which forms it in the graph) or else from a forward pass."""
+        if self._seed is None:
+            self._seed = self.explainer.seed_for(self.feeds, self.explained, None)
+        return self._seed
+
+    def _seed_in_graph(self) -> bool:
+        """Whether the predicted class can be formed inside the explainer: the seed is not
+        known yet and the explained tensor is (batch, classes) with the classes known."""
+        if self._seed is not None:
+            return False
+        shape = self.explainer._graph_for(self.feeds).shape(self.explained)
+        return shape is not None and len(shape) == 2 and isinstance(shape[1], int)
 
     @property
     def inputs(self) -> list[str]:
@@ -175,6 +191,16 @@ class Context:
 
     def backward(self, composite, feeds=None, seed=None):
         """Attributions (dict wrt -> array) and activations at wrt, for one set of rows."""
+        if feeds is None and seed is None and self._seed_in_graph():
+            # The predicted class of these very inputs: one run forms the seed and explains it.
+            spec, session = self.explainer._compiled(composite, tuple(self.wrt), self.explained, self.feeds,
+                                                     self.method, predicted_seed=True)
+            predicted = []
+            result = self._run(spec, session, self.feeds, None, predicted)
+            classes = np.concatenate(predicted)
+            n_classes = self.explainer._graph_for(self.feeds).shape(self.explained)[1]
+            self._seed = np.eye(n_classes, dtype=np.float32)[classes]
+            return result
         spec, session = self.compiled(composite)
         feeds = self.feeds if feeds is None else feeds
         seed = self.seed if seed is None else seed
@@ -201,13 +227,13 @@ class Context:
         spec, session = self.compiled(composite)
         self.backward_rows_with(spec, session, total, make_rows, consume, label)
 
-    def _run(self, spec, session, feeds, seed):
+    def _run(self, spec, session, feeds, seed, predicted=None):
         total = next(iter(feeds.values())).shape[0]
         attrs = {t: [] for t in spec.attributions}
         acts = {}
 
         def rows(start, stop):
-            return {k: v[start:stop] for k, v in feeds.items()}, seed[start:stop]
+            return {k: v[start:stop] for k, v in feeds.items()}, None if seed is None else seed[start:stop]
 
         def consume(start, stop, a, c):
             for t in a:
@@ -215,21 +241,27 @@ class Context:
             for t in c:
                 acts.setdefault(t, []).append(c[t])
 
-        self.backward_rows_with(spec, session, total, rows, consume)
+        self.backward_rows_with(spec, session, total, rows, consume, predicted=predicted)
         return ({t: np.concatenate(v) for t, v in attrs.items()}, {t: np.concatenate(v) for t, v in acts.items()})
 
-    def backward_rows_with(self, spec, session, total, make_rows, consume, label=None):
+    def backward_rows_with(self, spec, session, total, make_rows, consume, label=None, predicted=None):
+        """`predicted` (a list), for an explainer that forms its seed: gets each chunk's classes."""
         outs = list(spec.attributions.values()) + list(spec.activations.values())
+        if spec.predicted:
+            outs.append(spec.predicted)
         chunk = {}
 
         def feeds_for(start, stop):
             f, s = make_rows(start, stop)
             chunk["feeds"] = f
             f = dict(f)
-            f[spec.seed] = s.astype(np.float32, copy=False)
+            if spec.seed is not None:
+                f[spec.seed] = s.astype(np.float32, copy=False)
             return f
 
         for start, stop, out in session.run_rows(total, feeds_for, outs, label=label):
+            if spec.predicted and predicted is not None:
+                predicted.append(out[spec.predicted])
             attrs = {t: _finite(out[o], self.method) for t, o in spec.attributions.items()}
             # Activations of the attributed tensors: layers come out of the explainer,
             # inputs are what was fed.
