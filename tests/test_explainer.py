@@ -314,3 +314,17 @@ def test_the_predicted_class_in_the_graph_breaks_ties_as_numpy_does():
     with mock.patch.object(Context, "backward", keep):
         e.attribute(xs, method="gradient")
     np.testing.assert_array_equal(ctx_seed[0], np.eye(4, dtype=np.float32)[[0, 0]])
+
+
+def test_an_explained_tensor_whose_first_axis_is_not_the_batch_is_a_clear_error():
+    """(4, 3) from a batch of 2 (a Transpose puts the features first): the predicted class
+    of each row cannot be read from it, with the seed formed in the graph or not."""
+    w = np.ones((3, 2), np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]), helper.make_node("MatMul", ["xt", "w"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w.T.copy(), "w")]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    with pytest.raises(OptionError, match="not the batch"):
+        Explainer(m).attribute(np.ones((2, 4), np.float32), method="gradient")

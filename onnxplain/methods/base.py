@@ -175,7 +175,10 @@ class Context:
         if self._seed is not None:
             return False
         shape = self.explainer._graph_for(self.feeds).shape(self.explained)
-        return shape is not None and len(shape) == 2 and isinstance(shape[1], int)
+        if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+            return False
+        # A fixed first axis other than the batch: the seed path says what is wrong.
+        return not isinstance(shape[0], int) or shape[0] == self.n
 
     @property
     def inputs(self) -> list[str]:
