@@ -200,9 +200,8 @@ class Context:
                                                      self.method, predicted_seed=True)
             predicted = []
             result = self._run(spec, session, self.feeds, None, predicted)
-            classes = np.concatenate(predicted)
-            n_classes = self.explainer._graph_for(self.feeds).shape(self.explained)[1]
-            self._seed = np.eye(n_classes, dtype=np.float32)[classes]
+            # The seed those classes give, for any later pass (static shape: no forward run).
+            self._seed = self.explainer.seed_for(self.feeds, self.explained, np.concatenate(predicted))
             return result
         spec, session = self.compiled(composite)
         feeds = self.feeds if feeds is None else feeds
