@@ -127,13 +127,27 @@ def _providers(ctx, param, value):
 
 
 def _target(ctx, param, value):
-    if value is None or value.lower() in ("pred", "predicted"):
+    """-t in the target grammar (onnxplain.target): None for the predicted class, an int or
+    a list of ints for classes (as the Python API takes them), else the parsed Target."""
+    from .target import PREDICTED, parse_target
+
+    if value is None:
         return None
     try:
-        classes = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a class index, a list of them (3,5) or 'pred'") from None
-    return classes[0] if len(classes) == 1 else classes
+        t = parse_target(value)
+    except OnnxplainError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if t is PREDICTED:
+        return None
+    values = getattr(t, "values", None)  # one class, or one per sample
+    if values is not None:
+        return values[0] if len(values) == 1 else list(values)
+    return t
+
+
+TARGET_HELP = ("What to explain: a class (3), one per sample (3,1,4), pred (default), FILE.npy (the seed), "
+               "pos:T:V, last:V, step:T[:C], steps:T0-T1[:C], region:x1,y1,x2,y2[:C], mask:FILE.png[:C] "
+               "(README: Targets).")
 
 
 def _key_values(ctx, param, values):
@@ -195,8 +209,7 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
 """)
 @click.argument("paths", nargs=-1, metavar="[MODEL] [INPUT]...")
 @model_options
-@click.option("-t", "--target", callback=_target, metavar="INT|pred",
-              help="Class to explain: an index, one per sample (3,5), or 'pred' (default: predicted).")
+@click.option("-t", "--target", callback=_target, metavar="TARGET", help=TARGET_HELP)
 @click.option("-O", "--option", "options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
               help="Method option, repeatable; tuples are written 3,32,32.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -408,9 +421,12 @@ def _labels(model: Path, explainer) -> list[str] | None:
 
 def _records(names, scores, target, attr, files, labels) -> list[dict]:
     scores = np.asarray(scores)
-    flat = scores.reshape(len(scores), scores.shape[1], -1).sum(axis=2) if scores.ndim > 2 else scores
-    predicted = [int(c) for c in flat.argmax(axis=1)] if scores.ndim >= 2 else [None] * len(scores)
+    # A predicted class only for a (batch, classes) output: on (batch, positions, vocab) an
+    # argmax would name a position.
+    classes = scores.ndim >= 2 and sum(d > 1 for d in scores.shape[1:]) <= 1
+    predicted = [int(c) for c in scores.reshape(len(scores), -1).argmax(axis=1)] if classes else [None] * len(scores)
     targets = target if isinstance(target, list) else [target] * len(scores)
+    targets = [getattr(t, "text", t) for t in targets]  # a Target by its spelling
     shapes = {k: v.shape[1:] for k, v in attr.items()} if isinstance(attr, dict) else {None: attr.shape[1:]}
     out = []
     for i, name in enumerate(names):
@@ -418,7 +434,7 @@ def _records(names, scores, target, attr, files, labels) -> list[dict]:
         r = {"sample": name, "predicted": predicted[i], "target": t,
              "shape": list(next(iter(shapes.values()))), "file": files[i]}
         for key, c in (("predicted_label", predicted[i]), ("target_label", t)):
-            if labels and c is not None and -len(labels) <= c < len(labels):
+            if labels and isinstance(c, int) and -len(labels) <= c < len(labels):
                 r[key] = labels[c]
         out.append(r)
     return out

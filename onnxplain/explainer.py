@@ -17,6 +17,7 @@ from .errors import InputError, ModelError, OptionError
 from .graph import Graph, read_model
 from .methods.base import Context, get_method
 from .runtime import Session
+from .target import as_target, batch_axis as target_batch_axis
 
 LOOK_THROUGH = ("Softmax", "LogSoftmax")
 
@@ -176,57 +177,40 @@ class Explainer:
 
     # ------------------------------------------------------------------ seeds
     def seed_for(self, feeds: dict, explained: str, target) -> np.ndarray:
-        n = next(iter(feeds.values())).shape[0]
-        out_shape = self._explained_shape(feeds, explained)
-        if isinstance(target, np.ndarray) and target.dtype.kind == "f":
-            seed = np.asarray(target, dtype=np.float32)
-            if seed.shape == out_shape[1:]:
-                seed = np.broadcast_to(seed, out_shape)
-            if seed.shape != out_shape:
-                raise InputError(f"a seed array must have the explained output's shape {out_shape}, got {seed.shape}")
-            return np.ascontiguousarray(seed)
-        seed = np.zeros(out_shape, dtype=np.float32)
-        if len(out_shape) < 2:
-            if target not in (None, 0):
-                raise InputError(f"the explained output has shape {out_shape}: there are no classes to choose from")
-            seed[...] = 1.0
-            return seed
-        if target is None:
-            # The predicted class needs the output itself: one forward pass.
-            out = self._forward(feeds, [explained])[explained]
-            classes = _targets(None, out, n)
-        else:
-            classes = _targets(target, seed, n)
-        for i, c in enumerate(classes):
-            if isinstance(c, tuple):
-                try:
-                    seed[(i,) + c] = 1.0
-                except IndexError:
-                    raise InputError(f"target {c} is out of range for the output shape {out_shape}") from None
-            else:
-                if not -out_shape[1] <= c < out_shape[1]:
-                    raise InputError(f"target {c} is out of range: the output has {out_shape[1]} classes")
-                seed[i, c] = 1.0
-        return seed
+        """The seed of `target` (any form of `onnxplain.target`) for the explained tensor,
+        batch first as methods hold their rows; a float array target is given in the
+        tensor's own layout. Only a predicted class runs the model (once)."""
+        t = as_target(target)
+        logical = self._explained_shape(feeds, explained)
+        b = min(target_batch_axis(self._graph_for(feeds), explained), len(logical) - 1)
+        physical = logical[1:b + 1] + logical[:1] + logical[b + 1:]
+        out = None
+        if t.needs_output(physical, b):
+            out = np.moveaxis(self._forward(feeds, [explained])[explained], 0, b)
+        return np.ascontiguousarray(np.moveaxis(t.seed(physical, b, out), b, 0))
 
     def _explained_shape(self, feeds, explained) -> tuple:
-        """The explained tensor's shape for this batch; static shapes spare a forward pass."""
-        n = next(iter(feeds.values())).shape[0]
-        shape = self._graph_for(feeds).shape(explained)
-        if shape is not None and len(shape) >= 1 and all(isinstance(d, int) for d in shape[1:]):
-            if isinstance(shape[0], int) and shape[0] != n:
+        """The explained tensor's shape for this batch, batch first (its batch axis is the
+        one shape inference carried the batch to); static shapes spare a forward pass."""
+        plan = getattr(self, "plan", None)
+        n = plan(feeds).n(feeds) if plan is not None else next(iter(feeds.values())).shape[0]
+        graph = self._graph_for(feeds)
+        shape = graph.shape(explained)
+        b = target_batch_axis(graph, explained)
+        if shape is not None and len(shape) > b and all(isinstance(d, int) for i, d in enumerate(shape) if i != b):
+            if isinstance(shape[b], int) and shape[b] != n:
                 raise OptionError(
-                    f"the explained tensor '{explained}' has shape {_fmt(shape)}: its first axis is not the batch; "
-                    "explain an output (or layer) that keeps the batch axis first"
+                    f"the explained tensor '{explained}' has shape {_fmt(shape)}: its axis {b} is not the batch of "
+                    f"{n} and no other axis provably is; explain an output (or layer) that keeps the batch axis"
                 )
-            return (n,) + tuple(shape[1:])
+            return (n,) + tuple(shape[:b]) + tuple(shape[b + 1:])
         out_shape = self._forward(feeds, [explained])[explained].shape
         if not out_shape or out_shape[0] != n:
             raise OptionError(
-                f"the explained tensor '{explained}' has shape {out_shape} for a batch of {n}: its first axis is "
-                "not the batch; explain an output (or layer) that keeps the batch axis first"
+                f"the explained tensor '{explained}' has shape {out_shape} for a batch of {n}: its axis is not "
+                "the batch and no other axis provably is; explain an output (or layer) that keeps the batch axis"
             )
-        return out_shape
+        return tuple(out_shape)
 
     # ------------------------------------------------------------------ attribution
     def attribute(self, x, method: str = "gradient", target=None, layer=None, output=None,
@@ -393,17 +377,13 @@ def _cut_model(graph: Graph, layer: str, cut: str) -> onnx.ModelProto:
 
 
 def _targets(target, out, n) -> list:
-    if target is None:
-        flat = out.reshape(n, out.shape[1], -1).sum(axis=2) if out.ndim > 2 else out
-        return [int(c) for c in flat.argmax(axis=1)]
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        return [int(target)] * n
-    if isinstance(target, tuple):
-        return [tuple(int(v) for v in target)] * n
-    t = list(np.asarray(target).reshape(-1)) if not isinstance(target, list) else target
-    if len(t) != n:
-        raise InputError(f"got {len(t)} targets for a batch of {n}; give one class per sample")
-    return [tuple(int(v) for v in c) if isinstance(c, tuple) else int(c) for c in t]
+    """The class explained per sample (batch-first output values `out`), for the forms
+    that are one class per sample; the other forms have no class to name."""
+    t = as_target(target)
+    classes = t.classes(out.shape, out)
+    if classes is None:
+        raise OptionError(f"target '{t.text}' is not one class per sample")
+    return [int(c) for c in np.broadcast_to(classes, (n,))]
 
 
 def _np_dtype(elem):
