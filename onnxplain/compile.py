@@ -42,7 +42,7 @@ class Composite:
 
     def rule(self, node: onnx.NodeProto, graph: Graph):
         for family in self.families:
-            r = lookup(node.op_type, family)
+            r = lookup(node, family)
             if r is not None:
                 return r
         return None

@@ -19,23 +19,33 @@ from ..errors import ModelError
 
 Rule = Callable[["Builder", onnx.NodeProto, list], list]
 
-# (family, op_type) -> rule. Families: "gradient" (exact vector-Jacobian products) and the
-# modified backward passes (guided_backprop, deconvnet, lrp rules, ...), which fall back to
-# "gradient" for the operators they leave alone.
+# (family, key) -> rule, where key is the op_type for the default ONNX domain and
+# "domain::op_type" for any other (com.microsoft::QGemm, ai.onnx.ml::Scaler): operators of
+# different domains may share a name and not a meaning. Families: "gradient" (exact
+# vector-Jacobian products) and the modified backward passes (guided_backprop, deconvnet,
+# lrp rules, ...), which fall back to "gradient" for the operators they leave alone.
 RULES: dict[tuple[str, str], Rule] = {}
 
 
-def register(*op_types: str, family: str = "gradient"):
+def rule_key(op_type: str, domain: str = "") -> str:
+    return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"
+
+
+def register(*op_types: str, family: str = "gradient", domain: str = ""):
     def deco(fn: Rule) -> Rule:
         for op in op_types:
-            RULES[(family, op)] = fn
+            RULES[(family, rule_key(op, domain))] = fn
         return fn
 
     return deco
 
 
-def lookup(op_type: str, family: str = "gradient") -> Rule | None:
-    return RULES.get((family, op_type))
+def lookup(op, family: str = "gradient", domain: str | None = None) -> Rule | None:
+    """The rule for `op`: a NodeProto (its own domain counts) or an op_type string (the
+    default domain unless `domain` is given)."""
+    if isinstance(op, onnx.NodeProto):
+        op, domain = op.op_type, op.domain if domain is None else domain
+    return RULES.get((family, rule_key(op, domain or "")))
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -172,7 +182,10 @@ class Builder:
         return self.op("Reshape", g, self.shape_of(like))
 
     def zeros_like(self, x: str) -> str:
-        zero = numpy_helper.from_array(np.zeros(1, dtype=self.np_dtype(x)))
+        """A zero gradient for forward tensor `x`: of x's float type, float32 where x is an
+        integer tensor (a quantized one: its gradient is a float tensor)."""
+        dtype = self.np_dtype(x)
+        zero = numpy_helper.from_array(np.zeros(1, dtype=dtype if dtype.kind == "f" else np.float32))
         return self.op("ConstantOfShape", self.shape_of(x), value=zero)
 
     def mul(self, a: str, b: str) -> str:
