@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import InputError, ModelError, OptionError
 from .methods.blackbox import layout
+from .target import TargetScorer, batch_axis
 
 # Which way is better, per metric: the direction methods are ranked in.
 HIGHER_IS_BETTER = {
@@ -57,12 +58,15 @@ class Score:
 
 
 class Scorer:
-    """The model's score for each sample's class on modified copies of the inputs.
+    """The model's explained score for each sample on modified copies of the inputs.
 
-    target: class per sample (int, list) or None for the predicted class. probability:
-    softmax over the classes of the explained logits (Petsiuk et al. score
-    probabilities); else the logit itself (what Captum's metrics see of a logit model).
-    A model with a single output per sample is scored by that output.
+    target: any form of `onnxplain.target` (a class per sample, None for the predicted
+    class, a position, a frame, a region, a seed): a row made from sample i scores
+    sum(seed_i * output), the quantity the attribution explains. A predicted class is that
+    of the original inputs, kept for every copy. probability: softmax first over the
+    axis the seed picks a class on (Petsiuk et al. score probabilities); else the logit
+    itself (what Captum's metrics see of a logit model). A target that picks no single
+    class (a seed, a whole-map region) is scored by its raw value.
     """
 
     def __init__(self, explainer, x, target=None, probability: bool = True, output=None):
@@ -76,33 +80,29 @@ class Scorer:
         self.explainer = explainer
         self.n = self.x.shape[0]
         self.tensor = explainer.explained_tensor(output)
-        self.probability = probability
         self.session = explainer.forward_session(feeds, [self.tensor])
-        logits = self._logits(self.x)
-        self.classes = self._classes(target, logits)
-        self.original = self._pick(logits, np.arange(self.n))
+        # Sessions give rows batch first; the target reads the tensor in its own layout.
+        self.axis = batch_axis(explainer._graph_for(feeds), self.tensor)
+        out = self._physical(self.session.run({self.input: self.x}, [self.tensor])[self.tensor])
+        self.target = TargetScorer(target, out, self.axis)
+        self.probability = probability and self.target.probability_scored
+        self.classes = self.target.classes
+        self.original = self.target.scores(out, np.arange(self.n), self.probability)
 
-    def _logits(self, x) -> np.ndarray:
-        out = self.session.run({self.input: x}, [self.tensor])[self.tensor]
-        return np.asarray(out, dtype=np.float64).reshape(len(x), -1)
+    def _physical(self, rows) -> np.ndarray:
+        return np.moveaxis(np.asarray(rows), 0, self.axis) if self.axis else np.asarray(rows)
 
-    def _classes(self, target, logits) -> np.ndarray:
-        k = logits.shape[1]
-        if target is None:
-            return logits.argmax(axis=1)
-        t = np.asarray(target, dtype=np.int64).reshape(-1)
-        if len(t) not in (1, self.n):
-            raise InputError(f"got {len(t)} targets for {self.n} samples; give one class per sample")
-        t = np.broadcast_to(t, (self.n,))
-        if np.any(t < -k) or np.any(t >= k):
-            raise InputError(f"target {t.tolist()} out of range: the model has {k} classes")
-        return t % k
+    @property
+    def ylabel(self) -> str:
+        return "probability" if self.probability else "score"
 
-    def _pick(self, logits, samples) -> np.ndarray:
-        if self.probability and logits.shape[1] > 1:
-            z = logits - logits.max(axis=1, keepdims=True)
-            logits = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        return logits[np.arange(len(samples)), self.classes[samples]]
+    def fixed_target(self, samples=None):
+        """The target to explain rows made from `samples` (default: each sample once) with:
+        the same classes or seeds whatever the rows' own predictions."""
+        return self.target.explain_target(np.arange(self.n) if samples is None else samples)
+
+    def describe(self, i: int) -> str:
+        return self.target.describe(i)
 
     def rows(self, total: int, make_rows, label: str | None = None) -> np.ndarray:
         """Scores of `total` rows; make_rows(start, stop) -> (inputs, sample index per row)."""
@@ -114,8 +114,8 @@ class Scorer:
             return {self.input: np.ascontiguousarray(rows, dtype=self.x.dtype)}
 
         for start, stop, out in self.session.run_rows(total, feeds, [self.tensor], label=label):
-            logits = np.asarray(out[self.tensor], dtype=np.float64).reshape(stop - start, -1)
-            scores[start:stop] = self._pick(logits, np.asarray(held["samples"]))
+            scores[start:stop] = self.target.scores(self._physical(out[self.tensor]), np.asarray(held["samples"]),
+                                                    self.probability)
         if not np.all(np.isfinite(scores)):
             raise InputError("the model gave non-finite outputs on perturbed inputs; check the input's scale "
                              "or the baseline")
@@ -136,14 +136,29 @@ class Positions:
 
     def relevance(self, attribution) -> np.ndarray:
         """(N, P): the attribution summed over channels, one value per position."""
-        a = np.asarray(attribution, dtype=np.float64)
-        if isinstance(attribution, dict) or a.shape != self.shape:
-            raise InputError(f"the attribution must have the input's shape {self.shape}, got {np.shape(a)}")
-        if not np.all(np.isfinite(a)):
-            raise InputError("the attribution contains NaN or Inf")
+        a = self.full(attribution)
         if self.channel is not None:
             a = a.sum(axis=self.channel)
         return a.reshape(self.shape[0], -1)
+
+    def full(self, attribution) -> np.ndarray:
+        """The attribution at the input's shape: a map with one channel, (N, 1, H, W), or
+        none, (N, H, W) (CAM maps), is the same relevance on every channel."""
+        if isinstance(attribution, dict):
+            raise InputError("metrics need one attribution array; the model has several inputs")
+        a = np.asarray(attribution, dtype=np.float64)
+        c = self.channel
+        if c is not None and a.ndim == len(self.shape) - 1 and a.shape == self.shape[:c] + self.shape[c + 1:]:
+            a = np.expand_dims(a, c)
+        if c is not None and a.ndim == len(self.shape) and a.shape[c] == 1 and \
+                a.shape[:c] + a.shape[c + 1:] == self.shape[:c] + self.shape[c + 1:]:
+            a = np.broadcast_to(a, self.shape)
+        if a.shape != self.shape:
+            one = "" if c is None else f", or one map for all channels {self.shape[:c] + (1,) + self.shape[c + 1:]}"
+            raise InputError(f"the attribution must have the input's shape {self.shape}{one}, got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise InputError("the attribution contains NaN or Inf")
+        return a
 
     def expand(self, mask) -> np.ndarray:
         """(R, P) per-position mask -> broadcastable to rows of the input (R, ...)."""
@@ -231,7 +246,7 @@ def _move_pixels(explainer, x, attribution, target, steps, baseline, probability
     curve = scorer.rows(scorer.n * s, rows, label).reshape(scorer.n, s)
     name = "insertion" if insert else "deletion"
     return Score(name, _auc(fractions, curve), fractions, curve, "fraction of pixels " +
-                 ("inserted" if insert else "deleted"), "probability" if probability else "score")
+                 ("inserted" if insert else "deleted"), scorer.ylabel)
 
 
 # ----------------------------------------------------------------------------- region perturbation
@@ -276,7 +291,7 @@ def selectivity(explainer, x, attribution, target=None, patch: int = 9, steps: i
     curve = scorer.rows(scorer.n * s, rows, label).reshape(scorer.n, s)
     aopc = (curve[:, :1] - curve).mean(axis=1)
     return Score("selectivity", aopc, np.arange(s, dtype=np.float64), curve, f"{patch}x{patch} patches removed",
-                 "probability" if probability else "score")
+                 scorer.ylabel)
 
 
 # ----------------------------------------------------------------------------- ROAD
@@ -367,7 +382,7 @@ def road(explainer, x, attribution, target=None, fractions=(0.1, 0.2, 0.3, 0.4, 
     curves = {o: scorer.rows(scorer.n * f, rows_for(o), label).reshape(scorer.n, f) for o in ranks}
     morf, lerf = curves["morf"].mean(axis=1), curves["lerf"].mean(axis=1)
     return Score("road", lerf - morf, fractions, curves["morf"], "fraction of pixels imputed",
-                 "probability" if probability else "score",
+                 scorer.ylabel,
                  extra={"morf": morf, "lerf": lerf, "lerf_curve": curves["lerf"]})
 
 
@@ -396,9 +411,7 @@ def infidelity(explainer, x, attribution, target=None, n_samples: int = 10, pert
         raise OptionError(f"n_samples must be at least 1, got {n_samples}")
     scorer = Scorer(explainer, x, target, probability)
     x = scorer.x
-    attr = np.asarray(attribution, dtype=np.float64)
-    if attr.shape != x.shape:
-        raise InputError(f"the attribution must have the input's shape {x.shape}, got {attr.shape}")
+    attr = Positions(x.shape).full(attribution)
     perturb = perturb or gaussian_perturbation(stdev, seed)
     repeated = np.repeat(x, n_samples, axis=0)
     pert, perturbed = perturb(repeated)
@@ -432,8 +445,8 @@ def uniform_perturbation(seed: int = 0):
     return perturb
 
 
-def _explain(explainer, x, method, classes, options) -> np.ndarray:
-    a = explainer.attribute(x, method=method, target=[int(c) for c in classes], **(options or {}))
+def _explain(explainer, x, method, target, options) -> np.ndarray:
+    a = explainer.attribute(x, method=method, target=target, **(options or {}))
     if isinstance(a, dict):
         raise InputError("metrics need a model with one float input")
     return np.asarray(a, dtype=np.float64)
@@ -449,10 +462,11 @@ def max_sensitivity(explainer, x, method: str, target=None, radius: float = 0.02
         raise OptionError(f"n_samples must be at least 1, got {n_samples}")
     scorer = Scorer(explainer, x, target, probability=False)
     x = scorer.x
-    base = _explain(explainer, x, method, scorer.classes, options).reshape(scorer.n, -1)
+    base = _explain(explainer, x, method, scorer.fixed_target(), options).reshape(scorer.n, -1)
     perturb = perturb or uniform_perturbation(seed)
     near = np.asarray(perturb(np.repeat(x, n_samples, axis=0), radius), dtype=x.dtype)
-    moved = _explain(explainer, near, method, np.repeat(scorer.classes, n_samples), options)
+    repeated = scorer.fixed_target(np.repeat(np.arange(scorer.n), n_samples))
+    moved = _explain(explainer, near, method, repeated, options)
     diff = moved.reshape(len(near), -1) - np.repeat(base, n_samples, axis=0)
     ord_ = None if norm_ord == "fro" else norm_ord
     scale = np.linalg.norm(base, ord=ord_, axis=1)
@@ -484,7 +498,8 @@ def continuity(explainer, x, method: str, target=None, shifts: int = 8, step: in
     t = shifts + 1
     seq = np.stack([translate(x, i * step, axis) for i in range(t)], axis=1)  # (N, T, ...)
     flat = seq.reshape((-1,) + x.shape[1:])
-    r = _explain(explainer, flat, method, np.repeat(scorer.classes, t), options).reshape(scorer.n, t, -1)
+    r = _explain(explainer, flat, method, scorer.fixed_target(np.repeat(np.arange(scorer.n), t)),
+                 options).reshape(scorer.n, t, -1)
     mass = np.abs(r[:, 0]).sum(axis=1)
     r = r / np.where(mass == 0, 1.0, mass)[:, None, None]
     dr = np.abs(np.diff(r, axis=1)).sum(axis=2)
@@ -557,7 +572,8 @@ def randomization(explainer, x, method: str, target=None, points: int = 6, absol
         raise ModelError("randomization needs layers with weights (Conv, Gemm or MatMul with initializers)")
     depths = np.unique(np.rint(np.linspace(1, len(layers), min(points, len(layers)))).astype(int))
     pos = Positions(x.shape)
-    original = pos.relevance(_explain(explainer, x, method, scorer.classes, options))
+    fixed = scorer.fixed_target()
+    original = pos.relevance(_explain(explainer, x, method, fixed, options))
     if absolute:
         original = np.abs(original)
     rng = np.random.default_rng(seed)
@@ -570,7 +586,7 @@ def randomization(explainer, x, method: str, target=None, points: int = 6, absol
             model = randomized_model(model, names, rng)  # cascading: builds on the last step
             done = depth
             e = Explainer(model, providers=explainer.providers, memory_budget=explainer.memory_budget)
-            r = pos.relevance(_explain(e, x, method, scorer.classes, options))
+            r = pos.relevance(_explain(e, x, method, fixed, options))
             if absolute:
                 r = np.abs(r)
             corr[:, j] = [spearman(original[i], r[i]) for i in range(scorer.n)]
@@ -585,18 +601,76 @@ def randomization(explainer, x, method: str, target=None, points: int = 6, absol
 CURVES = ("deletion", "insertion", "selectivity", "road")
 
 
+# Parameters of the metric functions that are not settings.
+_NOT_SETTINGS = ("explainer", "x", "attribution", "method", "target", "label", "options")
+# Settings that take a word as well as a number.
+_WORDS = {"baseline": ("blur", "mean"), "fill": ("uniform",), "norm_ord": ("fro",)}
+
+
+def settings_of(metric: str) -> dict:
+    """{setting: default} of a metric (what `settings=` / `-S METRIC:KEY=VALUE` may set)."""
+    import inspect
+
+    params = inspect.signature(globals()[metric]).parameters.values()
+    return {p.name: p.default for p in params if p.name not in _NOT_SETTINGS}
+
+
+def check_settings(metrics, settings: dict | None) -> None:
+    """Unknown metrics and unknown settings fail here, before any work, with the valid names."""
+    unknown = [m for m in list(metrics) + list(settings or {}) if m not in HIGHER_IS_BETTER]
+    if unknown:
+        raise OptionError(f"unknown metric(s) {', '.join(dict.fromkeys(unknown))}; choose from {', '.join(METRICS)}")
+    for metric, kw in (settings or {}).items():
+        valid = settings_of(metric)
+        bad = sorted(set(kw) - set(valid))
+        if bad:
+            raise OptionError(f"metric '{metric}' has no setting(s) {', '.join(bad)}; its settings: "
+                              f"{', '.join(valid)}")
+
+
+def parse_setting(metric: str, key: str, text: str):
+    """A setting's value from its command-line spelling, typed by the setting's default."""
+    check_settings([metric], {metric: {key: text}})
+    default = settings_of(metric)[key]
+    where = f"setting {key}={text!r} of metric '{metric}'"
+    if key == "perturb":
+        raise OptionError(f"{where}: perturb is a Python function (perturb=callable); it cannot be given as text")
+    text = str(text).strip()
+    if key in _WORDS and text.lower() in _WORDS[key]:
+        return text.lower()
+    try:
+        if isinstance(default, bool):
+            from .methods.base import _parse_bool
+
+            return _parse_bool(text)
+        if isinstance(default, tuple):
+            return tuple(float(v) for v in text.split(",") if v.strip())
+        if isinstance(default, int) or (default is None and key == "steps"):
+            return int(text)
+        return float(text)
+    except ValueError:
+        words = f" or {', '.join(_WORDS[key])}" if key in _WORDS else ""
+        kind = "true/false" if isinstance(default, bool) else "numbers a,b,c" if isinstance(default, tuple) else \
+            "an integer" if isinstance(default, int) or default is None else "a number"
+        raise OptionError(f"{where} must be {kind}{words}") from None
+
+
 def evaluate(explainer, x, methods: dict, metrics=("deletion", "insertion", "selectivity"), target=None,
              settings: dict | None = None, label: str | None = None) -> dict:
     """{method: {metric: Score}} for `methods` (name -> attribution options) on x.
 
-    settings: per-metric keyword arguments, e.g. {"deletion": {"steps": 20}}. The class
-    explained and scored is x's predicted class unless `target` is given.
+    settings: per-metric keyword arguments, e.g. {"deletion": {"steps": 20}}. What is
+    explained and scored is x's predicted class unless `target` (any form of
+    `onnxplain.target`) says otherwise. Methods, options, metrics and settings are all
+    checked before any work.
     """
-    unknown = [m for m in metrics if m not in HIGHER_IS_BETTER]
-    if unknown:
-        raise OptionError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    from .methods.base import get_method
+
+    check_settings(metrics, settings)
+    for method, options in methods.items():
+        get_method(method).resolve(options or {})
     settings = settings or {}
-    classes = Scorer(explainer, x, target, probability=False).classes
+    fixed = Scorer(explainer, x, target, probability=False).fixed_target()
     results = {}
     for method, options in methods.items():
         attr = None
@@ -605,11 +679,11 @@ def evaluate(explainer, x, methods: dict, metrics=("deletion", "insertion", "sel
             kw = dict(settings.get(metric, {}))
             if metric in ("deletion", "insertion", "selectivity", "road", "infidelity"):
                 if attr is None:
-                    attr = _explain(explainer, x, method, classes, options)
-                out[metric] = globals()[metric](explainer, x, attr, target=classes, label=label, **kw)
+                    attr = _explain(explainer, x, method, fixed, options)
+                out[metric] = globals()[metric](explainer, x, attr, target=fixed, label=label, **kw)
             else:
                 if metric == "randomization":
                     kw.setdefault("label", label)
-                out[metric] = globals()[metric](explainer, x, method, target=classes, options=options, **kw)
+                out[metric] = globals()[metric](explainer, x, method, target=fixed, options=options, **kw)
         results[method] = out
     return results

@@ -186,7 +186,11 @@ class _Predicted(Target):
 
 
 class _Seed(Target):
-    def __init__(self, array, name=None):
+    """The seed itself. `prob` keeps the axis a resolved target picked a class on (so the
+    metrics score the same probability on every copy of a sample)."""
+
+    def __init__(self, array, name=None, prob=None):
+        self.prob = prob
         a = np.asarray(array, dtype=np.float32)
         if not np.all(np.isfinite(a)):
             raise InputError("the seed array contains NaN or Inf")
@@ -204,6 +208,9 @@ class _Seed(Target):
             raise InputError(f"a seed array must have the explained output's shape {_fmt(shape)} "
                              f"(or one sample's, {_fmt(one)}), got {_fmt(a.shape)}")
         return np.ascontiguousarray(a, dtype=np.float32)
+
+    def prob_axis(self, logical):
+        return self.prob
 
 
 class _Index(Target):
@@ -497,7 +504,8 @@ class TargetScorer:
         samples = np.asarray(samples, dtype=np.int64)
         if self.classes is not None:
             return [int(c) for c in self.classes[samples]]
-        return np.ascontiguousarray(np.moveaxis(self.logical_seed[samples], 0, self.batch_axis), dtype=np.float32)
+        seed = np.moveaxis(self.logical_seed[samples], 0, self.batch_axis)
+        return _Seed(seed, name=f"{self.target.text} (resolved)", prob=self.prob_axis)
 
     def scores(self, output, samples, probability: bool = False) -> np.ndarray:
         """(R,) the explained score of rows `output` (the tensor's layout, R along the batch

@@ -179,3 +179,93 @@ def test_unknown_metric_and_bad_options_are_clear_errors(region):
         metrics.evaluate(e, x, {"gradient": {}}, metrics=("nope",))
     with pytest.raises(OptionError, match="fractions"):
         metrics.road(e, x, perfect, fractions=(0.5, 1.0))
+
+
+# ----------------------------------------------------------------------------- one map for all channels
+
+
+@pytest.mark.parametrize("metric, kw", [("deletion", {"steps": 10}), ("insertion", {"steps": 10, "baseline": 0.0}),
+                                        ("selectivity", {"patch": 2, "fill": 0.0}), ("road", {}),
+                                        ("infidelity", {"n_samples": 4})])
+def test_every_metric_scores_a_one_channel_map_as_that_map_on_every_channel(region, metric, kw):
+    """CAM maps are (N, 1, H, W) for an (N, 3, H, W) input; before, every metric refused them."""
+    e, x, perfect, _ = region
+    cam = perfect.sum(axis=1, keepdims=True)
+    expected = getattr(metrics, metric)(e, x, np.broadcast_to(cam, x.shape).copy(), **kw).values
+    np.testing.assert_allclose(getattr(metrics, metric)(e, x, cam, **kw).values, expected, rtol=1e-12)
+    np.testing.assert_allclose(getattr(metrics, metric)(e, x, cam[:, 0], **kw).values, expected, rtol=1e-12)
+
+
+def test_a_map_of_another_shape_is_still_an_error_that_names_both_accepted_shapes(region):
+    e, x, perfect, _ = region
+    with pytest.raises(metrics.InputError, match=r"\(3, 1, 10, 10\)"):
+        metrics.deletion(e, x, perfect[:, :, :5], steps=4)
+
+
+def test_evaluate_scores_grad_cam_maps():
+    e = Explainer(MODELS / "tiny_cnn.onnx")
+    x = np.random.default_rng(3).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    out = metrics.evaluate(e, x, {"grad_cam": {}}, metrics=("deletion", "infidelity"),
+                           settings={"deletion": {"steps": 5}, "infidelity": {"n_samples": 2}})
+    assert all(np.all(np.isfinite(s.values)) for s in out["grad_cam"].values())
+
+
+# ----------------------------------------------------------------------------- errors before work
+
+
+@pytest.mark.parametrize("methods, settings, match", [
+    ({"gradient": {}}, {"deletion": {"stepz": 3}}, "metric 'deletion' has no setting.* stepz; its settings: steps"),
+    ({"gradient": {}}, {"nope": {}}, "unknown metric"),
+    ({"gradient": {}, "integrated_gradients": {"n_stepz": 3}}, {}, "no option.* n_stepz"),
+    ({"gradient": {}, "no_such_method": {}}, {}, "unknown method"),
+])
+def test_evaluate_rejects_every_bad_method_option_and_setting_before_any_work(region, monkeypatch, methods, settings,
+                                                                              match):
+    e, x, _, _ = region
+    calls = []
+    monkeypatch.setattr(Explainer, "attribute", lambda *a, **k: calls.append(1))
+    with pytest.raises(metrics.OptionError, match=match):
+        metrics.evaluate(e, x, methods, metrics=("deletion",), settings=settings)
+    assert calls == []
+
+
+def test_setting_values_are_typed_by_their_default_with_the_words_they_take():
+    assert metrics.parse_setting("deletion", "steps", "20") == 20
+    assert metrics.parse_setting("insertion", "baseline", "Mean") == "mean"
+    assert metrics.parse_setting("insertion", "baseline", "0.5") == 0.5
+    assert metrics.parse_setting("road", "fractions", "0.2,0.4") == (0.2, 0.4)
+    assert metrics.parse_setting("deletion", "probability", "false") is False
+    for metric, key, value, match in (("deletion", "steps", "many", "must be an integer"),
+                                      ("insertion", "baseline", "fog", "must be a number or blur, mean"),
+                                      ("deletion", "stepz", "3", "its settings: steps"),
+                                      ("infidelity", "perturb", "x", "Python function")):
+        with pytest.raises(metrics.OptionError, match=match):
+            metrics.parse_setting(metric, key, value)
+
+
+# ----------------------------------------------------------------------------- targets other than a class
+
+
+def test_a_position_target_is_scored_by_that_tokens_probability(tmp_path):
+    """The metrics score what the attribution explains: token 3 at position 1 of a
+    (batch, positions, vocab) output, not a class of a flattened row."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(6, 5)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "lm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    e = Explainer(m)
+    x = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    y = x @ w
+    p = np.exp(y[:, 1]) / np.exp(y[:, 1]).sum(axis=1, keepdims=True)
+    scorer = metrics.Scorer(e, x, "pos:1:3")
+    np.testing.assert_allclose(scorer.original, p[:, 3], rtol=1e-5)
+    np.testing.assert_allclose(metrics.Scorer(e, x, "pos:1:3", probability=False).original, y[:, 1, 3], rtol=1e-5)
+    out = metrics.evaluate(e, x, {"gradient": {}}, metrics=("deletion", "max_sensitivity"), target="pos:1:3",
+                           settings={"deletion": {"steps": 4, "baseline": 0.0}, "max_sensitivity": {"n_samples": 2}})
+    np.testing.assert_allclose(out["gradient"]["deletion"].curve[:, 0], p[:, 3], rtol=1e-5)
+    # Deleting everything (baseline 0) leaves logits 0: a uniform 1/5 over the vocabulary.
+    np.testing.assert_allclose(out["gradient"]["deletion"].curve[:, -1], 0.2, rtol=1e-5)
