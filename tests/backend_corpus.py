@@ -231,11 +231,12 @@ def check_case(case, operator: str, node, seed: int = 0) -> Result:
     except Exception as exc:
         r.detail = f"onnxruntime cannot run the case: {str(exc).splitlines()[0][:200]}"
         return r
-    candidates = [(wrapped, np.float32)]
+    native = np.float64 if all(elems[n] == TensorProto.DOUBLE for n in wrt) else np.float32
+    candidates = [(wrapped, native)]
     if all(elems[n] == TensorProto.FLOAT for n in wrt):
         candidates.insert(0, (_to_double(wrapped), np.float64))
     for m, dt in candidates:
-        fx = {k: np.asarray(feeds[k], dtype=dt) for k in wrt}
+        fx = {k: np.asarray(feeds[k], dtype=dt if elems[k] == TensorProto.FLOAT else feeds[k].dtype) for k in wrt}
         try:
             _session(m).run([TOTAL], fx)
         except Exception:
@@ -259,7 +260,7 @@ def check_case(case, operator: str, node, seed: int = 0) -> Result:
     else:
         r.detail = "onnxruntime cannot run the case in float32 or float64"
         return r
-    return _compare(case, operator, sess, spec, {k: np.asarray(feeds[k], dtype=dtype) for k in wrt}, wrt, dtype, rng)
+    return _compare(case, operator, sess, spec, fx, wrt, dtype, rng)
 
 
 def _compare(case, operator, sess, spec, fx, wrt, dtype, rng) -> Result:
@@ -283,7 +284,7 @@ def _compare(case, operator, sess, spec, fx, wrt, dtype, rng) -> Result:
         if not np.all(np.isfinite(gr)):
             # Acceptable only where the derivative is unbounded: differences that grow as h shrinks.
             v = np.where(np.isfinite(gr), 0, 1).astype(dtype)
-            fds = [abs(total({**fx, w: np.asarray(fx[w] + h * v, dtype=dtype)}) - total(fx)) / h
+            fds = [abs(total({**fx, w: np.asarray(fx[w] + h * v, dtype=fx[w].dtype)}) - total(fx)) / h
                    for h in STEPS[dtype]]
             if fds[-1] > 3 * fds[0]:
                 res.status, res.detail = "n/a", "the derivative is unbounded at the case's input"
@@ -303,8 +304,8 @@ def _compare(case, operator, sess, spec, fx, wrt, dtype, rng) -> Result:
                                          for w, gr in zip(wrt, grads)), 1e-6)
         best, best_fd, sides = np.inf, None, []
         for h in STEPS[dtype]:
-            fp = total({w: np.asarray(fx[w] + h * vs[w], dtype=dtype) for w in wrt})
-            fm = total({w: np.asarray(fx[w] - h * vs[w], dtype=dtype) for w in wrt})
+            fp = total({w: np.asarray(fx[w] + h * vs[w], dtype=fx[w].dtype) for w in wrt})
+            fm = total({w: np.asarray(fx[w] - h * vs[w], dtype=fx[w].dtype) for w in wrt})
             fd = (fp - fm) / (2 * h)
             if not np.isfinite(fd):
                 continue
