@@ -1,0 +1,658 @@
+"""Gradients of quantized operators by the straight-through convention.
+
+A quantized model computes with integers that stand for real numbers: a tensor q of an
+integer type with scale s and zero point z means s * (q - z). Rounding makes the model
+piecewise constant, so its exact gradient is zero almost everywhere and useless. The
+convention here (the one of quantization-aware training) explains the *dequantized* model:
+
+- weights are their dequantized values s * (q - z);
+- rounding is passed straight through (STE): Q(x) = round(x / s) + z differentiates as
+  x / s, so a QuantizeLinear -> DequantizeLinear pair is the identity;
+- clipping is not rounding: where the real value x / s + z lies outside the integer range
+  [qmin, qmax] (before rounding) the output is saturated and the gradient is 0. This is the
+  gradient of the float model in which each Q/DQ pair is Clip(x, s(qmin - z), s(qmax - z)).
+  It is the choice that is right on real quantized models: onnxruntime's quantizer drops a
+  ReLU (or Clip) in front of a quantizer whose range already starts at 0, so the clipping is
+  that ReLU, and an unclipped STE would let gradient through it where the float model has
+  none;
+- integer operators (MatMulInteger, ConvInteger, QLinearConv, QGemm, ...) differentiate as
+  their float counterparts on the dequantized inputs; where they requantize their output,
+  the clipping above applies to the real result, recomputed in float;
+- scales and zero points are parameters, not signals: they receive no gradient, also where
+  they are computed from the input (DynamicQuantizeLinear). Its scale is chosen to cover the
+  input, so nothing is clipped there, and the pair DynamicQuantizeLinear -> integer op ->
+  multiplication by the scales differentiates as the float op with dequantized weights.
+
+The gradient of an integer tensor is a float32 tensor in units of its integers (d/dq); the
+gradient of a float tensor has that tensor's type (float16 islands get float16 gradients).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..errors import ModelError
+from . import gradient_elementwise, gradient_linear, gradient_pool
+from .base import attr, attrs, register
+from .gradient_linear import unbroadcast_to, varies
+
+MS = "com.microsoft"
+F32 = TensorProto.FLOAT
+_FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+# Integer range of each quantized type (saturation limits of QuantizeLinear).
+QRANGE = {
+    TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127),
+    TensorProto.UINT16: (0, 65535), TensorProto.INT16: (-32768, 32767),
+    TensorProto.INT32: (-(2**31), 2**31 - 1),
+}
+for _name, _lim in (("UINT4", (0, 15)), ("INT4", (-8, 7)), ("UINT2", (0, 3)), ("INT2", (-2, 1))):
+    if hasattr(TensorProto, _name):
+        QRANGE[getattr(TensorProto, _name)] = _lim
+
+CONVENTION = ("quantized operators explained by the straight-through convention: weights dequantized, "
+              "rounding passed straight through, zero gradient where a value is clipped to the integer range")
+
+
+def has_quantized(graph) -> bool:
+    """Whether a model computes with quantized operators (the convention then applies)."""
+    return any(n.op_type in _QUANTIZED and (n.domain in ("", "ai.onnx", MS)) for n in graph.nodes)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _input(node, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _elem(b, name: str):
+    return b.graph.elem_type(name) if name else None
+
+
+def _to_f32(b, name: str) -> str:
+    return name if _elem(b, name) == F32 else b.op("Cast", name, to=F32)
+
+
+def _back_to(b, g: str, like: str) -> str:
+    """Float32 gradient `g` in the type of forward tensor `like` (integers: stays float32)."""
+    t = _elem(b, like)
+    return b.op("Cast", g, to=t) if t in _FLOAT and t != F32 else g
+
+
+def _qtype(b, zp: str, y: str, fallback: str = "", node=None) -> int:
+    """The integer type of a quantized tensor: its zero point's, else its own, else the
+    `output_dtype` attribute, else that of `fallback`, else uint8 (the ONNX default)."""
+    for t in (_elem(b, zp), _elem(b, y)):
+        if t:
+            return t
+    if node is not None and attr(node, "output_dtype", 0):
+        return int(attr(node, "output_dtype"))
+    return _elem(b, fallback) or TensorProto.UINT8
+
+
+def _qrange(qtype: int, what: str):
+    if qtype not in QRANGE:
+        name = TensorProto.DataType.Name(qtype) if qtype in TensorProto.DataType.values() else str(qtype)
+        raise ModelError(f"{what} quantizes to {name}; the straight-through gradient supports integer types only "
+                         f"({', '.join(TensorProto.DataType.Name(t) for t in QRANGE)})")
+    return QRANGE[qtype]
+
+
+def _rank(b, name: str, what: str) -> int:
+    s = b.shape(name)
+    if s is None:
+        raise ModelError(f"{what} is quantized per axis and the rank of '{name}' is unknown; "
+                         "give the model static input ranks")
+    return len(s)
+
+
+def _param(b, p: str, like: str, axis: int = 1, block: int = 0, what: str = "") -> str | None:
+    """Scale or zero point `p` as a float32 tensor that broadcasts against `like`: a scalar
+    per tensor, (C, 1, ..., 1) per axis, repeated over each block for blocked quantization."""
+    if not p:
+        return None
+    v = b.constant(p)
+    if v is not None:
+        v = np.asarray(v, dtype=np.float64)
+        if v.size == 1 and not block:
+            return b.const(np.float32(v.reshape(())))
+        if not like:  # broadcasts as it is (a per-column vector against a matrix)
+            return b.const(v.astype(np.float32))
+        rank = _rank(b, like, what)
+        ax = axis % rank
+        if block:
+            dim = b.shape(like)[ax]
+            if not isinstance(dim, int):
+                raise ModelError(f"{what} is quantized in blocks along axis {ax} of '{like}', whose size is not "
+                                 "static; give the model static input shapes")
+            v = np.repeat(v, block, axis=ax).take(np.arange(dim), axis=ax)
+            return b.const(v.astype(np.float32))
+        return b.const(v.astype(np.float32).reshape([-1] + [1] * (rank - 1 - ax)))
+    if block:
+        raise ModelError(f"{what} has run-time block quantization parameters; only constant ones are supported")
+    t = _to_f32(b, p)
+    shape = b.shape(p)
+    if shape is not None and int(np.prod([d if isinstance(d, int) else 2 for d in shape])) == 1:
+        return t
+    if not like:
+        return t
+    rank = _rank(b, like, what)
+    return b.op("Reshape", t, b.ints([-1] + [1] * (rank - 1 - axis % rank)))
+
+
+def _const_param(b, p: str, what: str, default=0.0) -> np.ndarray:
+    if not p:
+        return np.asarray(default, dtype=np.float64)
+    v = b.constant(p)
+    if v is None:
+        raise ModelError(f"{what}: the quantization parameter '{p}' is computed at run time; "
+                         "only constant ones are supported here")
+    return np.asarray(v, dtype=np.float64)
+
+
+def _dequantize(b, x: str, s: str, zp: str | None) -> str:
+    """s * (x - zp) in float32, emitted (x varies)."""
+    xf = _to_f32(b, x)
+    if zp is not None:
+        xf = b.op("Sub", xf, zp)
+    return b.mul(xf, s)
+
+
+def _dequantized_const(w: np.ndarray, s: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
+    """s * (w - zp) of a constant (weight), per tensor or per `axis`."""
+    w = np.asarray(w, dtype=np.float64)
+    shape = [1] * w.ndim
+    if s.size > 1 or zp.size > 1:
+        shape[axis % w.ndim] = -1
+    return ((w - zp.reshape(shape if zp.size > 1 else ())) * s.reshape(shape if s.size > 1 else ())).astype(np.float32)
+
+
+def _inside(b, real: str, s: str, zp: str | None, qtype: int, what: str) -> str:
+    """Where real / s + zp lies in the integer range of `qtype` (the value is not clipped)."""
+    lo, hi = _qrange(qtype, what)
+    t = b.op("Div", real, s)
+    if zp is not None:
+        t = b.op("Add", t, zp)
+    return b.op("And", b.op("GreaterOrEqual", t, b.const(np.float32(lo))),
+                b.op("LessOrEqual", t, b.const(np.float32(hi))))
+
+
+def _through_requantize(b, g: str, real: str, ys: str, yzp: str | None, qtype: int, what: str) -> str:
+    """Gradient at the real result of an op whose output is requantized with (ys, yzp):
+    g / ys where the result is not clipped, else 0 (float32)."""
+    inside = _inside(b, real, ys, yzp, qtype, what)
+    return b.op("Where", inside, b.op("Div", g, ys), b.const(np.float32(0)))
+
+
+def _runtime_unbroadcast(b, g: str, target: str) -> str:
+    """Sum `g` down to the shape of forward tensor `target` when static shapes are unknown
+    (tensors after com.microsoft operators, which onnx's shape inference does not know)."""
+    st, sg = b.shape(target), None
+    if st is not None and all(isinstance(d, int) for d in st):
+        # the target's shape is known: broadcasting only adds axes / expands size-1 ones
+        pass
+    want = b.shape_of(target)
+    have = b.shape_of(g)
+    lead = b.op("Sub", b.op("Size", have), b.op("Size", want))
+    ones = b.op("ConstantOfShape", b.op("Reshape", lead, b.ints([1])),
+                value=onnx.numpy_helper.from_array(np.ones(1, np.int64)))
+    padded = b.op("Concat", ones, want, axis=0)
+    axes = b.squeeze(b.op("NonZero", b.op("Not", b.op("Equal", padded, have))), [0])
+    del sg
+    g = b.op("ReduceSum", g, axes, keepdims=1, noop_with_empty_axes=1)
+    return b.op("Reshape", g, want)
+
+
+def _sum_to(b, g: str, out_shape, target: str) -> str:
+    """`g` (the gradient of an elementwise result) summed to forward tensor `target`."""
+    st = b.shape(target)
+    if out_shape is not None and st is not None and tuple(out_shape) == tuple(st):
+        return g
+    if out_shape is not None and st is not None:
+        try:
+            return unbroadcast_to(b, g, out_shape, target)
+        except ModelError:
+            pass
+    return _runtime_unbroadcast(b, g, target)
+
+
+def _out_shape(b, node, *inputs):
+    """The static shape of an elementwise result: the output's, else the common shape of
+    `inputs` when they all have the same static shape."""
+    s = b.shape(node.output[0])
+    if s is not None:
+        return s
+    shapes = [b.shape(i) for i in inputs]
+    if all(x is not None for x in shapes) and len(set(map(tuple, shapes))) == 1:
+        return shapes[0]
+    return None
+
+
+class _FloatView:
+    """The builder seen by a float rule run on a quantized node: emitted constants (the
+    dequantized weights) are known with their values, and integer forward tensors have
+    float32 gradients (so the rule's constants are float32, not uint8)."""
+
+    def __init__(self, b, consts: dict):
+        self._b, self._consts = b, consts
+
+    def constant(self, name):
+        return self._consts[name] if name in self._consts else self._b.constant(name)
+
+    def shape(self, name):
+        return tuple(self._consts[name].shape) if name in self._consts else self._b.shape(name)
+
+    def np_dtype(self, name):
+        d = self._b.np_dtype(name)
+        return d if d.kind == "f" else np.dtype(np.float32)
+
+    def scalar_like(self, value, like):
+        return self._b.const(value, self.np_dtype(like))
+
+    def __getattr__(self, key):
+        return getattr(self._b, key)
+
+
+def _as_float_node(node, op_type: str, inputs: list, keep=None) -> onnx.NodeProto:
+    """A copy of `node` as the float operator `op_type` with `inputs` (attributes kept,
+    those in `keep` only where given)."""
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    n.op_type, n.domain = op_type, ""
+    del n.input[:]
+    n.input.extend(inputs)
+    if keep is not None:
+        kept = [a for a in n.attribute if a.name in keep]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    return n
+
+
+_CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+_POOL_ATTRS = ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides", "dilations")
+
+
+def _conv_adjoint(b, node, g: str, wf: np.ndarray, what: str) -> str:
+    """The input gradient of Conv(x, wf) with node's geometry, x = node.input[0]. With x's
+    spatial shape static, the float Conv rule; otherwise a ConvTranspose whose result is
+    cropped or zero-padded at run time to x's size (the part stride and end padding hide)."""
+    x = node.input[0]
+    shape = b.shape(x)
+    r = wf.ndim - 2
+    if shape is not None and len(shape) == r + 2 and all(isinstance(d, int) for d in shape[2:]):
+        wname = b.const(wf)
+        conv = _as_float_node(node, "Conv", [x, wname], _CONV_ATTRS)
+        return gradient_linear.conv(_FloatView(b, {wname: wf}), conv, [g])[0]
+    auto = attr(node, "auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        raise ModelError(f"the gradient of {what} with auto_pad={auto} needs the static spatial shape of '{x}'; "
+                         "give the model static input shapes")
+    strides = [int(s) for s in attr(node, "strides", [1] * r)]
+    dilations = [int(d) for d in attr(node, "dilations", [1] * r)]
+    pads = [0] * (2 * r) if auto == "VALID" else [int(p) for p in attr(node, "pads", [0] * (2 * r))]
+    gx = b.op("ConvTranspose", g, b.const(wf), group=int(attr(node, "group", 1)), kernel_shape=list(wf.shape[2:]),
+              strides=strides, dilations=dilations, pads=pads[:r] + [0] * r)
+    spatial = b.ints(list(range(2, 2 + r)))
+    want = b.op("Slice", b.shape_of(x), b.ints([2]), b.ints([2 + r]))
+    gx = b.op("Slice", gx, b.ints([0] * r), want, spatial)
+    short = b.op("Sub", want, b.op("Slice", b.shape_of(gx), b.ints([2]), b.ints([2 + r])))
+    return b.op("Pad", gx, b.op("Concat", b.ints([0] * (2 + r + 2)), short, axis=0))
+
+
+# --------------------------------------------------------------------------- Q / DQ
+
+
+@register("QuantizeLinear")
+def quantize_linear(b, node, grads):
+    # y = saturate(round(x / s) + z): d/dx = 1 / s where x / s + z is inside the range.
+    x, s, zp = node.input[0], node.input[1], _input(node, 2)
+    what = f"QuantizeLinear '{node.name}'"
+    axis, block = int(attr(node, "axis", 1)), int(attr(node, "block_size", 0))
+    qtype = _qtype(b, zp, node.output[0], node=node)
+    sf = _param(b, s, x, axis, block, what)
+    zf = _param(b, zp, x, axis, block, what)
+    g = _through_requantize(b, grads[0], _to_f32(b, x), sf, zf, qtype, what)
+    return [_back_to(b, g, x), None, None][: len(node.input)]
+
+
+@register("DequantizeLinear")
+def dequantize_linear(b, node, grads):
+    # x = s * (q - z): d/dq = s.
+    q, s = node.input[0], node.input[1]
+    axis, block = int(attr(node, "axis", 1)), int(attr(node, "block_size", 0))
+    sf = _param(b, s, q, axis, block, f"DequantizeLinear '{node.name}'")
+    return [b.mul(_to_f32(b, grads[0]), sf), None, None][: len(node.input)]
+
+
+@register("DynamicQuantizeLinear")
+def dynamic_quantize_linear(b, node, grads):
+    # y = round(x / s) + z with s, z chosen from x's range: nothing is clipped, and s and z
+    # are quantization parameters (no gradient). d/dx = 1 / s; s is 0 only where x is all
+    # zero, and then nothing moved the output: 0 rather than a division by zero.
+    g = grads[0]
+    if g is None:
+        return [None]
+    x, s = node.input[0], node.output[1]
+    zero = b.const(np.float32(0))
+    positive = b.op("Greater", s, zero)
+    safe = b.op("Where", positive, s, b.const(np.float32(1)))
+    return [_back_to(b, b.op("Where", positive, b.op("Div", g, safe), zero), x)]
+
+
+# --------------------------------------------------------------------------- Cast
+
+
+_float_cast = gradient_elementwise.cast
+
+
+@register("Cast", "CastLike")
+def cast(b, node, grads):
+    # Float to float: back to the input's type (fp16/bf16 islands). From an integer type:
+    # the values pass unchanged, and the gradient of the integer tensor is float32 (the
+    # int32 accumulator of MatMulInteger cast to float, a uint8 widened to int32). To an
+    # integer type from a float: truncation, piecewise constant, no gradient (as Floor).
+    x, y = node.input[0], node.output[0]
+    tx, ty = _elem(b, x), _elem(b, y)
+    rest = [None] * (len(node.input) - 1)
+    if tx is not None and tx not in _FLOAT and grads[0] is not None:
+        return [_to_f32(b, grads[0]) if ty in _FLOAT and ty != F32 else grads[0]] + rest
+    return _float_cast(b, node, grads)
+
+
+# --------------------------------------------------------------------------- integer linear ops
+
+
+def _matmul_grads(b, node, g: str, a: str, bm: str, af, bf, what: str, trans_a=0, trans_b=0, alpha=1.0,
+                  ranks=None):
+    """Gradients of z = alpha * A' @ B' (A' = A or A^T, B' = B or B^T) with respect to the
+    dequantized operands af, bf (numpy arrays for constants, emitted names otherwise) of
+    forward tensors a and bm; None where not needed (a constant)."""
+    def name(v):
+        return b.const(v) if isinstance(v, np.ndarray) else v
+
+    def rank_of(v, t):
+        if isinstance(v, np.ndarray):
+            return v.ndim
+        s = b.shape(t)
+        if s is None:
+            raise ModelError(f"the gradient of {what} needs the ranks of its operands; give the model static "
+                             "input ranks")
+        return len(s)
+
+    def swap(v, rank):
+        if isinstance(v, np.ndarray):
+            return np.ascontiguousarray(np.swapaxes(v, -1, -2))
+        return b.op("Transpose", v, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+    need_a, need_b = bool(a) and varies(b, a), bool(bm) and varies(b, bm)
+    if not (need_a or need_b):
+        return None, None
+    if alpha != 1.0:
+        g = b.mul(g, b.const(np.float32(alpha)))
+    ra, rb = ranks or (rank_of(af, a), rank_of(bf, bm))
+    if ra < 2 or rb < 2 or (rb != 2 and rb != ra) or (need_b and rb != ra):
+        raise ModelError(f"the gradient of {what} supports a constant 2-D right operand or operands of equal "
+                         f"rank >= 2, got ranks {ra} and {rb}")
+    ga = gb = None
+    if need_a:  # dA' = g @ B'^T
+        ga = b.op("MatMul", g, name(bf) if trans_b else name(swap(bf, rb)))
+        ga = swap(ga, ra) if trans_a else ga
+    if need_b:  # dB' = A'^T @ g
+        gb = b.op("MatMul", name(af) if trans_a else name(swap(af, ra)), g)
+        gb = swap(gb, rb) if trans_b else gb
+    return ga, gb
+
+
+def _operand(b, q: str, s: str, zp: str, axis_of_vector: int, what: str):
+    """The dequantized value of operand q: a numpy array for a constant, else an emitted
+    float32 tensor. A 1-D scale/zero point is per row (axis -2) of a left operand and per
+    column (axis -1) of a right one."""
+    v = b.constant(q)
+    sv = _const_param(b, s, what, 1.0) if (not s or b.constant(s) is not None) else None
+    zv = _const_param(b, zp, what) if (not zp or b.constant(zp) is not None) else None
+    if v is not None and sv is not None and zv is not None:
+        return _dequantized_const(v, sv, zv, axis_of_vector)
+
+    def vec(p, pv):
+        if not p:
+            return None
+        if pv is not None:
+            if pv.size == 1:
+                return b.const(np.float32(pv.reshape(())))
+            return b.const((pv.reshape(-1, 1) if axis_of_vector == -2 else pv.reshape(-1)).astype(np.float32))
+        t = _to_f32(b, p)
+        shape = b.shape(p)
+        if shape is not None and len(shape) == 1 and shape[0] != 1 and axis_of_vector == -2:
+            t = b.unsqueeze(t, [-1])
+        return t
+
+    sf = vec(s, sv) if s else b.const(np.float32(1))
+    return _dequantize(b, q, sf, vec(zp, zv))
+
+
+@register("MatMulInteger")
+def matmul_integer(b, node, grads):
+    # y = (A - a_zp) @ (B - b_zp) in int32: the float MatMul of the shifted operands.
+    a, bm = node.input[0], node.input[1]
+    what = f"MatMulInteger '{node.name}'"
+    af = _operand(b, a, "", _input(node, 2), -2, what)
+    bf = _operand(b, bm, "", _input(node, 3), -1, what)
+    ga, gb = _matmul_grads(b, node, _to_f32(b, grads[0]), a, bm, af, bf, what)
+    return [ga, gb, None, None][: len(node.input)]
+
+
+@register("QLinearMatMul")
+def qlinear_matmul(b, node, grads):
+    a, bm = node.input[0], node.input[3]
+    what = f"QLinearMatMul '{node.name}'"
+    for p in (node.input[1], node.input[6]):
+        v = b.constant(p)
+        if v is not None and v.size > 1:
+            raise ModelError(f"{what} has a per-row scale '{p}'; only per-tensor a and y scales are supported")
+    af = _operand(b, a, node.input[1], _input(node, 2), -2, what)
+    bf = _operand(b, bm, node.input[4], _input(node, 5), -1, what)
+    real = b.op("MatMul", af if isinstance(af, str) else b.const(af), bf if isinstance(bf, str) else b.const(bf))
+    ys, yzp = _param(b, node.input[6], "", what=what), _param(b, _input(node, 7), "", what=what)
+    g = _through_requantize(b, _to_f32(b, grads[0]), real, ys, yzp, _qtype(b, _input(node, 7), node.output[0]), what)
+    ga, gb = _matmul_grads(b, node, g, a, bm, af, bf, what)
+    ga = _scaled_back(b, ga, node.input[1], a, what) if ga is not None else None
+    gb = _scaled_back(b, gb, node.input[4], bm, what, axis=-1) if gb is not None else None
+    return [ga, None, None, gb, None, None, None, None]
+
+
+def _scaled_back(b, g_real: str, s: str, q: str, what: str, axis: int = 1) -> str:
+    """From the gradient at a dequantized operand s * (q - z) to the gradient at q: times s
+    (a 1-D s is per `axis` of q)."""
+    return b.mul(g_real, _param(b, s, q, axis, what=what))
+
+
+@register("QGemm", domain=MS)
+def qgemm(b, node, grads):
+    # y = alpha A' B' + C (C int32 with scale a_scale * b_scale), requantized with
+    # (y_scale, y_zp) when y_scale is given, else a float output.
+    a, bm = node.input[0], node.input[3]
+    what = f"QGemm '{node.name}'"
+    ta, tb = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+    alpha = float(attr(node, "alpha", 1.0))
+    af = _operand(b, a, node.input[1], node.input[2], -1 if ta else -2, what)
+    bf = _operand(b, bm, node.input[4], _input(node, 5), -2 if tb else -1, what)
+    g = _to_f32(b, grads[0])
+    ys = _input(node, 7)
+    if ys:
+        real = b.op("Gemm", af if isinstance(af, str) else b.const(af), bf if isinstance(bf, str) else b.const(bf),
+                    transA=ta, transB=tb, alpha=alpha)
+        c = _input(node, 6)
+        if c:
+            real = b.add(real, b.mul(_to_f32(b, c), b.mul(_param(b, node.input[1], "", what=what),
+                                                           _param(b, node.input[4], "", what=what))))
+        yzp = _input(node, 8)
+        g = _through_requantize(b, g, real, _param(b, ys, "", what=what), _param(b, yzp, "", what=what),
+                                _qtype(b, yzp, node.output[0], a), what)
+    ga, gb = _matmul_grads(b, node, g, a, bm, af, bf, what, ta, tb, alpha, ranks=(2, 2))  # Gemm: matrices
+    ga = _scaled_back(b, ga, node.input[1], a, what, axis=1 if ta else 0) if ga is not None else None
+    gb = _scaled_back(b, gb, node.input[4], bm, what, axis=0 if tb else 1) if gb is not None else None
+    return [ga, None, None, gb, None, None, None, None, None][: len(node.input)]
+
+
+def _conv_weight(b, node, w: str, ws: str, wzp: str, what: str) -> np.ndarray:
+    v = b.constant(w)
+    if v is None:
+        raise ModelError(f"the gradient of {what} needs a constant weight; '{w}' is computed at run time")
+    return _dequantized_const(v, _const_param(b, ws, what, 1.0), _const_param(b, wzp, what), 0)
+
+
+@register("ConvInteger")
+def conv_integer(b, node, grads):
+    # y = Conv(x - x_zp, w - w_zp) in int32: the float Conv of the shifted operands.
+    what = f"ConvInteger '{node.name}'"
+    wf = _conv_weight(b, node, node.input[1], "", _input(node, 3), what)
+    return [_conv_adjoint(b, node, _to_f32(b, grads[0]), wf, what)] + [None] * (len(node.input) - 1)
+
+
+@register("QLinearConv")
+def qlinear_conv(b, node, grads):
+    # real = Conv(xs (x - x_zp), ws (w - w_zp)) + xs ws B, requantized with (ys, y_zp).
+    x = node.input[0]
+    what = f"QLinearConv '{node.name}'"
+    xs, xzp, ys, yzp = node.input[1], node.input[2], node.input[6], _input(node, 7)
+    wf = _conv_weight(b, node, node.input[3], node.input[4], node.input[5], what)
+    xsf = _param(b, xs, x, what=what)
+    xd = _dequantize(b, x, xsf, _param(b, xzp, x, what=what))
+    real = b.op("Conv", xd, b.const(wf), **{k: v for k, v in attrs(node).items() if k in _CONV_ATTRS})
+    bias = _input(node, 8)
+    if bias:
+        bv = b.constant(bias)
+        if bv is None:
+            raise ModelError(f"the gradient of {what} needs a constant bias; '{bias}' is computed at run time")
+        scale = _const_param(b, xs, what, 1.0).reshape(()) * _const_param(b, node.input[4], what, 1.0).reshape(-1)
+        real = b.add(real, b.const((bv * scale).astype(np.float32).reshape(-1, *([1] * (wf.ndim - 2)))))
+    g = _through_requantize(b, _to_f32(b, grads[0]), real, _param(b, ys, "", what=what),
+                            _param(b, yzp, "", what=what), _qtype(b, yzp, node.output[0], x), what)
+    gx = _conv_adjoint(b, node, g, wf, what) if varies(b, x) else None
+    return [b.mul(gx, xsf) if gx is not None else None] + [None] * (len(node.input) - 1)
+
+
+def _qlinear_operand(b, node, i: int, what: str):
+    """(forward tensor, float32 scale, dequantized value) of the quantized input that starts
+    at node.input[i] as (q, scale, zero point)."""
+    q, s, zp = node.input[i], node.input[i + 1], _input(node, i + 2)
+    sf = _param(b, s, q, what=what)
+    return q, sf, _dequantize(b, q, sf, _param(b, zp, q, what=what))
+
+
+def _qlinear_out(b, node, g: str, real: str, i: int, what: str, like: str) -> str:
+    """Gradient at the real result of a QLinear op whose output (scale, zero point) are
+    node.input[i], node.input[i + 1]."""
+    ys, yzp = node.input[i], _input(node, i + 1)
+    return _through_requantize(b, _to_f32(b, g), real, _param(b, ys, "", what=what), _param(b, yzp, "", what=what),
+                               _qtype(b, yzp, node.output[0], like), what)
+
+
+@register("QLinearAdd", "QLinearMul", domain=MS)
+def qlinear_add_mul(b, node, grads):
+    # C = requantize(A_real + B_real) or requantize(A_real * B_real), broadcasting.
+    what = f"{node.op_type} '{node.name}'"
+    a, asf, ad = _qlinear_operand(b, node, 0, what)
+    c, csf, cd = _qlinear_operand(b, node, 3, what)
+    mul = node.op_type == "QLinearMul"
+    real = b.op("Mul" if mul else "Add", ad, cd)
+    g = _qlinear_out(b, node, grads[0], real, 6, what, a)
+    out_shape = _out_shape(b, node, a, c)
+    out = [None] * len(node.input)
+    for j, (q, sf, other) in ((0, (a, asf, cd)), (3, (c, csf, ad))):
+        if varies(b, q):
+            gj = b.mul(g, other) if mul else g
+            out[j] = b.mul(_sum_to(b, gj, out_shape, q), sf)
+    return out
+
+
+@register("QLinearSigmoid", "QLinearLeakyRelu", domain=MS)
+def qlinear_activation(b, node, grads):
+    what = f"{node.op_type} '{node.name}'"
+    x, xsf, xd = _qlinear_operand(b, node, 0, what)
+    if node.op_type == "QLinearSigmoid":
+        real = b.op("Sigmoid", xd)
+        local = b.mul(real, b.op("Sub", b.const(np.float32(1)), real))
+    else:
+        alpha = float(attr(node, "alpha", 0.01))
+        real = b.op("LeakyRelu", xd, alpha=alpha)
+        local = b.op("Where", b.op("Greater", xd, b.const(np.float32(0))), b.const(np.float32(1)),
+                     b.const(np.float32(alpha)))
+    g = _qlinear_out(b, node, grads[0], real, 3, what, x)
+    return [b.mul(b.mul(g, local), xsf)] + [None] * (len(node.input) - 1)
+
+
+@register("QLinearGlobalAveragePool", domain=MS)
+def qlinear_global_average_pool(b, node, grads):
+    # y = mean over the spatial axes (axis 1.. or 1..-1 with channels_last): each input
+    # element gets g / (its count), the count from the sizes at run time.
+    what = f"QLinearGlobalAveragePool '{node.name}'"
+    x, xsf, xd = _qlinear_operand(b, node, 0, what)
+    last = bool(attr(node, "channels_last", 0))
+    rank = _rank(b, x, what) if b.shape(x) is not None else 4
+    axes = list(range(1, rank - 1)) if last else list(range(2, rank))
+    real = b.reduce("ReduceMean", xd, axes, keepdims=True)
+    g = _qlinear_out(b, node, grads[0], real, 3, what, x)
+    count = b.op("Div", b.op("Cast", b.op("Size", x), to=F32), b.op("Cast", b.op("Size", real), to=F32))
+    return [b.mul(b.op("Div", b.op("Expand", g, b.shape_of(x)), count), xsf)] + [None] * (len(node.input) - 1)
+
+
+@register("QLinearAveragePool", domain=MS)
+def qlinear_average_pool(b, node, grads):
+    what = f"QLinearAveragePool '{node.name}'"
+    if attr(node, "channels_last", 0):
+        raise ModelError(f"the gradient of {what} supports channels_last=0 only")
+    x, xsf, xd = _qlinear_operand(b, node, 0, what)
+    shape = b.shape(x)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        raise ModelError(f"the gradient of {what} needs the static spatial shape of '{x}' (got {shape}); onnx's "
+                         "shape inference does not follow com.microsoft operators before it: give the model "
+                         "static shapes (value_info) for them, or use the QDQ format")
+    pool_attrs = {k: v for k, v in attrs(node).items() if k in _POOL_ATTRS}
+    real = b.op("AveragePool", xd, **pool_attrs)
+    g = _qlinear_out(b, node, grads[0], real, 3, what, x)
+    pool = _as_float_node(node, "AveragePool", [x], _POOL_ATTRS)
+    gx = gradient_pool.average_pool(_FloatView(b, {}), pool, [g])[0]
+    return [b.mul(gx, xsf)] + [None] * (len(node.input) - 1)
+
+
+@register("QLinearConcat", domain=MS)
+def qlinear_concat(b, node, grads):
+    # Y = requantize(Concat(X_i real)); inputs: Y_scale, Y_zp, then (X, scale, zp) triples.
+    what = f"QLinearConcat '{node.name}'"
+    axis = int(attr(node, "axis"))
+    parts = [_qlinear_operand(b, node, i, what) for i in range(2, len(node.input), 3)]
+    real = b.op("Concat", *[p[2] for p in parts], axis=axis)
+    g = _qlinear_out(b, node, grads[0], real, 0, what, parts[0][0])
+    out = [None] * len(node.input)
+    start = b.ints([0])
+    axes = b.ints([axis])
+    for k, (q, sf, _) in enumerate(parts):
+        size = b.op("Reshape", b.op("Gather", b.shape_of(q), b.ints([axis])), b.ints([1]))
+        end = b.add(start, size)
+        if varies(b, q):
+            out[2 + 3 * k] = b.mul(b.op("Slice", g, start, end, axes), sf)
+        start = end
+    return out
+
+
+@register("DynamicQuantizeMatMul", domain=MS)
+def dynamic_quantize_matmul(b, node, grads):
+    # Y = A @ (b_scale (B - b_zp)) + bias with A (float) quantized on the fly: the float
+    # MatMul with the dequantized weight.
+    a, bm = node.input[0], node.input[1]
+    what = f"DynamicQuantizeMatMul '{node.name}'"
+    bf = _operand(b, bm, node.input[2], _input(node, 3), -1, what)
+    if not isinstance(bf, np.ndarray):
+        raise ModelError(f"the gradient of {what} needs a constant weight '{bm}'")
+    ga = b.op("MatMul", _to_f32(b, grads[0]), b.const(np.ascontiguousarray(bf.T)))
+    return [_back_to(b, ga, a)] + [None] * (len(node.input) - 1)
+
+
+_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+              "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+              "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+              "DynamicQuantizeMatMul"}

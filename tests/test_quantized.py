@@ -1,0 +1,507 @@
+"""Quantized and mixed-precision models, explained by the straight-through convention.
+
+Finite differences of a quantized model are meaningless (it is piecewise constant), so each
+rule is held against the convention itself: the gradient of x -> Q -> op -> DQ equals the
+exact gradient (central differences in float64) of the float model x -> Clip -> float op
+with dequantized weights -> Clip, where the clips are the integer ranges. Inputs lie on the
+input quantization grid, so both models see the same real values (rounding changes
+nothing) and every clipping mask agrees. Whole models quantized by onnxruntime's own tools
+are compared with the dequantized float model built by hand and with the float original.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from gradcheck import numeric_gradient, to_double
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxplain import Explainer
+from onnxplain.errors import ModelError
+from onnxplain.rules import quantized as Q
+from onnxplain.rules.base import lookup
+
+U8, I8 = TensorProto.UINT8, TensorProto.INT8
+
+
+def _init(name, value):
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _model(nodes, inputs, output, inits, opset=17, ms=False):
+    """A model of `nodes`; its output's shape is what onnxruntime computes (onnx's shape
+    inference does not know com.microsoft operators)."""
+    import onnxruntime as ort
+
+    g = helper.make_graph(nodes, "q", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, [])],
+                          initializer=inits)
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(Q.MS, 1)] if ms else [])
+    m = helper.make_model(g, opset_imports=imports)
+    m.ir_version = 8 if opset < 21 else 10
+    feeds = {}
+    for vi in inputs:
+        dims = [2 if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        feeds[vi.name] = np.zeros(dims, np.float32)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
+    shape = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0].shape
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N"] + list(shape[1:])))
+    return m
+
+
+def _x(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"] + list(shape[1:]))
+
+
+def on_grid(rng, shape, s, z, lo, hi, qtype=U8):
+    """Float inputs exactly representable with scale s and zero point z, spread over
+    integers in [lo, hi] (beyond the type's range where lo/hi are, so some clip). The range
+    limits themselves are left out: there the float model's Clip has a kink."""
+    k = rng.integers(lo, hi + 1, size=shape)
+    k = np.where(np.isin(k, Q.QRANGE[qtype]), k + 1, k)
+    return (np.float32(s) * (k - z).astype(np.float32)).astype(np.float32)
+
+
+def ste_gradient(model, x, seed):
+    e = Explainer(model, canonize=False)
+    return e.attribute(x, method="gradient", target=seed, probability=True)
+
+
+def reference_gradient(model, x, seed, eps=1e-6):
+    """Central differences of seed . model(x) in float64: onnxruntime where it has double
+    kernels, else onnx's reference evaluator on the model cast to float64."""
+    flat, num, double = numeric_gradient(model, {"x": x}, "x", seed, max_elements=10**6)
+    if double:
+        out = np.zeros(x.size)
+        out[flat] = num
+        return out.reshape(x.shape)
+    from onnx.reference import ReferenceEvaluator
+
+    ev = ReferenceEvaluator(to_double(model))
+    x64, s64 = x.astype(np.float64), seed.astype(np.float64)
+    out = np.zeros(x.size)
+    for i in range(x.size):
+        xp, xm = x64.copy().reshape(-1), x64.copy().reshape(-1)
+        xp[i] += eps
+        xm[i] -= eps
+        fp = ev.run(None, {"x": xp.reshape(x.shape)})[0]
+        fm = ev.run(None, {"x": xm.reshape(x.shape)})[0]
+        out[i] = float((s64 * (fp - fm)).sum() / (2 * eps))
+    return out.reshape(x.shape)
+
+
+def assert_convention(qmodel, fmodel, x, rng, atol=1e-4):
+    seed = rng.normal(size=Explainer(qmodel, canonize=False).predict(x).shape).astype(np.float32)
+    got = ste_gradient(qmodel, x, seed)
+    want = reference_gradient(fmodel, x, seed)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
+    return got
+
+
+def clip_node(inp, out, s, z, qtype, nodes, inits, tag):
+    lo, hi = Q.QRANGE[qtype]
+    s, z = np.asarray(s, np.float64), np.asarray(z, np.float64)
+    inits += [_init(f"{tag}_lo", (s * (lo - z)).astype(np.float32)), _init(f"{tag}_hi", (s * (hi - z)).astype(np.float32))]
+    nodes.append(helper.make_node("Clip", [inp, f"{tag}_lo", f"{tag}_hi"], [out]))
+
+
+def qparams(tag, s, z, qtype):
+    dt = np.uint8 if qtype == U8 else np.int8
+    return [_init(f"{tag}_s", np.float32(s)), _init(f"{tag}_z", dt(z))]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_rules_are_looked_up_by_domain():
+    qgemm = helper.make_node("QGemm", [], [], domain=Q.MS)
+    assert lookup(qgemm) is Q.qgemm
+    assert lookup("QGemm") is None  # no such operator in the default domain
+    assert lookup("QGemm", domain=Q.MS) is Q.qgemm
+    assert lookup(helper.make_node("Relu", [], [])) is lookup("Relu") is not None
+    assert lookup(helper.make_node("Relu", [], [], domain="ai.onnx")) is lookup("Relu")
+
+
+# ----------------------------------------------------------------------------- Q / DQ pairs
+
+
+@pytest.mark.parametrize("qtype,z", [(U8, 128), (U8, 0), (I8, 0), (I8, -100)])
+def test_a_quantize_dequantize_pair_is_the_identity_inside_the_range_and_zero_where_clipped(qtype, z):
+    rng = np.random.default_rng(0)
+    s = 0.02
+    nodes = [helper.make_node("QuantizeLinear", ["x", "q_s", "q_z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "q_s", "q_z"], ["y"])]
+    m = _model(nodes, [_x("x", (3, 40))], "y", qparams("q", s, z, qtype))
+    lo, hi = Q.QRANGE[qtype]
+    x = on_grid(rng, (3, 40), s, z, lo - 30, hi + 30)
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    got = ste_gradient(m, x, seed)
+    inside = (x / np.float32(s) + z >= lo) & (x / np.float32(s) + z <= hi)
+    assert 0 < inside.mean() < 1
+    np.testing.assert_allclose(got, np.where(inside, seed, 0), rtol=1e-6, atol=0)
+
+
+def test_per_axis_quantization_rescales_and_clips_per_channel():
+    # Q with per-channel scales, DQ with other per-channel scales: d/dx = s_dq / s_q inside.
+    rng = np.random.default_rng(1)
+    sq = np.array([0.01, 0.05, 0.2], np.float32)
+    zq = np.array([0, 10, 250], np.uint8)
+    sd = np.array([0.5, 2.0, 3.0], np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sq", "zq"], ["q"], axis=1),
+             helper.make_node("DequantizeLinear", ["q", "sd", "zq"], ["y"], axis=1)]
+    m = _model(nodes, [_x("x", (2, 3, 5))], "y", [_init("sq", sq), _init("zq", zq), _init("sd", sd)])
+    x = rng.normal(scale=4.0, size=(2, 3, 5)).astype(np.float32)
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    t = x / sq[:, None] + zq[:, None]
+    inside = (t >= 0) & (t <= 255)
+    assert 0 < inside.mean() < 1
+    want = np.where(inside, seed * (sd / sq)[:, None], 0)
+    np.testing.assert_allclose(ste_gradient(m, x, seed), want, rtol=1e-6)
+
+
+def test_blocked_quantization_repeats_each_scale_over_its_block():
+    rng = np.random.default_rng(2)
+    sq = rng.uniform(0.01, 0.1, size=(2, 3)).astype(np.float32)  # 8 columns, blocks of 3: 3 blocks
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sq"], ["q"], axis=1, block_size=3),
+             helper.make_node("DequantizeLinear", ["q", "sq"], ["y"], axis=1, block_size=3)]
+    g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], initializer=[_init("sq", sq)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    x = rng.normal(scale=4.0, size=(2, 8)).astype(np.float32)
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    full = np.repeat(sq, 3, axis=1)[:, :8]
+    inside = (x / full >= 0) & (x / full <= 255)  # uint8, zero point 0
+    assert 0 < inside.mean() < 1
+    np.testing.assert_allclose(ste_gradient(m, x, seed), np.where(inside, seed, 0), rtol=1e-6)
+
+
+def test_dynamic_quantize_dequantize_is_the_identity():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    m = _model(nodes, [_x("x", (3, 7))], "y", [])
+    x = rng.normal(size=(3, 7)).astype(np.float32)
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    np.testing.assert_allclose(ste_gradient(m, x, seed), seed, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_island_gradient_comes_back_as_float32_through_the_casts():
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(6, 4)).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+             helper.make_node("MatMul", ["h", "w"], ["m"]), helper.make_node("Tanh", ["m"], ["t"]),
+             helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT)]
+    m = _model(nodes, [_x("x", (3, 6))], "y", [_init("w", w)])
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    seed = rng.normal(size=(3, 4)).astype(np.float32)
+    got = ste_gradient(m, x, seed)
+    assert got.dtype == np.float32
+    t = np.tanh(x.astype(np.float16).astype(np.float64) @ w.astype(np.float64))
+    np.testing.assert_allclose(got, (seed * (1 - t**2)) @ w.astype(np.float64).T, rtol=2e-2, atol=2e-2)
+
+
+def test_a_cast_to_an_integer_type_truncates_and_passes_no_gradient():
+    nodes = [helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["i"], ["y"], to=TensorProto.FLOAT)]
+    m = _model(nodes, [_x("x", (2, 3))], "y", [])
+    x = np.array([[0.2, 1.7, -2.4], [3.1, 0.0, 5.5]], np.float32)
+    np.testing.assert_array_equal(ste_gradient(m, x, np.ones((2, 3), np.float32)), 0)
+
+
+# ----------------------------------------------------------------------------- integer ops
+
+
+def _dynamic_linear(rng, per_column):
+    """x -> DynamicQuantizeLinear -> MatMulInteger(W int8) -> Cast -> * (s_x s_w): the
+    pattern of onnxruntime's quantize_dynamic; its float counterpart is x @ W_dequantized."""
+    wq = rng.integers(-127, 128, size=(6, 4)).astype(np.int8)
+    ws = rng.uniform(0.01, 0.05, size=4 if per_column else ()).astype(np.float32)
+    wz = rng.integers(-5, 5, size=4 if per_column else ()).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "wq", "xz", "wz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "ws"], ["scale"]), helper.make_node("Mul", ["accf", "scale"], ["y"])]
+    m = _model(nodes, [_x("x", (3, 6))], "y", [_init("wq", wq), _init("ws", ws), _init("wz", wz)])
+    wd = (wq.astype(np.float64) - wz.astype(np.float64)) * ws.astype(np.float64)
+    return m, wd
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+def test_matmul_integer_differentiates_as_the_matmul_of_the_dequantized_weight(per_column):
+    rng = np.random.default_rng(5)
+    m, wd = _dynamic_linear(rng, per_column)
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    seed = rng.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(ste_gradient(m, x, seed), seed @ wd.T, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_integer_of_two_activations_differentiates_both():
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("Transpose", ["xq"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMulInteger", ["xq", "xt", "xz", "xz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "xs"], ["scale"]), helper.make_node("Mul", ["accf", "scale"], ["y"])]
+    m = _model(nodes, [_x("x", (2, 3, 4))], "y", [])
+    x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    seed = rng.normal(size=(2, 3, 3)).astype(np.float32)
+    # y = xd xd^T with xd the dequantized x: d(seed . y)/dx = (seed + seed^T) xd
+    lo, hi = x.min(), x.max()
+    scale = (max(hi, 0) - min(lo, 0)) / 255
+    zp = np.clip(np.round(-min(lo, 0) / scale), 0, 255)
+    xd = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+    want = (seed + seed.transpose(0, 2, 1)) @ xd
+    np.testing.assert_allclose(ste_gradient(m, x, seed), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_integer_differentiates_as_the_conv_of_the_dequantized_weight():
+    rng = np.random.default_rng(7)
+    wq = rng.integers(0, 256, size=(4, 3, 3, 3)).astype(np.uint8)
+    wz = np.uint8(128)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("ConvInteger", ["xq", "wq", "xz", "wz"], ["acc"], strides=[2, 2], pads=[1, 0, 1, 1]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["accf", "xs"], ["y"])]
+    m = _model(nodes, [_x("x", (2, 3, 7, 8))], "y", [_init("wq", wq), _init("wz", wz)])
+    fnodes = [helper.make_node("Conv", ["x", "wd"], ["y"], strides=[2, 2], pads=[1, 0, 1, 1])]
+    f = _model(fnodes, [_x("x", (2, 3, 7, 8))], "y", [_init("wd", wq.astype(np.float32) - 128)])
+    x = rng.normal(size=(2, 3, 7, 8)).astype(np.float32)
+    seed = rng.normal(size=Explainer(m, canonize=False).predict(x).shape).astype(np.float32)
+    np.testing.assert_allclose(ste_gradient(m, x, seed), reference_gradient(f, x, seed), rtol=1e-4, atol=1e-3)
+
+
+def _qop_case(op, attrs, weights, float_nodes, float_inits, out_s, out_z, in_s=0.05, in_z=128, ms=False,
+              shape=(2, 3, 6, 6), extra_inputs=None):
+    """x -> Q(in) -> op(...) -> DQ(out) and its float counterpart x -> Clip -> float nodes
+    (reading 'xc', writing 'r') -> Clip(out)."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "in_s", "in_z"], ["xq"])]
+    nodes.append(helper.make_node(op, extra_inputs(["xq", "in_s", "in_z"]), ["yq"], domain=Q.MS if ms else "",
+                                  **attrs))
+    nodes.append(helper.make_node("DequantizeLinear", ["yq", "out_s", "out_z"], ["y"]))
+    inits = qparams("in", in_s, in_z, U8) + qparams("out", out_s, out_z, U8) + weights
+    qm = _model(nodes, [_x("x", shape)], "y", inits, ms=ms)
+    fn, fi = [], list(float_inits)
+    clip_node("x", "xc", in_s, in_z, U8, fn, fi, "cin")
+    fn += float_nodes
+    clip_node("r", "y", out_s, out_z, U8, fn, fi, "cout")
+    return qm, _model(fn, [_x("x", shape)], "y", fi)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qlinear_conv_is_the_float_conv_of_dequantized_operands_clipped_at_the_output_range(per_channel):
+    rng = np.random.default_rng(8)
+    wq = rng.integers(-127, 128, size=(4, 3, 3, 3)).astype(np.int8)
+    ws = rng.uniform(0.005, 0.02, size=4 if per_channel else ()).astype(np.float32)
+    bias = rng.integers(-300, 300, size=4).astype(np.int32)
+    in_s = 0.05
+    conv = dict(strides=[2, 1], pads=[1, 1, 0, 1], dilations=[1, 2])
+    weights = [_init("wq", wq), _init("ws", ws), _init("wz", np.zeros(ws.shape, np.int8)), _init("bq", bias)]
+    wd = wq.astype(np.float32) * ws.reshape(-1, 1, 1, 1)
+    bd = (bias * in_s * ws).astype(np.float32)
+    qm, fm = _qop_case("QLinearConv", conv, weights,
+                       [helper.make_node("Conv", ["xc", "wd", "bd"], ["r"], **conv)],
+                       [_init("wd", wd), _init("bd", bd)], out_s=0.01, out_z=100, in_s=in_s,
+                       extra_inputs=lambda xin: xin + ["wq", "ws", "wz", "out_s", "out_z", "bq"])
+    x = on_grid(rng, (2, 3, 6, 6), in_s, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)
+
+
+def test_qlinear_conv_after_a_tensor_of_unknown_shape_fixes_its_size_at_run_time():
+    # After com.microsoft operators onnx's shape inference knows no shapes: the adjoint's
+    # spatial size is cropped/padded at run time. Stride 2 on 7 columns leaves one unread.
+    rng = np.random.default_rng(9)
+    wq = rng.integers(-127, 128, size=(2, 3, 3, 3)).astype(np.int8)
+    conv = dict(strides=[2, 2], pads=[0, 1, 0, 0])
+    weights = [_init("wq", wq), _init("ws", np.float32(0.01)), _init("wz", np.int8(0))]
+    qm, fm = _qop_case("QLinearConv", conv, weights,
+                       [helper.make_node("Conv", ["xc", "wd"], ["r"], **conv)],
+                       [_init("wd", wq.astype(np.float32) * 0.01)], out_s=0.02, out_z=128,
+                       shape=(2, 3, 7, 7), extra_inputs=lambda xin: xin + ["wq", "ws", "wz", "out_s", "out_z"])
+    e = Explainer(qm, canonize=False)
+    b = _builder_without_shapes(e, "xq")
+    node = next(n for n in e.graph.nodes if n.op_type == "QLinearConv")
+    gx = Q._conv_adjoint(b, node, "g", wq.astype(np.float32), "test")
+    assert any(n.op_type == "Pad" for n in b.nodes) and gx
+    x = on_grid(rng, (2, 3, 7, 7), 0.05, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)  # (with shapes) and the run-time geometry below
+    _run_time_geometry_agrees(qm, x, rng)
+
+
+def _builder_without_shapes(e, hide):
+    from onnxplain.rules.base import Builder
+
+    b = Builder(e.graph)
+    real_shape = b.shape
+    b.shape = lambda name: None if name == hide else real_shape(name)
+    return b
+
+
+def _run_time_geometry_agrees(qm, x, rng):
+    """The explainer compiled as if the quantized input's shape were unknown gives the same
+    gradient as the one compiled with shapes."""
+    import onnxplain.rules.base as base
+
+    seed = rng.normal(size=Explainer(qm, canonize=False).predict(x).shape).astype(np.float32)
+    want = ste_gradient(qm, x, seed)
+    real = base.Builder.shape
+    base.Builder.shape = lambda self, name: None if name == "xq" else real(self, name)
+    try:
+        got = ste_gradient(qm, x, seed)
+    finally:
+        base.Builder.shape = real
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trans_b,per_column", [(0, False), (1, True)])
+def test_qgemm_is_the_float_gemm_of_dequantized_operands(trans_b, per_column):
+    rng = np.random.default_rng(10)
+    k, n = 6, 5
+    wq = rng.integers(-127, 128, size=(n, k) if trans_b else (k, n)).astype(np.int8)
+    ws = rng.uniform(0.01, 0.04, size=n if per_column else ()).astype(np.float32)
+    c = rng.integers(-500, 500, size=n).astype(np.int32)
+    in_s, alpha = 0.05, 0.7
+    weights = [_init("wq", wq), _init("ws", ws), _init("wz", np.zeros(ws.shape, np.int8)), _init("cq", c)]
+    wf = wq.astype(np.float32) * (ws.reshape(-1, 1) if trans_b and per_column else ws)
+    cd = (c * in_s * ws).astype(np.float32)
+    qm, fm = _qop_case("QGemm", dict(transB=trans_b, alpha=alpha), weights,
+                       [helper.make_node("Gemm", ["xc", "wd", "cd"], ["r"], transB=trans_b, alpha=alpha)],
+                       [_init("wd", wf), _init("cd", cd)], out_s=0.03, out_z=128, in_s=in_s, ms=True, shape=(3, k),
+                       extra_inputs=lambda xin: xin + ["wq", "ws", "wz", "cq", "out_s", "out_z"])
+    x = on_grid(rng, (3, k), in_s, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)
+
+
+def test_qgemm_with_a_float_output_is_not_requantized():
+    rng = np.random.default_rng(11)
+    wq = rng.integers(-127, 128, size=(6, 4)).astype(np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "in_s", "in_z"], ["xq"]),
+             helper.make_node("QGemm", ["xq", "in_s", "in_z", "wq", "ws", "wz"], ["y"], domain=Q.MS)]
+    m = _model(nodes, [_x("x", (3, 6))], "y", qparams("in", 0.05, 128, U8) +
+               [_init("wq", wq), _init("ws", np.float32(0.02)), _init("wz", np.int8(0))], ms=True)
+    x = on_grid(rng, (3, 6), 0.05, 128, 10, 250)
+    seed = rng.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(ste_gradient(m, x, seed), seed @ (wq.astype(np.float64) * 0.02).T, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_qlinear_matmul_is_the_float_matmul_of_dequantized_operands():
+    rng = np.random.default_rng(12)
+    wq = rng.integers(0, 256, size=(6, 4)).astype(np.uint8)
+    ws = rng.uniform(0.01, 0.04, size=4).astype(np.float32)  # per column
+    wz = np.full(4, 128, np.uint8)
+    weights = [_init("wq", wq), _init("ws", ws), _init("wz", wz)]
+    wd = (wq.astype(np.float32) - 128) * ws
+    qm, fm = _qop_case("QLinearMatMul", {}, weights, [helper.make_node("MatMul", ["xc", "wd"], ["r"])],
+                       [_init("wd", wd)], out_s=0.03, out_z=128, shape=(2, 3, 6),
+                       extra_inputs=lambda xin: xin + ["wq", "ws", "wz", "out_s", "out_z"])
+    x = on_grid(rng, (2, 3, 6), 0.05, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)
+
+
+def _binary_case(op, float_op, rng, shape_b, const_b):
+    """C = op(x, B) with B a constant, or B = x's quantized square (both operands vary)."""
+    bs, bz = 0.04, 120
+    nodes = [helper.make_node("QuantizeLinear", ["x", "in_s", "in_z"], ["xq"])]
+    fn, fi = [], []
+    clip_node("x", "xc", 0.05, 128, U8, fn, fi, "cin")
+    inits = qparams("in", 0.05, 128, U8) + qparams("out", 0.06, 100, U8) + qparams("b", bs, bz, U8)
+    if const_b:
+        bq = rng.integers(0, 256, size=shape_b).astype(np.uint8)
+        inits.append(_init("bq", bq))
+        fi.append(_init("bd", (bs * (bq.astype(np.float32) - bz)).astype(np.float32)))
+    else:  # B = x * 0.8 quantized with its own parameters
+        inits.append(_init("k", np.float32(0.8)))
+        nodes += [helper.make_node("DequantizeLinear", ["xq", "in_s", "in_z"], ["xd"]),
+                  helper.make_node("Mul", ["xd", "k"], ["bf"]),
+                  helper.make_node("QuantizeLinear", ["bf", "b_s", "b_z"], ["bq"])]
+        fi.append(_init("k", np.float32(0.8)))
+        fn.append(helper.make_node("Mul", ["xc", "k"], ["bf"]))
+        clip_node("bf", "bd", bs, bz, U8, fn, fi, "cb")
+    nodes += [helper.make_node(op, ["xq", "in_s", "in_z", "bq", "b_s", "b_z", "out_s", "out_z"], ["yq"], domain=Q.MS),
+              helper.make_node("DequantizeLinear", ["yq", "out_s", "out_z"], ["y"])]
+    fn.append(helper.make_node(float_op, ["xc", "bd"], ["r"]))
+    clip_node("r", "y", 0.06, 100, U8, fn, fi, "cout")
+    return (_model(nodes, [_x("x", (2, 3, 4))], "y", inits, ms=True), _model(fn, [_x("x", (2, 3, 4))], "y", fi))
+
+
+@pytest.mark.parametrize("op,float_op", [("QLinearAdd", "Add"), ("QLinearMul", "Mul")])
+@pytest.mark.parametrize("shape_b,const_b", [((4,), True), ((3, 1), True), (None, False)])
+def test_qlinear_add_and_mul_differentiate_as_float_with_broadcasting(op, float_op, shape_b, const_b):
+    rng = np.random.default_rng(13)
+    qm, fm = _binary_case(op, float_op, rng, shape_b, const_b)
+    # With B = 0.8 x requantized at scale 0.04, x = 0.05 k gives B = 0.04 k: on B's grid too,
+    # so the float model sees the same B.
+    x = on_grid(rng, (2, 3, 4), 0.05, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)
+
+
+@pytest.mark.parametrize("op,float_nodes,attrs", [
+    ("QLinearSigmoid", [("Sigmoid", {})], {}),
+    ("QLinearLeakyRelu", [("LeakyRelu", {"alpha": 0.2})], {"alpha": 0.2}),
+    ("QLinearGlobalAveragePool", [("GlobalAveragePool", {})], {"channels_last": 0}),
+    ("QLinearAveragePool", [("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})],
+     {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+])
+def test_qlinear_unary_operators_differentiate_as_their_float_counterparts(op, float_nodes, attrs):
+    rng = np.random.default_rng(14)
+    (fop, fattrs), = float_nodes
+    out_s, out_z = (0.002, 0) if op == "QLinearSigmoid" else (0.02, 128)
+    qm, fm = _qop_case(op, attrs, [], [helper.make_node(fop, ["xc"], ["r"], **fattrs)], [], out_s=out_s,
+                       out_z=out_z, ms=True, extra_inputs=lambda xin: xin + ["out_s", "out_z"])
+    x = on_grid(rng, (2, 3, 6, 6), 0.05, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)
+
+
+def test_qlinear_concat_splits_the_gradient_between_its_inputs():
+    rng = np.random.default_rng(15)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "in_s", "in_z"], ["xq"]),
+             helper.make_node("QuantizeLinear", ["x2", "b_s", "b_z"], ["x2q"]),
+             helper.make_node("QLinearConcat", ["out_s", "out_z", "xq", "in_s", "in_z", "x2q", "b_s", "b_z"], ["yq"],
+                              domain=Q.MS, axis=1),
+             helper.make_node("DequantizeLinear", ["yq", "out_s", "out_z"], ["y"])]
+    fn, fi = [], []
+    clip_node("x", "xc", 0.05, 128, U8, fn, fi, "cin")
+    fi.append(_init("two", np.float32(2.0)))
+    fn += [helper.make_node("Mul", ["xc", "two"], ["x2"])]
+    clip_node("x2", "x2c", 0.1, 128, U8, fn, fi, "cb")
+    fn.append(helper.make_node("Concat", ["xc", "x2c"], ["r"], axis=1))
+    clip_node("r", "y", 0.06, 128, U8, fn, fi, "cout")
+    two = [helper.make_node("Mul", ["x", "two"], ["x2"])]
+    inits = qparams("in", 0.05, 128, U8) + qparams("b", 0.1, 128, U8) + qparams("out", 0.06, 128, U8) + \
+        [_init("two", np.float32(2.0))]
+    qm = _model(two + nodes, [_x("x", (2, 3, 4))], "y", inits, ms=True)
+    fm = _model(fn, [_x("x", (2, 3, 4))], "y", fi)
+    x = on_grid(rng, (2, 3, 4), 0.05, 128, -20, 280)
+    assert_convention(qm, fm, x, rng)
+
+
+def test_dynamic_quantize_matmul_differentiates_as_the_float_matmul():
+    rng = np.random.default_rng(16)
+    wq = rng.integers(-127, 128, size=(6, 4)).astype(np.int8)
+    ws = rng.uniform(0.01, 0.04, size=4).astype(np.float32)
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "wq", "ws"], ["y"], domain=Q.MS)]
+    m = _model(nodes, [_x("x", (2, 3, 6))], "y", [_init("wq", wq), _init("ws", ws)], ms=True)
+    x = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    seed = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(ste_gradient(m, x, seed), seed @ (wq.astype(np.float64) * ws).T, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_float8_quantization_is_refused_by_name():
+    if not hasattr(TensorProto, "FLOAT8E4M3FN"):
+        pytest.skip("onnx without float8")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    z = helper.make_tensor("z", TensorProto.FLOAT8E4M3FN, [], [0.0])
+    g = helper.make_graph(nodes, "q", [_x("x", (2, 3))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          initializer=[_init("s", np.float32(0.1)), z])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    with pytest.raises(ModelError, match="FLOAT8E4M3FN"):
+        ste_gradient(m, np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32))
