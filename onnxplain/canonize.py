@@ -560,3 +560,271 @@ def canonize(model: onnx.ModelProto) -> onnx.ModelProto:
 # Constants first, so that Pad amounts and BN statistics computed by subgraphs are known;
 # passthroughs next, so that Conv -> Identity -> BN is adjacent.
 REWRITES = [fold_constants, drop_passthrough, merge_pad_into_conv, fold_batchnorm]
+
+
+# --- Loop and Scan unrolled into plain nodes --------------------------------------------
+# A bound on the unrolled size: iterations times body nodes.
+MAX_UNROLLED_NODES = 50_000
+
+
+class _Unrolled(Exception):
+    """Why a loop cannot be unrolled (becomes a typed error in the compiler)."""
+
+
+def _static_value(graph, name: str, known: dict, emitted: dict, depth: int = 0):
+    """The value of `name` when it is fixed once the shapes are: a constant, a Shape of
+    static axes, or a deterministic node of such values; else None. `known` caches
+    values; `emitted` maps names produced by unrolled nodes to their node."""
+    if not name:
+        return None
+    if name in known:
+        return known[name]
+    value = graph.constant(name)
+    if value is None and depth < 64:
+        node = emitted.get(name) or graph.producer.get(name)
+        value = _static_node_value(graph, node, name, known, emitted, depth) if node is not None else None
+    known[name] = value
+    return value
+
+
+def _static_node_value(graph, node, name, known, emitted, depth):
+    from .graph import subgraphs
+
+    if not _is_onnx(node) or subgraphs(node) or node.op_type in NONDETERMINISTIC:
+        return None
+    if node.op_type == "Constant":
+        return _constant_node_value(node)
+    if node.op_type in ("Shape", "Size"):
+        shape = graph.shape(node.input[0])
+        if shape is None:
+            return None
+        if node.op_type == "Shape":
+            shape = shape[_attr(node, "start", 0):_attr(node, "end", None)]
+        if not all(isinstance(d, int) for d in shape):
+            return None
+        value = np.array(shape if node.op_type == "Shape" else int(np.prod(shape)), dtype=np.int64)
+        return value
+    if node.op_type in ("Gather", "Slice") and node.input[0] not in known:
+        # An element of a shape with a symbolic batch: static if the elements taken are.
+        dims = _shape_dims(graph, node.input[0], emitted)
+        rest = [_static_value(graph, i, known, emitted, depth + 1) if i else None for i in node.input[1:]]
+        if dims is not None and all(v is not None or not i for v, i in zip(rest, node.input[1:])):
+            pos = np.arange(len(dims))
+            if node.op_type == "Gather":
+                picked = np.take(pos, rest[0].astype(np.int64)) if _attr(node, "axis", 0) == 0 else None
+            else:
+                (start, end), axes, steps = rest[:2], rest[2] if len(rest) > 2 else None, \
+                    rest[3] if len(rest) > 3 else None
+                ok = axes is None or all(int(a) in (0, -1) for a in np.ravel(axes))
+                step = int(np.ravel(steps)[0]) if steps is not None else 1
+                picked = pos[int(np.ravel(start)[0]):int(np.ravel(end)[0]):step] if ok else None
+            if picked is not None and all(isinstance(dims[k], int) for k in np.ravel(picked)):
+                return np.vectorize(lambda k: dims[k], otypes=[np.int64])(picked) if np.ndim(picked) \
+                    else np.array(dims[int(picked)], dtype=np.int64)
+    ins = []
+    for i in node.input:
+        v = _static_value(graph, i, known, emitted, depth + 1) if i else None
+        if i and v is None:
+            return None
+        ins.append(v)
+    if _predicted_bytes(node, ins) > 1 << 20:
+        return None
+    result = _evaluate(node, ins, graph.model.opset_import)
+    if result is None:
+        return None
+    for o, v in zip(node.output, result):
+        if o:
+            known[o] = v
+    return known.get(name)
+
+
+def _shape_dims(graph, name: str, emitted: dict):
+    """The dims (int, or None where symbolic) that a Shape node outputs as `name`, else None."""
+    node = emitted.get(name) or graph.producer.get(name)
+    if node is None or node.op_type != "Shape" or not _is_onnx(node):
+        return None
+    shape = graph.shape(node.input[0])
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in shape[_attr(node, "start", 0):_attr(node, "end", None)]]
+
+
+def _copy_renamed(node, rename: dict, name: str):
+    """A copy of a body node, named `name`, whose body-local names (inputs, outputs, and
+    references inside its own subgraphs) carry the iteration's names."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = name
+    for k, i in enumerate(copy.input):
+        if i in rename:
+            copy.input[k] = rename[i]
+    for k, o in enumerate(copy.output):
+        if o:
+            copy.output[k] = rename[o]
+    for a in copy.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            _rename_inputs(sub, rename)
+    return copy
+
+
+class _LoopUnroller:
+    def __init__(self, graph):
+        self.graph = graph
+        self.known: dict = {}
+        self.emitted: dict = {}
+        self.nodes: list = []
+        self.count = 0
+
+    def const(self, name: str, value) -> str:
+        node = helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value)))
+        self.emit(node)
+        return name
+
+    def emit(self, node) -> None:
+        self.count += 1
+        if self.count > MAX_UNROLLED_NODES:
+            raise _Unrolled(f"unrolled it would exceed {MAX_UNROLLED_NODES} nodes")
+        self.nodes.append(node)
+        for o in node.output:
+            if o:
+                self.emitted[o] = node
+
+    def body(self, loop, body, feeds: dict, it: str) -> dict:
+        """Emit one iteration: `feeds` maps body inputs to tensors; returns body outputs'
+        names in this iteration."""
+        prefix = f"{loop.name}/{it}/"
+        rename = dict(feeds)
+        for t in body.initializer:
+            name = prefix + t.name
+            rename[t.name] = self.const(name, numpy_helper.to_array(t))
+        for n in body.node:
+            for o in n.output:
+                if o:
+                    rename[o] = prefix + o
+        for k, n in enumerate(body.node):
+            self.emit(_copy_renamed(n, rename, f"{prefix}{n.name or n.op_type}_{k}"))
+        return [rename.get(o.name, o.name) for o in body.output]
+
+    def stack(self, name: str, parts: list, axis: int) -> None:
+        ups = []
+        for k, p in enumerate(parts):
+            up = f"{name}/unrolled/unsqueeze_{k}"
+            self.emit(helper.make_node("Unsqueeze", [p, self.ints(f"{name}/unrolled/axes", [axis])], [up], name=up))
+            ups.append(up)
+        self.emit(helper.make_node("Concat", ups, [name], name=f"{name}/unrolled/concat", axis=axis))
+
+    def ints(self, name: str, values) -> str:
+        if name not in self.emitted:
+            self.const(name, np.asarray(values, dtype=np.int64))
+        return name
+
+    def truth(self, name: str, loop) -> bool:
+        v = _static_value(self.graph, name, self.known, self.emitted)
+        if v is None:
+            raise _Unrolled("its loop condition is computed at run time (data-dependent termination)")
+        return bool(np.asarray(v).reshape(-1)[0])
+
+    def loop(self, node) -> None:
+        body = _attr(node, "body")
+        m, cond = node.input[0] if node.input else "", node.input[1] if len(node.input) > 1 else ""
+        n_state = len(node.input) - 2
+        trips = _static_value(self.graph, m, self.known, self.emitted) if m else None
+        if m and trips is None:
+            raise _Unrolled("its trip count is known only at run time")
+        trips = None if trips is None else int(np.asarray(trips).reshape(-1)[0])
+        if trips is None and not cond:
+            raise _Unrolled("it has neither a trip count nor a condition (an endless loop)")
+        states = list(node.input[2:])
+        running = self.truth(cond, node) if cond else True
+        cond_name = cond or self.const(f"{node.name}/cond_true", np.array(True))
+        scans = [[] for _ in range(len(body.output) - 1 - n_state)]
+        i = 0
+        while running and (trips is None or i < trips):
+            it = f"iter{i}"
+            feeds = {body.input[0].name: self.const(f"{node.name}/{it}/iteration", np.array(i, dtype=np.int64)),
+                     body.input[1].name: cond_name}
+            feeds.update({vi.name: s for vi, s in zip(body.input[2:], states)})
+            outs = self.body(node, body, feeds, it)
+            cond_name, states = outs[0], outs[1:1 + n_state]
+            for k, s in enumerate(outs[1 + n_state:]):
+                scans[k].append(s)
+            i += 1
+            if cond:
+                running = self.truth(cond_name, node)
+            if i > MAX_UNROLLED_NODES:
+                raise _Unrolled(f"it runs more than {MAX_UNROLLED_NODES} iterations")
+        for out, s in zip(node.output[:n_state], states):
+            if out:
+                self.emit(helper.make_node("Identity", [s], [out], name=f"{out}/unrolled/final"))
+        for out, parts in zip(node.output[n_state:], scans):
+            if not out:
+                continue
+            if not parts:
+                raise _Unrolled("it runs no iteration, so its scan outputs are empty tensors of unknown shape")
+            self.stack(out, parts, 0)
+
+    def scan(self, node) -> None:
+        body = _attr(node, "body")
+        n_scan = _attr(node, "num_scan_inputs")
+        n_state = len(node.input) - n_scan
+        xs = list(node.input[n_state:])
+        in_axes = list(_attr(node, "scan_input_axes", None) or [0] * n_scan)
+        in_dirs = list(_attr(node, "scan_input_directions", None) or [0] * n_scan)
+        n_out = len(body.output) - n_state
+        out_axes = list(_attr(node, "scan_output_axes", None) or [0] * n_out)
+        out_dirs = list(_attr(node, "scan_output_directions", None) or [0] * n_out)
+        shape = self.graph.shape(xs[0])
+        length = None
+        if shape is not None:
+            length = shape[in_axes[0] % len(shape)]
+        if not isinstance(length, int):
+            raise _Unrolled(f"the length of its scanned axis is known only at run time (shape {shape})")
+        states = list(node.input[:n_state])
+        scans = [[None] * length for _ in range(n_out)]
+        for t in range(length):
+            it = f"step{t}"
+            feeds = {vi.name: s for vi, s in zip(body.input[:n_state], states)}
+            for j, (x, vi) in enumerate(zip(xs, body.input[n_state:])):
+                pos = t if not in_dirs[j] else length - 1 - t
+                el = f"{node.name}/{it}/scan_in_{j}"
+                self.emit(helper.make_node("Gather", [x, self.const(el + "/index", np.array(pos, dtype=np.int64))],
+                                           [el], name=el, axis=int(in_axes[j])))
+                feeds[vi.name] = el
+            outs = self.body(node, body, feeds, it)
+            states = outs[:n_state]
+            for k, s in enumerate(outs[n_state:]):
+                scans[k][t if not out_dirs[k] else length - 1 - t] = s
+        for out, s in zip(node.output[:n_state], states):
+            if out:
+                self.emit(helper.make_node("Identity", [s], [out], name=f"{out}/unrolled/final"))
+        for k, out in enumerate(node.output[n_state:]):
+            if out:
+                if length == 0:
+                    raise _Unrolled("its scanned axis is empty")
+                self.stack(out, scans[k], int(out_axes[k]))
+
+
+def unroll_loops(graph, names) -> onnx.ModelProto:
+    """The model of `graph` (a Graph specialised to its input shapes) with the Loop and Scan
+    nodes named in `names` replaced by their iterations as plain nodes; every output and
+    every tensor outside the loops keeps its name and value.
+
+    A Loop unrolls when its trip count and its condition are fixed once the shapes are (a
+    constant, a Shape of a static axis, a counter compared with one); a Scan when its
+    scanned axis is static. Raises ValueError naming the node and the reason otherwise.
+    """
+    names = set(names)
+    unroller = _LoopUnroller(graph)
+    for node in graph.nodes:
+        if node.name in names and _is_onnx(node) and node.op_type in ("Loop", "Scan"):
+            try:
+                unroller.loop(node) if node.op_type == "Loop" else unroller.scan(node)
+            except _Unrolled as exc:
+                raise ValueError(f"{node.op_type} node '{node.name}' cannot be unrolled: {exc}") from None
+        else:
+            unroller.nodes.append(node)
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    del model.graph.node[:]
+    model.graph.node.extend(unroller.nodes)
+    return model

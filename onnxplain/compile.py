@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import ModelError, UnsupportedOperatorError
-from .graph import BATCH, Graph
+from .graph import BATCH, Graph, node_inputs, subgraphs
 from .rules import base
 from .rules.base import Builder, lookup
 
@@ -72,32 +72,205 @@ def _depends_on(graph: Graph, sources) -> set:
     for node in graph.nodes:
         if node.op_type in NON_DIFFERENTIABLE:
             continue
-        if any(i in dep for i in node.input if i):
+        if any(i in dep for i in node_inputs(node)):
             dep.update(o for o in node.output if o)
     return dep
 
 
-def _ancestors(graph: Graph, target: str) -> set:
-    need = {target}
+def _ancestors(graph: Graph, target) -> set:
+    need = {target} if isinstance(target, str) else set(target)
     for node in reversed(graph.nodes):
         if any(o in need for o in node.output):
-            need.update(i for i in node.input if i)
+            need.update(node_inputs(node))
     return need
 
 
-def active_nodes(graph: Graph, wrt, explained: str) -> list:
-    """Nodes on a differentiable path from any `wrt` tensor to `explained`, in topological order."""
+def active_nodes(graph: Graph, wrt, explained) -> list:
+    """Nodes on a differentiable path from any `wrt` tensor to `explained` (a tensor or
+    several), in topological order. Tensors that subgraphs read from the enclosing scope
+    count as inputs of the node that holds the subgraph."""
     dep = _depends_on(graph, wrt)
     need = _ancestors(graph, explained)
     return [
         n for n in graph.nodes
         if n.op_type not in NON_DIFFERENTIABLE
-        and any(o in need for o in n.output) and any(i in dep for i in n.input if i)
+        and any(o in need for o in n.output) and any(i in dep for i in node_inputs(n))
     ]
 
 
+UNROLLED = ("Loop", "Scan")
+
+
+def _missing(graph: Graph, composite: Composite, nodes, dep) -> set:
+    """Operators among `nodes` without a rule in `composite`, those inside the subgraphs
+    on the path included (a Loop/Scan body is unrolled, so its operators need rules)."""
+    missing = set()
+    for n in nodes:
+        if n.op_type in UNROLLED and n.domain in ("", "ai.onnx"):
+            body = subgraphs(n)[0]
+            missing |= _missing_in_body(graph, composite, body, dep, with_inputs=True)
+            continue
+        if composite.rule(n, graph) is None:
+            missing.add(n.op_type)
+        elif subgraphs(n):
+            for body in subgraphs(n):
+                missing |= _missing_in_body(graph, composite, body, dep)
+    return missing
+
+
+def _missing_in_body(graph, composite, body, dep, with_inputs=False) -> set:
+    """Missing rules inside one body: its nodes that read (transitively) a differentiable
+    outer tensor, or a body input for a loop body (its state and scanned elements)."""
+    try:
+        sub = _body_graph(graph, body)
+    except ModelError:
+        sub = None
+    sources = {i for i in dep}
+    if with_inputs:
+        sources |= {vi.name for vi in body.input}
+    missing = set()
+    reach = set(sources)
+    for n in body.node:
+        if n.op_type in NON_DIFFERENTIABLE or not any(i in reach for i in node_inputs(n)):
+            continue
+        reach.update(o for o in n.output if o)
+        if n.op_type in UNROLLED and n.domain in ("", "ai.onnx"):
+            missing |= _missing_in_body(sub or graph, composite, subgraphs(n)[0], reach, with_inputs=True)
+        elif (sub is None and lookup(n.op_type, "gradient") is None) or \
+                (sub is not None and composite.rule(n, sub) is None):
+            missing.add(n.op_type)
+        else:
+            for inner in subgraphs(n):
+                missing |= _missing_in_body(sub or graph, composite, inner, reach)
+    return missing
+
+
 def unsupported(graph: Graph, composite: Composite, wrt, explained: str) -> list[str]:
-    return sorted({n.op_type for n in active_nodes(graph, wrt, explained) if composite.rule(n, graph) is None})
+    """Operators on the explained path without a rule in `composite`, inside subgraphs too."""
+    nodes = active_nodes(graph, wrt, explained)
+    return sorted(_missing(graph, composite, nodes, _depends_on(graph, wrt)))
+
+
+def _backward(b: Builder, graph: Graph, composite: Composite, nodes, grads: dict, dep) -> dict:
+    """Emit the backward steps of `nodes` (topological order) into `b`, accumulating into
+    `grads` (tensor -> list of gradient names, seeded by the caller).
+
+    A rule of a node with subgraphs returns its explicit inputs' gradients as usual and
+    puts those of the outer-scope tensors its bodies read into `b.implicit_grads`."""
+    b.depends = dep
+    for node in reversed(nodes):
+        gout = [b.sum(grads[o]) if grads.get(o) else None for o in node.output]
+        if all(g is None for g in gout):
+            continue
+        # Fold the accumulated sums back so later readers of a fan-out see one tensor.
+        for o, g in zip(node.output, gout):
+            if g is not None:
+                grads[o] = [g]
+        b.current = node.name
+        rule = composite.rule(node, graph)
+        b.implicit_grads = {}
+        gin = rule(b, node, gout)
+        if len(gin) < len(node.input):
+            gin = list(gin) + [None] * (len(node.input) - len(gin))
+        pairs = list(zip(node.input, gin)) + list(b.implicit_grads.items())
+        b.implicit_grads = {}
+        for name, g in pairs:
+            if g is None or not name or name not in dep or graph.constant(name) is not None:
+                continue
+            grads.setdefault(name, []).append(g)
+    return grads
+
+
+def _unroll_active(graph: Graph, wrt, explained, method=None) -> Graph:
+    """`graph` with the Loop and Scan nodes on the explained path unrolled (nested ones
+    too, round by round), so that the plain rules apply to their iterations."""
+    from .canonize import unroll_loops
+
+    for _ in range(16):
+        loops = [n.name for n in active_nodes(graph, wrt, explained)
+                 if n.op_type in UNROLLED and n.domain in ("", "ai.onnx")]
+        if not loops:
+            return graph
+        try:
+            model = unroll_loops(graph, loops)
+        except ValueError as exc:
+            err = UnsupportedOperatorError(["Loop" if str(exc).startswith("Loop") else "Scan"], method)
+            err.args = (f"method '{method}' cannot differentiate through {exc}: white-box methods unroll loops "
+                        "whose trip count (or scanned length) the input shapes fix and whose end does not depend "
+                        "on the data; use a black-box method (occlusion, rise, kernel_shap, lime) for this model",)
+            raise err from None
+        graph = Graph(model, initializers=graph.initializers)
+    raise ModelError("loops nested more than 16 deep on the explained path cannot be unrolled")
+
+
+def _body_graph(outer: Graph, body: onnx.GraphProto) -> Graph:
+    """A Graph of one subgraph: its own inputs, and the outer-scope tensors it reads as
+    further inputs (constants of the outer scope stay constants, sharing their arrays)."""
+    from .graph import graph_outer_reads
+
+    reads = graph_outer_reads(body)
+    consts = {r: outer.constant(r) for r in reads if outer.constant(r) is not None}
+    inputs = list(body.input)
+    inits = []
+    for r in reads:
+        if r in consts:
+            v = consts[r]
+            if v.nbytes <= 1 << 16:  # small ones (shapes, axes) feed shape inference
+                inits.append(numpy_helper.from_array(v, r))
+                continue
+            # A weight's data stays in `consts`: Graph takes the arrays given and reads dims.
+            stub = onnx.TensorProto(name=r, data_type=helper.np_dtype_to_tensor_dtype(v.dtype))
+            stub.dims.extend(v.shape)
+            inits.append(stub)
+        else:
+            inputs.append(helper.make_tensor_value_info(r, outer.elem_type(r) or onnx.TensorProto.FLOAT,
+                                                        outer.shape(r)))
+    inits += list(body.initializer)
+    g = helper.make_graph(list(body.node), body.name or "body", inputs, list(body.output), initializer=inits,
+                          value_info=list(body.value_info))
+    model = helper.make_model(g, opset_imports=list(outer.model.opset_import))
+    model.ir_version = max(outer.model.ir_version, 4)
+    return Graph(model, initializers=consts)
+
+
+def subgraph_backward(b: Builder, node: onnx.NodeProto, body: onnx.GraphProto, gout, targets, tag: str):
+    """The backward of one body (an If branch, no inputs of its own) as a subgraph.
+
+    gout: the gradient names of the node's outputs (outer-scope tensors of the result);
+    targets: the outer-scope tensors whose gradients the subgraph outputs, in order (zeros
+    where this body does not use them). The body's forward nodes are recomputed inside it,
+    since their values live only in the forward node's scope. Constants the backward needs
+    go to `b`'s scope."""
+    sub = _body_graph(b.graph, body)
+    composite = b.composite
+    outs = [vi.name for vi in body.output]
+    seeded = [o for o, g in zip(outs, gout) if g is not None]
+    sources = [t for t in sub.inputs if t in b.depends]
+    sub = _unroll_active(sub, sources, seeded, composite.name)
+    dep = _depends_on(sub, sources)
+    nodes = active_nodes(sub, sources, seeded)
+    missing = sorted(_missing(sub, composite, nodes, dep))
+    if missing:
+        raise UnsupportedOperatorError(missing, composite.name)
+    sb = Builder(sub, prefix=f"{b.prefix}/{node.name}/{tag}")
+    sb.composite = composite
+    grads: dict[str, list[str]] = {}
+    for o, g in zip(outs, gout):
+        if g is not None:
+            grads.setdefault(o, []).append(g)
+    _backward(sb, sub, composite, nodes, grads, dep)
+    sb.current = "out"
+    results = []
+    for t in targets:
+        g = sb.sum(grads[t]) if grads.get(t) else sb.zeros_like(t)
+        results.append(sb.op("Identity", g))
+    bw, inits = _prune(sb, results, sub.nodes)
+    b.initializers.extend(inits)
+    read = {i for n in bw for i in node_inputs(n)}
+    own = [t for t in body.initializer if t.name in read]
+    vis = [helper.make_tensor_value_info(r, b.graph.elem_type(t) or onnx.TensorProto.FLOAT, b.graph.shape(t))
+           for r, t in zip(results, targets)]
+    return helper.make_graph(bw, f"{node.name}_{tag}_backward", [], vis, initializer=own)
 
 
 def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, activations=(),
@@ -113,31 +286,17 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     for t in list(wrt) + [explained] + list(activations):
         if t not in known:
             raise ModelError(f"tensor '{t}' is not in the model; `onnxplain inspect MODEL` lists its tensors")
+    graph = _unroll_active(graph, wrt, explained, method or composite.name)
     nodes = active_nodes(graph, wrt, explained)
-    missing = sorted({n.op_type for n in nodes if composite.rule(n, graph) is None})
+    dep = _depends_on(graph, wrt)
+    missing = sorted(_missing(graph, composite, nodes, dep))
     if missing:
         raise UnsupportedOperatorError(missing, method or composite.name)
 
     b = Builder(graph)
-    dep = _depends_on(graph, wrt)
+    b.composite = composite
     grads: dict[str, list[str]] = {explained: [SEED]}
-    for node in reversed(nodes):
-        gout = [b.sum(grads[o]) if grads.get(o) else None for o in node.output]
-        if all(g is None for g in gout):
-            continue
-        # Fold the accumulated sums back so later readers of a fan-out see one tensor.
-        for o, g in zip(node.output, gout):
-            if g is not None:
-                grads[o] = [g]
-        b.current = node.name
-        rule = composite.rule(node, graph)
-        gin = rule(b, node, gout)
-        if len(gin) < len(node.input):
-            gin = list(gin) + [None] * (len(node.input) - len(gin))
-        for name, g in zip(node.input, gin):
-            if g is None or not name or name not in dep or graph.constant(name) is not None:
-                continue
-            grads.setdefault(name, []).append(g)
+    _backward(b, graph, composite, nodes, grads, dep)
 
     b.current = "out"
     attributions, activations_out = {}, {}
@@ -151,15 +310,21 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
             src = prod
         b.nodes.append(helper.make_node("Identity", [src], [name], name=f"onnxplain/out/attr_{i}"))
         attributions[t] = name
-        out_vis.append(_value_info(graph, t, name))
+        out_vis.append((t, name))
     for i, t in enumerate(activations):
         name = f"onnxplain.activation.{i}"
         b.nodes.append(helper.make_node("Identity", [t], [name], name=f"onnxplain/out/act_{i}"))
         activations_out[t] = name
-        out_vis.append(_value_info(graph, t, name))
+        out_vis.append((t, name))
 
     fwd = graph.model.graph
-    seed_vi = _value_info(graph, explained, SEED)
+    fwd_outputs = [vi for vi in fwd.output]
+    untyped = [vi.name for vi in fwd_outputs if vi.type.HasField("tensor_type")
+               and not vi.type.tensor_type.HasField("shape")]
+    types = _declared_types(graph, [t for t, _ in out_vis] + [explained] + untyped)
+    out_vis = [_value_info(types, t, name) for t, name in out_vis]
+    fwd_outputs = [_value_info(types, vi.name, vi.name) if vi.name in untyped else vi for vi in fwd_outputs]
+    seed_vi = _value_info(types, explained, SEED)
     seed_inputs, predicted = [seed_vi], None
     if predicted_seed:
         shape = graph.shape(explained)
@@ -182,12 +347,15 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
         list(fwd.node) + bw_nodes,
         f"{fwd.name or 'model'}_explainer",
         list(fwd.input) + seed_inputs,
-        list(fwd.output) + out_vis,
+        fwd_outputs + out_vis,
         initializer=list(fwd.initializer) + bw_inits,
         value_info=list(fwd.value_info),
     )
     model = helper.make_model(g, opset_imports=list(graph.model.opset_import), producer_name="onnxplain")
-    model.ir_version = graph.model.ir_version
+    # IR 3 wanted every initializer listed as an input; from 4 on an initializer is a
+    # constant unless listed. The opsets used fix the least IR version onnxruntime accepts.
+    model.ir_version = max(graph.model.ir_version, 4,
+                           helper.find_min_ir_version_for(list(graph.model.opset_import), ignore_unknown=True))
     info = {
         "composite": composite.key(), "method": method, "times_input": times_input,
         "seed": None if predicted_seed else SEED, "predicted": predicted, "explained": explained,
@@ -202,25 +370,61 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
                      list(graph.outputs), predicted)
 
 
-def _prune(b: Builder, outputs) -> tuple[list, list]:
-    """The emitted nodes and constants the outputs need. Rules may emit gradients nobody
-    reads (a weight's, an unused branch's), and onnxruntime runs every node it is given."""
+def _prune(b: Builder, outputs, before=()) -> tuple[list, list]:
+    """The emitted nodes (after the nodes `before`) and constants the outputs need. Rules
+    may emit gradients nobody reads (a weight's, an unused branch's), and onnxruntime runs
+    every node it is given. What subgraphs read from this scope counts as read."""
     needed = set(outputs)
     keep = []
-    for node in reversed(b.nodes):
+    for node in reversed(list(before) + b.nodes):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(i for i in node.input if i)
+            needed.update(node_inputs(node))
     keep.reverse()
     return keep, [t for t in b.initializers if t.name in needed]
 
 
-def _value_info(graph: Graph, tensor: str, name: str):
-    elem = graph.elem_type(tensor) or onnx.TensorProto.FLOAT
-    shape = graph.shape(tensor)
-    if shape is not None:
-        shape = [d if d is not None else None for d in shape]
-    return helper.make_tensor_value_info(name, elem, shape)
+def _declared_types(graph: Graph, tensors) -> dict:
+    """(elem_type, shape) of each tensor, for the explainer's declared inputs and outputs:
+    onnx.checker requires a shape (a rank) on each. Where shape inference gave none (Loop
+    outputs, fp16 islands, custom operators), one forward run on a one-row dummy batch
+    tells the rank and type; its axes are left unnamed."""
+    types = {t: (graph.elem_type(t), graph.shape(t)) for t in tensors}
+    unknown = [t for t, (e, s) in types.items() if s is None or not e]
+    if unknown:
+        for t, arr in _probe(graph, unknown).items():
+            e, s = types[t]
+            types[t] = (e or helper.np_dtype_to_tensor_dtype(arr.dtype), s if s is not None else (None,) * arr.ndim)
+    return types
+
+
+def _probe(graph: Graph, tensors) -> dict:
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
+    feeds = {}
+    for name in graph.inputs:
+        elem = graph.elem_type(name) or onnx.TensorProto.FLOAT
+        shape = [d if isinstance(d, int) else 1 for d in (graph.shape(name) or ())]
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        feeds[name] = (np.ones if np.dtype(dtype).kind == "f" else np.zeros)(shape, dtype=dtype)
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        values = sess.run(list(tensors), feeds)
+    except Exception as exc:
+        raise ModelError(f"the types of {', '.join(tensors)} are unknown to shape inference and a trial run "
+                         f"failed ({str(exc).splitlines()[0]}); give the model static input shapes") from None
+    return {t: np.asarray(v) for t, v in zip(tensors, values)}
+
+
+def _value_info(types: dict, tensor: str, name: str):
+    elem, shape = types[tensor]
+    return helper.make_tensor_value_info(name, elem or onnx.TensorProto.FLOAT, shape)
 
 
 __all__ = ["Composite", "Explainer", "compile_explainer", "active_nodes", "unsupported", "SEED", "BATCH", "base"]

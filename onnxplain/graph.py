@@ -334,17 +334,19 @@ def _toposort(g) -> list:
     available = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {""}
     pending = list(g.node)
     ordered = []
+    # A node with a subgraph is ready only when the outer-scope tensors its body reads are.
+    reads = {id(n): node_inputs(n) for n in pending}
     # Most exported graphs are already sorted: one pass is usually enough.
     while pending:
         rest = []
         for node in pending:
-            if all(i in available for i in node.input):
+            if all(i in available for i in reads[id(node)]):
                 ordered.append(node)
                 available.update(node.output)
             else:
                 rest.append(node)
         if len(rest) == len(pending):
-            missing = sorted({i for n in rest for i in n.input if i not in available})
+            missing = sorted({i for n in rest for i in reads[id(n)] if i not in available})
             raise ModelError(
                 f"the graph has a cycle or uses undefined tensors: {', '.join(missing[:5])}"
             )
@@ -354,3 +356,78 @@ def _toposort(g) -> list:
 
 def load(source) -> Graph:
     return Graph(read_model(source))
+
+
+# --- subgraphs: what If/Loop/Scan bodies read from the enclosing scope ---------------------
+def subgraphs(node) -> list:
+    """The GraphProto attributes of a node (If branches, Loop and Scan bodies)."""
+    found = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            found.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            found.extend(a.graphs)
+    return found
+
+
+def graph_outer_reads(g) -> list[str]:
+    """Names that graph `g` (its nodes, nested subgraphs and outputs) reads without
+    defining them: the tensors of enclosing scopes it uses, in first-use order."""
+    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {""}
+    defined |= {t.name for t in getattr(g, "sparse_initializer", ())}
+    reads: dict[str, None] = {}
+    for n in g.node:
+        for name in node_inputs(n):
+            if name not in defined:
+                reads.setdefault(name)
+        defined.update(n.output)
+    for vi in g.output:
+        if vi.name not in defined:
+            reads.setdefault(vi.name)
+    return list(reads)
+
+
+def implicit_inputs(node) -> list[str]:
+    """Outer-scope tensors a node's subgraphs read (recursively): inputs the node has
+    without listing them. Empty for a node without subgraphs."""
+    reads: dict[str, None] = {}
+    for sub in subgraphs(node):
+        for name in graph_outer_reads(sub):
+            reads.setdefault(name)
+    explicit = set(node.input)
+    return [n for n in reads if n not in explicit]
+
+
+def node_inputs(node) -> list[str]:
+    """Every tensor a node reads: its explicit inputs (non-empty) and then its implicit ones."""
+    explicit = [i for i in node.input if i]
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return explicit
+    return list(dict.fromkeys(explicit + implicit_inputs(node)))
+
+
+# --- embeddings: where a token model becomes float ---------------------------------------
+_INDEX_PASSING = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+
+
+def find_embeddings(graph: "Graph") -> list[str]:
+    """Outputs of the embedding lookups of a model with integer inputs: each `Gather` whose
+    data is a constant 2-D float table and whose indices are an integer graph input (or
+    one reshaped or cast on its way), in topological order."""
+    int_inputs = {n for n in graph.inputs if graph.elem_type(n) not in _FLOAT_TYPES | {None}}
+    found = []
+    for node in graph.nodes:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        table = graph.constant(node.input[0])
+        if table is None or table.ndim != 2 or table.dtype.kind != "f":
+            continue
+        idx = node.input[1]
+        while idx not in int_inputs:
+            prod = graph.producer.get(idx)
+            if prod is None or prod.op_type not in _INDEX_PASSING or not prod.input:
+                break
+            idx = prod.input[0]
+        if idx in int_inputs:
+            found.append(node.output[0])
+    return found

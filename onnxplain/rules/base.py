@@ -5,6 +5,13 @@ family. `b` is a `Builder`, `node` the forward NodeProto, `grads` the name of th
 gradient (or relevance) for each of the node's outputs (None where nothing flows back).
 It returns, for each of the node's inputs, the name of the outgoing tensor, or None where
 nothing flows (non-differentiable inputs such as shapes and indices).
+
+Subgraphs (If branches) read tensors of the enclosing scope without listing them as
+inputs. The rule of a node with subgraphs returns its explicit inputs' gradients as usual
+and puts those of the outer-scope tensors into `b.implicit_grads` (tensor -> gradient
+name), which the compiler empties before each rule and accumulates after it. For such
+rules the compiler also sets `b.composite` (the composite being compiled, to emit the
+bodies' backward with) and `b.depends` (the tensors that depend on the attributed ones).
 """
 
 from __future__ import annotations
@@ -83,6 +90,9 @@ class Builder:
         self._by_id: dict = {}
         self._model_ids: dict | None = None
         self.current = "bw"  # name of the forward node being processed, for readable names
+        self.implicit_grads: dict[str, str] = {}  # see the module docstring (subgraphs)
+        self.composite = None
+        self.depends: set = set()
 
     # --- naming and emission ---------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:

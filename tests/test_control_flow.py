@@ -1,0 +1,395 @@
+"""Control flow: If/Loop/Scan bodies read outer-scope tensors; gradients through them equal
+finite differences (float64 copies of the models), an operator without a rule inside a
+body on the explained path is refused by name, and unrolling leaves outputs unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxplain import Explainer
+from onnxplain import canonize as C
+from onnxplain.compile import Composite, compile_explainer, unsupported
+from onnxplain.errors import UnsupportedOperatorError
+from onnxplain.graph import Graph, implicit_inputs, node_inputs, read_model
+from onnxplain.methods.gradients import GRADIENT
+
+F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
+
+
+def _np(elem):
+    return np.float64 if elem == F64 else np.float32
+
+
+def _init(name, value, elem):
+    return numpy_helper.from_array(np.asarray(value, dtype=_np(elem)), name)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17, ir_version=8):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(m)
+    return m
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def finite_differences(model64, feeds: dict, wrt: str, seed: np.ndarray, eps=1e-6) -> np.ndarray:
+    """Central differences of sum(seed * first output) w.r.t. `wrt`, every element, in float64."""
+    sess = _session(model64)
+    base = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    x = base[wrt]
+    out = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        fp = sess.run(None, {**base, wrt: xp})[0]
+        fm = sess.run(None, {**base, wrt: xm})[0]
+        out[idx] = (seed * (fp - fm)).sum() / (2 * eps)
+    return out
+
+
+def gradient(model32, x: np.ndarray, seed: np.ndarray, **kw) -> np.ndarray:
+    return Explainer(model32, **kw).attribute(x, method="gradient", target=seed.astype(np.float32),
+                                              probability=True)
+
+
+def rng_(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------- If
+def if_model(elem=F32, cond_from="data"):
+    """z = (If sum(x) > 0 then tanh(x W1) else 2 sigmoid(x W2) * x[:, :3]) W3.
+
+    x reaches z only through the branches, which read x, W1, W2 implicitly. The condition
+    is computed from x (a non-differentiable comparison)."""
+    r = rng_(1)
+    w1, w2, w3 = r.normal(size=(4, 3)), r.normal(size=(4, 3)), r.normal(size=(3, 2))
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["t1"]), helper.make_node("Tanh", ["t1"], ["t_out"])],
+        "then", [], [helper.make_tensor_value_info("t_out", elem, ["N", 3])])
+    else_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W2"], ["e1"]), helper.make_node("Sigmoid", ["e1"], ["e2"]),
+         helper.make_node("Slice", ["x", "s0", "s3", "s1"], ["e3"]),
+         helper.make_node("Mul", ["e2", "e3"], ["e4"]), helper.make_node("Add", ["e4", "e4"], ["e_out"])],
+        "else", [], [helper.make_tensor_value_info("e_out", elem, ["N", 3])])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+        helper.make_node("Greater", ["sx", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("MatMul", ["y", "W3"], ["z"]),
+    ]
+    inits = [_init("W1", w1, elem), _init("W2", w2, elem), _init("W3", w3, elem), _init("zero", 0.0, elem),
+             numpy_helper.from_array(np.array([0], np.int64), "s0"),
+             numpy_helper.from_array(np.array([3], np.int64), "s3"),
+             numpy_helper.from_array(np.array([1], np.int64), "s1")]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", 4])],
+                  [helper.make_tensor_value_info("z", elem, ["N", 2])], inits)
+
+
+def test_implicit_inputs_list_the_outer_tensors_branches_read():
+    node = next(n for n in if_model().graph.node if n.op_type == "If")
+    assert sorted(implicit_inputs(node)) == sorted(["x", "W1", "W2", "s0", "s3", "s1"])
+    assert node_inputs(node)[0] == "cond" and sorted(node_inputs(node)[1:]) == sorted(implicit_inputs(node))
+
+
+def test_inspect_analysis_sees_the_path_through_an_if():
+    g = Graph(read_model(if_model()))
+    assert "If" in {n.op_type for n in __import__("onnxplain.compile", fromlist=["x"]).active_nodes(g, ["x"], "z")}
+    assert unsupported(g, GRADIENT, ["x"], "z") == []
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["then", "else"])
+def test_gradient_through_if_equals_finite_differences(sign):
+    x = np.abs(rng_(2).normal(size=(2, 4))) * sign
+    seed = rng_(3).normal(size=(2, 2))
+    got = gradient(if_model(F32), x.astype(np.float32), seed)
+    want = finite_differences(if_model(F64), {"x": x}, "x", seed)
+    assert np.abs(want).max() > 1e-2  # the path exists: a zero gradient would be wrong
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_through_if_is_not_canonized_away():
+    # Canonization (constant folding, Identity removal) keeps the branches' outer reads.
+    m = if_model()
+    before = m.graph.node[2].attribute[0].g.node[0].input[:]
+    x = np.abs(rng_(4).normal(size=(1, 4))).astype(np.float32)
+    canon = C.canonize(read_model(m))
+    if_node = next(n for n in canon.graph.node if n.op_type == "If")
+    assert list(if_node.attribute[0].g.node[0].input) == list(before)
+    sess_a, sess_b = _session(m), _session(canon)
+    np.testing.assert_allclose(sess_a.run(None, {"x": x})[0], sess_b.run(None, {"x": x})[0], rtol=1e-6)
+
+
+def identity_before_if_model():
+    """x -> Identity -> xi, read only inside the If branches: dropping the Identity must
+    rename the branches' reference, and dead-code removal must keep the Identity's input."""
+    then_g = helper.make_graph([helper.make_node("Tanh", ["xi"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", F32, None)])
+    else_g = helper.make_graph([helper.make_node("Sigmoid", ["xi"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", F32, None)])
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("Constant", [], ["c"],
+                                                                           value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 3])],
+                  [helper.make_tensor_value_info("y", F32, ["N", 3])])
+
+
+def test_dropping_identity_renames_references_inside_branches():
+    m = read_model(identity_before_if_model())
+    canon = C.canonize(m)
+    assert "Identity" not in {n.op_type for n in canon.graph.node}
+    if_node = next(n for n in canon.graph.node if n.op_type == "If")
+    assert implicit_inputs(if_node) == ["x"]
+    x = rng_(5).normal(size=(2, 3)).astype(np.float32)
+    np.testing.assert_allclose(_session(canon).run(None, {"x": x})[0], np.tanh(x), rtol=1e-6)
+    g = gradient(identity_before_if_model(), x, np.ones((2, 3)))
+    np.testing.assert_allclose(g, 1 - np.tanh(x) ** 2, rtol=1e-5)
+
+
+def test_operator_without_rule_inside_a_branch_is_refused_by_name():
+    m = if_model()
+    # An operator no rule family knows (a custom domain's), inside one branch.
+    branch = next(a.g for a in m.graph.node[2].attribute if a.name == "then_branch")
+    branch.node[1].op_type, branch.node[1].domain = "Mystery", "com.example"
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    e = Explainer(m)
+    x = np.ones((2, 4), np.float32)
+    assert unsupported(e.graph, GRADIENT, ["x"], "z") == ["Mystery"]
+    with pytest.raises(UnsupportedOperatorError, match="Mystery"):
+        e.attribute(x, method="gradient", target=0)
+
+
+def test_if_backward_runs_under_lrp_composites():
+    # LRP's epsilon rule on the MatMuls inside branches: relevance through an If.
+    x = np.abs(rng_(6).normal(size=(1, 4))).astype(np.float32)
+    r = Explainer(if_model()).attribute(x, method="lrp.epsilon", target=0)
+    assert r.shape == (1, 4) and np.isfinite(r).all() and np.abs(r).max() > 0
+
+
+# ----------------------------------------------------------------------------- Loop
+def rnn_loop_model(elem=F32, trips="shape", cond="none"):
+    """h_{t+1} = tanh(h_t U + x[:, t] W), over the T = x.shape[1] steps of x (N, T, 3); the
+    trip count is Shape(x)[1] (or a constant); the body reads x, U and W implicitly; the
+    scan output stacks each step's h (T, N, 2), and the output is h_T + mean over steps."""
+    r = rng_(7)
+    u, w = r.normal(size=(2, 2)) * 0.5, r.normal(size=(3, 2))
+    body_nodes = [
+        helper.make_node("Gather", ["x", "i"], ["xt"], axis=1),
+        helper.make_node("MatMul", ["xt", "W"], ["a"]),
+        helper.make_node("MatMul", ["h_in", "U"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["c"]),
+        helper.make_node("Tanh", ["c"], ["h_out"]),
+        helper.make_node("Identity", ["h_out"], ["h_scan"]),
+    ]
+    body_outputs = [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])]
+    if cond == "counter":
+        # tf2onnx style: the loop ends when a counter reaches a constant.
+        body_nodes += [helper.make_node("Add", ["i", "one"], ["i1"]),
+                       helper.make_node("Less", ["i1", "limit"], ["cond_out"])]
+    else:
+        body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", elem, ["N", 2])],
+        body_outputs + [helper.make_tensor_value_info("h_out", elem, ["N", 2]),
+                        helper.make_tensor_value_info("h_scan", elem, ["N", 2])],
+        initializer=[numpy_helper.from_array(np.array(1, np.int64), "one"),
+                     numpy_helper.from_array(np.array(3, np.int64), "limit")] if cond == "counter" else [])
+    nodes = [helper.make_node("Shape", ["x"], ["sx"]),
+             helper.make_node("Gather", ["sx", "k1"], ["T"]),
+             helper.make_node("Shape", ["x"], ["sx2"]),
+             helper.make_node("Slice", ["sx2", "k0", "k1v"], ["nb"]),
+             helper.make_node("Concat", ["nb", "two"], ["hshape"], axis=0),
+             helper.make_node("ConstantOfShape", ["hshape"], ["h0"], value=_init("v", [0.1], elem)),
+             helper.make_node("Loop", ["T" if trips == "shape" else ("big" if cond == "counter" else "T3"),
+                                       "true", "h0"], ["hT", "hs"], body=body),
+             helper.make_node("ReduceMean", ["hs"], ["hm"], axes=[0], keepdims=0),
+             helper.make_node("Add", ["hT", "hm"], ["z"])]
+    inits = [_init("U", u, elem), _init("W", w, elem),
+             numpy_helper.from_array(np.array(1, np.int64), "k1"),
+             numpy_helper.from_array(np.array([0], np.int64), "k0"),
+             numpy_helper.from_array(np.array([1], np.int64), "k1v"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array(3, np.int64), "T3"),
+             numpy_helper.from_array(np.array(1000, np.int64), "big"),
+             numpy_helper.from_array(np.array(True), "true")]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", "T", 3])],
+                  [helper.make_tensor_value_info("z", elem, ["N", 2])], inits, opset=17)
+
+
+@pytest.mark.parametrize("trips,cond", [("shape", "none"), ("const", "none"), ("const", "counter")])
+def test_gradient_through_loop_equals_finite_differences(trips, cond):
+    x = rng_(8).normal(size=(2, 3, 3))
+    seed = rng_(9).normal(size=(2, 2))
+    got = gradient(rnn_loop_model(F32, trips, cond), x.astype(np.float32), seed)
+    want = finite_differences(rnn_loop_model(F64, trips, cond), {"x": x}, "x", seed)
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unrolled_loop_computes_the_same_outputs():
+    m = rnn_loop_model(F32)
+    g = Graph(read_model(m)).specialize({"x": (2, 4, 3)})
+    unrolled = C.unroll_loops(g, [n.name for n in g.nodes if n.op_type == "Loop"])
+    assert "Loop" not in {n.op_type for n in unrolled.graph.node}
+    x = rng_(10).normal(size=(2, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(_session(unrolled).run(["z"], {"x": x})[0], _session(m).run(["z"], {"x": x})[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_loop_with_data_dependent_end_is_refused_with_the_reason():
+    m = rnn_loop_model(F32)
+    body = m.graph.node[6].attribute[0].g
+    # cond_out = sum(h_out) > 0: the loop stops on the data.
+    del body.node[-1]
+    body.node.extend([helper.make_node("ReduceSum", ["h_out"], ["hsum"], keepdims=0),
+                      helper.make_node("Greater", ["hsum", "zf"], ["cond_out"])])
+    body.initializer.append(_init("zf", 0.0, F32))
+    m.graph.node[6].input[0] = "big"
+    x = rng_(11).normal(size=(1, 3, 3)).astype(np.float32)
+    with pytest.raises(UnsupportedOperatorError, match="Loop node .*data-dependent"):
+        Explainer(m).attribute(x, method="gradient", target=0)
+
+
+def test_loop_with_trip_count_known_only_at_run_time_is_refused():
+    m = rnn_loop_model(F32)
+    # The trip count is an input of the model: nothing fixes it at compile time.
+    m.graph.input.append(helper.make_tensor_value_info("steps", TensorProto.INT64, ["N"]))
+    m.graph.node.insert(0, helper.make_node("ReduceMax", ["steps"], ["steps_max"], keepdims=0))
+    m.graph.node[7].input[0] = "steps_max"
+    e = Explainer(m)
+    x = rng_(12).normal(size=(1, 3, 3)).astype(np.float32)
+    with pytest.raises(UnsupportedOperatorError, match="trip count is known only at run time"):
+        e.attribute({"x": x, "steps": np.array([3])}, method="gradient", target=0)
+
+
+# ----------------------------------------------------------------------------- Scan
+def scan_model(elem=F32, in_axis=1, in_dir=0, out_axis=1, out_dir=0, rev2=1):
+    """A Scan over axis `in_axis` of x (N, T, 3) and, reversed, of v (N, T, 3): state
+    s_{t+1} = tanh(s_t U + x_t W) * v_t; scan output s_t stacked at `out_axis`; the output
+    is the final state plus a weighted sum of the stacked states."""
+    r = rng_(13)
+    u, w = r.normal(size=(2, 2)) * 0.5, r.normal(size=(3, 2))
+    wt = r.normal(size=(4,))
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["s_in", "U"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Tanh", ["c"], ["d"]),
+         helper.make_node("Slice", ["vt", "s0", "s2", "s1"], ["v2"]),
+         helper.make_node("Mul", ["d", "v2"], ["s_out"]),
+         helper.make_node("Identity", ["s_out"], ["s_scan"])],
+        "body",
+        [helper.make_tensor_value_info("s_in", elem, ["N", 2]),
+         helper.make_tensor_value_info("xt", elem, ["N", 3]),
+         helper.make_tensor_value_info("vt", elem, ["N", 3])],
+        [helper.make_tensor_value_info("s_out", elem, ["N", 2]),
+         helper.make_tensor_value_info("s_scan", elem, None)])
+    x_in = "x" if in_axis == 1 else "xt_"
+    pre = [] if in_axis == 1 else [helper.make_node("Transpose", ["x"], ["xt_"], perm=[1, 0, 2])]
+    nodes = pre + [
+        helper.make_node("Scan", ["s0v", x_in, "x"], ["sT", "ss"], body=body, num_scan_inputs=2,
+                         scan_input_axes=[in_axis if in_axis == 1 else 0, 1], scan_input_directions=[in_dir, rev2],
+                         scan_output_axes=[out_axis], scan_output_directions=[out_dir]),
+        # ss is (N, T, 2) for out_axis 1 (or -2), (T, N, 2) for 0.
+        helper.make_node("Transpose", ["ss"], ["ss_t"], perm=[1, 0, 2] if out_axis == 0 else [0, 1, 2]),
+        helper.make_node("Unsqueeze", ["wt", "ax"], ["wt2"]),
+        helper.make_node("Mul", ["ss_t", "wt2"], ["sw"]),
+        helper.make_node("ReduceSum", ["sw", "ax1"], ["ssum"], keepdims=0),
+        helper.make_node("Add", ["sT", "ssum"], ["z"])]
+    inits = [_init("U", u, elem), _init("W", w, elem), _init("wt", wt, elem),
+             _init("s0v", np.full((1, 2), 0.2), elem),
+             numpy_helper.from_array(np.array([0], np.int64), "s0"),
+             numpy_helper.from_array(np.array([2], np.int64), "s2"),
+             numpy_helper.from_array(np.array([1], np.int64), "s1"),
+             numpy_helper.from_array(np.array([0, 2], np.int64), "ax"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1")]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, [1, 4, 3])],
+                  [helper.make_tensor_value_info("z", elem, [1, 2])], inits)
+
+
+@pytest.mark.parametrize("in_axis,in_dir,out_axis,out_dir", [(1, 0, 1, 0), (1, 1, 0, 1), (0, 0, -2, 1)])
+def test_gradient_through_scan_equals_finite_differences(in_axis, in_dir, out_axis, out_dir):
+    x = rng_(14).normal(size=(1, 4, 3))
+    seed = rng_(15).normal(size=(1, 2))
+    got = gradient(scan_model(F32, in_axis, in_dir, out_axis, out_dir), x.astype(np.float32), seed)
+    want = finite_differences(scan_model(F64, in_axis, in_dir, out_axis, out_dir), {"x": x}, "x", seed)
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unrolled_scan_computes_the_same_outputs():
+    for args in [(1, 0, 1, 0), (1, 1, 0, 1), (0, 0, -2, 1)]:
+        m = scan_model(F32, *args)
+        g = Graph(read_model(m))
+        unrolled = C.unroll_loops(g, [n.name for n in g.nodes if n.op_type == "Scan"])
+        assert "Scan" not in {n.op_type for n in unrolled.graph.node}
+        x = rng_(16).normal(size=(1, 4, 3)).astype(np.float32)
+        np.testing.assert_allclose(_session(unrolled).run(None, {"x": x})[0], _session(m).run(None, {"x": x})[0],
+                                   rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- validity
+def untyped_outputs_model():
+    """z = tanh(x) W, and a second output g from an operator ONNX shape inference does not
+    know (onnxruntime's com.microsoft Gelu): g has no type or shape in the specialised model."""
+    w = rng_(17).normal(size=(3, 2))
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("MatMul", ["t", "W"], ["z"]),
+             helper.make_node("Gelu", ["t"], ["g"], domain="com.microsoft")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3])],
+                          [helper.make_tensor_value_info("z", F32, ["N", 2]),
+                           helper.make_tensor_value_info("g", F32, ["N", 3])], [_init("W", w, F32)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                          ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_explainer_is_valid_when_shape_inference_cannot_type_its_tensors():
+    e = Explainer(untyped_outputs_model())
+    x = rng_(18).normal(size=(2, 3)).astype(np.float32)
+    graph = e._graph_for(e._feeds(x))
+    assert graph.shape("g") is None
+    # The untyped tensor as a forward output and as a requested activation.
+    spec = compile_explainer(graph, GRADIENT, ["x"], "z", activations=["g"])
+    onnx.checker.check_model(spec.model)
+    out = {o.name: o for o in spec.model.graph.output}
+    assert len(out[spec.activations["g"]].type.tensor_type.shape.dim) == 2
+    seed = rng_(19).normal(size=(2, 2)).astype(np.float32)
+    got = gradient(untyped_outputs_model(), x, seed)
+    w = numpy_helper.to_array(untyped_outputs_model().graph.initializer[0])
+    np.testing.assert_allclose(got, (seed @ w.T) * (1 - np.tanh(x) ** 2), rtol=1e-5, atol=1e-6)
+
+
+def ir3_model(elem=F32):
+    """An old-style model: IR version 3, opset 8, initializers also listed as graph inputs."""
+    r = rng_(18)
+    w, bias = r.normal(size=(3, 4)), r.normal(size=(4,))
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["h"]), helper.make_node("Tanh", ["h"], ["z"])]
+    inits = [_init("W", w, elem), _init("B", bias, elem)]
+    inputs = [helper.make_tensor_value_info("x", elem, ["N", 3]),
+              helper.make_tensor_value_info("W", elem, [3, 4]), helper.make_tensor_value_info("B", elem, [4])]
+    return _model(nodes, inputs, [helper.make_tensor_value_info("z", elem, ["N", 4])], inits, opset=8,
+                  ir_version=3)
+
+
+def test_ir_version_3_model_gradient_equals_finite_differences():
+    x = rng_(19).normal(size=(2, 3))
+    seed = rng_(20).normal(size=(2, 4))
+    e = Explainer(ir3_model(F32))
+    got = e.attribute(x.astype(np.float32), method="gradient", target=seed.astype(np.float32), probability=True)
+    spec = compile_explainer(e._graph_for(e._feeds(x.astype(np.float32))), GRADIENT, ["x"], "z")
+    onnx.checker.check_model(spec.model)
+    _session(spec.model)  # onnxruntime accepts the explainer's IR version
+    want = finite_differences(ir3_model(F64), {"x": x}, "x", seed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
