@@ -2,7 +2,10 @@
 
 from . import base  # noqa: F401
 from . import gradient_elementwise, gradient_linear, gradient_pool, gradient_shape  # noqa: F401
+from . import gradient_scatter  # noqa: F401
+from . import gradient_reduce  # noqa: F401
 from . import gradient_math  # noqa: F401
 from . import deeplift, excitation, lrp, modified  # noqa: F401
 from . import control  # noqa: F401
+from . import quantized  # noqa: F401
 from .base import RULES, Builder, lookup, register  # noqa: F401
