@@ -615,8 +615,23 @@ def settings_of(metric: str) -> dict:
     return {p.name: p.default for p in params if p.name not in _NOT_SETTINGS}
 
 
+def _fractions(v):
+    f = np.asarray(v, dtype=np.float64)
+    return f.ndim == 1 and len(f) > 0 and bool(np.all((f > 0) & (f < 1)))
+
+
+# What a setting's value must be, checked with the names before any work.
+_VALID = {"steps": (lambda v: v is None or v >= 1, "at least 1"), "patch": (lambda v: v >= 1, "at least 1"),
+          "n_samples": (lambda v: v >= 1, "at least 1"), "shifts": (lambda v: v >= 1, "at least 1"),
+          "step": (lambda v: v >= 1, "at least 1"), "points": (lambda v: v >= 1, "at least 1"),
+          "fractions": (_fractions, "fractions strictly between 0 and 1"),
+          "stdev": (lambda v: v >= 0, "not negative"), "radius": (lambda v: v >= 0, "not negative"),
+          "noise": (lambda v: v >= 0, "not negative")}
+
+
 def check_settings(metrics, settings: dict | None) -> None:
-    """Unknown metrics and unknown settings fail here, before any work, with the valid names."""
+    """Unknown metrics, unknown settings and impossible values fail here, before any work,
+    with the valid names."""
     unknown = [m for m in list(metrics) + list(settings or {}) if m not in HIGHER_IS_BETTER]
     if unknown:
         raise OptionError(f"unknown metric(s) {', '.join(dict.fromkeys(unknown))}; choose from {', '.join(METRICS)}")
@@ -626,6 +641,14 @@ def check_settings(metrics, settings: dict | None) -> None:
         if bad:
             raise OptionError(f"metric '{metric}' has no setting(s) {', '.join(bad)}; its settings: "
                               f"{', '.join(valid)}")
+        for key, value in kw.items():
+            ok, want = _VALID.get(key, (None, ""))
+            try:
+                fine = ok is None or isinstance(value, str) or ok(value)
+            except (TypeError, ValueError):
+                fine = False
+            if not fine:
+                raise OptionError(f"setting {key}={value!r} of metric '{metric}' must be {want}")
 
 
 def parse_setting(metric: str, key: str, text: str):

@@ -310,3 +310,50 @@ def test_models_folder_can_be_moved_with_an_environment_variable(monkeypatch, tm
     monkeypatch.delenv("ONNXPLAIN_MODELS")
     assert (cli.models_dir() / "efficientnet_lite0.onnx").is_file()
     assert os.path.samefile(cli.models_dir(), MODELS)
+
+
+# ----------------------------------------------------------------------------- bad options, every command
+
+_PHOTO = MODELS / "chelsea.png"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["evaluate", TINY, _PHOTO, "-S", "deletion:stepz=3"], ["stepz", "its settings: steps, baseline, probability"]),
+    (["evaluate", TINY, _PHOTO, "-S", "deletion:steps=abc"], ["steps='abc'", "must be an integer"]),
+    (["evaluate", TINY, _PHOTO, "--metrics", "selectivity", "-S", "selectivity:patch=0"], ["patch=0", "at least 1"]),
+    (["evaluate", TINY, _PHOTO, "--metrics", "insertion", "-S", "insertion:baseline=fog"], ["blur, mean"]),
+    (["evaluate", TINY, _PHOTO, "--methods", "integrated_gradients", "-O", "integrated_gradients:n_stepz=3"],
+     ["n_stepz", "its options: n_steps"]),
+    (["evaluate", TINY, _PHOTO, "-t", "pos:x"], ["is not pos:T:V"]),
+    (["report", TINY, _PHOTO, "-S", "deletion:stepz=3"], ["its settings: steps"]),
+    (["report", TINY, _PHOTO, "--methods", "gradient", "-O", "gradient:x=1"], ["its options: none"]),
+    (["validate", TINY, TINY, _PHOTO, "-m", "integrated_gradients", "-O", "n_stepz=3"], ["its options: n_steps"]),
+    (["validate", TINY, TINY, _PHOTO, "-t", "pos:1:2"], ["takes a class"]),
+    (["factorize", TINY, _PHOTO, "-O", "x=1"], ["its options: none"]),
+    (["maximize", TINY, "-O", "n_iterz=3"], ["its options: n_iter, lr"]),
+    (["prune-study", TINY, _PHOTO, "--layer", "x", "--box", "0,0,8,8", "--baseline", "x"], ["--baseline"]),
+    (["explain", TINY, _PHOTO, "-m", "integrated_gradients", "-O", "n_stepz=3"], ["its options: n_steps"]),
+    (["explain", TINY, _PHOTO, "-t", "box:1,2,3,4"], ["needs a detector", "not have yet"]),
+    (["export", TINY, "-m", "gradient", "-O", "x=1"], ["its options: none"]),
+])
+def test_every_bad_option_of_every_command_exits_2_naming_the_valid_keys(args, words, tmp_path):
+    """Before: `evaluate -S deletion:stepz=3` was 'internal error: TypeError' with exit 1."""
+    out = {"evaluate": ["-o", tmp_path / "r.json"], "report": ["-o", tmp_path / "r.html"],
+           "explain": ["-o", tmp_path / "a.png"], "export": ["-o", tmp_path / "e.onnx"]}.get(args[0], [])
+    r = run(*args, *out)
+    assert r.exit_code == 2, r.output
+    assert "internal error" not in r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+
+
+def test_evaluate_and_report_score_cam_maps_of_one_channel(tmp_path):
+    """Before: 'the attribution must have the input's shape (1, 3, 32, 32), got (1, 1, 32, 32)'."""
+    r = run("evaluate", TINY, _PHOTO, "--methods", "grad_cam,gradient", "--metrics", "deletion,infidelity",
+            "-S", "deletion:steps=4", "-S", "infidelity:n_samples=2", "-o", tmp_path / "r.json", "-q")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads((tmp_path / "r.json").read_text())["table"]) == {"grad_cam", "gradient"}
+    r = run("report", TINY, _PHOTO, "--methods", "grad_cam", "--metrics", "deletion", "-S", "deletion:steps=4",
+            "-o", tmp_path / "r.html", "-q", "-t", "3")
+    assert r.exit_code == 0, r.output
+    assert "class 3" in (tmp_path / "r.html").read_text()

@@ -47,9 +47,11 @@ def test_evaluate_ranks_methods_and_writes_json_log_and_plot(photos, tmp_path):
     assert len(result["records"]) == 2 and len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
     plot = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB"))
     assert plot.shape[1] == 920 and plot.std() > 10
-    # --resume with everything done recomputes nothing and gives the same table.
+    # --resume with everything done recomputes nothing and gives the same table (the same
+    # settings: other settings would be other results, tests/test_runkey.py).
     again = invoke("evaluate", TINY, photos, "--methods", "gradient,input_x_gradient", "--metrics",
-                   "deletion,insertion,selectivity,continuity", "--out", out, "--resume")
+                   "deletion,insertion,selectivity,continuity", "-S", "deletion:steps=10", "-S", "selectivity:patch=4",
+                   "--out", out, "--resume")
     assert again.exit_code == 0 and json.loads(out.read_text())["table"] == result["table"]
 
 

@@ -16,7 +16,8 @@ import click
 import numpy as np
 
 from .. import runtime
-from ..cli import _bytes, _fail, _labels, _preprocess, _providers, _target, models_dir, DEFAULT_MODEL, DEFAULT_PHOTO
+from ..cli import (TARGET_HELP, _bytes, _fail, _labels, _preprocess, _providers, _target, models_dir, DEFAULT_MODEL,
+                   DEFAULT_PHOTO)
 from ..errors import InputError, OptionError
 from ..io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, PRESETS, load_inputs
 
@@ -65,7 +66,8 @@ def log_path(out: Path) -> Path:
 
 class Batch:
     """One model's inputs, file by file: preprocessing chosen once, a progress bar, and
-    the JSON-lines log appended per file (read back with `resume`)."""
+    the JSON-lines log appended per file. With `resume`, a logged record is reused only
+    where its run key (`onnxplain.runkey`) is the key of what is asked now."""
 
     def __init__(self, explainer, files, preset=None, log: Path | None = None, resume: bool = False):
         self.explainer = explainer
@@ -76,45 +78,48 @@ class Batch:
         if any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
             self.pre = _preprocess(explainer, preset, {})
         self.log = log
-        self.done = []
+        self.done = {}  # input -> its last logged record
         if log is not None and resume and log.is_file():
             for i, line in enumerate(log.read_text().splitlines()):
                 if line.strip():
                     try:
-                        self.done.append(json.loads(line))
+                        record = json.loads(line)
                     except ValueError:
                         raise InputError(f"{log} line {i + 1} is not JSON; remove it or rerun without --resume") \
                             from None
+                    self.done[record.get("input")] = record
         elif log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")
 
-    def run(self, process, label: str) -> list[dict]:
-        """process(path, inputs) -> record (JSON-able dict); records of all files, old and new."""
-        seen = {r.get("input") for r in self.done}
-        todo = [f for f in self.files if str(f) not in seen]
-        records = list(self.done)
+    def previous(self, path) -> dict | None:
+        """The logged record of an input from an earlier run (with --resume), whatever its key."""
+        return self.done.get(str(path))
+
+    def run(self, process, label: str, key=None) -> list[dict]:
+        """process(path, inputs) -> record (JSON-able dict); key(path) -> that input's run
+        key. Returns the records of this run's files, in order: reused where the logged
+        key matches, computed (and logged) otherwise. Without `key` nothing is reused."""
+        records, todo = {}, []
+        for f in self.files:
+            old = self.previous(f)
+            k = key(f) if key is not None else None
+            if old is not None and k is not None and old.get("key") == k:
+                records[str(f)] = old
+            else:
+                todo.append((f, k))
         with runtime.progress(len(todo), label) as bar:
-            for f in todo:
+            for f, k in todo:
                 inputs = load_inputs([f], self.pre, self.shape)
                 record = {"input": str(f), **process(f, inputs)}
-                records.append(record)
+                if k is not None:
+                    record["key"] = k
+                records[str(f)] = record
                 if self.log is not None:
                     with self.log.open("a") as fh:
                         fh.write(json.dumps(record) + "\n")
                 bar.update(1)
-        return records
-
-
-def _parse_value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if "," in text:
-        return tuple(_parse_value(t) for t in text.split(",") if t.strip())
-    return {"true": True, "false": False}.get(text.lower(), text)
+        return [records[str(f)] for f in dict.fromkeys(self.files)]
 
 
 def scoped_pairs(values, scopes, what: str) -> dict:
@@ -203,7 +208,7 @@ def aggregate(records) -> tuple[dict, dict]:
 
 
 def metric_settings(metric_names, setting_items) -> dict:
-    from ..metrics import METRICS
+    from ..metrics import METRICS, check_settings, parse_setting
 
     bad = [m for m in metric_names if m not in METRICS]
     if bad:
@@ -211,7 +216,8 @@ def metric_settings(metric_names, setting_items) -> dict:
     given = scoped_pairs(setting_items, metric_names, "metric")
     out = {m: dict(DEFAULT_SETTINGS.get(m, {})) for m in metric_names}
     for m, kv in given.items():
-        out[m].update({k: _parse_value(v) for k, v in kv.items()})
+        out[m].update({k: parse_setting(m, k, v) for k, v in kv.items()})
+    check_settings(metric_names, out)
     return out
 
 
@@ -226,6 +232,74 @@ def batch_options(fn):
     ]):
         fn = deco(fn)
     return fn
+
+
+class CellKeys:
+    """The run key of each (method, metric) cell of an input's record: a resumed run
+    reuses the cells whose key matches and computes the rest, so changing one method's
+    options recomputes only that method."""
+
+    def __init__(self, model, methods, options, metric_names, settings, target, preset):
+        from ..runkey import method_options as full_options, metric_settings as full_settings, model_digest
+
+        self.model = model_digest(model)
+        self.methods, self.metric_names = list(methods), list(metric_names)
+        self.options = {m: full_options(m, options.get(m)) for m in methods}
+        self.settings = {k: full_settings(k, settings.get(k)) for k in metric_names}
+        self.target, self.preset = target_text(target), preset
+
+    def cells(self, path) -> dict:
+        from ..runkey import file_digest, run_key
+
+        ident = file_digest(path)
+        return {m: {k: run_key(model=self.model, method=m, options=self.options[m], metric=k,
+                               settings=self.settings[k], target=self.target, input=ident, preset=self.preset)
+                    for k in self.metric_names} for m in self.methods}
+
+    def key(self, path) -> str:
+        from ..runkey import run_key
+
+        return run_key(cells=self.cells(path))
+
+    def record(self, path, inputs, old, compute) -> dict:
+        """The record of one input: old cells whose key matches, the others from
+        compute(method, metric names) -> an evaluate_record."""
+        keys = self.cells(path)
+        old = old if old is not None and old.get("samples") == inputs.names else {}
+        rec = {"metrics": {}, "curves": {}, "extra": {}, "keys": keys, "samples": inputs.names}
+        for m in self.methods:
+            kept = [k for k in self.metric_names if old.get("keys", {}).get(m, {}).get(k) == keys[m][k]]
+            todo = [k for k in self.metric_names if k not in kept]
+            new = compute(m, todo) if todo else {}
+            for part in ("metrics", "curves", "extra"):
+                cells = {}
+                for k in self.metric_names:
+                    value = (old if k in kept else new).get(part, {}).get(m, {}).get(k)
+                    if value is not None:
+                        cells[k] = value
+                rec[part][m] = cells
+        return rec
+
+def check_target(explainer, target) -> None:
+    """A target that cannot fit the explained output fails before any work (its shape is
+    known from the model without running it, where shapes are static)."""
+    from ..target import as_target
+
+    t = as_target(target)
+    shape = explainer.graph.shape(explainer.explained_tensor())
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]) or t.needs_output(shape):
+        return
+    t.seed((1,) + tuple(shape[1:]))
+
+
+def target_text(target) -> str:
+    from ..runkey import target_text as text
+
+    return text(target)
+
+
+def _explained(target) -> str:
+    return "predicted class" if target is None else target_text(target)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -252,7 +326,7 @@ Per-file results are appended to OUT with suffix .jsonl as they are done.
               help="Option of one method, repeatable (e.g. integrated_gradients:n_steps=16).")
 @click.option("-S", "--setting", "settings", multiple=True, metavar="METRIC:KEY=VALUE",
               help="Setting of one metric, repeatable (e.g. deletion:steps=20, selectivity:patch=16).")
-@click.option("-t", "--target", callback=_target, metavar="INT|pred", help="Class to explain (default: predicted).")
+@click.option("-t", "--target", callback=_target, metavar="TARGET", help=TARGET_HELP)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default="evaluation.json",
               show_default=True, help="JSON results (the per-file log goes next to it as .jsonl).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
@@ -276,18 +350,20 @@ def evaluate(paths, methods, metric_names, options, settings, target, out, plot,
     plot = plot or out.with_suffix(".png")
     (model,), files = load_model(paths, 1, quiet)
     explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
+    check_target(explainer, target)
     batch = Batch(explainer, files, preset, log_path(out), resume)
+    keys = CellKeys(model, methods, opts, metric_names, sets, target, preset)
 
     def process(path, inputs):
-        rec = evaluate_record(explainer, inputs.batch, opts, metric_names, sets, target)
-        rec["samples"] = inputs.names
-        return rec
+        return keys.record(path, inputs, batch.previous(path),
+                           lambda m, names: evaluate_record(explainer, inputs.batch, {m: opts[m]}, names, sets, target))
 
-    records = batch.run(process, "evaluating")
+    records = batch.run(process, "evaluating", keys.key)
     table, curves = aggregate(records)
     ranking = rank_methods(table)
     result = {"model": str(model), "inputs": [r["input"] for r in records], "methods": methods,
-              "metrics": metric_names, "settings": sets, "options": opts, "table": table,
+              "metrics": metric_names, "settings": sets, "options": opts, "target": target_text(target),
+              "table": table,
               "ranking": [{"method": m, "mean_rank": r} for m, r in ranking], "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -297,7 +373,7 @@ def evaluate(paths, methods, metric_names, options, settings, target, out, plot,
         click.echo(json.dumps({k: result[k] for k in ("model", "inputs", "table", "ranking")}, indent=2))
         return 0
     n = sum(len(r.get("samples", [])) for r in records)
-    click.echo(f"{model.name}: {n} input(s), class explained: {'predicted' if target is None else target}")
+    click.echo(f"{model.name}: {n} input(s), explained: {_explained(target)}")
     click.echo(text_table(*format_table(table, ranking)))
     click.echo(f"best: {ranking[0][0]}  |  results {out}" + (f", curves {plot}" if curves else "")
                + f", per-input log {log_path(out)}")

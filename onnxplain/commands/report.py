@@ -10,10 +10,10 @@ import click
 import numpy as np
 
 from .. import runtime
-from ..cli import _target
+from ..cli import TARGET_HELP, _target
 from ..errors import OptionError
-from .evaluate import (DEFAULT_METHODS, Batch, aggregate, batch_options, evaluate_record, load_model, method_options,
-                       metric_settings, names_list)
+from .evaluate import (DEFAULT_METHODS, Batch, aggregate, batch_options, check_target, evaluate_record, load_model,
+                       method_options, metric_settings, names_list, target_text)
 
 __all__ = ["COMMANDS"]
 THUMB = 224  # side of a grid picture, pixels
@@ -72,7 +72,7 @@ Examples:
               help="Option of one method, repeatable.")
 @click.option("-S", "--setting", "settings", multiple=True, metavar="METRIC:KEY=VALUE",
               help="Setting of one metric, repeatable.")
-@click.option("-t", "--target", callback=_target, metavar="INT|pred", help="Class to explain (default: predicted).")
+@click.option("-t", "--target", callback=_target, metavar="TARGET", help=TARGET_HELP)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default="report.html",
               show_default=True, help="The HTML page to write.")
 @click.option("--title", default=None, help="Title of the page (default: the model's name).")
@@ -93,18 +93,20 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
     sets = metric_settings(metric_names, settings)
     (model,), files = load_model(paths, 1, quiet)
     explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
+    check_target(explainer, target)
     batch = Batch(explainer, files, preset, None, False)
     layout = batch.pre.layout if batch.pre is not None else None
     inputs, grid = [], {m: [] for m in methods}
 
     def process(path, loaded):
         x = loaded.batch
-        classes = M.Scorer(explainer, x, target, probability=False).classes
+        scorer = M.Scorer(explainer, x, target, probability=False)
+        fixed = scorer.fixed_target()
         for i, name in enumerate(loaded.names):
             image = loaded.images[i] if loaded.images else None
-            inputs.append((f"{name} (class {int(classes[i])})", _input_picture(x[i], image, layout)))
+            inputs.append((f"{name} ({scorer.describe(i)})", _input_picture(x[i], image, layout)))
         for m in methods:
-            attr = explainer.attribute(x, method=m, target=[int(c) for c in classes], **opts[m])
+            attr = explainer.attribute(x, method=m, target=fixed, **opts[m])
             for i in range(len(loaded.names)):
                 grid[m].append(_picture(attr[i], loaded.images[i] if loaded.images else None, layout))
         rec = evaluate_record(explainer, x, opts, metric_names, sets, target) if metric_names else {}
@@ -117,7 +119,8 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
         table = format_table(values, rank_methods(values))
         curves_png = plot_curves(curves) if curves else None
     meta = [f"model: {model}", f"inputs: {len(inputs)} from {len(files)} file(s)",
-            f"methods: {', '.join(methods)}", f"written {datetime.datetime.now():%Y-%m-%d %H:%M} by onnxplain"]
+            f"methods: {', '.join(methods)}", f"explained: {target_text(target)}",
+            f"written {datetime.datetime.now():%Y-%m-%d %H:%M} by onnxplain"]
     page = html_report(title or f"onnxplain report: {model.name}", meta, inputs, grid, table, curves_png,
                        notes=["Metrics: deletion/insertion AUC (Petsiuk et al. 2018), selectivity = AOPC of region "
                               "perturbation (Samek et al. 2017); arrows give the better direction; the best "

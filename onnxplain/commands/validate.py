@@ -11,8 +11,10 @@ from pathlib import Path
 import click
 
 from .. import runtime
-from ..cli import _target
+from ..cli import TARGET_HELP, _target
 from ..errors import OptionError
+from ..runkey import file_digest, method_options as full_options, model_digest, run_key, target_text
+from ..target import Target
 from .evaluate import Batch, batch_options, load_model, log_path, method_options
 
 __all__ = ["COMMANDS"]
@@ -59,8 +61,8 @@ Exit codes: 0 pass, 1 fail, 2 usage error.
               help="A region is where the smoothed map reaches this fraction of its maximum.")
 @click.option("--expect", "expectations", multiple=True, metavar="SPEC|FILE.json",
               help="Single-model mode: e.g. 'region=x1,y1,x2,y2;min_share=0.5'; repeatable.")
-@click.option("-t", "--target", callback=_target, metavar="INT|pred",
-              help="Class to explain (default: the reference's prediction).")
+@click.option("-t", "--target", callback=_target, metavar="TARGET",
+              help="Class to explain: 3, one per sample (3,1,4) or pred (default: the reference's prediction).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the JSON report here (the per-file log goes next to it as .jsonl).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -79,12 +81,22 @@ def validate(paths, method, options, thresholds_file, min_rank_corr, min_topk_ov
         raise OptionError("--option needs a --method (with 'auto' the method is not known in advance)")
     else:
         opts = {}
+    if isinstance(target, Target):
+        raise OptionError(f"validate compares class decisions: -t takes a class, one class per sample or pred; "
+                          f"'{target.text}' works in explain, evaluate and report")
     models, files = _models_and_inputs(paths, bool(expectations), quiet)
     if report is not None and report.suffix.lower() != ".json":
         raise OptionError(f"--report must end in .json, got '{report.name}'")
     explainers = [Explainer(m, providers=providers, memory_budget=memory_budget) for m in models]
     log = log_path(report) if report is not None else None
     batch = Batch(explainers[0], files, preset, log, resume)
+    digests = [model_digest(m) for m in models]
+
+    def key_of(**parts):
+        # Everything that changes a record; the thresholds only judge records.
+        return lambda path: run_key(command="validate", models=digests, method=method,
+                                    options=opts if method == "auto" else full_options(method, opts),
+                                    target=target_text(target), input=file_digest(path), preset=preset, **parts)
 
     if expectations:
         exps = V.load_expectations(expectations)
@@ -93,9 +105,10 @@ def validate(paths, method, options, thresholds_file, min_rank_corr, min_topk_ov
         def process(path, inputs):
             recs, state["method"], state["note"] = V.check(explainers[0], inputs.batch, exps, method, target, opts,
                                                          inputs.names)
-            return {"checks": recs}
+            return {"checks": recs, "method": state["method"], "note": state["note"]}
 
-        records = batch.run(process, "validating")
+        records = batch.run(process, "validating", key_of(expectations=exps))
+        _resumed_state(state, records)
         checks = [c for r in records for c in r["checks"]]
         failures = [c for c in checks if not c["passed"]]
         result = {"mode": "expectations", "model": str(models[0]), "method": state.get("method", method),
@@ -111,15 +124,24 @@ def validate(paths, method, options, thresholds_file, min_rank_corr, min_topk_ov
     def process(path, inputs):
         recs, state["method"], state["note"] = V.compare(explainers[0], explainers[1], inputs.batch, method, target,
                                                          topk, region, opts, inputs.names)
-        return {"samples": recs}
+        return {"samples": recs, "method": state["method"], "note": state["note"]}
 
-    records = batch.run(process, "validating")
+    records = batch.run(process, "validating", key_of(topk=topk, region=region))
+    _resumed_state(state, records)
     samples = [s for r in records for s in r["samples"]]
     result = {"mode": "compare", "reference": str(models[0]), "candidate": str(models[1]),
               "method": state.get("method", method), "note": state.get("note"), "topk": topk, "region": region,
               "thresholds": thresholds, **V.verdict(samples, thresholds), "samples": samples}
     _finish(result, report, as_json, _print_compare)
     return 0 if result["passed"] else 1
+
+
+def _resumed_state(state, records):
+    """The method really used ('auto' resolved) and its note, from reused records too."""
+    for r in records:
+        if "method" in r:
+            state.setdefault("method", r["method"])
+            state.setdefault("note", r.get("note"))
 
 
 def _models_and_inputs(paths, single: bool, quiet: bool):
