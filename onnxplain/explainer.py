@@ -13,13 +13,15 @@ import onnx
 from . import canonize as _canonize
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .compile import META_KEY, compile_explainer
-from .errors import InputError, ModelError, OptionError
+from .errors import InputError, ModelError, OptionError, UnsupportedOperatorError
 from .graph import Graph, read_model
 from .methods.base import Context, get_method
-from .runtime import Session
+from .runtime import Rows, Session
 from .target import as_target, batch_axis as target_batch_axis
 
 LOOK_THROUGH = ("Softmax", "LogSoftmax")
+# Operators that only move elements: a Softmax behind them still ends the model.
+RELAYOUT = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
 class Explainer:
@@ -69,6 +71,9 @@ class Explainer:
 
     # ------------------------------------------------------------------ inputs
     def _feeds(self, x) -> dict:
+        """The model's inputs from x, checked against the model: each in its own layout,
+        batched along its batch axis (`Graph.input_batch_axes`); a single sample without
+        its batch axis gets one; 0-d inputs stay 0-d."""
         names = self.graph.inputs
         if isinstance(x, dict):
             feeds = dict(x)
@@ -85,37 +90,48 @@ class Explainer:
                 f"inputs do not match the model: missing {missing or 'none'}, unknown {extra or 'none'}; "
                 f"the model takes {', '.join(names)}"
             )
+        axes, _static = self.graph.input_batch_axes()
         out = {}
         batch = None
         for n in names:
             a = np.asarray(feeds[n])
             want = self.graph.shape(n)
+            ax = axes[n]
             dtype = _np_dtype(self.graph.elem_type(n))
             if a.dtype.kind not in "biuf":
                 raise InputError(f"input '{n}' has dtype {a.dtype}; expected numbers of type {dtype}")
             if want is not None:
-                if a.ndim == len(want) - 1:
-                    a = a[None]  # a single sample without its batch axis
+                if ax is not None and a.ndim == len(want) - 1:
+                    a = np.expand_dims(a, ax)  # a single sample without its batch axis
                 if a.ndim != len(want):
                     raise InputError(f"input '{n}' must have shape {_fmt(want)}, got {a.shape}")
-                bad = [i for i, (d, s) in enumerate(zip(want, a.shape)) if i > 0 and isinstance(d, int) and d != s]
+                bad = [i for i, (d, s) in enumerate(zip(want, a.shape)) if i != ax and isinstance(d, int) and d != s]
                 if bad:
                     raise InputError(f"input '{n}' must have shape {_fmt(want)}, got {a.shape}")
             if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
                 raise InputError(f"input '{n}' contains NaN or Inf values")
-            a = np.ascontiguousarray(a, dtype=dtype)
-            if batch is None:
-                batch = a.shape[0]
-            elif a.shape[0] != batch:
-                raise InputError(f"inputs have different batch sizes ({batch} and {a.shape[0]})")
+            a = np.asarray(a, dtype=dtype, order="C")  # keeps a 0-d input 0-d
+            if ax is not None:
+                if a.ndim <= ax:
+                    raise InputError(f"input '{n}' must have shape {_fmt(want)}, got {a.shape}")
+                if batch is None:
+                    batch = a.shape[ax]
+                elif a.shape[ax] != batch:
+                    raise InputError(f"inputs have different batch sizes ({batch} and {a.shape[ax]} in '{n}')")
             out[n] = a
         if batch == 0:
             raise InputError("the input batch is empty")
         return out
 
+    def plan(self, feeds: dict) -> "Plan":
+        """The layout of inputs shaped like `feeds` (see `Plan`), cached for the last few shapes."""
+        axes, static = self.graph.input_batch_axes()
+        key = tuple((k, _without(v.shape, axes[k])) for k, v in sorted(feeds.items()))
+        return self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
+
     def _graph_for(self, feeds) -> Graph:
-        key = tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
-        return self._specialized.get(key, lambda: (self.graph.specialize({k: v.shape for k, v in feeds.items()}), 1))
+        """The model specialised to inputs shaped like `feeds`, the batch symbolic."""
+        return self.plan(feeds).graph
 
     # ------------------------------------------------------------------ forward
     def _session(self, key, build) -> Session:
@@ -125,30 +141,44 @@ class Explainer:
 
         return self._cache.get(("session",) + key, make)
 
-    def forward_session(self, feeds: dict, tensors) -> Session:
+    def forward_session(self, feeds: dict, tensors) -> Rows:
         """The (cached) forward session that returns `tensors` for inputs shaped like `feeds`;
-        its `run_rows` runs any number of rows under the memory budget."""
-        tensors = list(tensors)
-        graph = self._graph_for(feeds)
-        key = ("forward", tuple(tensors)) + tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
-        return self._session(key, lambda: _with_outputs(graph, tensors))
+        its `run_rows` runs any number of batch-first rows under the memory budget."""
+        plan = self.plan(feeds)
+        return plan.forward(list(tensors), plan.fixed(feeds), plan.static_for(tensors))
 
     def _forward(self, feeds: dict, tensors) -> dict:
-        """Values of any tensors of the model on `feeds`, batched under the memory budget."""
+        """Values of any tensors of the model on `feeds`, batch first, under the memory budget."""
         tensors = list(tensors)
-        sess = self.forward_session(feeds, tensors)
-        n = next(iter(feeds.values())).shape[0]
+        plan = self.plan(feeds)
+        static = plan.static_for(tensors)
+        rows = plan.forward(tensors, plan.fixed(feeds), static)
+        logical = plan.rows(feeds, static)
         parts = {t: [] for t in tensors}
-        for _s, _e, out in sess.run_rows(n, lambda s, e: {k: v[s:e] for k, v in feeds.items()}, tensors):
+        for _s, _e, out in rows.run_rows(plan.n(feeds), lambda s, e: {k: v[s:e] for k, v in logical.items()},
+                                         tensors):
             for t in tensors:
                 parts[t].append(out[t])
         return {t: np.concatenate(v) for t, v in parts.items()}
+
+    def forward(self, x, tensors) -> dict:
+        """Values of any named tensors of the model on x (as `attribute` takes it), batch first."""
+        return self._forward(self._feeds(x), tensors)
+
+    def feeds(self, x) -> dict:
+        """x (an array, a list or a dict) as the model's checked inputs, name -> array."""
+        return self._feeds(x)
+
+    def shape(self, tensor: str, x) -> tuple | None:
+        """A tensor's shape for inputs like x, as far as shape inference can tell (the batch
+        axis symbolic)."""
+        return self._graph_for(self._feeds(x)).shape(tensor)
 
     def predict(self, x, output=None) -> np.ndarray:
         """The model's output (the first one, or `output` by name or index) on x."""
         feeds = self._feeds(x)
         name = self._output_name(output)
-        return self._forward(feeds, [name])[name]
+        return self.plan(feeds).physical(name, self._forward(feeds, [name])[name])
 
     def _output_name(self, output) -> str:
         outs = self.graph.outputs
@@ -165,15 +195,25 @@ class Explainer:
         return output
 
     def explained_tensor(self, output=None, probability: bool = False) -> str:
-        """The tensor a seed is applied to: the chosen output, or the logits before a
-        terminal Softmax/LogSoftmax (the peers' convention) unless `probability`."""
-        name = self._output_name(output)
+        """The tensor a seed is applied to: the chosen output (by default the first float
+        one: a classifier's scores, not its integer label; behind a ZipMap, the tensor it
+        maps), or the logits before a terminal Softmax/LogSoftmax (the peers' convention)
+        unless `probability`. The Softmax is found behind Identity and reshapes too, and in
+        the Flatten -> Softmax -> Reshape form the opset converter writes."""
+        g = self.graph
+        if output is None:
+            name = next((o for o in g.outputs if g.is_float(o)), None)
+            if name is None:
+                zipped = [g.producer[o] for o in g.outputs if o in g.producer and g.producer[o].op_type == "ZipMap"]
+                name = zipped[0].input[0] if zipped else g.outputs[0]
+        else:
+            name = self._output_name(output)
+            node = g.producer.get(name)
+            if node is not None and node.op_type == "ZipMap":
+                name = node.input[0]
         if probability:
             return name
-        node = self.graph.producer.get(name)
-        if node is not None and node.op_type in LOOK_THROUGH:
-            return node.input[0]
-        return name
+        return _logits_behind(g, name)
 
     # ------------------------------------------------------------------ seeds
     def seed_for(self, feeds: dict, explained: str, target) -> np.ndarray:
@@ -214,64 +254,73 @@ class Explainer:
 
     # ------------------------------------------------------------------ attribution
     def attribute(self, x, method: str = "gradient", target=None, layer=None, output=None,
-                  probability: bool = False, **options):
+                  probability: bool = False, wrt=None, **options):
         """Attribution of `method` for inputs x (array, or dict for multi-input models).
 
         target: class index per sample (int or sequence), None for the predicted class, or a
         float seed array shaped like the explained output. layer: a tensor name; the
-        attribution is then at that tensor. Returns an array shaped like the input (or the
-        layer), or a dict when the model has several float inputs.
+        attribution is then at that tensor. wrt: the input(s) to attribute to (default: the
+        batched float inputs, else the embedding output of a token model); the other inputs
+        are held fixed. Returns an array shaped like the input (or the layer), or a dict when
+        several tensors are attributed.
         """
         m = get_method(method)
         opts = m.resolve(options)
         feeds = self._feeds(x)
         explained = self.explained_tensor(output, probability)
-        if layer is not None:
-            if layer not in set(self.graph.tensor_names()):
-                raise OptionError(f"unknown layer '{layer}'; `onnxplain inspect MODEL` lists the model's tensors")
-            wrt = [layer]
-        else:
-            wrt = self.float_inputs
-            if not wrt:
-                raise OptionError("the model has no float inputs to attribute to; give a layer (e.g. the embedding output)")
+        tensors = self.attributed(layer, wrt, feeds)
         # The predicted class (target None) is found lazily: a single-pass method forms it
         # inside its explainer, so the model runs once, not twice.
         seed = None if target is None else self.seed_for(feeds, explained, target)
-        ctx = Context(self, feeds, seed, wrt, explained, method)
-        result = m.run(ctx, **opts)
+        ctx = Context(self, feeds, seed, tensors, explained, method)
+        result = {t: ctx.physical(t, a) for t, a in m.run(ctx, **opts).items()}
         if len(result) == 1:
             return next(iter(result.values()))
         return result
 
+    def attributed(self, layer=None, wrt=None, feeds=None) -> list[str]:
+        """The tensors an attribution is for: `layer`, the inputs named by `wrt`, or by
+        default the float inputs that carry the batch (else the embedding outputs of a model
+        whose inputs are token ids)."""
+        names = set(self.graph.tensor_names())
+        if layer is not None and wrt is not None:
+            raise OptionError("give either layer= (a tensor inside the model) or wrt= (model inputs), not both")
+        if layer is not None:
+            if layer not in names:
+                raise OptionError(f"unknown layer '{layer}'; `onnxplain inspect MODEL` lists the model's tensors")
+            return [layer]
+        if wrt is not None:
+            chosen = [wrt] if isinstance(wrt, str) else list(wrt)
+            bad = [w for w in chosen if w not in self.graph.inputs]
+            if bad or not chosen:
+                raise OptionError(f"wrt= names model inputs; unknown {bad or 'none given'}; "
+                                  f"the model takes {', '.join(self.graph.inputs)} (use layer= for inner tensors)")
+            ints = [w for w in chosen if not self.graph.is_float(w)]
+            if ints:
+                raise OptionError(f"input(s) {', '.join(ints)} are not float: gradients cannot flow into them; "
+                                  "attribute to the embedding output with layer=, or use a black-box method")
+            return chosen
+        axes, _ = self.graph.input_batch_axes()
+        floats = self.float_inputs
+        batched = [n for n in floats if axes[n] is not None]
+        if batched or floats:
+            return batched or floats
+        embeddings = _embeddings(self.graph)
+        if embeddings:
+            return embeddings
+        raise OptionError("the model has no float inputs to attribute to; give a layer (e.g. the embedding output)")
+
     def _compiled(self, composite, wrt: tuple, explained: str, feeds: dict, method: str,
-                  predicted_seed: bool = False):
-        graph = self._graph_for(feeds)
-        key = (composite.key(), wrt, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())),
-               predicted_seed)
+                  predicted_seed: bool = False, static: int | None = None):
+        """The compiled explainer and its session, for inputs shaped like `feeds`."""
+        return self.plan(feeds).compiled(composite, tuple(wrt), explained, method, predicted_seed, static)
 
-        def make():
-            acts = [t for t in wrt if t not in graph.inputs]
-            spec = compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method,
-                                     predicted_seed=predicted_seed)
-            return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
-
-        return self._cache.get(key, make)
-
-    def _compiled_cut(self, composite, layer: str, explained: str, feeds: dict, method: str):
+    def _compiled_cut(self, composite, layer: str, explained: str, feeds: dict, method: str,
+                      static: int | None = None):
         """An explainer of the model with `layer` cut out as an extra input: the layer's
         consumers read the fed value while every other path still sees the real inputs (as
         Captum's layer methods replace a module's output). Returns (spec, session, cut name)."""
-        graph = self._graph_for(feeds)
-        cut = f"{layer}/onnxplain.cut"
-        key = ("cut", composite.key(), layer, explained, tuple((k, v.shape[1:]) for k, v in sorted(feeds.items())))
-
-        def make():
-            cut_graph = Graph(_cut_model(graph, layer, cut))
-            spec = compile_explainer(cut_graph, composite, [cut], explained, method=method)
-            return (spec, Session(spec.model, self.providers, self.memory_budget)), 2 * spec.model.ByteSize()
-
-        spec, session = self._cache.get(key, make)
-        return spec, session, cut
+        return self.plan(feeds).compiled_cut(composite, layer, explained, method, static)
 
     # ------------------------------------------------------------------ export
     def export(self, path, method: str = "gradient", layer=None, output=None, probability: bool = False,
@@ -295,6 +344,225 @@ class Explainer:
         except OSError as exc:
             raise InputError(f"cannot write {path}: {exc.strerror}") from None
         return spec
+
+
+class Plan:
+    """Inputs of one set of shapes: the model specialised to them, and where each tensor
+    keeps its batch.
+
+    In `graph` the batch is a symbol, so shape inference carries it to every tensor that
+    has one (`Graph.batch_axis`): a sequence-first output keeps it on axis 1, a state input
+    on its own axis. Sessions run batch-first rows through `runtime.Rows`. Where a tensor
+    that is needed has no batch axis, the model fixes its batch size, or a rule needs every
+    shape static, sessions run on `static_graph(rows)`: every dimension fixed, `rows`
+    samples per run (the model's own batch size, else 1: sample by sample).
+    """
+
+    def __init__(self, explainer: "Explainer", feeds: dict, axes: dict, static: int | None):
+        self.explainer = explainer
+        self.input_axes = axes
+        self.declared_static = static
+        self.shapes = {k: v.shape for k, v in feeds.items()}
+        self.key = tuple((k, _without(v, axes[k])) for k, v in sorted(self.shapes.items()))
+        self.graph = explainer.graph.specialize(self.shapes, axes)
+        self._static_graphs: dict[int, Graph] = {}
+        self._probes = None
+        # The batch's names in the model file, for outputs that inference cannot type
+        # (operators of other domains) but the file declares.
+        declared = {k: explainer.graph.shape(k) for k in axes}
+        self._symbols = {declared[k][ax] for k, ax in axes.items()
+                         if ax is not None and declared[k] and isinstance(declared[k][ax], str)}
+
+    # --- layout -----------------------------------------------------------------------------
+    def n(self, feeds: dict) -> int:
+        for k, ax in self.input_axes.items():
+            if ax is not None and k in feeds:
+                return feeds[k].shape[ax]
+        return 1
+
+    def axis(self, tensor: str) -> int | None:
+        if tensor in self.input_axes:
+            return self.input_axes[tensor]
+        ax = self.graph.batch_axis(tensor)
+        if ax is None:
+            ax = self._probed_axis(tensor)
+        if ax is None and self.graph.shape(tensor) is None and tensor in self.graph.outputs:
+            # Inference cannot type it (an operator of another domain): the file's declared
+            # shape says, by the batch's name or a free first axis; every run checks it
+            # (runtime.Rows), so a wrong reading fails loudly rather than mixing samples.
+            declared = self.explainer.graph.shape(tensor) or ()
+            hits = [i for i, d in enumerate(declared) if d in self._symbols]
+            if not hits and declared and not isinstance(declared[0], int):
+                hits = [0]
+            ax = hits[0] if len(hits) == 1 else None
+        return ax
+
+    PROBES = (7, 11)  # batch sizes unlikely to equal another dimension twice
+
+    def _probed_axis(self, tensor: str) -> int | None:
+        """Where the symbol is lost (a Reshape to (-1, C) has no symbolic answer), static
+        inference at two batch sizes tells: the batch axis is the one axis whose size is the
+        batch size in both."""
+        if self._probes is None:
+            try:
+                self._probes = [self.explainer.graph.probe_shapes(self.shapes, self.input_axes, rows)
+                                for rows in self.PROBES]
+            except Exception:  # a model that fixes its batch somewhere: no proof
+                self._probes = [{}, {}]
+        a, b = (p.get(tensor) for p in self._probes)
+        if a is None or b is None or len(a) != len(b):
+            return None
+        hits = [i for i, (da, db) in enumerate(zip(a, b)) if da == self.PROBES[0] and db == self.PROBES[1]]
+        return hits[0] if len(hits) == 1 else None
+
+    def static_for(self, tensors, static: int | None = None) -> int | None:
+        """Rows per run when `tensors` must be read sample by sample (or the model fixes
+        its batch), else None (any number of rows at once)."""
+        if static is not None:
+            return static
+        if self.declared_static is not None:
+            return self.declared_static
+        return 1 if any(self.axis(t) is None for t in tensors) else None
+
+    def fixed(self, feeds: dict, rows=()) -> dict:
+        """The inputs fed as they are: those without a batch axis, unless fed as rows."""
+        return {k: v for k, v in feeds.items() if self.input_axes.get(k) is None and k not in rows}
+
+    def rows(self, feeds: dict, static: int | None, extra=()) -> dict:
+        """Batch-first rows of the batched inputs (and of `extra` unbatched inputs, one row
+        per sample, which needs runs of one row)."""
+        n = self.n(feeds)
+        out = {}
+        for k, v in feeds.items():
+            ax = self.input_axes.get(k)
+            if ax is not None:
+                out[k] = np.moveaxis(v, ax, 0) if ax else v
+            elif k in extra:
+                if static != 1:
+                    raise ModelError(f"input '{k}' has no batch axis; it can be attributed only sample by sample")
+                out[k] = np.broadcast_to(v[None], (n,) + v.shape)
+        return out
+
+    def physical(self, tensor: str, a: np.ndarray) -> np.ndarray:
+        """A batch-first array back in the tensor's own layout (an attribution has its
+        tensor's shape). A tensor without a batch axis gives one array per sample: stacked,
+        or the tensor's own shape for one sample."""
+        ax = self.axis(tensor)
+        if ax is None:
+            return a[0] if a.shape[0] == 1 else a
+        return np.moveaxis(a, 0, ax) if ax else a
+
+    def axes_for(self, names: dict) -> dict:
+        """Batch axes by fed/read name: {name: tensor it carries}."""
+        return {name: self.axis(t) for name, t in names.items()}
+
+    def static_graph(self, rows: int) -> Graph:
+        if rows not in self._static_graphs:
+            shapes = {}
+            for k, shape in self.shapes.items():
+                ax = self.input_axes[k]
+                shapes[k] = shape if ax is None else shape[:ax] + (rows,) + shape[ax + 1:]
+            self._static_graphs[rows] = self.explainer.graph.specialize(shapes, self.input_axes, static=True)
+        return self._static_graphs[rows]
+
+    def graph_for(self, static: int | None) -> Graph:
+        return self.graph if static is None else self.static_graph(static)
+
+    # --- sessions ---------------------------------------------------------------------------
+    def forward(self, tensors: list, fixed: dict, static: int | None) -> Rows:
+        e = self.explainer
+        graph = self.graph_for(static)
+        key = ("forward", tuple(tensors), static) + self.key
+        session = e._session(key, lambda: _with_outputs(graph, tensors))
+        names = {**{k: k for k in self.shapes}, **{t: t for t in tensors}}
+        return Rows(session, self.axes_for(names), fixed, static)
+
+    def compiled(self, composite, wrt: tuple, explained: str, method: str, predicted_seed: bool = False,
+                 static: int | None = None):
+        """(spec, session) of the explainer; on a graph whose batch is symbolic unless
+        `static`, and on the static graph where a rule needs every shape known."""
+        e = self.explainer
+        key = (composite.key(), wrt, explained, self.key, predicted_seed, static)
+
+        def make():
+            def build(graph):
+                acts = [t for t in wrt if t not in graph.inputs]
+                return compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method,
+                                         predicted_seed=predicted_seed)
+            try:
+                spec = build(self.graph_for(static))
+            except UnsupportedOperatorError:
+                raise
+            except ModelError:
+                if static is not None:
+                    raise
+                # A rule that needs static shapes (a Resize sized at run time from the
+                # batch, ...): with every dimension fixed, constant folding settles them.
+                spec = build(self.static_graph(1))
+                spec.static = 1
+            return (spec, Session(spec.model, e.providers, e.memory_budget)), 2 * spec.model.ByteSize()
+
+        return e._cache.get(key, make)
+
+    def compiled_cut(self, composite, layer: str, explained: str, method: str, static: int | None = None):
+        e = self.explainer
+        graph = self.graph_for(static)
+        cut = f"{layer}/onnxplain.cut"
+        key = ("cut", composite.key(), layer, explained, self.key, static)
+
+        def make():
+            cut_graph = Graph(_cut_model(graph, layer, cut))
+            spec = compile_explainer(cut_graph, composite, [cut], explained, method=method)
+            return (spec, Session(spec.model, e.providers, e.memory_budget)), 2 * spec.model.ByteSize()
+
+        spec, session = e._cache.get(key, make)
+        return spec, session, cut
+
+
+def _logits_behind(graph, name: str) -> str:
+    """The tensor before a terminal Softmax/LogSoftmax, looking through re-layouts after it;
+    `name` itself when there is none. Where the Softmax ran on a flattened view (Flatten or
+    Reshape -> Softmax -> Reshape back), the logits are taken before the flattening, in
+    the output's own shape."""
+    chain, t = [], name
+    while True:
+        node = graph.producer.get(t)
+        if node is None:
+            return name
+        if node.op_type in LOOK_THROUGH:
+            break
+        if node.op_type not in RELAYOUT or len(graph.consumers.get(node.input[0], [])) != 1:
+            return name
+        chain.append(node)
+        t = node.input[0]
+    logits = node.input[0]
+    flat = graph.producer.get(logits)
+    if chain and flat is not None and flat.op_type in ("Flatten", "Reshape"):
+        before = flat.input[0]
+        if graph.shape(before) is not None and graph.shape(before) == graph.shape(name):
+            return before
+    if chain and graph.shape(logits) is not None and graph.shape(logits) != graph.shape(name):
+        # The seed is shaped like the output: explain the logits reshaped like it.
+        return name if not chain else _relayout_target(graph, chain, logits, name)
+    return logits
+
+
+def _relayout_target(graph, chain, logits, name):
+    raise ModelError(
+        f"the output '{name}' is a Softmax of '{logits}' reshaped to another shape; explain the logits with "
+        f"output='{logits}', or the probability with probability=True"
+    )
+
+
+def _without(shape, axis):
+    return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
+
+
+def _embeddings(graph) -> list[str]:
+    from . import graph as _graph
+
+    find = getattr(_graph, "find_embeddings", None)
+    return list(find(graph)) if find else []
 
 
 CACHE_BYTES = 2 * 1024**3  # model bytes of cached sessions; ONNXPLAIN_CACHE_BYTES overrides

@@ -130,13 +130,13 @@ def class_attributions(explainer, x, layer: str, classes, method: str = "input_x
     (k, n_classes): each class's attribution split by those per-(channel, position) shares
     (the activation factors' part of each activation).
     """
-    feeds = explainer._feeds(x)
+    feeds = explainer.feeds(x)
     if next(iter(feeds.values())).shape[0] != 1:
         raise InputError("attribution factorization explains one sample at a time; pass a single image")
     classes = [int(c) for c in classes]
     if not classes:
         raise OptionError("no classes to attribute; give at least one class")
-    shape = explainer._graph_for(feeds).shape(layer)
+    shape = explainer.shape(layer, feeds)
     per_row = int(np.prod([d for d in (shape or ())[1:] if isinstance(d, int)] or [1]))
     chunk = int(np.clip((64 << 20) // max(4 * per_row, 1), 1, 256))  # ~64 MB of layer attributions
     maps, projected = [], []
@@ -244,7 +244,7 @@ def factorize(explainer, x, layer: str | None = None, k: int = 2, classes="top50
     layer = layer or default_layer(explainer)
     if layer not in set(explainer.graph.tensor_names()):
         raise OptionError(f"unknown layer '{layer}'; `onnxplain inspect MODEL` lists the model's tensors")
-    feeds = explainer._feeds(x)
+    feeds = explainer.feeds(x)
     chosen = select_classes(explainer, feeds, classes, output, probability)
     common = dict(method=method, channel_axis=channel_axis, output=output, probability=probability, **options)
 
@@ -259,7 +259,7 @@ def factorize(explainer, x, layer: str | None = None, k: int = 2, classes="top50
         W, H = W / peak, H * peak[:, None]
         loadings = H
     else:
-        acts = np.moveaxis(explainer._forward(feeds, [layer])[layer].astype(np.float64), channel_axis, 1)[0]
+        acts = np.moveaxis(explainer.forward(feeds, [layer])[layer].astype(np.float64), channel_axis, 1)[0]
         if acts.ndim < 2:
             raise InputError(f"layer '{layer}' has no spatial axes to factorize; choose a 4-D (N,C,H,W) tensor")
         spatial_shape = acts.shape[1:]

@@ -138,7 +138,13 @@ def model_opset(model: onnx.ModelProto) -> int:
 def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = model_opset(model)
     if opset == 0:
-        _fail("the model imports no standard ONNX opset")
+        if not any(imp.domain not in ("", "ai.onnx") for imp in model.opset_import):
+            _fail("the model imports no opset at all; it is not a valid ONNX model")
+        # A model of ai.onnx.ml (or other) operators only: nothing to convert, but the
+        # explainer's backward nodes are standard operators, so the standard opset is
+        # imported too (harmless to a graph that uses none of its operators).
+        model.opset_import.append(helper.make_opsetid("", MIN_OPSET))
+        return model
     if opset > MAX_OPSET:
         # Newer opsets are accepted as long as the installed onnxruntime runs them.
         return model
@@ -273,11 +279,92 @@ class Graph:
             names.extend(o for o in node.output if o)
         return names
 
-    def specialize(self, shapes: dict[str, tuple]) -> "Graph":
-        """A copy whose inputs have the given shapes with the batch axis left symbolic.
+    # --- layout: where the batch is ---------------------------------------------------------
+    def input_batch_axes(self) -> tuple[dict[str, int | None], int | None]:
+        """Each input's batch axis, read off the declared shapes, and the static batch size
+        when the model fixes it (a batch-1 export), else None.
 
-        Knowing every other dimension lets rules decide broadcasting statically.
+        The batch is the first axis of the primary input (its first float input, else its
+        first input) when that axis is not a fixed size; another input is batched along the
+        axis that carries the same symbol (a state shaped (2, batch, 128) along axis 1), or
+        along a free first axis; an input with no such axis (a 0-d sample rate, a fixed
+        state) is not batched and is held fixed for every sample. Where the primary input's
+        first axis is a fixed size, the batch is static: inputs whose first axis has that
+        size are batched along it and run that many rows at a time.
         """
+        declared = {n: self.shape(n) for n in self.inputs}
+        ranked = [n for n in self.inputs if declared[n] is None or len(declared[n]) > 0]
+        primary = next((n for n in ranked if self.is_float(n)), ranked[0] if ranked else None)
+        axes: dict[str, int | None] = {n: None for n in self.inputs}
+        if primary is None:
+            return axes, None
+        first = declared[primary][0] if declared[primary] is not None else None
+        static = first if isinstance(first, int) else None
+        for n, shape in declared.items():
+            if shape is None:
+                axes[n] = 0 if static is None else None
+                continue
+            if not shape:
+                continue
+            if static is not None:
+                axes[n] = 0 if shape[0] == static else None
+                continue
+            named = [i for i, d in enumerate(shape) if isinstance(d, str) and d == first]
+            if isinstance(first, str) and len(named) == 1:
+                axes[n] = named[0]
+            elif not isinstance(shape[0], int):
+                axes[n] = 0
+        return axes, static
+
+    def batch_axis(self, name: str) -> int | None:
+        """The batch axis of a tensor of a graph specialised with a symbolic batch: the one
+        axis that shape inference carried the batch symbol to; None where no axis provably
+        is the batch (a Reshape that merged it, a tensor that does not depend on it)."""
+        shape = self.shape(name)
+        if shape is None:
+            return None
+        hits = [i for i, d in enumerate(shape) if d == BATCH]
+        return hits[0] if len(hits) == 1 else None
+
+    def probe_shapes(self, shapes: dict[str, tuple], axes: dict, rows: int) -> dict[str, tuple | None]:
+        """Every tensor's inferred shape for inputs of `shapes` with `rows` samples along
+        their batch axes, all dimensions static; the weights are not copied."""
+        saved = {}
+        for i, t in enumerate(self.model.graph.initializer):
+            if t.ByteSize() > _LIGHT_BYTES and t.HasField("raw_data"):
+                saved[i] = t.raw_data
+                t.ClearField("raw_data")
+        try:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+        finally:
+            for i, data in saved.items():
+                self.model.graph.initializer[i].raw_data = data
+        del model.graph.value_info[:]
+        for vi in model.graph.input:
+            if vi.name in shapes:
+                shape = list(shapes[vi.name])
+                if axes.get(vi.name) is not None:
+                    shape[axes[vi.name]] = rows
+                vi.type.tensor_type.ClearField("shape")
+                for d in shape:
+                    vi.type.tensor_type.shape.dim.add().dim_value = int(d)
+        for vi in model.graph.output:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        return {vi.name: tensor_shape(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+                if vi.type.HasField("tensor_type")}
+
+    def specialize(self, shapes: dict[str, tuple], axes: dict | None = None, static: bool = False) -> "Graph":
+        """A copy whose inputs have the given shapes, each input's batch axis (`axes`, by
+        default `input_batch_axes`) left symbolic unless `static`.
+
+        Knowing every other dimension lets rules decide broadcasting statically; the
+        symbolic batch, tracked by shape inference, tells each tensor's batch axis.
+        """
+        if axes is None:
+            axes = self.input_batch_axes()[0]
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         del model.graph.value_info[:]
@@ -294,16 +381,16 @@ class Graph:
                     f"input '{vi.name}' has rank {len(dims)} in the model, got an array of rank {len(shape)}"
                 )
             for i, (d, s) in enumerate(zip(dims, shape)):
-                # The batch axis stays symbolic where the model leaves it open; an input
-                # with a fixed first axis (a fed bias, a batch-1 export) keeps its shape.
-                if i == 0 and not d.HasField("dim_value"):
-                    d.Clear()
+                d.Clear()
+                if i == axes.get(vi.name) and not static:
                     d.dim_param = BATCH
                 else:
-                    d.Clear()
                     d.dim_value = int(s)
         for vi in model.graph.output:
-            vi.type.tensor_type.ClearField("shape")
+            # Only tensor outputs are re-inferred; reading `tensor_type` of a sequence or
+            # map output (scikit-learn's ZipMap) would turn it into a tensor of type 0.
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
         return Graph(model, initializers=self.initializers)
 
 

@@ -70,7 +70,7 @@ class Scorer:
     """
 
     def __init__(self, explainer, x, target=None, probability: bool = True, output=None):
-        feeds = explainer._feeds(x)
+        feeds = explainer.feeds(x)
         if len(feeds) != 1:
             raise InputError(f"metrics need a model with one input; this one has {len(feeds)} "
                              f"({', '.join(feeds)})")

@@ -179,3 +179,65 @@ def progress(total: int, label: str | None):
 
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
         yield bar
+
+
+class Rows:
+    """A session run on batch-first rows whatever the model's layout.
+
+    Methods build rows batch first; a model may keep its batch on another axis (a state
+    shaped (2, N, 128), a sequence-first (T, N, C) output) or on none (a tensor that
+    merges it). `axes` gives each fed or read tensor's batch axis: rows move from axis 0
+    to it and back. A tensor without one is one row per run (`static` rows at a time,
+    1 there); `static` also pads the last chunk of a model with a fixed batch size, so
+    every run has the shape the model was compiled for. `fixed` inputs are fed as they are.
+    """
+
+    def __init__(self, session: Session, axes: dict, fixed: dict | None = None, static: int | None = None):
+        self.session = session
+        self.axes = axes
+        self.fixed = dict(fixed or {})
+        self.static = static
+        self.model = session.model
+
+    def rows_per_run(self, cap: int | None = None) -> int:
+        return self.static if self.static else self.session.rows_per_run(cap)
+
+    def _physical(self, name, a):
+        ax = self.axes.get(name, 0)
+        if ax is None:
+            return np.asarray(a[0])  # a 0-d row stays an array
+        return np.moveaxis(a, 0, ax) if ax else a
+
+    def _logical(self, name, a):
+        ax = self.axes.get(name, 0)
+        if ax is None:
+            return np.asarray(a)[None]
+        return np.moveaxis(a, ax, 0) if ax else a
+
+    def run(self, feeds: dict, outputs) -> dict:
+        """One run of at most rows_per_run() batch-first rows."""
+        n = next(iter(feeds.values())).shape[0] if feeds else 1
+        rows = n
+        if self.static and n < self.static:  # pad to the compiled batch; the pad is dropped
+            pad = self.static - n
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
+        phys = {k: self._physical(k, v) for k, v in feeds.items()}
+        phys.update(self.fixed)
+        out = self.session.run(phys, outputs)
+        logical = {k: self._logical(k, v) for k, v in out.items()}
+        for k, v in logical.items():
+            # A batch axis read off shape inference, checked on every run: never rows of
+            # one sample taken for another's.
+            if v.shape[0] != max(rows, self.static or 0):
+                raise ModelError(f"tensor '{k}' came out with {v.shape[0]} rows along its batch axis "
+                                 f"{self.axes.get(k, 0)} for {max(rows, self.static or 0)} fed; its layout is not "
+                                 "the one shape inference gave")
+        return {k: v[:rows] for k, v in logical.items()}
+
+    def run_rows(self, total: int, make_feeds, outputs, label: str | None = None, cap: int | None = None):
+        step = self.rows_per_run(cap)
+        with progress(total, label) as bar:
+            for start in range(0, total, step):
+                stop = min(total, start + step)
+                yield start, stop, self.run(make_feeds(start, stop), outputs)
+                bar.update(stop - start)

@@ -91,17 +91,22 @@ def test_thousand_step_ig_runs_in_bounded_chunks(tmp_path):
 
 
 def test_unsupported_operators_are_all_named(tmp_path):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
-    nodes = [helper.make_node("Einsum", ["x", "x"], ["e"], equation="ij,ij->ij"),
-             helper.make_node("LpNormalization", ["e"], ["y"], axis=1)]
-    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4])
+    # onnxruntime's own contrib operators, which no rule module covers.
+    nodes = [helper.make_node("Inverse", ["x"], ["e"], domain="com.microsoft"),
+             helper.make_node("ExpandDims", ["e", "ax"], ["f"], domain="com.microsoft"),
+             helper.make_node("Squeeze", ["f", "ax64"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(-1, np.int32), "ax"), numpy_helper.from_array(np.array([-1]), "ax64")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 8
     e = Explainer(m)
+    seed = np.ones((1, 4, 4), np.float32)
     with pytest.raises(UnsupportedOperatorError) as info:
-        e.attribute(np.ones((1, 4), np.float32), target=0)
+        e.attribute(np.eye(4, dtype=np.float32)[None] * 2, target=seed)
     msg = str(info.value)
-    assert "Einsum" in msg and "LpNormalization" in msg and "occlusion" in msg
+    assert "Inverse" in msg and "ExpandDims" in msg and "occlusion" in msg
 
 
 @pytest.mark.parametrize("bad, error, words", [
@@ -165,15 +170,27 @@ def test_multi_pass_methods_cannot_be_exported(tmp_path):
         Explainer(path).export(tmp_path / "x.onnx", method="integrated_gradients")
 
 
-def test_model_with_int_input_needs_a_layer():
+def test_a_token_model_is_attributed_at_its_embedding_output():
     x = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
     emb = numpy_helper.from_array(np.arange(10, dtype=np.float32).reshape(5, 2), "emb")
-    m = helper.make_model(helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"])], "g", [x], [y], [emb]),
+    axes = numpy_helper.from_array(np.array([1]), "axes")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("ReduceSum", ["e", "axes"], ["y"],
+                                                                                  keepdims=0)]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [emb, axes]),
                           opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    with pytest.raises(OptionError, match="layer"):
-        Explainer(m).attribute(np.zeros((1, 3), np.int64), target=0)
+    e = Explainer(m)
+    ids = np.array([[1, 2, 3]])
+    got = e.attribute(ids, method="input_x_gradient", target=1)
+    # y[1] = sum over positions of emb[id, 1]: input x gradient is each embedding's own entry.
+    np.testing.assert_array_equal(got, np.stack([np.zeros(3), emb_table_column(ids)], -1)[None][0][None])
+    with pytest.raises(OptionError, match="not float"):
+        e.attribute(ids, wrt="ids", target=1)
+
+
+def emb_table_column(ids):
+    return np.arange(10, dtype=np.float32).reshape(5, 2)[ids[0], 1]
 
 
 @pytest.mark.parametrize("method", sorted(EXPORTABLE))

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError, OptionError
+from ..runtime import Rows
 
 # ----------------------------------------------------------------------------- options
 
@@ -145,74 +146,158 @@ def get_method(name: str) -> Method:
 
 
 class Context:
-    """What a method sees: the inputs, the explained tensor and its seed, and passes.
+    """What a method sees, and its one way into the engine: the inputs as batch-first rows,
+    the explained tensor and its seed, and runs of the forward model and of explainers.
 
     `wrt` are the tensors attributions are asked for: the model's float inputs, or the
-    layer tensor. `backward` runs a compiled explainer for any number of rows, chunked
-    under the memory budget.
+    layer tensor. Whatever the model's layout (a batch on another axis, on none, a fixed
+    batch size), `feeds`, `seed`, attributions and activations are batch first; inputs
+    without a batch axis are held fixed (`fixed`). `backward` runs a compiled explainer for
+    any number of rows, chunked under the memory budget.
     """
 
-    def __init__(self, explainer, feeds: dict, seed: np.ndarray, wrt: list, explained: str, method: str):
+    def __init__(self, explainer, feeds: dict, seed: np.ndarray, wrt: list, explained: str, method: str,
+                 _from=None):
         self.explainer = explainer
-        self.feeds = feeds
-        self._seed = seed  # None: the predicted class, found when first needed
-        self.wrt = wrt
+        self.wrt = list(wrt)
         self.explained = explained
         self.method = method
-        self.n = next(iter(feeds.values())).shape[0]
+        if _from is not None:  # the same inputs, other tensors attributed (see `with_wrt`)
+            self.plan, self.static, self.fixed = _from.plan, _from.static, _from.fixed
+            self.feeds, self.n, self._seed = _from.feeds, _from.n, _from._seed
+            return
+        self.plan = explainer.plan(feeds)
+        # Unbatched inputs attributed to (a 0-d input, a fixed state) become rows of their own.
+        extra = [t for t in self.wrt if t in feeds and self.plan.input_axes.get(t) is None]
+        self.static = self.plan.static_for([explained] + self.wrt, 1 if extra else None)
+        self.fixed = self.plan.fixed(feeds, rows=extra)
+        self.feeds = self.plan.rows(feeds, self.static, extra)
+        self.n = self.plan.n(feeds)
+        self._seed = seed  # batch first, as Explainer.seed_for makes it
 
+    def with_wrt(self, wrt) -> "Context":
+        """This context with other tensors attributed (a layer of a CAM, the inputs)."""
+        return Context(self.explainer, None, None, wrt, self.explained, self.method, _from=self)
+
+    # --- layout ---------------------------------------------------------------------------
+    @property
+    def graph(self):
+        """The model specialised to these inputs (batch symbolic)."""
+        return self.plan.graph
+
+    def shape(self, tensor: str) -> tuple | None:
+        """A tensor's shape for these inputs, batch first: (n, ...)."""
+        shape = self.plan.graph.shape(tensor)
+        if shape is None:
+            return None
+        ax = self.plan.axis(tensor)
+        rest = shape if ax is None else shape[:ax] + shape[ax + 1:]
+        return (self.n,) + tuple(rest)
+
+    def physical(self, tensor: str, a: np.ndarray) -> np.ndarray:
+        """A batch-first array in the tensor's own layout."""
+        return self.plan.physical(tensor, a)
+
+    def _rows(self, session, names: dict, static=None):
+        """A session fed and read batch first; `names`: fed/read name -> tensor it carries."""
+        if isinstance(session, Rows):
+            return session
+        names = {**{k: k for k in self.plan.input_axes}, **names}
+        return Rows(session, self.plan.axes_for(names), self.fixed, static if static is not None else self.static)
+
+    def _explainer_rows(self, spec, session, cut: dict | None = None):
+        cut = cut or {}  # a cut-out layer fed by name: it carries the layer's layout
+        names = {spec.attributions[t]: cut.get(t, t) for t in spec.attributions}
+        names.update({spec.activations[t]: cut.get(t, t) for t in spec.activations})
+        names.update(cut)
+        if spec.seed is not None:
+            names[spec.seed] = self.explained
+        axes = self.plan.axes_for(names)
+        if spec.predicted:
+            axes[spec.predicted] = 0
+        axes.update({k: self.plan.axis(k) for k in self.plan.input_axes})
+        static = getattr(spec, "static", None) or self.static
+        return Rows(session, axes, self.fixed, static)
+
+    # --- seeds ----------------------------------------------------------------------------
     @property
     def seed(self) -> np.ndarray:
         """The seed of the explained tensor. Explaining the predicted class, it comes from
         the first backward pass (which forms it in the graph) or else from a forward pass."""
         if self._seed is None:
-            self._seed = self.explainer.seed_for(self.feeds, self.explained, None)
+            self._seed = self.explainer.seed_for(self._physical_feeds(), self.explained, None)
         return self._seed
+
+    def _physical_feeds(self) -> dict:
+        feeds = {k: self.plan.physical(k, v) if self.plan.input_axes.get(k) is not None else v[0]
+                 for k, v in self.feeds.items()}
+        return {**feeds, **self.fixed}
 
     def _seed_in_graph(self) -> bool:
         """Whether the predicted class can be formed inside the explainer: the seed is not
         known yet and the explained tensor is (batch, classes) with the classes known."""
-        if self._seed is not None:
+        if self._seed is not None or self.static is not None:
             return False
-        shape = self.explainer._graph_for(self.feeds).shape(self.explained)
+        shape = self.plan.graph.shape(self.explained)
         if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
             return False
-        # A fixed first axis other than the batch: the seed path says what is wrong.
-        return not isinstance(shape[0], int) or shape[0] == self.n
+        return self.plan.axis(self.explained) == 0
 
     @property
     def inputs(self) -> list[str]:
-        """Float model inputs (the ones an input-space path can move)."""
-        return self.explainer.float_inputs
+        """Float model inputs fed as rows (the ones an input-space path can move)."""
+        return [n for n in self.explainer.float_inputs if n in self.feeds]
 
     @property
     def layer(self) -> str | None:
         return self.wrt[0] if self.wrt and self.wrt[0] not in self.feeds else None
 
-    def compiled(self, composite):
-        return self.explainer._compiled(composite, tuple(self.wrt), self.explained, self.feeds, self.method)
+    # --- runs -----------------------------------------------------------------------------
+    def compiled(self, composite, wrt=None, explained=None, predicted_seed: bool = False):
+        """(spec, rows) of the explainer of `composite` for `wrt` (default: this context's)."""
+        wrt = tuple(self.wrt if wrt is None else wrt)
+        explained = self.explained if explained is None else explained
+        spec, session = self.plan.compiled(composite, wrt, explained, self.method, predicted_seed, self.static)
+        return spec, self._explainer_rows(spec, session)
+
+    def forward_session(self, tensors) -> Rows:
+        """The forward model returning `tensors`, run on batch-first rows."""
+        tensors = list(tensors)
+        static = self.plan.static_for(tensors, self.static)
+        return self.plan.forward(tensors, self.fixed, static)
+
+    def forward(self, tensors, feeds=None) -> dict:
+        """Values of any tensors on `feeds` (batch-first rows; default these inputs)."""
+        tensors = list(tensors)
+        feeds = self.feeds if feeds is None else feeds
+        rows = self.forward_session(tensors)
+        total = next(iter(feeds.values())).shape[0] if feeds else self.n
+        parts = {t: [] for t in tensors}
+        for _s, _e, out in rows.run_rows(total, lambda s, e: {k: v[s:e] for k, v in feeds.items()}, tensors):
+            for t in tensors:
+                parts[t].append(out[t])
+        return {t: np.concatenate(v) for t, v in parts.items()}
 
     def backward(self, composite, feeds=None, seed=None):
         """Attributions (dict wrt -> array) and activations at wrt, for one set of rows."""
         if feeds is None and seed is None and self._seed_in_graph():
             # The predicted class of these very inputs: one run forms the seed and explains it.
-            spec, session = self.explainer._compiled(composite, tuple(self.wrt), self.explained, self.feeds,
-                                                     self.method, predicted_seed=True)
+            spec, rows = self.compiled(composite, predicted_seed=True)
             predicted = []
-            result = self._run(spec, session, self.feeds, None, predicted)
+            result = self._run(spec, rows, self.feeds, None, predicted)
             # The seed those classes give, for any later pass (static shape: no forward run).
-            self._seed = self.explainer.seed_for(self.feeds, self.explained, np.concatenate(predicted))
+            self._seed = self.explainer.seed_for(self._physical_feeds(), self.explained, np.concatenate(predicted))
             return result
-        spec, session = self.compiled(composite)
+        spec, rows = self.compiled(composite)
         feeds = self.feeds if feeds is None else feeds
         seed = self.seed if seed is None else seed
-        return self._run(spec, session, feeds, seed)
+        return self._run(spec, rows, feeds, seed)
 
     def backward_rows_cut(self, composite, total: int, make_rows, consume, label: str | None = None):
         """Like backward_rows, with the layer cut out of the model and fed: make_rows returns
         (feeds, layer value, seed); attributions come back keyed by the layer."""
-        spec, session, cut = self.explainer._compiled_cut(composite, self.layer, self.explained, self.feeds,
-                                                          self.method)
+        spec, session, cut = self.plan.compiled_cut(composite, self.layer, self.explained, self.method, self.static)
+        rows_session = self._explainer_rows(spec, session, cut={cut: self.layer})
 
         def rows(start, stop):
             feeds, value, seed = make_rows(start, stop)
@@ -221,16 +306,16 @@ class Context:
         def renamed(start, stop, attrs, acts):
             consume(start, stop, {self.layer: attrs[cut]}, acts)
 
-        self.backward_rows_with(spec, session, total, rows, renamed, label)
+        self.backward_rows_with(spec, rows_session, total, rows, renamed, label)
 
     def backward_rows(self, composite, total: int, make_rows, consume, label: str | None = None):
         """Run `total` rows in chunks: make_rows(start, stop) -> (feeds, seed);
         consume(start, stop, attributions, activations) is called for each chunk."""
-        spec, session = self.compiled(composite)
-        self.backward_rows_with(spec, session, total, make_rows, consume, label)
+        spec, rows = self.compiled(composite)
+        self.backward_rows_with(spec, rows, total, make_rows, consume, label)
 
     def _run(self, spec, session, feeds, seed, predicted=None):
-        total = next(iter(feeds.values())).shape[0]
+        total = next(iter(feeds.values())).shape[0] if feeds else self.n
         attrs = {t: [] for t in spec.attributions}
         acts = {}
 
@@ -248,6 +333,7 @@ class Context:
 
     def backward_rows_with(self, spec, session, total, make_rows, consume, label=None, predicted=None):
         """`predicted` (a list), for an explainer that forms its seed: gets each chunk's classes."""
+        session = self._explainer_rows(spec, session) if not isinstance(session, Rows) else session
         outs = list(spec.attributions.values()) + list(spec.activations.values())
         if spec.predicted:
             outs.append(spec.predicted)
@@ -277,7 +363,7 @@ class Context:
         out = {t: feeds[t] for t in self.wrt if t in feeds}
         rest = [t for t in self.wrt if t not in feeds]
         if rest:
-            out.update(self.explainer._forward(feeds, rest))
+            out.update(self.forward(rest, feeds))
         return out
 
 

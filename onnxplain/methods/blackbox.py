@@ -37,7 +37,7 @@ def forward_scores(ctx, total: int, make_rows, label: str | None = None, consume
     Returns the float64 scores (total,).
     """
     tensor = ctx.explained
-    sess = ctx.explainer.forward_session(ctx.feeds, [tensor])
+    sess = ctx.forward_session([tensor])
     scores = np.empty(total, dtype=np.float64)
     rows = {}
 

@@ -101,13 +101,13 @@ def channel_axis(graph, layer: str) -> int:
 
 def _layer_ctx(ctx) -> tuple[Context, str, int]:
     """A context whose wrt is the CAM layer, the layer, and its channel axis."""
-    graph = ctx.explainer._graph_for(ctx.feeds)
+    graph = ctx.graph
     layer = ctx.layer or default_layer(graph, ctx.explained)
     shape = graph.shape(layer)
     if shape is not None and len(shape) not in (3, 4, 5):
         raise OptionError(f"method '{ctx.method}' needs a layer with channels and 1 to 3 spatial axes "
                           f"(N, C, ...); '{layer}' has shape {_fmt(shape)}")
-    lctx = Context(ctx.explainer, ctx.feeds, ctx.seed, [layer], ctx.explained, ctx.method)
+    lctx = ctx.with_wrt([layer])
     return lctx, layer, channel_axis(graph, layer)
 
 
@@ -238,14 +238,14 @@ def layer_cam(ctx, relu, upsample, normalize, interpolation):
 @register("cam", "CAM: channels weighted by the class's weights of the linear layer after global average "
           "pooling (Zhou et al. 2016)", options=OPTIONS, reference="Zhou et al. 2016")
 def cam(ctx, relu, upsample, normalize, interpolation):
-    graph = ctx.explainer._graph_for(ctx.feeds)
+    graph = ctx.graph
     layer = ctx.layer or default_layer(graph, ctx.explained)
     weights = head_weights(graph, layer, ctx.explained)  # (classes, C)
     seed = ctx.seed.reshape(ctx.n, -1).astype(np.float64)
     if seed.shape[1] != weights.shape[0]:
         raise OptionError(f"cam: the explained output has {seed.shape[1]} values but the linear head "
                           f"{weights.shape[0]} classes")
-    acts = _channels_first(ctx.explainer._forward(ctx.feeds, [layer])[layer], channel_axis(graph, layer))
+    acts = _channels_first(ctx.forward([layer])[layer], channel_axis(graph, layer))
     if acts.shape[1] != weights.shape[1]:
         raise OptionError(f"cam: layer '{layer}' has {acts.shape[1]} channels but the linear head takes "
                           f"{weights.shape[1]}")
@@ -297,9 +297,9 @@ def head_weights(graph, layer: str, explained: str) -> np.ndarray:
           "upsampled channel (Wang et al. 2020); forward passes only", options=OPTIONS,
           reference="pytorch-grad-cam ScoreCAM")
 def score_cam(ctx, relu, upsample, normalize, interpolation):
-    graph = ctx.explainer._graph_for(ctx.feeds)
+    graph = ctx.graph
     layer = ctx.layer or default_layer(graph, ctx.explained)
-    acts = _channels_first(ctx.explainer._forward(ctx.feeds, [layer])[layer], channel_axis(graph, layer))
+    acts = _channels_first(ctx.forward([layer])[layer], channel_axis(graph, layer))
     n, c = acts.shape[:2]
     name, channel, size = _image_input(ctx, acts.ndim)
     # pytorch-grad-cam upsamples the masks with UpsamplingBilinear2d: corners aligned
@@ -331,7 +331,7 @@ def score_cam(ctx, relu, upsample, normalize, interpolation):
 def guided_grad_cam(ctx, relu, normalize, interpolation):
     maps = grad_cam(ctx, relu, True, normalize, interpolation)
     name, m = next(iter(maps.items()))
-    ictx = Context(ctx.explainer, ctx.feeds, ctx.seed, list(ctx.inputs), ctx.explained, ctx.method)
+    ictx = ctx.with_wrt(list(ctx.inputs))
     guided = ictx.backward(GUIDED)[0][name]
     return {name: (guided * m).astype(np.float32)}
 

@@ -51,6 +51,14 @@ def _need_layer(ctx) -> str:
 
 
 def _bases(ctx, baseline) -> dict:
+    if not ctx.inputs:
+        # Token ids cannot move along a path: every point of it would be the input, and
+        # every conductance zero.
+        ints = ", ".join(k for k in ctx.feeds if ctx.feeds[k].dtype.kind in "iu")
+        raise OptionError(f"method '{ctx.method}' moves the model's float inputs from a baseline, and this model "
+                          f"has none (its inputs {ints} are integers); for a model fed token ids, use "
+                          "integrated_gradients or deeplift with layer=THE_EMBEDDING_OUTPUT and baseline_ids=IDS "
+                          "(or layer_baseline=VALUE)")
     return {k: baseline_like(baseline, ctx.feeds[k], k) for k in ctx.inputs}
 
 
@@ -201,7 +209,7 @@ def neuron_conductance(ctx, n_steps, integration, baseline, neuron):
     picked = np.concatenate(picked)
 
     # The layer is now the explained tensor; the seed is dF/dy kept at the neuron only.
-    spec, session = ctx.explainer._compiled(GRADIENT, tuple(ctx.inputs), layer, ctx.feeds, ctx.method)
+    spec, session = ctx.compiled(GRADIENT, wrt=ctx.inputs, explained=layer)
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in bases.items()}
 
     def seeds(start, stop):
@@ -221,10 +229,10 @@ def neuron_conductance(ctx, n_steps, integration, baseline, neuron):
 
 
 def _layer_shape(ctx, layer) -> tuple:
-    shape = ctx.explainer._graph_for(ctx.feeds).shape(layer)
+    shape = ctx.shape(layer)
     if shape is None or not all(isinstance(d, int) for d in shape[1:]):
         one = {k: v[:1] for k, v in ctx.feeds.items()}
-        shape = ctx.explainer._forward(one, [layer])[layer].shape
+        shape = ctx.forward([layer], one)[layer].shape
     return tuple(shape)
 
 
@@ -278,7 +286,7 @@ def prune_study(model, x, layer: str, box, target=None, ks=(1, 2, 4, 8, 16), n_s
     from ..explainer import Explainer
 
     e = model if isinstance(model, Explainer) else Explainer(model, providers=providers, memory_budget=memory_budget)
-    feeds = e._feeds(x)
+    feeds = e.feeds(x)
     ks = sorted({int(k) for k in ks})
     if layer not in set(e.graph.tensor_names()):
         raise OptionError(f"unknown layer '{layer}'; `onnxplain inspect MODEL` lists the model's tensors")

@@ -127,7 +127,7 @@ def activation_maximization(explainer, target=None, output=None, probability: bo
     else:
         explained = problem.explained_tensor(output, probability)
         what = f"{'probability' if probability else 'score'} of class {target}"
-    feeds = problem._feeds(start)
+    feeds = problem.feeds(start)
     seed = _seed(problem, feeds, explained, target, neuron)
     step = _Ascent(problem, feeds, wrt, explained, seed)
 
@@ -159,7 +159,7 @@ def activation_maximization(explainer, target=None, output=None, probability: bo
     final = step.score(x)
     if opts["generator"] is not None:
         # The generator's output unclipped: it is what the model scored.
-        image = problem._forward({wrt: x}, [image_tensor])[image_tensor]
+        image = problem.forward({wrt: x}, [image_tensor])[image_tensor]
         return Maximized(image, scores, initial, final, what, code=x, range=bounds, stuck=not moved)
     return Maximized(x, scores, initial, final, what, range=bounds, stuck=not moved)
 
@@ -168,7 +168,7 @@ class _Ascent:
     """One compiled pass giving the objective and its gradient with respect to `wrt`."""
 
     def __init__(self, explainer, feeds, wrt, explained, seed):
-        graph = explainer._graph_for(feeds)
+        graph = explainer.plan(feeds).graph
         self.spec = compile_explainer(graph, GRADIENT, [wrt], explained, activations=[explained],
                                       method="activation_maximization")
         self.session = Session(self.spec.model, explainer.providers, explainer.memory_budget)

