@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import infer_types
+from .graph import infer_types, node_inputs
 
 PASSTHROUGH = ("Identity", "Dropout")
 # Folding these would freeze one random draw into the model.
@@ -126,12 +126,12 @@ def remove_dead_code(model: onnx.ModelProto) -> onnx.ModelProto:
     tensors that are gone is dropped, and new initializers are declared where IR 3 wants it.
     """
     g = model.graph
-    live = {o.name for o in g.output} | _subgraph_inputs(g)
+    live = {o.name for o in g.output}
     keep = []
     for node in reversed(g.node):
         if any(o in live for o in node.output if o):
             keep.append(node)
-            live.update(i for i in node.input if i)
+            live.update(node_inputs(node))  # what its subgraphs read stays too
     keep.reverse()
     if len(keep) != len(g.node):
         del g.node[:]
@@ -820,7 +820,7 @@ def unroll_loops(graph, names) -> onnx.ModelProto:
             try:
                 unroller.loop(node) if node.op_type == "Loop" else unroller.scan(node)
             except _Unrolled as exc:
-                raise ValueError(f"{node.op_type} node '{node.name}' cannot be unrolled: {exc}") from None
+                raise ValueError(f"{node.op_type} node '{node.name}' cannot be unrolled ({exc})") from None
         else:
             unroller.nodes.append(node)
     model = onnx.ModelProto()

@@ -320,7 +320,13 @@ def inspect(model, as_json):
     click.echo(f"\nlayers ({len(report['layers'])}); give a tensor to --layer:")
     click.echo(_table([(r["node"], r["op"], r["tensor"], _shape(r["shape"])) for r in report["layers"]],
                       ("node", "op", "tensor", "shape"), indent=2))
-    click.echo("\noperators without a rule, per method family:")
+    start = report["analysed_from"]
+    if start["kind"] is None:
+        click.echo("\nno float tensor is computed from the inputs: white-box methods do not apply "
+                   "(black-box methods do)")
+        return
+    click.echo(f"\noperators without a rule on the path from the {start['kind']} "
+               f"({', '.join(start['tensors'])}), subgraphs included, per method family:")
     click.echo(_table([(f, ", ".join(ops) if ops else "none (all supported)")
                        for f, ops in report["unsupported"].items()], ("family", "missing"), indent=2))
 
@@ -441,15 +447,32 @@ def _records(names, scores, target, attr, files, labels) -> list[dict]:
 
 
 def _inspect(e) -> dict:
-    from .compile import Composite, unsupported
-    from .methods import gradients
+    from .compile import Composite, _depends_on, unsupported
+    from .graph import find_embeddings
+    from .methods import gradients, relevance
 
     g = e.graph
+    # The composites the white-box methods use by default, then any others the method
+    # modules define.
+    defaults = [gradients.GRADIENT, gradients.GUIDED, gradients.DECONVNET]
+    defaults += [relevance.zennit_composite(name) for name in relevance.ZENNIT]
+    defaults += [relevance.deep_taylor_composite(), relevance.excitation_composite(False),
+                 relevance.excitation_composite(True), relevance.DeepLiftComposite()]
     families = {}
-    for c in [gradients.GRADIENT, gradients.GUIDED, gradients.DECONVNET] + _composites():
-        families.setdefault(c.key(), c)
+    for c in defaults + _composites():
+        families.setdefault(c.name, c)
     explained = e.explained_tensor()
-    wrt = e.float_inputs
+    # Where white-box methods start: the float inputs, else the embedding outputs, else the
+    # first float tensor computed from the inputs (none: white-box methods do not apply).
+    embeddings = find_embeddings(g)
+    wrt, start = [n for n in g.inputs if g.is_float(n)], "float inputs"
+    if not wrt and embeddings:
+        wrt, start = embeddings, "embedding outputs"
+    elif not wrt:
+        dep = _depends_on(g, g.inputs)
+        first = next((o for n in g.nodes for o in n.output
+                      if o and o in dep and g.is_float(o) and g.constant(o) is None), None)
+        wrt, start = ([first], "first float tensor computed from the inputs") if first else ([], None)
     layers = [{"node": n.name, "op": n.op_type, "tensor": o, "shape": g.shape(o)}
               for n in g.nodes for o in n.output if o and g.is_float(o) and g.constant(o) is None]
     return {
@@ -458,7 +481,9 @@ def _inspect(e) -> dict:
         "outputs": [{"name": n, "dtype": _dtype(g, n), "shape": g.shape(n)} for n in g.outputs],
         "preprocess": e.preprocess_metadata(),
         "layers": layers,
-        "unsupported": {k: unsupported(g, c, wrt, explained) if wrt else [] for k, c in families.items()
+        "embeddings": embeddings,
+        "analysed_from": {"tensors": wrt, "kind": start},
+        "unsupported": {k: unsupported(g, c, wrt, explained) if wrt else None for k, c in families.items()
                         if isinstance(c, Composite)},
     }
 

@@ -110,9 +110,10 @@ def _missing(graph: Graph, composite: Composite, nodes, dep) -> set:
             body = subgraphs(n)[0]
             missing |= _missing_in_body(graph, composite, body, dep, with_inputs=True)
             continue
-        if composite.rule(n, graph) is None:
+        rule = composite.rule(n, graph)
+        if rule is None or getattr(rule, "refuses", lambda c: False)(composite):
             missing.add(n.op_type)
-        elif subgraphs(n):
+        if rule is not None:
             for body in subgraphs(n):
                 missing |= _missing_in_body(graph, composite, body, dep)
     return missing
@@ -136,10 +137,11 @@ def _missing_in_body(graph, composite, body, dep, with_inputs=False) -> set:
         reach.update(o for o in n.output if o)
         if n.op_type in UNROLLED and n.domain in ("", "ai.onnx"):
             missing |= _missing_in_body(sub or graph, composite, subgraphs(n)[0], reach, with_inputs=True)
-        elif (sub is None and lookup(n.op_type, "gradient") is None) or \
-                (sub is not None and composite.rule(n, sub) is None):
+            continue
+        rule = lookup(n, "gradient") if sub is None else composite.rule(n, sub)
+        if rule is None or getattr(rule, "refuses", lambda c: False)(composite):
             missing.add(n.op_type)
-        else:
+        if rule is not None:
             for inner in subgraphs(n):
                 missing |= _missing_in_body(sub or graph, composite, inner, reach)
     return missing
@@ -195,9 +197,9 @@ def _unroll_active(graph: Graph, wrt, explained, method=None) -> Graph:
             model = unroll_loops(graph, loops)
         except ValueError as exc:
             err = UnsupportedOperatorError(["Loop" if str(exc).startswith("Loop") else "Scan"], method)
-            err.args = (f"method '{method}' cannot differentiate through {exc}: white-box methods unroll loops "
-                        "whose trip count (or scanned length) the input shapes fix and whose end does not depend "
-                        "on the data; use a black-box method (occlusion, rise, kernel_shap, lime) for this model",)
+            err.args = (f"method '{method}': {exc}; white-box methods unroll the loops whose trip count (or "
+                        "scanned length) the input shapes fix and whose end does not depend on the data; use a "
+                        "black-box method (occlusion, rise, kernel_shap, lime) for this model",)
             raise err from None
         graph = Graph(model, initializers=graph.initializers)
     raise ModelError("loops nested more than 16 deep on the explained path cannot be unrolled")

@@ -169,11 +169,29 @@ def test_operator_without_rule_inside_a_branch_is_refused_by_name():
         e.attribute(x, method="gradient", target=0)
 
 
-def test_if_backward_runs_under_lrp_composites():
-    # LRP's epsilon rule on the MatMuls inside branches: relevance through an If.
-    x = np.abs(rng_(6).normal(size=(1, 4))).astype(np.float32)
-    r = Explainer(if_model()).attribute(x, method="lrp.epsilon", target=0)
-    assert r.shape == (1, 4) and np.isfinite(r).all() and np.abs(r).max() > 0
+def inlined_then_model():
+    """if_model with its then-branch inlined: what the If computes where sum(x) > 0."""
+    m = if_model()
+    if_node = m.graph.node[2]
+    branch = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    nodes = list(branch.node) + [helper.make_node("Identity", [branch.output[0].name], ["y"]), m.graph.node[3]]
+    return _model(nodes, list(m.graph.input), list(m.graph.output), list(m.graph.initializer))
+
+
+@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus", "excitation_backprop"])
+def test_if_backward_equals_that_of_the_taken_branch_inlined(method):
+    # The composite is asked per branch node: LRP's rules apply inside the branches.
+    x = np.abs(rng_(6).normal(size=(2, 4))).astype(np.float32)
+    got = Explainer(if_model()).attribute(x, method=method, target=0)
+    want = Explainer(inlined_then_model()).attribute(x, method=method, target=0)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_deeplift_refuses_an_if_on_the_path_by_name():
+    x = np.abs(rng_(6).normal(size=(2, 4))).astype(np.float32)
+    with pytest.raises(UnsupportedOperatorError, match="If"):
+        Explainer(if_model()).attribute(x, method="deeplift", target=0)
 
 
 # ----------------------------------------------------------------------------- Loop
@@ -371,7 +389,7 @@ def test_explainer_is_valid_when_shape_inference_cannot_type_its_tensors():
     np.testing.assert_allclose(got, (seed @ w.T) * (1 - np.tanh(x) ** 2), rtol=1e-5, atol=1e-6)
 
 
-def ir3_model(elem=F32):
+def ir3_model(elem=F32, opset=8):
     """An old-style model: IR version 3, opset 8, initializers also listed as graph inputs."""
     r = rng_(18)
     w, bias = r.normal(size=(3, 4)), r.normal(size=(4,))
@@ -379,17 +397,88 @@ def ir3_model(elem=F32):
     inits = [_init("W", w, elem), _init("B", bias, elem)]
     inputs = [helper.make_tensor_value_info("x", elem, ["N", 3]),
               helper.make_tensor_value_info("W", elem, [3, 4]), helper.make_tensor_value_info("B", elem, [4])]
-    return _model(nodes, inputs, [helper.make_tensor_value_info("z", elem, ["N", 4])], inits, opset=8,
+    return _model(nodes, inputs, [helper.make_tensor_value_info("z", elem, ["N", 4])], inits, opset=opset,
                   ir_version=3)
 
 
-def test_ir_version_3_model_gradient_equals_finite_differences():
+@pytest.mark.parametrize("opset", [8, 9])
+def test_ir_version_3_model_gradient_equals_finite_differences(opset):
     x = rng_(19).normal(size=(2, 3))
     seed = rng_(20).normal(size=(2, 4))
-    e = Explainer(ir3_model(F32))
+    e = Explainer(ir3_model(F32, opset))
     got = e.attribute(x.astype(np.float32), method="gradient", target=seed.astype(np.float32), probability=True)
     spec = compile_explainer(e._graph_for(e._feeds(x.astype(np.float32))), GRADIENT, ["x"], "z")
     onnx.checker.check_model(spec.model)
     _session(spec.model)  # onnxruntime accepts the explainer's IR version
-    want = finite_differences(ir3_model(F64), {"x": x}, "x", seed)
+    want = finite_differences(ir3_model(F64, opset), {"x": x}, "x", seed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def loop_with_if_model(elem=F32):
+    """A Loop whose body holds an If on the iteration's parity (tanh on even steps, sin on
+    odd ones) reading the body's own tensor `c`: unrolling renames it inside the branches."""
+    r = rng_(21)
+    u = r.normal(size=(3, 3)) * 0.5
+    then_g = helper.make_graph([helper.make_node("Tanh", ["c"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", elem, ["N", 3])])
+    else_g = helper.make_graph([helper.make_node("Sin", ["c"], ["s"])], "else", [],
+                               [helper.make_tensor_value_info("s", elem, ["N", 3])])
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "U"], ["b"]), helper.make_node("Add", ["b", "x"], ["c"]),
+         helper.make_node("Mod", ["i", "two"], ["parity"]), helper.make_node("Equal", ["parity", "zero"], ["even"]),
+         helper.make_node("If", ["even"], ["h_out"], then_branch=then_g, else_branch=else_g),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", elem, ["N", 3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", elem, ["N", 3])],
+        initializer=[numpy_helper.from_array(np.array(2, np.int64), "two"),
+                     numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    nodes = [helper.make_node("Loop", ["n", "", "x"], ["z"], body=body)]
+    inits = [_init("U", u, elem), numpy_helper.from_array(np.array(3, np.int64), "n")]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", 3])],
+                  [helper.make_tensor_value_info("z", elem, ["N", 3])], inits)
+
+
+def test_gradient_through_if_nested_in_a_loop_equals_finite_differences():
+    x = rng_(22).normal(size=(2, 3))
+    seed = rng_(23).normal(size=(2, 3))
+    got = gradient(loop_with_if_model(F32), x.astype(np.float32), seed)
+    want = finite_differences(loop_with_if_model(F64), {"x": x}, "x", seed)
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def loop_in_if_model(elem=F32):
+    """An If whose then-branch runs a 2-step Loop over the outer x (h <- tanh(h U + x))."""
+    u = rng_(24).normal(size=(3, 3)) * 0.5
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "U"], ["b"]), helper.make_node("Add", ["b", "x"], ["c"]),
+         helper.make_node("Tanh", ["c"], ["h_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", elem, ["N", 3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", elem, ["N", 3])])
+    then_g = helper.make_graph([helper.make_node("Loop", ["n", "", "x"], ["t"], body=body)], "then", [],
+                               [helper.make_tensor_value_info("t", elem, ["N", 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", elem, ["N", 3])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+             helper.make_node("Greater", ["sx", "zf"], ["cond"]),
+             helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g)]
+    inits = [_init("U", u, elem), _init("zf", 0.0, elem), numpy_helper.from_array(np.array(2, np.int64), "n")]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", 3])],
+                  [helper.make_tensor_value_info("z", elem, ["N", 3])], inits)
+
+
+def test_gradient_through_a_loop_nested_in_an_if_equals_finite_differences():
+    x = np.abs(rng_(25).normal(size=(2, 3)))
+    seed = rng_(26).normal(size=(2, 3))
+    got = gradient(loop_in_if_model(F32), x.astype(np.float32), seed)
+    want = finite_differences(loop_in_if_model(F64), {"x": x}, "x", seed)
+    assert np.abs(want).max() > 1e-2
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

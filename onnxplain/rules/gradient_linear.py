@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ModelError
+from ..graph import node_inputs
 from .base import attr, register
 
 
@@ -52,7 +53,7 @@ def varies(b, name: str) -> bool:
         node = graph.producer.get(t)
         if node is None:
             return True  # unknown origin: assume it varies
-        todo.extend(node.input)
+        todo.extend(node_inputs(node))  # an If's branches read the enclosing scope too
     return False
 
 
