@@ -22,10 +22,15 @@ from .metrics import Positions, spearman
 
 # Every per-sample threshold must hold for every input; top-1 agreement is over the set.
 THRESHOLDS = {"min_rank_corr": 0.8, "min_topk_overlap": 0.6, "min_iou": 0.5, "min_top1_agreement": 1.0,
-              "max_prob_diff": None}
+              "max_prob_diff": None, "min_gradient_rank_corr": None, "min_input_x_gradient_rank_corr": None}
 # What each threshold is checked on, and in which direction.
 CHECKS = {"min_rank_corr": ("rank_corr", min), "min_topk_overlap": ("topk_overlap", min),
-          "min_iou": ("iou", min), "max_prob_diff": ("prob_diff", max)}
+          "min_iou": ("iou", min), "max_prob_diff": ("prob_diff", max),
+          "min_gradient_rank_corr": ("gradient_rank_corr", min),
+          "min_input_x_gradient_rank_corr": ("input_x_gradient_rank_corr", min)}
+# White-box numbers compare, whatever the method, when both models have gradient rules:
+# the rank correlation of the signed gradients and of input x gradient per sample.
+WHITE_BOX = ("gradient", "input_x_gradient")
 FALLBACK = "feature_ablation"  # a black-box method every model that runs can be explained with
 
 
@@ -59,10 +64,34 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _logits(explainer, x) -> np.ndarray:
-    feeds = explainer._feeds(x)
     t = explainer.explained_tensor()
-    out = np.asarray(explainer._forward(feeds, [t])[t], dtype=np.float64)
+    if hasattr(explainer, "forward"):
+        out = explainer.forward(x, [t])[t]
+    else:
+        out = explainer._forward(explainer._feeds(x), [t])[t]
+    out = np.asarray(out, dtype=np.float64)
     return out.reshape(len(out), -1)
+
+
+def _white_box(explainers) -> bool:
+    from .compile import unsupported
+    from .methods.gradients import GRADIENT
+
+    return all(not unsupported(e.graph, GRADIENT, e.float_inputs, e.explained_tensor()) for e in explainers)
+
+
+def quantized_note(explainers) -> str | None:
+    """The straight-through convention, stated where a quantized model is explained white-box."""
+    from .rules.quantized import CONVENTION, has_quantized
+
+    return CONVENTION if any(has_quantized(e.graph) for e in explainers) else None
+
+
+def _signed(explainer, x, method, classes) -> np.ndarray:
+    a = explainer.attribute(x, method=method, target=[int(c) for c in classes])
+    if isinstance(a, dict):
+        raise InputError("validate needs a model with one float input")
+    return np.asarray(a, dtype=np.float64).reshape(len(a), -1)
 
 
 def choose_method(method: str, explainers) -> tuple[str, str | None]:
@@ -133,6 +162,13 @@ def compare(reference, candidate, x, method: str = "auto", target=None, topk: fl
     n = len(lr)
     classes = lr.argmax(axis=1) if target is None else np.broadcast_to(np.asarray(target).reshape(-1), (n,))
     ma, mb = _maps(reference, x, method, classes, options), _maps(candidate, x, method, classes, options)
+    white = {}
+    if _white_box((reference, candidate)):
+        for wm in WHITE_BOX:
+            white[wm] = (_signed(reference, x, wm, classes), _signed(candidate, x, wm, classes))
+        qnote = quantized_note((reference, candidate))
+        if qnote:
+            note = f"{note}; {qnote}" if note else qnote
     names = names or [str(i) for i in range(n)]
     records = []
     for i in range(n):
@@ -141,6 +177,8 @@ def compare(reference, candidate, x, method: str = "auto", target=None, topk: fl
              "top1_agree": bool(lr[i].argmax() == lc[i].argmax()),
              "prob_diff": float(np.abs(pr[i] - pc[i]).max())}
         r.update(explanation_agreement(ma[i], mb[i], topk, region))
+        for wm, (ga, gb) in white.items():
+            r[f"{wm}_rank_corr"] = spearman(ga[i], gb[i])
         records.append(r)
     return records, method, note
 
@@ -152,6 +190,11 @@ def verdict(records: list[dict], thresholds: dict) -> dict:
         if limit is None or name not in CHECKS:
             continue
         key, worst = CHECKS[name]
+        if any(key not in r for r in records):
+            failures.append({"threshold": name, "limit": limit, "worst": None,
+                             "inputs": [r["sample"] for r in records if key not in r],
+                             "reason": "no white-box comparison: a model has no gradient rules"})
+            continue
         bad = [r["sample"] for r in records if (r[key] < limit if worst is min else r[key] > limit)]
         if bad:
             failures.append({"threshold": name, "limit": limit, "inputs": bad,
@@ -163,7 +206,7 @@ def verdict(records: list[dict], thresholds: dict) -> dict:
                          "inputs": [r["sample"] for r in records if not r["top1_agree"]]})
     summary = {"inputs": len(records), "top1_agreement": agreement}
     for key, worst in CHECKS.values():
-        values = [r[key] for r in records]
+        values = [r[key] for r in records if key in r]
         if values:
             summary[key] = {"mean": float(np.mean(values)), "worst": float(worst(values))}
     return {"passed": not failures, "summary": summary, "failures": failures}

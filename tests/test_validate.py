@@ -84,16 +84,55 @@ def test_a_model_validates_against_its_exact_copy(models, tmp_path):
     assert report["summary"]["rank_corr"]["worst"] == pytest.approx(1.0)
 
 
-def test_a_dynamically_quantized_copy_keeps_its_reasons(models, tmp_path):
-    # Quantized MatMulInteger has no gradient rule: 'auto' falls back to feature ablation.
+def test_a_dynamically_quantized_copy_keeps_its_reasons_white_box(models, tmp_path):
+    # The quantized model is explained by the straight-through convention ('auto' is the
+    # gradient), and the report says so; gradients and input x gradient are compared too.
     d, inputs = models
+    # (12 features: the top-10% are 2, one swap halves their overlap)
     r = invoke("validate", d / "mlp.onnx", d / "mlp.int8.onnx", inputs, "--report", tmp_path / "rep.json",
-               "--min-rank-corr", "0.75", "--max-prob-diff", "0.1")
+               "--min-rank-corr", "0.75", "--max-prob-diff", "0.1", "--min-topk-overlap", "0.5")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "rep.json").read_text())
-    assert report["method"] == "feature_ablation" and "MatMulInteger" in report["note"]
+    assert report["method"] == "gradient" and "straight-through" in report["note"]
     s = report["summary"]
     assert s["top1_agreement"] == 1.0 and s["rank_corr"]["mean"] > 0.9 and s["prob_diff"]["worst"] < 0.1
+    assert s["gradient_rank_corr"]["worst"] > 0.9 and s["input_x_gradient_rank_corr"]["worst"] > 0.9
+
+
+def test_a_statically_quantized_copy_is_compared_white_box_even_under_occlusion(models, tmp_path):
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    class Reader:
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.it = iter([{"x": rng.normal(size=(1, 12)).astype(np.float32)} for _ in range(32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    d, inputs = models
+    q = tmp_path / "mlp.qdq.onnx"
+    quantize_static(str(d / "mlp.onnx"), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    from onnxplain import Explainer
+
+    ref, cand = Explainer(str(d / "mlp.onnx")), Explainer(str(q))
+    x = np.random.default_rng(5).normal(scale=0.7, size=(6, 12)).astype(np.float32)
+    records, method, note = V.compare(ref, cand, x, method="feature_ablation")
+    assert method == "feature_ablation" and "straight-through" in note
+    g = [r["gradient_rank_corr"] for r in records]
+    ixg = [r["input_x_gradient_rank_corr"] for r in records]
+    assert min(g) > 0.8 and min(ixg) > 0.8, (g, ixg)
+    # a threshold on the white-box numbers gates like the others
+    only = {k: None for k in V.THRESHOLDS}
+    assert V.verdict(records, dict(only, min_gradient_rank_corr=0.8))["passed"]
+    assert not V.verdict(records, dict(only, min_gradient_rank_corr=1.01))["passed"]
+
+
+def test_a_white_box_threshold_fails_where_no_gradient_comparison_could_be_made():
+    records = [{"sample": "0", "rank_corr": 1.0, "topk_overlap": 1.0, "iou": 1.0, "prob_diff": 0.0,
+                "top1_agree": True}]
+    out = V.verdict(records, {k: None for k in V.THRESHOLDS} | {"min_gradient_rank_corr": 0.5})
+    assert not out["passed"] and "no white-box comparison" in out["failures"][0]["reason"]
 
 
 def test_a_model_planted_on_another_region_fails_with_exit_1(tmp_path):

@@ -214,22 +214,3 @@ def svm_classifier(b, node, grads):
     gd = b.op("Sub", b.op("Slice", g, b.ints([1]), b.ints([2]), b.ints([1])),
               b.op("Slice", g, b.ints([0]), b.ints([1]), b.ints([1])))
     return [_to_input(b, _kernel_gradient(b, node, _x32(b, x), gd, coef, sv, what), x)]
-
-
-@register("FeatureVectorizer", domain=ML)
-def feature_vectorizer(b, node, grads):
-    # Y = the inputs' columns side by side, input i contributing inputdimensions[i] columns.
-    dims = [int(d) for d in attr(node, "inputdimensions", [])]
-    if len(dims) != len(node.input):
-        raise ModelError(f"FeatureVectorizer '{node.name}' gives {len(dims)} input dimensions for "
-                         f"{len(node.input)} inputs")
-    out, start = [], 0
-    for x, d in zip(node.input, dims):
-        width = _width(b, x)
-        if width is not None and width != d:
-            raise ModelError(f"FeatureVectorizer '{node.name}': input '{x}' has {width} columns, not {d}; "
-                             "padding and truncation are not supported")
-        part = b.op("Slice", grads[0], b.ints([start]), b.ints([start + d]), b.ints([-1]))
-        out.append(_to_input(b, part, x))
-        start += d
-    return out
