@@ -263,6 +263,11 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         explained_target = [int(c) for c in np.asarray(scores).argmax(axis=1)]
     attr = explainer.attribute(batch.batch, method=method, target=explained_target, layer=layer, output=output,
                                probability=probability, **options)
+    if not quiet and get_method(method).kind == "white-box":
+        from .rules.quantized import CONVENTION, has_quantized
+
+        if has_quantized(explainer.graph):
+            click.echo(f"note: {CONVENTION}", err=True)
     written = _write(out, attr, batch, layer or next(iter(explainer.inputs)), cmap,
                      pre.layout if pre is not None and layer is None else None)
     records = _records(batch.names, scores, target, attr, written, _labels(model, explainer))

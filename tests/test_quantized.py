@@ -659,3 +659,23 @@ def test_ste_gradient_of_a_quantized_model_is_close_to_the_float_models(quantize
     rel, corr = _agreement(ste, ref)
     print(f"{name} {variant}: relative error {np.round(rel, 3)}, correlation {np.round(corr, 3)}")
     assert np.all(corr > 0.8), (rel, corr)
+
+
+def test_cli_explain_states_the_convention_once_for_a_quantized_model(quantized_zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    shape, paths = quantized_zoo["mlp"]
+    np.save(tmp_path / "x.npy", _inputs(shape, 22))
+    runner = CliRunner()
+    quantized = runner.invoke(cli.main, ["explain", str(paths["qdq"]), str(tmp_path / "x.npy"), "--target", "1",
+                                         "--out", str(tmp_path / "a.npy")])
+    assert quantized.exit_code == 0, quantized.output
+    assert quantized.output.count("straight-through") == 1
+    plain = runner.invoke(cli.main, ["explain", str(paths["float"]), str(tmp_path / "x.npy"), "--target", "1",
+                                     "--out", str(tmp_path / "b.npy")])
+    assert plain.exit_code == 0 and "straight-through" not in plain.output
+    blackbox = runner.invoke(cli.main, ["explain", str(paths["qdq"]), str(tmp_path / "x.npy"), "--target", "1",
+                                        "--method", "occlusion", "--out", str(tmp_path / "c.npy")])
+    assert blackbox.exit_code == 0 and "straight-through" not in blackbox.output
