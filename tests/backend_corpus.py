@@ -39,7 +39,7 @@ _NONDIFF = defs.OpSchema.DifferentiationCategory.NonDifferentiable
 # operator is unchanged since is run at this opset (otherwise it is n/a).
 ORT_MAX_OPSET = 26
 N_DIRECTIONS = 3
-STEPS = {np.float64: (1e-3, 1e-4, 1e-5), np.float32: (1e-2, 1e-3, 1e-4)}
+STEPS = {np.float64: (1e-3, 1e-4, 1e-5), np.float32: (1.0, 1e-1, 1e-2, 1e-3, 1e-4)}  # large steps: exact for linear maps
 RTOL = {np.float64: 1e-4, np.float32: 1e-2}
 
 
@@ -93,6 +93,8 @@ def _session(model):
 # Operators whose schemas tag every input non-differentiable although the map is smooth
 # (linear) in these: their gradients are checked all the same.
 DIFFERENTIABLE_DESPITE_TAGS = {"DFT": {0}, "STFT": {0, 2}, "AffineGrid": {0}}
+# Untagged float inputs that are shapes or boxes, held fixed like tagged ones.
+FIXED_UNTAGGED = {"Upsample": {1}, "RoiAlign": {1}}
 
 
 def _differentiable_inputs(case, node, opset) -> set:
@@ -110,6 +112,8 @@ def _differentiable_inputs(case, node, opset) -> set:
         if not name or not schema.inputs:
             continue
         formal = schema.inputs[min(k, len(schema.inputs) - 1)]
+        if k in FIXED_UNTAGGED.get(node.op_type, ()):
+            continue
         if formal.differentiation_category != _NONDIFF or k in DIFFERENTIABLE_DESPITE_TAGS.get(node.op_type, ()):
             diff.add(name)
     return diff & set(names)
@@ -297,7 +301,11 @@ def _compare(case, operator, sess, spec, fx, wrt, dtype, rng) -> Result:
                 res.detail = f"non-finite gradient for '{w}'"
             return res
 
-    f0 = total(fx)
+    try:
+        f0 = total(fx)
+    except Exception as exc:
+        res.detail = f"the explainer's forward output fails: {str(exc).splitlines()[0][:300]}"
+        return res
     if not np.isfinite(f0):
         res.status, res.detail = "n/a", "the case's output is not finite at its input"
         return res

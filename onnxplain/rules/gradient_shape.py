@@ -507,6 +507,147 @@ def _resize_plan(b, node, x: str, rank: int):
     return plan
 
 
+def _runtime_input(b, node, i: int) -> bool:
+    return len(node.input) > i and bool(node.input[i]) and b.constant(node.input[i]) is None
+
+
+def _coords_at_run_time(b, ctm, x_out, dout, din, s, roi):
+    """_source_coords with lengths and scale known at run time (float scalars like x_out)."""
+    one, half = _c1(b, 1.0, x_out), _c1(b, 0.5, x_out)
+    many = b.op("Greater", dout, one)
+    if ctm in ("half_pixel", "pytorch_half_pixel", "half_pixel_symmetric"):
+        xo = b.op("Sub", b.op("Div", b.op("Add", x_out, half), s), half)
+        if ctm == "pytorch_half_pixel":
+            xo = b.op("Where", many, xo, _c1(b, 0.0, x_out))
+        elif ctm == "half_pixel_symmetric":
+            adjustment = b.op("Div", dout, b.mul(s, din))
+            offset = b.mul(b.op("Div", din, _c1(b, 2.0, x_out)), b.op("Sub", one, adjustment))
+            xo = b.op("Add", offset, xo)
+        return xo
+    if ctm == "align_corners":
+        span = b.op("Div", b.op("Sub", din, one), b.op("Max", b.op("Sub", dout, one), one))
+        return b.op("Where", many, b.mul(x_out, span), _c1(b, 0.0, x_out))
+    if ctm == "asymmetric":
+        return b.op("Div", x_out, s)
+    if ctm == "tf_crop_and_resize":
+        r0, r1 = _c1(b, float(roi[0]), x_out), _c1(b, float(roi[1]), x_out)
+        last = b.op("Sub", din, one)
+        span = b.op("Div", b.mul(b.op("Sub", r1, r0), last), b.op("Max", b.op("Sub", dout, one), one))
+        spread = b.op("Add", b.mul(r0, last), b.mul(x_out, span))
+        centre = b.mul(b.mul(half, b.op("Add", r0, r1)), last)
+        return b.op("Where", many, spread, b.op("Expand", centre, b.shape_of(x_out)))
+    raise ModelError(f"Resize coordinate_transformation_mode '{ctm}' is not supported by the gradient")
+
+
+def _c1(b, v, like):
+    return b.scalar_like(v, like)
+
+
+def _resize_matrix_at_run_time(b, node, mode, ctm, dout_i, din_i, s, roi):
+    """The (dout, din) matrix of resize_matrix, emitted as ONNX ops (float32 coordinates)."""
+    f = np.float32
+    zero_i, one_i = b.const(np.array(0, np.int64), np.int64), b.const(np.array(1, np.int64), np.int64)
+    x_out = b.op("Cast", b.op("Range", zero_i, dout_i, one_i), to=1)
+    dout, din = b.op("Cast", dout_i, to=1), b.op("Cast", din_i, to=1)
+    xo = _coords_at_run_time(b, ctm, x_out, dout, din, s, roi)
+    last = b.op("Sub", din, b.const(f(1), f))
+    values = b.const(np.array([0.0, 1.0], f), f)
+
+    def hot(i):  # (dout, din) one-hot rows of the float index i, clipped into the input
+        i = b.op("Cast", b.op("Clip", i, b.const(f(0), f), last), to=7)
+        return b.op("OneHot", i, din_i, values, axis=-1)
+
+    def col(v):
+        return b.unsqueeze(v, [1])
+
+    fl = b.op("Floor", xo)
+    if mode == "nearest":
+        nm = attr(node, "nearest_mode", "round_prefer_floor")
+        tie = b.op("Equal", b.op("Sub", xo, fl), b.const(f(0.5), f))
+        if nm == "floor":
+            idx = fl
+        elif nm == "ceil":
+            idx = b.op("Ceil", xo)
+        elif nm == "round_prefer_floor":
+            idx = b.op("Where", tie, fl, b.op("Round", xo))
+        elif nm == "round_prefer_ceil":
+            idx = b.op("Where", tie, b.op("Add", fl, b.const(f(1), f)), b.op("Round", xo))
+        else:
+            raise ModelError(f"Resize nearest_mode '{nm}' is not supported by the gradient")
+        m = hot(idx)
+    elif mode == "linear":
+        xc = b.op("Clip", xo, b.const(f(0), f), last)
+        i0 = b.op("Floor", xc)
+        t = b.op("Sub", xc, i0)
+        i1 = b.op("Min", b.op("Add", i0, b.const(f(1), f)), last)
+        m = b.op("Add", b.mul(hot(i0), col(b.op("Sub", b.const(f(1), f), t))), b.mul(hot(i1), col(t)))
+    elif mode == "cubic":
+        a = float(attr(node, "cubic_coeff_a", -0.75))
+        t = b.op("Sub", xo, fl)
+        def near(u):
+            return b.op("Add", b.mul(b.mul(b.op("Sub", b.mul(u, b.const(f(a + 2), f)), b.const(f(a + 3), f)), u), u),
+                        b.const(f(1), f))
+        def far(u):
+            inner = b.op("Add", b.mul(b.op("Sub", b.mul(u, b.const(f(a), f)), b.const(f(5 * a), f)), u),
+                         b.const(f(8 * a), f))
+            return b.op("Sub", b.mul(inner, u), b.const(f(4 * a), f))
+        one = b.const(f(1), f)
+        ws = [far(b.op("Add", t, one)), near(t), near(b.op("Sub", one, t)), far(b.op("Sub", b.const(f(2), f), t))]
+        idx = [b.op("Add", fl, b.const(f(k - 1), f)) for k in range(4)]
+        if int(attr(node, "exclude_outside", 0)):
+            inside = [b.op("And", b.op("GreaterOrEqual", i, b.const(f(0), f)), b.op("LessOrEqual", i, last))
+                      for i in idx]
+            ws = [b.op("Where", ok, w, b.const(f(0), f)) for ok, w in zip(inside, ws)]
+            total = b.sum(ws)
+            ws = [b.op("Div", w, total) for w in ws]
+        m = b.sum([b.mul(hot(i), col(w)) for i, w in zip(idx, ws)])
+    else:
+        raise ModelError(f"Resize mode '{mode}' is not supported by the gradient")
+    if ctm == "tf_crop_and_resize":
+        outside = b.op("Or", b.op("Less", xo, b.const(f(0), f)), b.op("Greater", xo, last))
+        m = b.op("Where", col(outside), b.const(f(0), f), m)
+    return m
+
+
+def _resize_at_run_time(b, node, g, mode, ctm):
+    """Resize whose scales or sizes are computed at run time (a decoder that resizes to the
+    shape of another tensor): each axis's matrix is built at run time from the lengths."""
+    x, y = node.input[0], node.output[0]
+    rank = b.rank(x)
+    axes = attr(node, "axes")
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    roi = _const_input(b, node, 1, "roi") if len(node.input) > 1 else None
+    roi = np.asarray(roi, dtype=np.float32).reshape(-1) if roi is not None and roi.size else None
+    has_scales = len(node.input) > 2 and node.input[2] and not (
+        b.constant(node.input[2]) is not None and b.constant(node.input[2]).size == 0)
+    sx, sy = b.shape(x) or [None] * rank, b.shape(y) or [None] * rank
+    ratios = {}
+    for k, a in enumerate(axes):
+        din_i = b.op("Shape", x, start=a, end=a + 1)
+        if has_scales:
+            ratios[a] = b.op("Gather", b.op("Cast", node.input[2], to=1), b.ints([k]))
+        else:
+            size = b.op("Gather", node.input[3], b.ints([k]))
+            ratios[a] = b.op("Div", b.op("Cast", size, to=1), b.op("Cast", din_i, to=1))
+    policy = attr(node, "keep_aspect_ratio_policy", "stretch")
+    if not has_scales and policy in ("not_larger", "not_smaller"):
+        common = b.op("ReduceMin" if policy == "not_larger" else "ReduceMax",
+                      b.op("Concat", *ratios.values(), axis=0), keepdims=1)
+        ratios = {a: common for a in ratios}
+    for k, a in enumerate(axes):
+        if sx[a] is not None and sx[a] == sy[a] and ctm != "tf_crop_and_resize":
+            continue  # same length: every transform but a crop is the identity then
+        full_roi = (roi[k], roi[len(axes) + k]) if roi is not None else (0.0, 1.0)
+        m = _resize_matrix_at_run_time(b, node, mode, ctm, b.squeeze(b.op("Shape", y, start=a, end=a + 1), [0]),
+                                       b.squeeze(b.op("Shape", x, start=a, end=a + 1), [0]), ratios[a], full_roi)
+        m = b.cast_like(m, x)
+        perm = [i for i in range(rank) if i != a] + [a]
+        gt = b.op("Transpose", g, perm=perm) if a != rank - 1 else g
+        gt = b.op("MatMul", gt, m)
+        g = b.op("Transpose", gt, perm=[int(i) for i in np.argsort(perm)]) if a != rank - 1 else gt
+    return g
+
+
 @register("Resize")
 def resize(b, node, grads):
     x = node.input[0]
@@ -516,6 +657,8 @@ def resize(b, node, grads):
     mode = attr(node, "mode", "nearest")
     ctm = attr(node, "coordinate_transformation_mode", "half_pixel")
     g = grads[0]
+    if _runtime_input(b, node, 2) or _runtime_input(b, node, 3):
+        return _grads_out(node, [_resize_at_run_time(b, node, g, mode, ctm)])
     for a, step in enumerate(_resize_plan(b, node, x, rank)):
         if step is None:
             continue
