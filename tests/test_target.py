@@ -168,6 +168,46 @@ def test_a_bare_class_or_the_prediction_on_a_language_model_output_is_an_error_s
     assert "(batch, classes)" in str(err.value)
 
 
+# ----------------------------------------------------------------------------- (T, N, C)
+
+def test_step_seeds_one_frame_of_a_sequence_first_output():
+    s = np.zeros((T, N, C))
+    s[2, :, 1] = 1
+    check(sequence_first, "step:2:1", s)
+
+
+def test_steps_seed_every_frame_of_the_span_both_ends_included():
+    s = np.zeros((T, N, C))
+    s[1:4, :, 0] = 1
+    check(sequence_first, "steps:1-3:0", s)
+
+
+def test_steps_without_a_class_seed_each_frames_predicted_class():
+    m, f, shape = sequence_first()
+    x = RNG.normal(size=shape).astype(np.float32)
+    y = f(x)
+    s = np.zeros((T, N, C))
+    for t in range(1, 3):
+        for i in range(N):
+            s[t, i, y[t, i].argmax()] = 1
+    got = Explainer(m).attribute(x, target="steps:1-2")
+    np.testing.assert_allclose(got, fd_gradient(f, x, s), rtol=1e-4, atol=1e-5)
+
+
+def test_a_seed_array_of_a_sequence_first_output_is_given_in_its_own_layout():
+    s = RNG.normal(size=(T, N, C))
+    check(sequence_first, s.astype(np.float32), s)
+
+
+@pytest.mark.parametrize("target, match", [("step:4:0", "frame 4 is out of range"),
+                                           ("steps:0-1:3", "class 3 is out of range"),
+                                           (1, "not \\(batch, classes\\)")])
+def test_a_target_that_does_not_fit_a_sequence_first_output_is_a_typed_error(target, match):
+    m, _f, shape = sequence_first()
+    with pytest.raises((InputError, OptionError), match=match):
+        Explainer(m).attribute(RNG.normal(size=shape).astype(np.float32), target=target)
+
+
 # ----------------------------------------------------------------------------- (N, C, H, W)
 
 def test_region_seeds_one_class_over_the_rectangle_x2_y2_exclusive():
