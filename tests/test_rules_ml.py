@@ -208,3 +208,20 @@ def test_normalizer(norm):
         return (seed - e * (seed * xt / n).sum(1, keepdims=True)) / n
 
     check(convert(est, x), x, "variable", want)
+
+
+@pytest.mark.parametrize("zipmap", [False, True])
+def test_the_explainer_explains_the_probabilities_of_a_pipeline_as_skl2onnx_writes_it(classification, zipmap):
+    # skl2onnx's default output is a ZipMap (a sequence of maps): the probability tensor
+    # before it is explained, by default and through the public API.
+    x, y = classification
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x, y)
+    sc, lr = pipe.steps[0][1], pipe.steps[1][1]
+    xt = x[:4]
+    e = Explainer(convert(pipe, x, zipmap=zipmap))
+    got = e.attribute(xt, method="gradient", target=2)
+    p = _softmax(((xt - sc.mean_) / sc.scale_) @ lr.coef_.T + lr.intercept_)
+    seed = np.zeros_like(p)
+    seed[:, 2] = 1
+    want = (p * (seed - (seed * p).sum(axis=1, keepdims=True))) @ lr.coef_ / sc.scale_
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
