@@ -225,8 +225,10 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
               help="Heatmap colours (default: bwr if signed, else inferno).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; only the result lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--wrt", metavar="NAME[,NAME]", help="Attribute to these model inputs and hold the others fixed "
+                                                    "(default: the batched float inputs).")
 def explain(paths, method, layer, output, probability, providers, memory_budget, target, options, out,
-            preset, size, mean, std, layout, bgr, cmap, quiet, as_json):
+            preset, size, mean, std, layout, bgr, cmap, quiet, as_json, wrt):
     """Explain a model's decision on images or arrays (.npy/.npz).
 
     With no MODEL, the bundled EfficientNet-Lite0 explains its bundled photo of a cat.
@@ -261,14 +263,16 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         # The predicted class from the scores just computed: attribute() need not run the
         # model once more to find it (a terminal softmax keeps the logits' argmax).
         explained_target = [int(c) for c in np.asarray(scores).argmax(axis=1)]
+    wrt = [w.strip() for w in wrt.split(",") if w.strip()] if wrt else None
     attr = explainer.attribute(batch.batch, method=method, target=explained_target, layer=layer, output=output,
-                               probability=probability, **options)
+                               probability=probability, wrt=wrt, **options)
     if not quiet and get_method(method).kind == "white-box":
         from .rules.quantized import CONVENTION, has_quantized
 
         if has_quantized(explainer.graph):
             click.echo(f"note: {CONVENTION}", err=True)
-    written = _write(out, attr, batch, layer or next(iter(explainer.inputs)), cmap,
+    written = _write(out, attr, batch, layer or (wrt[0] if wrt and len(wrt) == 1 else next(iter(explainer.inputs))),
+                     cmap,
                      pre.layout if pre is not None and layer is None else None)
     records = _records(batch.names, scores, target, attr, written, _labels(model, explainer))
     if as_json:

@@ -17,7 +17,7 @@ from .errors import InputError, ModelError, OptionError, UnsupportedOperatorErro
 from .graph import Graph, read_model
 from .methods.base import Context, get_method
 from .runtime import Rows, Session
-from .target import as_target, batch_axis as target_batch_axis
+from .target import as_target
 
 LOOK_THROUGH = ("Softmax", "LogSoftmax")
 # Operators that only move elements: a Softmax behind them still ends the model.
@@ -35,7 +35,9 @@ class Explainer:
     def __init__(self, model, providers=None, memory_budget: int | None = None, canonize: bool = True):
         proto = read_model(model)
         self.source = proto
-        self.graph = Graph(_canonize.canonize(proto) if canonize else proto)
+        model = _canonize.canonize(proto) if canonize else proto
+        self._logits = _expose_logits(model)
+        self.graph = Graph(model)
         self.providers = providers
         self.memory_budget = memory_budget
         # Sessions and compiled explainers are cached per method and input shape, least
@@ -178,7 +180,12 @@ class Explainer:
         """The model's output (the first one, or `output` by name or index) on x."""
         feeds = self._feeds(x)
         name = self._output_name(output)
-        return self.plan(feeds).physical(name, self._forward(feeds, [name])[name])
+        plan = self.plan(feeds)
+        if plan.axis(name) is None and plan.declared_static is None:
+            # No axis of it is provably the batch: the model's answer as it gives it.
+            return self._session(("predict", name) + plan.key, lambda: _with_outputs(plan.graph, [name])).run(
+                feeds, [name])[name]
+        return plan.physical(name, self._forward(feeds, [name])[name])
 
     def _output_name(self, output) -> str:
         outs = self.graph.outputs
@@ -213,16 +220,17 @@ class Explainer:
                 name = node.input[0]
         if probability:
             return name
-        return _logits_behind(g, name)
+        return self._logits.get(name) or _logits_behind(g, name)
 
     # ------------------------------------------------------------------ seeds
     def seed_for(self, feeds: dict, explained: str, target) -> np.ndarray:
         """The seed of `target` (any form of `onnxplain.target`) for the explained tensor,
         batch first as methods hold their rows; a float array target is given in the
-        tensor's own layout. Only a predicted class runs the model (once)."""
+        tensor's own layout (stacked per sample for a tensor without a batch axis). Only a
+        predicted class runs the model (once)."""
         t = as_target(target)
         logical = self._explained_shape(feeds, explained)
-        b = min(target_batch_axis(self._graph_for(feeds), explained), len(logical) - 1)
+        b = self.plan(feeds).axis(explained) or 0
         physical = logical[1:b + 1] + logical[:1] + logical[b + 1:]
         out = None
         if t.needs_output(physical, b):
@@ -230,20 +238,26 @@ class Explainer:
         return np.ascontiguousarray(np.moveaxis(t.seed(physical, b, out), b, 0))
 
     def _explained_shape(self, feeds, explained) -> tuple:
-        """The explained tensor's shape for this batch, batch first (its batch axis is the
-        one shape inference carried the batch to); static shapes spare a forward pass."""
-        plan = getattr(self, "plan", None)
-        n = plan(feeds).n(feeds) if plan is not None else next(iter(feeds.values())).shape[0]
-        graph = self._graph_for(feeds)
-        shape = graph.shape(explained)
-        b = target_batch_axis(graph, explained)
-        if shape is not None and len(shape) > b and all(isinstance(d, int) for i, d in enumerate(shape) if i != b):
-            if isinstance(shape[b], int) and shape[b] != n:
+        """The explained tensor's shape for this batch, batch first: along its batch axis,
+        or, for a tensor without one (a Reshape that merged the batch), one whole tensor per
+        sample as sample-by-sample runs give it. Static shapes spare a forward pass."""
+        plan = self.plan(feeds)
+        n = plan.n(feeds)
+        b = plan.axis(explained)
+        if b is None:
+            if plan.static_for([explained]) != 1:
                 raise OptionError(
-                    f"the explained tensor '{explained}' has shape {_fmt(shape)}: its axis {b} is not the batch of "
-                    f"{n} and no other axis provably is; explain an output (or layer) that keeps the batch axis"
+                    f"the explained tensor '{explained}' has shape {_fmt(plan.graph.shape(explained) or ())}: no "
+                    f"axis of it is the batch of {n}, and the model fixes its batch, so it cannot be read sample by "
+                    "sample; explain an output (or layer) that keeps the batch axis"
                 )
-            return (n,) + tuple(shape[:b]) + tuple(shape[b + 1:])
+            shape = plan.static_graph(1).shape(explained)
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                return (n,) + tuple(shape)
+        else:
+            shape = plan.graph.shape(explained)
+            if shape is not None and len(shape) > b and all(isinstance(d, int) for i, d in enumerate(shape) if i != b):
+                return (n,) + tuple(shape[:b]) + tuple(shape[b + 1:])
         out_shape = self._forward(feeds, [explained])[explained].shape
         if not out_shape or out_shape[0] != n:
             raise OptionError(
@@ -268,7 +282,7 @@ class Explainer:
         opts = m.resolve(options)
         feeds = self._feeds(x)
         explained = self.explained_tensor(output, probability)
-        tensors = self.attributed(layer, wrt, feeds)
+        tensors = self.attributed(layer, wrt, feeds, black_box=m.kind == "black-box")
         # The predicted class (target None) is found lazily: a single-pass method forms it
         # inside its explainer, so the model runs once, not twice.
         seed = None if target is None else self.seed_for(feeds, explained, target)
@@ -278,10 +292,11 @@ class Explainer:
             return next(iter(result.values()))
         return result
 
-    def attributed(self, layer=None, wrt=None, feeds=None) -> list[str]:
+    def attributed(self, layer=None, wrt=None, feeds=None, black_box: bool = False) -> list[str]:
         """The tensors an attribution is for: `layer`, the inputs named by `wrt`, or by
-        default the float inputs that carry the batch (else the embedding outputs of a model
-        whose inputs are token ids)."""
+        default the float inputs that carry the batch, else for a model whose inputs are
+        token ids (or bytes) the embedding outputs -- or, for a black-box method, which
+        perturbs inputs, those id inputs themselves."""
         names = set(self.graph.tensor_names())
         if layer is not None and wrt is not None:
             raise OptionError("give either layer= (a tensor inside the model) or wrt= (model inputs), not both")
@@ -296,7 +311,7 @@ class Explainer:
                 raise OptionError(f"wrt= names model inputs; unknown {bad or 'none given'}; "
                                   f"the model takes {', '.join(self.graph.inputs)} (use layer= for inner tensors)")
             ints = [w for w in chosen if not self.graph.is_float(w)]
-            if ints:
+            if ints and not black_box:
                 raise OptionError(f"input(s) {', '.join(ints)} are not float: gradients cannot flow into them; "
                                   "attribute to the embedding output with layer=, or use a black-box method")
             return chosen
@@ -305,6 +320,14 @@ class Explainer:
         batched = [n for n in floats if axes[n] is not None]
         if batched or floats:
             return batched or floats
+        if black_box:
+            ids = [n for n in self.graph.inputs if axes[n] is not None]
+            # Token models take masks and segment ids beside the ids: perturb what feeds
+            # the embedding tables.
+            indexed = [n for n in ids if any(node.op_type == "Gather" and n in node.input[1:]
+                                            for node in self.graph.consumers.get(n, []))]
+            if indexed or ids:
+                return indexed or ids
         embeddings = _embeddings(self.graph)
         if embeddings:
             return embeddings
@@ -519,39 +542,53 @@ class Plan:
         return spec, session, cut
 
 
-def _logits_behind(graph, name: str) -> str:
-    """The tensor before a terminal Softmax/LogSoftmax, looking through re-layouts after it;
-    `name` itself when there is none. Where the Softmax ran on a flattened view (Flatten or
-    Reshape -> Softmax -> Reshape back), the logits are taken before the flattening, in
-    the output's own shape."""
+def _softmax_chain(producers: dict, consumers: dict, name: str):
+    """(Softmax node, re-layout nodes after it) when `name` is a Softmax/LogSoftmax seen
+    through Identity and reshapes, else None."""
     chain, t = [], name
     while True:
-        node = graph.producer.get(t)
+        node = producers.get(t)
         if node is None:
-            return name
+            return None
         if node.op_type in LOOK_THROUGH:
-            break
-        if node.op_type not in RELAYOUT or len(graph.consumers.get(node.input[0], [])) != 1:
-            return name
+            return node, chain
+        if node.op_type not in RELAYOUT or consumers.get(node.input[0], 0) != 1:
+            return None
         chain.append(node)
         t = node.input[0]
-    logits = node.input[0]
-    flat = graph.producer.get(logits)
-    if chain and flat is not None and flat.op_type in ("Flatten", "Reshape"):
-        before = flat.input[0]
-        if graph.shape(before) is not None and graph.shape(before) == graph.shape(name):
-            return before
-    if chain and graph.shape(logits) is not None and graph.shape(logits) != graph.shape(name):
-        # The seed is shaped like the output: explain the logits reshaped like it.
-        return name if not chain else _relayout_target(graph, chain, logits, name)
-    return logits
 
 
-def _relayout_target(graph, chain, logits, name):
-    raise ModelError(
-        f"the output '{name}' is a Softmax of '{logits}' reshaped to another shape; explain the logits with "
-        f"output='{logits}', or the probability with probability=True"
-    )
+def _logits_behind(graph, name: str) -> str:
+    """The tensor before a terminal Softmax/LogSoftmax seen through Identity and reshapes;
+    `name` itself when there is none."""
+    found = _softmax_chain(graph.producer, {k: len(v) for k, v in graph.consumers.items()}, name)
+    return name if found is None else found[0].input[0]
+
+
+def _expose_logits(model: onnx.ModelProto) -> dict:
+    """For each output that is a Softmax reshaped (the opset converter's Flatten -> Softmax
+    -> Reshape, paddle2onnx's Softmax -> Reshape), add the logits in the output's own shape
+    (Reshape(logits, Shape(output))) so a seed shaped like the output explains the logits.
+    Outputs are unchanged. Returns {output: tensor of its logits}."""
+    from onnx import helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    exposed = {}
+    for out in g.output:
+        found = _softmax_chain(producers, consumers, out.name)
+        if found is None or not any(n.op_type != "Identity" for n in found[1]):
+            continue
+        logits = found[0].input[0]
+        shape, name = f"{out.name}/onnxplain.shape", f"{out.name}/onnxplain.logits"
+        g.node.extend([helper.make_node("Shape", [out.name], [shape], name=shape),
+                       helper.make_node("Reshape", [logits, shape], [name], name=name)])
+        exposed[out.name] = name
+    return exposed
 
 
 def _without(shape, axis):

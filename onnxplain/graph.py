@@ -62,6 +62,7 @@ def read_model(source, *, convert: bool = True) -> onnx.ModelProto:
     _load_external_data(model, base_dir)
     if len(model.graph.node) == 0:
         _fail("the model graph has no nodes")
+    _list_ir3_initializers(model)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, Exception) as exc:  # checker raises several types
@@ -70,6 +71,17 @@ def read_model(source, *, convert: bool = True) -> onnx.ModelProto:
     if convert:
         model = _convert_opset(model)
     return model
+
+
+def _list_ir3_initializers(model: onnx.ModelProto) -> None:
+    """IR version 3 wants every initializer also listed as a graph input; exporters of that
+    time often skipped it and onnxruntime runs such files anyway. List them, as the IR says."""
+    if model.ir_version >= 4:
+        return
+    listed = {vi.name for vi in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in listed:
+            model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -192,7 +204,7 @@ def tensor_shape(vi) -> tuple | None:
         return None
     dims = []
     for d in t.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:  # paddle2onnx writes -1 for "any"
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)

@@ -206,3 +206,94 @@ def test_naming_an_integer_or_unknown_input_with_wrt_is_an_option_error():
         e.attribute({"x": np.ones((1, 3), np.float32), "rate": np.float32(1)}, wrt="nope", target=0)
     with pytest.raises(OptionError, match="either"):
         e.attribute({"x": np.ones((1, 3), np.float32), "rate": np.float32(1)}, wrt="x", layer="y", target=0)
+
+
+def test_an_ir3_model_whose_initializers_are_not_listed_as_inputs_loads_and_explains():
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", ["N", 4])], [_vi("y", ["N", 3])],
+               [("w", W)], opset=8)
+    m.ir_version = 3
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    np.testing.assert_allclose(e.attribute(x, target=2), np.tile(W[:, 2], (2, 1)), rtol=1e-6)
+
+
+def test_a_dimension_written_as_minus_one_is_a_free_dimension():
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [-1, 3])], [_vi("y", [-1, 3])])
+    e = Explainer(m)
+    x = RNG.normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_allclose(e.predict(x), np.maximum(x, 0))
+    np.testing.assert_allclose(e.attribute(x, target=0)[:, 0], (x[:, 0] > 0).astype(np.float32))
+
+
+def test_predict_returns_an_output_without_a_batch_axis_as_the_model_gives_it():
+    m = _model([helper.make_node("ReduceSum", ["x", "ax"], ["y"], keepdims=0)], [_vi("x", ["N", 3])], [_vi("y", [3])],
+               [("ax", np.array([0]))])
+    x = RNG.normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_allclose(Explainer(m).predict(x), x.sum(0), rtol=1e-6)
+
+
+def _byte_model():
+    # A magika-like model: byte ids -> embedding -> mean -> linear.
+    table = RNG.normal(size=(256, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "bytes"], ["e"]),
+             helper.make_node("ReduceMean", ["e", "ax"], ["m"], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["y"])]
+    m = _model(nodes, [_vi("bytes", ["N", 6], TensorProto.INT32)], [_vi("y", ["N", 3])],
+               [("table", table), ("ax", np.array([1])), ("w", W)], opset=18)
+    return m, table
+
+
+def test_black_box_methods_perturb_integer_inputs_with_a_baseline_id():
+    m, table = _byte_model()
+    e = Explainer(m)
+    ids = RNG.integers(1, 256, size=(2, 6)).astype(np.int32)
+    got = e.attribute(ids, method="occlusion", target=1, window=(1,), baseline=0)
+    # Replacing byte j by 0 moves the score by (table[id_j] - table[0]) . W[:, 1] / 6.
+    want = ((table[ids] - table[0]) @ W[:, 1]) / 6
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    ablation = e.attribute(ids, method="feature_ablation", target=1, baseline=0)
+    np.testing.assert_allclose(ablation, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(OptionError, match="integer"):
+        e.attribute(ids, method="rise", target=1)
+    # White-box methods attribute at the embedding output instead.
+    assert e.attribute(ids, method="gradient", target=1).shape == (2, 6, 4)
+
+
+def test_softmax_then_a_reshape_to_another_shape_explains_the_logits_in_the_outputs_shape():
+    # paddle2onnx's CTC heads: (N, 6) logits -> Softmax -> Reshape (N, 3, 2).
+    w = RNG.normal(size=(4, 6)).astype(np.float32)
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+                helper.make_node("Reshape", ["p", "s"], ["y"])],
+               [_vi("x", ["N", 4])], [_vi("y", ["N", 3, 2])], [("w", w), ("s", np.array([0, 3, 2]))])
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    seed = np.zeros((2, 3, 2), np.float32)
+    seed[:, 2, 1] = 1
+    np.testing.assert_allclose(e.attribute(x, target=seed), np.tile(w[:, 5], (2, 1)), rtol=1e-5)
+    np.testing.assert_allclose(e.predict(x).reshape(2, 6).sum(1), 1, rtol=1e-5)  # outputs unchanged
+
+
+def test_cli_wrt_attributes_to_the_named_input_and_holds_the_state_fixed(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    two = np.array([1.0, 2.0], np.float32).reshape(2, 1, 1)
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Mul", ["h", "two"], ["h2"]),
+                helper.make_node("ReduceSum", ["h2", "ax0"], ["hs"], keepdims=0),
+                helper.make_node("Add", ["xw", "hs"], ["y"])],
+               [_vi("x", ["batch", 4]), _vi("h", [2, "batch", 3])], [_vi("y", ["batch", 3])],
+               [("w", W), ("two", two), ("ax0", np.array([0]))])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    h = RNG.normal(size=(2, 2, 3)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, h=h)
+    out = tmp_path / "a.npy"
+    r = CliRunner().invoke(cli.main, ["explain", str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"), "--wrt", "h",
+                                      "-t", "2", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    want = np.zeros((2, 2, 3), np.float32)
+    want[0, :, 2], want[1, :, 2] = 1, 2
+    np.testing.assert_allclose(np.load(out), want)
+    bad = CliRunner().invoke(cli.main, ["explain", str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"), "--wrt", "z"])
+    assert bad.exit_code == 2 and "wrt" in bad.output

@@ -18,14 +18,24 @@ from .integrated import baseline_like
 CHANNELS = (1, 3, 4)  # channel counts that tell NHWC from NCHW
 
 
-def float_inputs(ctx) -> list[str]:
-    """The inputs a black-box method perturbs; layers are not perturbable."""
+def float_inputs(ctx, integers: bool = True) -> list[str]:
+    """The inputs a black-box method perturbs: the attributed model inputs (float ones, or
+    the token/byte ids of a model without float inputs, replaced by a baseline id when
+    `integers`); layers are not perturbable."""
     if ctx.layer is not None:
         raise OptionError(
             f"method '{ctx.method}' perturbs the model's inputs and cannot attribute to a layer; "
             "leave out --layer, or use a gradient method for layer attributions"
         )
-    return list(ctx.inputs)
+    names = [t for t in ctx.wrt if t in ctx.feeds]
+    ints = [t for t in names if ctx.feeds[t].dtype.kind not in "f"]
+    if ints and not integers:
+        raise OptionError(
+            f"method '{ctx.method}' blends inputs continuously and cannot perturb the integer input(s) "
+            f"{', '.join(ints)}; use occlusion, feature_ablation, kernel_shap or lime (a baseline id replaces "
+            "the values), or a white-box method at the embedding"
+        )
+    return names
 
 
 def forward_scores(ctx, total: int, make_rows, label: str | None = None, consume=None) -> np.ndarray:

@@ -128,7 +128,7 @@ def total_variation(m, beta):
           "(Fong & Vedaldi 2017)", options=OPTIONS, reference="Fong & Vedaldi 2017", kind="black-box")
 def meaningful_perturbation(ctx, mode, mask_size, perturbation, sigma, median_size, baseline, l1_coeff, tv_coeff,
                             tv_beta, noise, n_iter, lr, gradient, spsa_samples, fd_step, seed):
-    names = float_inputs(ctx)
+    names = float_inputs(ctx, integers=False)
     if len(names) != 1:
         raise OptionError(f"meaningful_perturbation learns a mask for one input; the model has {len(names)} float "
                           "inputs (use occlusion, rise or kernel_shap)")

@@ -60,7 +60,7 @@ class MaskSampler:
 @register("rise", "score-weighted average of random smooth masks (Petsiuk et al. 2018)",
           options=OPTIONS, reference="Petsiuk et al. 2018", kind="black-box")
 def rise(ctx, n_masks, cells, p_keep, baseline, seed):
-    names = float_inputs(ctx)
+    names = float_inputs(ctx, integers=False)
     base = baselines(ctx, baseline, names)
     rng = np.random.default_rng(seed)
     n = ctx.n
