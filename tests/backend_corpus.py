@@ -92,12 +92,12 @@ def _session(model):
 
 # Operators whose schemas tag every input non-differentiable although the map is smooth
 # (linear) in these: their gradients are checked all the same.
-DIFFERENTIABLE_DESPITE_TAGS = {"DFT": {0}, "STFT": {0, 2}, "AffineGrid": {0}}
+DIFFERENTIABLE_DESPITE_TAGS = {"DFT": {0}, "STFT": {0, 2}, "AffineGrid": {0}, "Mod": {1}}
 # Untagged float inputs that are shapes or boxes, held fixed like tagged ones.
 FIXED_UNTAGGED = {"Upsample": {1}, "RoiAlign": {1}}
 
 
-def _differentiable_inputs(case, node, opset) -> set:
+def _differentiable_inputs(case, node, opset, extra=()) -> set:
     """Graph inputs the operator's schema does not tag non-differentiable."""
     g = case.model.graph
     names = [i.name for i in g.input]
@@ -112,6 +112,9 @@ def _differentiable_inputs(case, node, opset) -> set:
         if not name or not schema.inputs:
             continue
         formal = schema.inputs[min(k, len(schema.inputs) - 1)]
+        if name in extra:
+            diff.add(name)
+            continue
         if k in FIXED_UNTAGGED.get(node.op_type, ()):
             continue
         if formal.differentiation_category != _NONDIFF or k in DIFFERENTIABLE_DESPITE_TAGS.get(node.op_type, ()):
@@ -202,7 +205,7 @@ def _lower_opset(model):
     return m
 
 
-def check_case(case, operator: str, node, seed: int = 0) -> Result:
+def check_case(case, operator: str, node, seed: int = 0, extra=()) -> Result:
     r = Result(case.name, operator, "n/a")
     g = case.model.graph
     if not case.data_sets:
@@ -220,7 +223,7 @@ def check_case(case, operator: str, node, seed: int = 0) -> Result:
         return r
     names = [i.name for i in g.input]
     feeds = dict(zip(names, inputs))
-    diff = _differentiable_inputs(case, node, model_opset(case.model))
+    diff = _differentiable_inputs(case, node, model_opset(case.model), extra)
     elems = {i.name: i.type.tensor_type.elem_type for i in g.input}
     wrt = [n for n in names if n in diff and elems[n] in _FLOATS and n in feeds and feeds[n].size > 0]
     outs = [(o.name, a.shape, o.type.tensor_type.elem_type) for o, a in zip(g.output, expected)
@@ -372,3 +375,40 @@ def run_all(cases=None, only=None):
         node = single.get(c.name) or single.get(_stem(c.name))
         out.append(check_case(c, ops[c.name], node))
     return out
+
+
+def check_model(m, inputs: dict, node=None, extra=(), seed: int = 0) -> Result:
+    """check_case for a hand-made model with graph inputs `inputs` (name -> array),
+    differentiated where `node`'s schema allows (all of them without a node) and in `extra`."""
+    from types import SimpleNamespace
+
+    inferred = onnx.shape_inference.infer_shapes(m)
+    vis = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for o in m.graph.output:
+        if o.name in vis and vis[o.name].type.tensor_type.elem_type:
+            o.CopyFrom(vis[o.name])
+        else:
+            o.type.tensor_type.elem_type = TensorProto.FLOAT
+        if not o.type.tensor_type.HasField("shape"):
+            o.type.tensor_type.shape.SetInParent()
+    expected = _session(m).run(None, inputs)
+    case = SimpleNamespace(name=f"hand_{m.graph.name}", model=m, data_sets=[(list(inputs.values()), expected)])
+    return check_case(case, m.graph.name, node, seed=seed, extra=extra)
+
+
+def check_node(op_type, inputs: dict, attrs=None, consts: dict | None = None, opset: int = 18,
+               n_outputs: int = 1, seed: int = 0, extra=()) -> Result:
+    """check_model for a one-node model: `inputs` are graph inputs, `consts` initializers
+    (held fixed); the node's inputs are `inputs` then `consts`, or attrs['_order']."""
+    attrs = dict(attrs or {})
+    order = attrs.pop("_order", list(inputs) + list(consts or {}))
+    outs = [f"y{i}" for i in range(n_outputs)]
+    node = helper.make_node(op_type, order, outs, **attrs)
+    g_in = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+            for k, v in inputs.items()]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (consts or {}).items()]
+    g = helper.make_graph([node], op_type, g_in, [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
+                                                  for o in outs], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return check_model(m, inputs, node, extra=extra, seed=seed)
