@@ -828,3 +828,85 @@ def unroll_loops(graph, names) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(unroller.nodes)
     return model
+
+
+def _fixed_by_shapes(graph, name: str, inner: dict | None = None) -> bool:
+    """Whether `name` is computed from constants and the shapes of tensors only (never
+    from the values of the inputs), so that the input shapes fix it. `inner` maps tensors
+    of a loop body to their producing body nodes (searched first)."""
+    from .graph import node_inputs
+
+    todo, seen = [name], set()
+    inputs = set(graph.inputs)
+    while todo:
+        t = todo.pop()
+        if not t or t in seen or graph.constant(t) is not None:
+            continue
+        seen.add(t)
+        node = (inner or {}).get(t) or graph.producer.get(t)
+        if node is None:
+            if t in inputs or inner is None:
+                return False
+            continue  # a body input: the caller decides about those
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type in NONDETERMINISTIC:
+            return False
+        todo.extend(node_inputs(node))
+    return True
+
+
+def loop_blocker(graph, node) -> str | None:
+    """Why a Loop cannot be unrolled whatever the input shapes (its trip count or its end
+    read the values of the inputs), or None where the input shapes decide it. A Scan's
+    length is always an input shape."""
+    if node.op_type != "Loop":
+        return None
+    body = _attr(node, "body")
+    m = node.input[0] if node.input else ""
+    cond = node.input[1] if len(node.input) > 1 else ""
+    if m and not _fixed_by_shapes(graph, m):
+        return "its trip count is computed from the values of the inputs"
+    if cond and not _fixed_by_shapes(graph, cond):
+        return "its initial condition is computed from the values of the inputs"
+    if not m and not cond:
+        return "it has neither a trip count nor a condition"
+    # The body's condition must follow from the iteration number, constants, shapes and
+    # loop-carried values that themselves do (a counter), never from the data.
+    produced = {o: n for n in body.node for o in n.output if o}
+    state_in = [vi.name for vi in body.input[2:]]
+    state_out = [vi.name for vi in body.output[1:1 + len(state_in)]]
+    initial = dict(zip(state_in, node.input[2:]))
+    checked, todo = set(), [body.output[0].name]
+    while todo:
+        t = todo.pop()
+        if t in checked:
+            continue
+        checked.add(t)
+        if t == body.input[0].name:
+            continue
+        if t == body.input[1].name:
+            if cond and not _fixed_by_shapes(graph, cond):
+                return "its end depends on the data"
+            todo.append(body.output[0].name)
+            continue
+        if t in initial:
+            if not _fixed_by_shapes(graph, initial[t]):
+                return "its end depends on the data"
+            todo.append(state_out[state_in.index(t)])
+            continue
+        if any(i.name == t for i in body.initializer):
+            continue
+        n = produced.get(t)
+        if n is None:
+            if not _fixed_by_shapes(graph, t):
+                return "its end depends on the data"
+            continue
+        if n.op_type in ("Shape", "Size"):
+            continue
+        if n.op_type in NONDETERMINISTIC:
+            return "its end depends on a random draw"
+        from .graph import node_inputs
+
+        todo.extend(node_inputs(n))
+    return None

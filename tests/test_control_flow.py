@@ -276,9 +276,11 @@ def test_loop_with_data_dependent_end_is_refused_with_the_reason():
                       helper.make_node("Greater", ["hsum", "zf"], ["cond_out"])])
     body.initializer.append(_init("zf", 0.0, F32))
     m.graph.node[6].input[0] = "big"
-    x = rng_(11).normal(size=(1, 3, 3)).astype(np.float32)
+    x = rng_(11).normal(size=(2, 3, 3)).astype(np.float32)
+    e = Explainer(m)
+    assert unsupported(e.graph, GRADIENT, ["x"], "z") == ["Loop"]  # what inspect reports
     with pytest.raises(UnsupportedOperatorError, match="Loop node .*data-dependent"):
-        Explainer(m).attribute(x, method="gradient", target=0)
+        e.attribute(x, method="gradient", target=0)
 
 
 def test_loop_with_trip_count_known_only_at_run_time_is_refused():
@@ -288,9 +290,17 @@ def test_loop_with_trip_count_known_only_at_run_time_is_refused():
     m.graph.node.insert(0, helper.make_node("ReduceMax", ["steps"], ["steps_max"], keepdims=0))
     m.graph.node[7].input[0] = "steps_max"
     e = Explainer(m)
-    x = rng_(12).normal(size=(1, 3, 3)).astype(np.float32)
+    assert unsupported(e.graph, GRADIENT, ["x"], "z") == ["Loop"]
+    x = rng_(12).normal(size=(2, 3, 3)).astype(np.float32)
     with pytest.raises(UnsupportedOperatorError, match="trip count is known only at run time"):
-        e.attribute({"x": x, "steps": np.array([3])}, method="gradient", target=0)
+        e.attribute({"x": x, "steps": np.array([3, 3])}, method="gradient", target=0)
+
+
+@pytest.mark.parametrize("trips,cond", [("shape", "none"), ("const", "none"), ("const", "counter")])
+def test_loops_the_input_shapes_fix_are_supported_before_specialisation(trips, cond):
+    # inspect analyses the model as loaded (the sequence axis still symbolic).
+    e = Explainer(rnn_loop_model(F32, trips, cond))
+    assert unsupported(e.graph, GRADIENT, ["x"], "z") == []
 
 
 # ----------------------------------------------------------------------------- Scan
@@ -481,4 +491,51 @@ def test_gradient_through_a_loop_nested_in_an_if_equals_finite_differences():
     got = gradient(loop_in_if_model(F32), x.astype(np.float32), seed)
     want = finite_differences(loop_in_if_model(F64), {"x": x}, "x", seed)
     assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def two_output_if_model(elem=F32, use_second=True):
+    """If with two outputs; the then-branch passes x through (an Identity) as its first."""
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t1"]), helper.make_node("Tanh", ["x"], ["t2"])],
+                               "then", [],
+                               [helper.make_tensor_value_info("t1", elem, ["N", 3]),
+                                helper.make_tensor_value_info("t2", elem, ["N", 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e1"]), helper.make_node("Mul", ["x", "x"], ["e2"])],
+                               "else", [], [helper.make_tensor_value_info("e1", elem, ["N", 3]),
+                                            helper.make_tensor_value_info("e2", elem, ["N", 3])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+             helper.make_node("Greater", ["sx", "zf"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y1", "y2"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Mul", ["y1", "w"], ["y1w"]),
+             helper.make_node("Add", ["y1w", "y2"] if use_second else ["y1w", "y1w"], ["z"])]
+    inits = [_init("zf", 0.0, elem), _init("w", [0.5, -1.0, 2.0], elem)]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", 3])],
+                  [helper.make_tensor_value_info("z", elem, ["N", 3])], inits)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["then", "else"])
+@pytest.mark.parametrize("use_second", [True, False], ids=["both_outputs", "first_output"])
+def test_if_with_passthrough_and_unused_outputs_equals_finite_differences(sign, use_second):
+    x = np.abs(rng_(27).normal(size=(2, 3))) * sign
+    seed = rng_(28).normal(size=(2, 3))
+    got = gradient(two_output_if_model(F32, use_second), x.astype(np.float32), seed)
+    want = finite_differences(two_output_if_model(F64, use_second), {"x": x}, "x", seed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_if_with_undeclared_branch_shapes_compiles_an_exact_explainer():
+    # Exporters often leave branch outputs untyped: the If output's batch axis then gets a
+    # fresh symbol from shape inference. The explainer, run as is, is still exact.
+    m = if_model(F32)
+    for a in m.graph.node[2].attribute:
+        for vi in a.g.output:
+            vi.type.tensor_type.ClearField("shape")
+    x = np.abs(rng_(29).normal(size=(2, 4))).astype(np.float32)
+    seed = rng_(30).normal(size=(2, 2)).astype(np.float32)
+    g = Graph(read_model(m)).specialize({"x": x.shape})
+    spec = compile_explainer(g, GRADIENT, ["x"], "z")
+    onnx.checker.check_model(spec.model)
+    got = _session(spec.model).run([spec.attributions["x"]], {"x": x, spec.seed: seed})[0]
+    m64 = if_model(F64)
+    want = finite_differences(m64, {"x": x.astype(np.float64)}, "x", seed.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
