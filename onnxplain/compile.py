@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import groups
 from .errors import ModelError, UnsupportedOperatorError
 from .graph import BATCH, Graph, node_inputs, subgraphs
 from .rules import base
@@ -46,6 +47,11 @@ class Composite:
             if r is not None:
                 return r
         return None
+
+    def claims(self, group) -> bool:
+        """Whether this composite gives a group of nodes found by `onnxplain.groups` (a
+        decomposed activation) one rule of its own, served by `rule` on the group's node."""
+        return False
 
     def key(self) -> str:
         return self.name
@@ -107,10 +113,6 @@ def _missing(graph: Graph, composite: Composite, nodes, dep) -> set:
     missing = set()
     for n in nodes:
         if n.op_type in UNROLLED and n.domain in ("", "ai.onnx"):
-            from .canonize import loop_blocker
-
-            if loop_blocker(graph, n) is not None:  # else the input shapes fix its length
-                missing.add(n.op_type)
             body = subgraphs(n)[0]
             missing |= _missing_in_body(graph, composite, body, dep, with_inputs=True)
             continue
@@ -294,6 +296,8 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
             raise ModelError(f"tensor '{t}' is not in the model; `onnxplain inspect MODEL` lists its tensors")
     graph = _unroll_active(graph, wrt, explained, method or composite.name)
     nodes = active_nodes(graph, wrt, explained)
+    # A claimed group is one node from its input to its output; its inner nodes are skipped.
+    nodes = groups.fold(graph, nodes, composite.claims, keep=list(wrt) + [explained])
     dep = _depends_on(graph, wrt)
     missing = sorted(_missing(graph, composite, nodes, dep))
     if missing:

@@ -45,18 +45,191 @@ def baseline_like(baseline, x: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"baseline of shape {b.shape} does not fit input '{name}' of shape {x.shape}") from None
 
 
+# ----------------------------------------------------------------------------- baselines at a layer
+# Token ids cannot move along a path: a model fed integer ids has its baseline formed at a
+# layer (the embedding output) from baseline ids, or given at the layer itself.
+INDEX_PRESERVING = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+
+
+def _parse_ids(value):
+    """None, an id for every position, a list of ids, an array (.npy on the CLI), or a dict
+    {integer input: ids}."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"token ids are integers, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(".npy"):
+            from ..io import load_array
+
+            value = load_array(text)
+        else:
+            value = [v for v in text.replace("(", "").replace(")", "").split(",") if v.strip()]
+            value = [float(v) for v in value]
+            value = value[0] if len(value) == 1 else value
+    a = np.asarray(value)
+    if a.dtype.kind == "f":
+        if not np.all(np.equal(np.round(a), a)):
+            raise ValueError(f"token ids are integers, got {value!r}")
+    elif a.dtype.kind not in "iu":
+        raise ValueError(f"token ids are integers, got {value!r}")
+    return a.astype(np.int64)
+
+
+def _check_ids(v):
+    try:
+        _parse_ids(v)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+BASELINE_IDS = Option("baseline_ids", 0, "any", "for a model fed token ids, with layer=: the ids whose layer "
+                      "value is the baseline (an id for every position, e.g. the PAD id 0, or one sample's ids; "
+                      "in Python also {input: ids}); they replace the token-id input (the one indexing the "
+                      "largest embedding table), other integer inputs (attention mask, positions, types) stay",
+                      check=_check_ids)
+KEEP_IDS = Option("keep_ids", None, "ints", "token ids kept from the input in the baseline, e.g. 101,102 for "
+                  "BERT's CLS and SEP (Captum's recipe keeps the special tokens)")
+LAYER_BASELINE = Option("layer_baseline", None, "array", "with layer=: the baseline at the layer itself (a number, "
+                        "one value per last-axis feature, or an array shaped like the layer); instead of the "
+                        "baseline of the inputs")
+LAYER_OPTIONS = [BASELINE_IDS, KEEP_IDS, LAYER_BASELINE]
+
+
+def token_inputs(graph, layer: str | None = None) -> dict:
+    """{integer input: rows of the embedding table it indexes} for the integer inputs that
+    index a constant float table with a Gather (through casts and reshapes), those the layer
+    depends on when one is given."""
+    found = {}
+    for name in graph.inputs:
+        if graph.is_float(name):
+            continue
+        stack, seen = [name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for c in graph.consumers.get(t, []):
+                if c.op_type in INDEX_PRESERVING and c.input[0] == t:
+                    stack.extend(o for o in c.output if o)
+                elif c.op_type == "Gather" and len(c.input) > 1 and c.input[1] == t:
+                    table = graph.constant(c.input[0])
+                    if table is not None and table.dtype.kind == "f" and table.ndim == 2:
+                        found[name] = max(found.get(name, 0), table.shape[0])
+    if layer is not None:
+        above = _ancestors(graph, layer)
+        found = {k: v for k, v in found.items() if k in above}
+    return found
+
+
+def _ancestors(graph, tensor: str) -> set:
+    need, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        node = graph.producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return need
+
+
+def baseline_ids_for(ctx, baseline_ids) -> dict:
+    """{integer input: baseline ids} for a layer attribution of a model fed token ids: the
+    given dict, or `baseline_ids` for the input indexing the largest embedding table."""
+    if ctx.layer is None:
+        return {}
+    ids = _parse_ids(baseline_ids)
+    ints = [k for k in ctx.feeds if ctx.feeds[k].dtype.kind in "iu"]
+    if isinstance(ids, dict):
+        bad = [k for k in ids if k not in ints]
+        if bad:
+            raise OptionError(f"option baseline_ids of method '{ctx.method}': {', '.join(map(str, bad))} is not an "
+                              f"integer input of the model (its integer inputs: {', '.join(ints) or 'none'})")
+        return {k: _parse_ids(v) for k, v in ids.items()}
+    tokens = token_inputs(ctx.explainer.graph, ctx.layer)
+    tokens = {k: v for k, v in tokens.items() if k in ints}
+    if not tokens:
+        return {}
+    largest = max(tokens.values())
+    return {k: ids for k, v in tokens.items() if v == largest}
+
+
+def ids_like(ids: np.ndarray, x: np.ndarray, name: str, method: str) -> np.ndarray:
+    """Baseline ids broadcast to the input x: one id, one sample's ids, or x's shape."""
+    v = np.asarray(ids, dtype=x.dtype)
+    if 0 < v.ndim == x.ndim - 1:
+        v = v[None]
+    try:
+        return np.ascontiguousarray(np.broadcast_to(v, x.shape))
+    except ValueError:
+        raise OptionError(f"option baseline_ids of method '{method}': shape {v.shape} does not fit input '{name}' "
+                          f"of shape {x.shape}") from None
+
+
+def with_baseline_ids(ctx, feeds: dict, ids: dict, keep_ids=None) -> dict:
+    """`feeds` with the token inputs replaced by their baseline ids (the ids in `keep_ids`
+    kept from the input)."""
+    out = dict(feeds)
+    for name, v in ids.items():
+        x = ctx.feeds[name]
+        ref = ids_like(v, x, name, ctx.method)
+        if keep_ids:
+            ref = np.where(np.isin(x, np.asarray(keep_ids, dtype=x.dtype)), x, ref)
+        out[name] = ref
+    return out
+
+
+def layer_value(ctx, value, act: np.ndarray) -> np.ndarray:
+    """A baseline given at the layer, broadcast to the layer's activations `act`."""
+    v = np.asarray(value, dtype=act.dtype)
+    if 0 < v.ndim == act.ndim - 1:
+        v = v[None]
+    try:
+        return np.ascontiguousarray(np.broadcast_to(v, act.shape))
+    except ValueError:
+        raise OptionError(f"option layer_baseline of method '{ctx.method}': shape {v.shape} does not fit layer "
+                          f"'{ctx.layer}' of shape {act.shape}") from None
+
+
+def check_moved(ctx, tensor: str, act: np.ndarray, base: np.ndarray, ids: dict) -> None:
+    """Refuse a baseline that equals the input at the attributed tensor: every attribution
+    would be zero, which says nothing about the model."""
+    if act.shape != base.shape or not np.array_equal(act, base):
+        return
+    if ctx.layer is None:
+        hint = "give a baseline different from the input (option baseline)"
+    else:
+        ints = [k for k in ctx.feeds if ctx.feeds[k].dtype.kind in "iu"]
+        if ids:
+            hint = (f"the baseline ids give the same value there as the input's ids: give other baseline_ids "
+                    f"(for {', '.join(ids)}) or layer_baseline=VALUE")
+        elif ints and not ctx.inputs:
+            hint = (f"the model is fed integers ({', '.join(ints)}), which a baseline cannot move unless they index "
+                    "an embedding the layer depends on: give layer_baseline=VALUE (a baseline at the layer), or "
+                    "baseline_ids={input: ids} for the input the layer depends on")
+        else:
+            hint = "the layer does not depend on the inputs the baseline moves: give layer_baseline=VALUE"
+    raise OptionError(f"method '{ctx.method}': the baseline equals the input at '{tensor}', so every attribution "
+                      f"would be zero; {hint}")
+
+
 OPTIONS = [
     Option("n_steps", 50, int, "number of integration points", check=positive),
     # DESIGN.md names this option `method`, as Captum does; in Python that keyword is taken
     # by attribute(method=...), so it is `integration` everywhere.
     Option("integration", "gausslegendre", str, "integration rule", choices=RULES),
     Option("baseline", 0.0, "array", "reference input: a number, per-channel values, or an array (.npy on the CLI)"),
-]
+] + LAYER_OPTIONS
 
 
 @register("integrated_gradients", "path integral of gradients from a baseline to the input",
-          options=OPTIONS, reference="Captum IntegratedGradients")
-def integrated_gradients(ctx, n_steps, integration, baseline):
+          options=OPTIONS, reference="Captum IntegratedGradients; LayerIntegratedGradients with layer=")
+def integrated_gradients(ctx, n_steps, integration, baseline, baseline_ids=0, keep_ids=None, layer_baseline=None):
     alphas, weights = integration_points(n_steps, integration)
     inputs = ctx.inputs
     x = {k: ctx.feeds[k] for k in inputs}
@@ -79,7 +252,12 @@ def integrated_gradients(ctx, n_steps, integration, baseline):
         # the layer sees the real input (Captum's LayerIntegratedGradients).
         layer = ctx.layer
         act_x = ctx.activations()[layer]
-        act_b = ctx.activations({**ctx.feeds, **base})[layer]
+        ids = {} if layer_baseline is not None else baseline_ids_for(ctx, baseline_ids)
+        if layer_baseline is not None:
+            act_b = layer_value(ctx, layer_baseline, act_x)
+        else:
+            act_b = ctx.activations(with_baseline_ids(ctx, {**ctx.feeds, **base}, ids, keep_ids))[layer]
+        check_moved(ctx, layer, act_x, act_b, ids)
 
         def layer_rows(start, stop):
             idx = np.arange(start, stop)
@@ -102,7 +280,9 @@ def integrated_gradients(ctx, n_steps, integration, baseline):
         feeds = {k: (v[sample] if k not in inputs else v) for k, v in feeds.items()}
         return feeds, ctx.seed[sample]
 
-    ctx.backward_rows(GRADIENT, n_steps * n, rows, consume, label="integrated gradients")
     act_x = ctx.activations()
     act_b = ctx.activations({**ctx.feeds, **base})
+    if all(np.array_equal(act_x[t], act_b[t]) for t in ctx.wrt):
+        check_moved(ctx, ctx.wrt[0], act_x[ctx.wrt[0]], act_b[ctx.wrt[0]], {})
+    ctx.backward_rows(GRADIENT, n_steps * n, rows, consume, label="integrated gradients")
     return {t: (total[t] * (act_x[t] - act_b[t])).astype(np.float32) for t in ctx.wrt}

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import groups
 from ..compile import Composite
 from ..errors import OptionError
+from ..rules import deeplift as deeplift_rules
 from ..rules import lrp
 from ..rules.base import lookup
 from ..rules.deeplift import Reference
 from .base import Option, non_negative, register
+from .integrated import LAYER_OPTIONS, baseline_ids_for, check_moved, layer_value, with_baseline_ids
 
 RESIDUAL = ("Add", "Sum", "Sub")
 SCALING = ("Mul", "Div")
@@ -390,16 +393,27 @@ def contrastive_excitation_backprop(ctx, stabilizer):
 
 # ----------------------------------------------------------------------------- DeepLIFT
 class DeepLiftComposite(Composite):
-    """The rescale rule on element-wise nonlinearities and MaxPool; gradients elsewhere."""
+    """The rescale rule on element-wise nonlinearities (one multiplier for each decomposed
+    activation group) and MaxPool; gradients elsewhere."""
 
-    def __init__(self, baseline=0.0):
+    def __init__(self, baseline=0.0, ids=None, keep_ids=None, at=None):
         super().__init__("deeplift", ("deeplift", "gradient"))
-        self.reference = Reference(baseline)
+        self.reference = Reference(baseline, ids, keep_ids, at)
+
+    def claims(self, group) -> bool:
+        return group.elementwise
 
     def rule(self, node, graph):
+        group = groups.of(graph, node)
+        if group is not None:
+            return functools.partial(deeplift_rules.group_rule, group=group, reference=self.reference)
         fn = lookup(node.op_type, "deeplift")
         if fn is not None:
             return functools.partial(fn, reference=self.reference)
+        index = groups.single_input(graph, node)
+        if index is not None and not groups.is_affine(graph, node, index) and lookup(node.op_type, "gradient"):
+            # Any other element-wise nonlinearity (Erf, Exp, Pow(x, 3), Mish, c / x, ...).
+            return functools.partial(deeplift_rules.elementwise, reference=self.reference, index=index)
         return lookup(node.op_type, "gradient")
 
     def key(self) -> str:
@@ -407,19 +421,28 @@ class DeepLiftComposite(Composite):
 
 
 @register("deeplift", "DeepLIFT rescale rule: (x - baseline) times the multipliers (y - y0)/(x - x0) of the "
-          "nonlinearities, chained through linear layers",
+          "nonlinearities (one per decomposed activation such as SiLU or GELU), chained through linear layers",
           options=[Option("baseline", 0.0, "array", "the reference input: a number, one per channel, or one "
-                          "sample (.npy on the CLI)")],
-          reference="Captum DeepLift")
-def deeplift(ctx, baseline):
-    composite = DeepLiftComposite(baseline)
+                          "sample (.npy on the CLI)")] + LAYER_OPTIONS,
+          reference="Captum DeepLift; LayerDeepLift with layer=")
+def deeplift(ctx, baseline, baseline_ids=0, keep_ids=None, layer_baseline=None):
+    layer = ctx.layer
+    ids = {} if layer_baseline is not None else baseline_ids_for(ctx, baseline_ids)
+    acts = ctx.activations()
+    base = with_baseline_ids(ctx, _baseline_feeds(ctx, baseline), ids, keep_ids)
+    if layer is not None and layer_baseline is not None:
+        ref = {layer: layer_value(ctx, layer_baseline, acts[layer])}
+    else:
+        ref = ctx.activations(base)
+    if all(np.array_equal(acts[t], ref[t]) for t in ctx.wrt):
+        check_moved(ctx, ctx.wrt[0], acts[ctx.wrt[0]], ref[ctx.wrt[0]], ids)
+    at = (layer, np.asarray(layer_baseline)) if layer is not None and layer_baseline is not None else None
+    composite = DeepLiftComposite(baseline, ids, keep_ids, at)
     try:
         multipliers = ctx.backward(composite)[0]
     except ValueError as exc:
-        raise OptionError(f"option baseline of method 'deeplift': {exc}") from None
-    acts = ctx.activations()
-    base = _baseline_feeds(ctx, baseline)
-    ref = ctx.activations(base)
+        what = "layer_baseline" if "baseline at" in str(exc) else "baseline_ids" if "ids" in str(exc) else "baseline"
+        raise OptionError(f"option {what} of method 'deeplift': {exc}") from None
     return {t: (acts[t] - ref[t]) * m for t, m in multipliers.items()}
 
 
