@@ -113,6 +113,10 @@ def _missing(graph: Graph, composite: Composite, nodes, dep) -> set:
     missing = set()
     for n in nodes:
         if n.op_type in UNROLLED and n.domain in ("", "ai.onnx"):
+            from .canonize import loop_blocker
+
+            if loop_blocker(graph, n) is not None:  # else the input shapes fix its length
+                missing.add(n.op_type)
             body = subgraphs(n)[0]
             missing |= _missing_in_body(graph, composite, body, dep, with_inputs=True)
             continue
