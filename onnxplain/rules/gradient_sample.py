@@ -177,7 +177,7 @@ def grid_sample(b, node, grads):
         else:
             comps = []
             for a in reversed(range(d)):  # grid's last axis lists the spatial axes last first
-                s = b.reshape_like(b.mul(b.sum(dgrid[a]), b.op("Reshape", dcoord[a], flat_q)), coords[a])
+                s = b.mul(b.reshape_like(b.sum(dgrid[a]), coords[a]), dcoord[a])  # dcoord may be a scalar
                 comps.append(b.unsqueeze(s, [-1]))
             ggrid = b.op("Concat", *comps, axis=-1)
     return [gx, ggrid]
