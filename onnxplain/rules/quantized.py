@@ -277,8 +277,7 @@ _POOL_ATTRS = ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pa
 
 def _conv_adjoint(b, node, g: str, wf: np.ndarray, what: str) -> str:
     """The input gradient of Conv(x, wf) with node's geometry, x = node.input[0]. With x's
-    spatial shape static, the float Conv rule; otherwise a ConvTranspose whose result is
-    cropped or zero-padded at run time to x's size (the part stride and end padding hide)."""
+    spatial shape static, the float Conv rule; otherwise the run-time form below."""
     x = node.input[0]
     shape = b.shape(x)
     r = wf.ndim - 2
@@ -286,20 +285,55 @@ def _conv_adjoint(b, node, g: str, wf: np.ndarray, what: str) -> str:
         wname = b.const(wf)
         conv = _as_float_node(node, "Conv", [x, wname], _CONV_ATTRS)
         return gradient_linear.conv(_FloatView(b, {wname: wf}), conv, [g])[0]
+    return _transpose_at_run_time(b, node, g, wf, x, int(attr(node, "group", 1)), what)
+
+
+def _transpose_at_run_time(b, node, g: str, wf: np.ndarray, like: str, group: int, what: str) -> str:
+    """ConvTranspose(g, wf) with node's strides, dilations and begin pads, cropped or
+    zero-padded at run time to the spatial size of `like`: the adjoint of a sliding window
+    whose input size is not known when compiling (the part that stride and end padding
+    leave unread gets zeros)."""
+    r = wf.ndim - 2
     auto = attr(node, "auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        raise ModelError(f"the gradient of {what} with auto_pad={auto} needs the static spatial shape of '{x}'; "
+        raise ModelError(f"the gradient of {what} with auto_pad={auto} needs the static spatial shape of its input; "
                          "give the model static input shapes")
     strides = [int(s) for s in attr(node, "strides", [1] * r)]
     dilations = [int(d) for d in attr(node, "dilations", [1] * r)]
     pads = [0] * (2 * r) if auto == "VALID" else [int(p) for p in attr(node, "pads", [0] * (2 * r))]
-    gx = b.op("ConvTranspose", g, b.const(wf), group=int(attr(node, "group", 1)), kernel_shape=list(wf.shape[2:]),
+    gx = b.op("ConvTranspose", g, b.const(wf), group=group, kernel_shape=list(wf.shape[2:]),
               strides=strides, dilations=dilations, pads=pads[:r] + [0] * r)
     spatial = b.ints(list(range(2, 2 + r)))
-    want = b.op("Slice", b.shape_of(x), b.ints([2]), b.ints([2 + r]))
+    want = b.op("Slice", b.shape_of(like), b.ints([2]), b.ints([2 + r]))
     gx = b.op("Slice", gx, b.ints([0] * r), want, spatial)
     short = b.op("Sub", want, b.op("Slice", b.shape_of(gx), b.ints([2]), b.ints([2 + r])))
     return b.op("Pad", gx, b.op("Concat", b.ints([0] * (2 + r + 2)), short, axis=0))
+
+
+def _average_pool_at_run_time(b, node, g: str, xd: str, what: str) -> str:
+    """The adjoint of AveragePool(xd) (node's geometry) without static shapes: g divided by
+    each window's count, spread back over the window by a ConvTranspose of ones with the
+    channels folded into the batch."""
+    if attr(node, "ceil_mode", 0):
+        raise ModelError(f"the gradient of {what} with ceil_mode=1 needs the static spatial shape of its input; "
+                         "give the model static input shapes")
+    kernel = [int(k) for k in attr(node, "kernel_shape")]
+    r = len(kernel)
+    ones = np.ones([1, 1] + kernel, np.float32)
+    if attr(node, "count_include_pad", 0):
+        scaled = b.mul(g, b.const(np.float32(1.0 / np.prod(kernel))))
+    else:
+        # taps inside the input per window: a Conv of ones over a ones image, zero padded
+        one = b.op("Add", b.mul(b.op("Slice", xd, b.ints([0]), b.ints([1]), b.ints([1])), b.const(np.float32(0))),
+                   b.const(np.float32(1)))
+        counts = b.op("Conv", one, b.const(ones), **{k: v for k, v in attrs(node).items()
+                                                      if k in ("auto_pad", "dilations", "pads", "strides")})
+        scaled = b.op("Div", g, counts)
+    folded_shape = lambda t: b.op("Concat", b.ints([-1, 1]),  # noqa: E731
+                                  b.op("Slice", b.shape_of(t), b.ints([2]), b.ints([2 + r])), axis=0)
+    like = b.op("Reshape", xd, folded_shape(xd))
+    gx = _transpose_at_run_time(b, node, b.op("Reshape", scaled, folded_shape(scaled)), ones, like, 1, what)
+    return b.op("Reshape", gx, b.shape_of(xd))
 
 
 # --------------------------------------------------------------------------- Q / DQ
@@ -606,16 +640,15 @@ def qlinear_average_pool(b, node, grads):
     if attr(node, "channels_last", 0):
         raise ModelError(f"the gradient of {what} supports channels_last=0 only")
     x, xsf, xd = _qlinear_operand(b, node, 0, what)
-    shape = b.shape(x)
-    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
-        raise ModelError(f"the gradient of {what} needs the static spatial shape of '{x}' (got {shape}); onnx's "
-                         "shape inference does not follow com.microsoft operators before it: give the model "
-                         "static shapes (value_info) for them, or use the QDQ format")
     pool_attrs = {k: v for k, v in attrs(node).items() if k in _POOL_ATTRS}
     real = b.op("AveragePool", xd, **pool_attrs)
     g = _qlinear_out(b, node, grads[0], real, 3, what, x)
-    pool = _as_float_node(node, "AveragePool", [x], _POOL_ATTRS)
-    gx = gradient_pool.average_pool(_FloatView(b, {}), pool, [g])[0]
+    shape = b.shape(x)
+    if shape is not None and len(shape) > 2 and all(isinstance(d, int) for d in shape[2:]):
+        pool = _as_float_node(node, "AveragePool", [x], _POOL_ATTRS)
+        gx = gradient_pool.average_pool(_FloatView(b, {}), pool, [g])[0]
+    else:  # after other com.microsoft operators, whose outputs onnx's shape inference cannot type
+        gx = _average_pool_at_run_time(b, node, g, xd, what)
     return [b.mul(gx, xsf)] + [None] * (len(node.input) - 1)
 
 
