@@ -247,9 +247,9 @@ class Explainer:
         if b is None:
             if plan.static_for([explained]) != 1:
                 raise OptionError(
-                    f"the explained tensor '{explained}' has shape {_fmt(plan.graph.shape(explained) or ())}: no "
-                    f"axis of it is the batch of {n}, and the model fixes its batch, so it cannot be read sample by "
-                    "sample; explain an output (or layer) that keeps the batch axis"
+                    f"the explained tensor '{explained}' has shape {_fmt(plan.graph.shape(explained) or ())}: it is "
+                    f"not the batch of {n} along any axis, and the model fixes its batch, so it cannot be read "
+                    "sample by sample; explain an output (or layer) that keeps the batch axis"
                 )
             shape = plan.static_graph(1).shape(explained)
             if shape is not None and all(isinstance(d, int) for d in shape):
