@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import InputError, ModelError, OptionError
 from .methods.blackbox import layout
-from .target import TargetScorer, batch_axis
+from .target import TargetScorer
 
 # Which way is better, per metric: the direction methods are ranked in.
 HIGHER_IS_BETTER = {
@@ -82,7 +82,8 @@ class Scorer:
         self.tensor = explainer.explained_tensor(output)
         self.session = explainer.forward_session(feeds, [self.tensor])
         # Sessions give rows batch first; the target reads the tensor in its own layout.
-        self.axis = batch_axis(explainer._graph_for(feeds), self.tensor)
+        # (A tensor without a batch axis comes stacked per sample: its rows are its layout.)
+        self.axis = explainer.plan(feeds).axis(self.tensor) or 0
         out = self._physical(self.session.run({self.input: self.x}, [self.tensor])[self.tensor])
         self.target = TargetScorer(target, out, self.axis)
         self.probability = probability and self.target.probability_scored

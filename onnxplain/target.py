@@ -469,13 +469,6 @@ def as_target(value) -> Target:
     raise OptionError(f"target {value!r} is not understood; {FORMS}")
 
 
-def batch_axis(graph, name: str) -> int:
-    """The batch axis of an explained tensor: what the graph proves, else the first."""
-    find = getattr(graph, "batch_axis", None)
-    axis = find(name) if callable(find) else None
-    return 0 if axis is None else int(axis)
-
-
 class TargetScorer:
     """A target resolved on the explained tensor's values for the original inputs: its seed
     (a predicted class is found once and kept, as the metrics need), the score of any rows

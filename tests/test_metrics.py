@@ -269,3 +269,26 @@ def test_a_position_target_is_scored_by_that_tokens_probability(tmp_path):
     np.testing.assert_allclose(out["gradient"]["deletion"].curve[:, 0], p[:, 3], rtol=1e-5)
     # Deleting everything (baseline 0) leaves logits 0: a uniform 1/5 over the vocabulary.
     np.testing.assert_allclose(out["gradient"]["deletion"].curve[:, -1], 0.2, rtol=1e-5)
+
+
+def test_a_frame_target_of_a_sequence_first_output_is_scored_on_its_batch_axis():
+    """(T, N, C) output: the score of sample i is its own frames' predicted-class probabilities,
+    read along axis 1, for the original inputs and for every perturbed copy."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(6, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                           helper.make_node("Transpose", ["h"], ["y"], perm=[1, 0, 2])], "seq",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, "N", 3])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    e = Explainer(m)
+    x = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    y = (x @ w).transpose(1, 0, 2)  # (T, N, C)
+    p = np.exp(y) / np.exp(y).sum(axis=2, keepdims=True)
+    expected = p[1:3].max(axis=2).sum(axis=0)  # frames 1 and 2, each its predicted class
+    np.testing.assert_allclose(metrics.Scorer(e, x, "steps:1-2").original, expected, rtol=1e-5)
+    out = metrics.evaluate(e, x, {"gradient": {}}, metrics=("deletion",), target="steps:1-2",
+                           settings={"deletion": {"steps": 3}})
+    np.testing.assert_allclose(out["gradient"]["deletion"].curve[:, 0], expected, rtol=1e-5)
