@@ -332,6 +332,7 @@ _PHOTO = MODELS / "chelsea.png"
     (["factorize", TINY, _PHOTO, "-O", "x=1"], ["its options: none"]),
     (["maximize", TINY, "-O", "n_iterz=3"], ["its options: n_iter, lr"]),
     (["prune-study", TINY, _PHOTO, "--layer", "x", "--box", "0,0,8,8", "--baseline", "x"], ["--baseline"]),
+    (["prune-study", TINY, _PHOTO, "--layer", "x", "--box", "0,0,8,8", "-t", "pos:1:2"], ["takes a class"]),
     (["explain", TINY, _PHOTO, "-m", "integrated_gradients", "-O", "n_stepz=3"], ["its options: n_steps"]),
     (["explain", TINY, _PHOTO, "-t", "box:1,2,3,4"], ["needs a detector", "not have yet"]),
     (["export", TINY, "-m", "gradient", "-O", "x=1"], ["its options: none"]),

@@ -15,6 +15,7 @@ from ..cli import _bytes, _floats, _ints, _preprocess, _providers, _size, _table
 from ..errors import InputError, OptionError
 from ..io import IMAGE_SUFFIXES, LAYOUTS, PRESETS, load_inputs
 from ..methods.integrated import RULES
+from ..target import Target
 
 COLOURS = {("ipna", "inside"): (214, 39, 40), ("ipna", "outside"): (255, 152, 150),
            ("conductance", "inside"): (31, 119, 180), ("conductance", "outside"): (174, 199, 232)}
@@ -46,7 +47,7 @@ layer's spatial axes.
 @click.option("--layer", required=True, metavar="TENSOR",
               help="Layer whose channels are ranked and pruned (`onnxplain inspect MODEL` lists them).")
 @click.option("--box", required=True, callback=_box, metavar="X1,Y1,X2,Y2", help="The patch of the input.")
-@click.option("-t", "--target", callback=_target, metavar="INT|pred",
+@click.option("-t", "--target", callback=_target, metavar="TARGET",
               help="Class to explain (default: predicted by the unpruned model, then kept fixed).")
 @click.option("--k", "ks", default="1,2,4,8,16", show_default=True, callback=_ints, metavar="K1,K2,...",
               help="Numbers of top-ranked channels to prune.")
@@ -76,6 +77,9 @@ def prune_study_command(model, inputs, layer, box, target, ks, n_steps, integrat
     from ..methods.conductance import prune_study
 
     runtime.QUIET = quiet
+    if isinstance(target, Target):
+        raise OptionError(f"prune-study ranks channels for classes: -t takes a class, one class per sample or pred; "
+                          f"'{target.text}' works in explain, evaluate and report")
     for path, suffix, flag in ((out, ".json", "--out"), (plot, ".png", "--plot")):
         if path is not None and path.suffix.lower() != suffix:
             raise OptionError(f"{flag} must end in {suffix}, got '{path.name}'")
