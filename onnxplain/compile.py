@@ -196,7 +196,7 @@ def _backward(b: Builder, graph: Graph, composite: Composite, nodes, grads: dict
 def _unroll_active(graph: Graph, wrt, explained, method=None) -> Graph:
     """`graph` with the Loop and Scan nodes on the explained path unrolled (nested ones
     too, round by round), so that the plain rules apply to their iterations."""
-    from .canonize import unroll_loops
+    from .canonize import fold_constants, unroll_loops
 
     for _ in range(16):
         loops = [n.name for n in active_nodes(graph, wrt, explained)
@@ -211,7 +211,9 @@ def _unroll_active(graph: Graph, wrt, explained, method=None) -> Graph:
                         "scanned length) the input shapes fix and whose end does not depend on the data; use a "
                         "black-box method (occlusion, rise, kernel_shap, lime) for this model",)
             raise err from None
-        graph = Graph(model, initializers=graph.initializers)
+        # Each iteration's shape arithmetic (Slice axes, Reshape targets) becomes constant,
+        # as the rules want it.
+        graph = Graph(fold_constants(model), initializers=graph.initializers)
     raise ModelError("loops nested more than 16 deep on the explained path cannot be unrolled")
 
 

@@ -539,3 +539,70 @@ def test_if_with_undeclared_branch_shapes_compiles_an_exact_explainer():
     m64 = if_model(F64)
     want = finite_differences(m64, {"x": x.astype(np.float64)}, "x", seed.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exporters
+def _torch_rnn():
+    import torch
+
+    class Rnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w, self.u = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            h = torch.zeros(x.size(0), 4)
+            for t in range(x.size(1)):
+                h = torch.tanh(self.w(x[:, t]) + self.u(h))
+            return h
+
+    return Rnn()
+
+
+def test_torchscript_loop_gradient_equals_torch_autograd():
+    # A scripted for-loop exports as a Loop over Shape(x)[1] whose body slices x with
+    # axes computed at run time: unrolled and folded, the rules apply.
+    import io
+
+    import torch
+
+    module = _torch_rnn()
+    f = io.BytesIO()
+    torch.onnx.export(torch.jit.script(module), (torch.randn(2, 5, 3),), f, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N", 1: "T"}}, opset_version=17, dynamo=False)
+    model = onnx.load_from_string(f.getvalue())
+    assert "Loop" in {n.op_type for n in model.graph.node}
+    x = rng_(31).normal(size=(2, 5, 3)).astype(np.float32)
+    seed = rng_(32).normal(size=(2, 4)).astype(np.float32)
+    got = Explainer(model).attribute(x, method="gradient", target=seed, probability=True)
+    xt = torch.tensor(x, requires_grad=True)
+    (module(xt) * torch.tensor(seed)).sum().backward()
+    np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_cond_if_gradient_equals_torch_autograd():
+    import torch
+
+    class Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.cond(x.sum() > 0, lambda v: torch.tanh(v) * 2, lambda v: torch.sigmoid(v) - v, (x,))
+            return self.lin(y)
+
+    module = Cond()
+    program = torch.onnx.export(module, (torch.randn(2, 4),), dynamo=True, input_names=["x"], output_names=["z"],
+                                dynamic_shapes={"x": {0: torch.export.Dim("N")}}, verbose=False)
+    model = program.model_proto
+    assert "If" in {n.op_type for n in model.graph.node}
+    for sign in (1.0, -1.0):
+        x = (np.abs(rng_(33).normal(size=(2, 4))) * sign).astype(np.float32)
+        seed = rng_(34).normal(size=(2, 2)).astype(np.float32)
+        got = Explainer(model).attribute(x, method="gradient", target=seed, probability=True)
+        xt = torch.tensor(x, requires_grad=True)
+        (module(xt) * torch.tensor(seed)).sum().backward()
+        np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
