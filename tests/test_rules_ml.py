@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -178,6 +179,48 @@ def test_binary_svm_classifier_decision_scores(classification, kernel):
         return (seed[:, :1] - seed[:, 1:]) * dd
 
     check(convert(svc, x), xt, "probabilities", want)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf", "poly"])
+def test_multiclass_svm_classifier_one_vs_one_decision_values(classification, kernel):
+    # The SVMClassifier's own output: one decision value per pair of classes.
+    x, y = classification
+    x = x / 3
+    svc = SVC(kernel=kernel, gamma=0.3, coef0=0.5, degree=2, decision_function_shape="ovo").fit(x, y)
+    model = convert(svc, x)
+    node = next(n for n in model.graph.node if n.op_type == "SVMClassifier")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[1], onnx.TensorProto.FLOAT, [None, 3]))
+    check(model, x[:5], node.output[1])
+
+
+def test_multiclass_svm_one_vs_rest_scores_are_refused_while_shapes_are_unknown(classification):
+    # skl2onnx builds sklearn's one-vs-rest scores from the pairwise values with standard
+    # operators; onnx's shape inference does not type SVMClassifier's output, and the
+    # broadcasting rules after it need shapes: a typed error, never a silent zero.
+    x, y = classification
+    model = convert(SVC().fit(x, y), x)
+    with pytest.raises(ModelError, match="broadcast"):
+        gradient(model, x[:3], "probabilities")
+
+
+def test_array_feature_extractor_adds_repeated_columns_back():
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("ArrayFeatureExtractor", ["X", "idx"], ["Y"], domain="ai.onnx.ml")
+    g = helper.make_graph([node], "afe", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 3])],
+                          initializer=[numpy_helper.from_array(np.array([2, 0, 2], np.int64), "idx")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    x = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
+
+    def want(seed):
+        out = np.zeros((3, 4))
+        out[:, 0] = seed[:, 1]
+        out[:, 2] = seed[:, 0] + seed[:, 2]
+        return out
+
+    check(model, x, "Y", want)
 
 
 def test_svm_classifier_with_platt_probabilities_is_refused_by_name(classification):

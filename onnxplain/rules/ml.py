@@ -131,14 +131,13 @@ def linear_regressor(b, node, grads):
     return _linear(b, node, grads[0], node.output[0], int(attr(node, "targets", 1)))
 
 
-def _kernel_gradient(b, node, x: str, gk: str, coef: np.ndarray, sv: np.ndarray, what: str) -> str:
-    """d/dx of sum_s gk * coef_s K(x, sv_s), gk of shape (N, 1)."""
+def _kernel_gradient(b, node, x: str, a: str, sv: np.ndarray, what: str) -> str:
+    """d/dx of sum_s a[n, s] K(x_n, sv_s), for weights `a` of shape (N, S)."""
     kind = attr(node, "kernel_type", "LINEAR")
     params = list(_floats(node, "kernel_params", [0.0, 0.0, 0.0])) + [0.0, 0.0, 0.0]
     gamma, c0, degree = float(params[0]), float(params[1]), float(params[2])
     if kind == "LINEAR":
-        return b.mul(gk, _c(b, coef @ sv))
-    a = b.mul(gk, _c(b, coef))  # (N, S)
+        return b.op("MatMul", a, _c(b, sv))
     dots = b.op("MatMul", x, _c(b, sv.T))
     if kind == "RBF":
         # K = exp(-gamma |x - sv|^2): dK/dx = -2 gamma K (x - sv)
@@ -186,31 +185,56 @@ def svm_regressor(b, node, grads):
     g = grads[0]
     if sv is None:
         return [_to_input(b, b.mul(g, _c(b, coef)), x)]
-    return [_to_input(b, _kernel_gradient(b, node, _x32(b, x), g, coef, sv, what), x)]
+    return [_to_input(b, _kernel_gradient(b, node, _x32(b, x), b.mul(g, _c(b, coef)), sv, what), x)]
 
 
 @register("SVMClassifier", domain=ML)
 def svm_classifier(b, node, grads):
-    # Two classes, no probabilities: onnxruntime's scores are [-d, d] with d = sum_s coef_s
-    # K(x, sv_s) + rho, so d(g . scores) = (g1 - g0) dd.
+    # One-vs-one decision values: for classes i < j, d_ij = sum over i's support vectors of
+    # coef[j-1, s] K(x, sv_s) + sum over j's of coef[i, s] K(x, sv_s) + rho_ij, i.e. scores
+    # = K @ C + rho for a (S, pairs) matrix C. With two classes onnxruntime writes the
+    # scores [-d, d]. Probabilities (Platt scaling) and the label are not differentiated.
     what = f"SVMClassifier '{node.name}'"
     g = grads[1] if len(grads) > 1 else None
     if g is None:
         return [None]
-    labels = attr(node, "classlabels_ints") or attr(node, "classlabels_strings") or []
-    if len(labels) != 2:
-        raise ModelError(f"the gradient of {what} supports two classes; this one has {len(labels)} "
-                         "(one-vs-one votes are piecewise constant): use a black-box method")
     if attr(node, "prob_a") or attr(node, "prob_b"):
         raise ModelError(f"the gradient of {what} does not support Platt-scaled probabilities (prob_a/prob_b); "
                          "export the SVC with probability=False, or use a black-box method")
     if attr(node, "post_transform", "NONE") != "NONE":
         raise ModelError(f"{what} has post_transform {attr(node, 'post_transform')}; only NONE is supported")
     x = node.input[0]
-    coef = _floats(node, "coefficients")
     sv = _support_vectors(node, _width(b, x), what)
-    if sv is None:
-        raise ModelError(f"{what} has no support vectors (linear mode); not supported")
-    gd = b.op("Sub", b.op("Slice", g, b.ints([1]), b.ints([2]), b.ints([1])),
-              b.op("Slice", g, b.ints([0]), b.ints([1]), b.ints([1])))
-    return [_to_input(b, _kernel_gradient(b, node, _x32(b, x), gd, coef, sv, what), x)]
+    counts = [int(v) for v in attr(node, "vectors_per_class", [])]
+    if sv is None or not counts or sum(counts) != len(sv):
+        raise ModelError(f"the gradient of {what} supports support-vector mode (vectors_per_class given) only")
+    k = len(counts)
+    coef = _floats(node, "coefficients").reshape(k - 1, len(sv))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    pairs = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            col = np.zeros(len(sv))
+            col[starts[i]:starts[i + 1]] = coef[j - 1, starts[i]:starts[i + 1]]
+            col[starts[j]:starts[j + 1]] = coef[i, starts[j]:starts[j + 1]]
+            pairs.append(col)
+    cmat = np.stack(pairs, axis=1)  # (S, pairs)
+    if k == 2:
+        cmat = np.concatenate([-cmat, cmat], axis=1)
+    a = b.op("MatMul", g, _c(b, cmat.T))  # (N, S): each support vector's weight in g . scores
+    return [_to_input(b, _kernel_gradient(b, node, _x32(b, x), a, sv, what), x)]
+
+
+@register("ArrayFeatureExtractor", domain=ML)
+def array_feature_extractor(b, node, grads):
+    # Y = X[..., indices]: the gradient adds each selected column back where it came from.
+    x, idx = node.input
+    indices = b.constant(idx)
+    width = _width(b, x)
+    if indices is None or width is None:
+        raise ModelError(f"the gradient of ArrayFeatureExtractor '{node.name}' needs constant indices and the "
+                         "static width of its input")
+    indices = np.asarray(indices).reshape(-1)
+    onehot = np.zeros((len(indices), width), np.float32)
+    np.add.at(onehot, (np.arange(len(indices)), indices % width), 1.0)
+    return [_to_input(b, b.op("MatMul", grads[0], _c(b, onehot)), x), None]
