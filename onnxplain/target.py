@@ -260,7 +260,7 @@ class _Position(Target):
         return 2
 
     def describe(self, i, classes=None):
-        return f"token {self.token} at position {self.position}"
+        return f"token {self.token} at " + ("the last position" if self.position == -1 else f"position {self.position}")
 
 
 class _Steps(Target):

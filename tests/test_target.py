@@ -3,6 +3,8 @@ every misuse a typed error that shows the forms, and through Explainer.attribute
 gradient of sum(seed * output) against central finite differences, on (N, C), (N, T, V),
 sequence-first (T, N, C) and dense (N, C, H, W) outputs."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -352,3 +354,13 @@ def test_cli_target_takes_every_form_and_matches_the_python_api(tmp_path):
                                      "-o", str(tmp_path / "b.npy")])
         assert r.exit_code == 2, (bad, r.output)
         assert words in r.output
+    # evaluate and report: the default (the predicted class) does not fit an LM; said before any work
+    for command, out in (("evaluate", "e.json"), ("report", "r.html")):
+        r = runner.invoke(cli.main, [command, str(tmp_path / "lm.onnx"), str(tmp_path / "x.npy"), "--methods",
+                                     "gradient", "-o", str(tmp_path / out), "-q"])
+        assert r.exit_code == 2 and "pos:T:V" in r.output, r.output
+    r = runner.invoke(cli.main, ["evaluate", str(tmp_path / "lm.onnx"), str(tmp_path / "x.npy"), "--methods",
+                                 "gradient", "--metrics", "deletion", "-S", "deletion:steps=2", "-t", "last:2",
+                                 "-o", str(tmp_path / "e.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e.json").read_text())["target"] == "last:2"

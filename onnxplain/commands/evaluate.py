@@ -287,9 +287,10 @@ def check_target(explainer, target) -> None:
 
     t = as_target(target)
     shape = explainer.graph.shape(explainer.explained_tensor())
-    if shape is None or not all(isinstance(d, int) for d in shape[1:]) or t.needs_output(shape):
+    if shape is None or not shape or not all(isinstance(d, int) for d in shape[1:]):
         return
-    t.seed((1,) + tuple(shape[1:]))
+    shape = (1,) + tuple(shape[1:])
+    t.seed(shape, 0, np.zeros(shape, np.float32) if t.needs_output(shape) else None)
 
 
 def target_text(target) -> str:
