@@ -606,3 +606,13 @@ def test_torch_cond_if_gradient_equals_torch_autograd():
         xt = torch.tensor(x, requires_grad=True)
         (module(xt) * torch.tensor(seed)).sum().backward()
         np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_deeplift_through_an_unrolled_loop_sums_to_the_output_difference():
+    # The loop's steps are plain nodes once unrolled, so DeepLIFT's baseline copy of the
+    # forward graph covers them and summation-to-delta holds (Add, MatMul, Tanh only).
+    e = Explainer(rnn_loop_model(F32))
+    x = rng_(35).normal(size=(2, 3, 3)).astype(np.float32)
+    a = e.attribute(x, method="deeplift", target=0)
+    delta = (e.predict(x) - e.predict(np.zeros_like(x)))[:, 0]
+    np.testing.assert_allclose(a.reshape(2, -1).sum(axis=1), delta, rtol=1e-4, atol=1e-6)
