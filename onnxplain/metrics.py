@@ -348,6 +348,13 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
     return out.reshape(image.shape).astype(image.dtype)
 
 
+def _road_positions(shape) -> "Positions":
+    pos = Positions(shape)
+    if pos.channel is None or len(pos.spatial) != 2:
+        raise OptionError("ROAD imputes pixels from their neighbours and needs image inputs (N,C,H,W) or (N,H,W,C)")
+    return pos
+
+
 def road(explainer, x, attribution, target=None, fractions=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
          noise: float = 0.01, probability: bool = True, seed: int = 0, label: str | None = None) -> Score:
     """ROAD: remove a fraction of positions, most relevant first (MoRF) and least relevant
@@ -356,9 +363,7 @@ def road(explainer, x, attribution, target=None, fractions=(0.1, 0.2, 0.3, 0.4, 
     better); extra holds both means, curve the MoRF curve and extra['lerf_curve'] the LeRF one."""
     scorer = Scorer(explainer, x, target, probability)
     x = scorer.x
-    pos = Positions(x.shape)
-    if pos.channel is None or len(pos.spatial) != 2:
-        raise OptionError("ROAD imputes pixels from their neighbours and needs image inputs (N,C,H,W) or (N,H,W,C)")
+    pos = _road_positions(x.shape)
     fractions = np.asarray(fractions, dtype=np.float64)
     if fractions.ndim != 1 or not len(fractions) or np.any(fractions <= 0) or np.any(fractions >= 1):
         raise OptionError("ROAD fractions must lie strictly between 0 and 1")
@@ -694,7 +699,10 @@ def evaluate(explainer, x, methods: dict, metrics=("deletion", "insertion", "sel
     for method, options in methods.items():
         get_method(method).resolve(options or {})
     settings = settings or {}
-    fixed = Scorer(explainer, x, target, probability=False).fixed_target()
+    scorer = Scorer(explainer, x, target, probability=False)
+    if "road" in metrics:
+        _road_positions(scorer.x.shape)
+    fixed = scorer.fixed_target()
     results = {}
     for method, options in methods.items():
         attr = None

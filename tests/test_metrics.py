@@ -218,6 +218,7 @@ def test_evaluate_scores_grad_cam_maps():
     ({"gradient": {}}, {"nope": {}}, "unknown metric"),
     ({"gradient": {}, "integrated_gradients": {"n_stepz": 3}}, {}, "no option.* n_stepz"),
     ({"gradient": {}, "no_such_method": {}}, {}, "unknown method"),
+    ({"gradient": {}}, {"selectivity": {"patch": 0}}, "patch=0 of metric 'selectivity' must be at least 1"),
 ])
 def test_evaluate_rejects_every_bad_method_option_and_setting_before_any_work(region, monkeypatch, methods, settings,
                                                                               match):
@@ -225,7 +226,21 @@ def test_evaluate_rejects_every_bad_method_option_and_setting_before_any_work(re
     calls = []
     monkeypatch.setattr(Explainer, "attribute", lambda *a, **k: calls.append(1))
     with pytest.raises(metrics.OptionError, match=match):
-        metrics.evaluate(e, x, methods, metrics=("deletion",), settings=settings)
+        metrics.evaluate(e, x, methods, metrics=("deletion", "selectivity"), settings=settings)
+    assert calls == []
+
+
+def test_evaluate_refuses_road_on_inputs_that_are_not_images_before_any_work(monkeypatch):
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "rows",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(np.ones((6, 2), np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    calls = []
+    monkeypatch.setattr(Explainer, "attribute", lambda *a, **k: calls.append(1))
+    with pytest.raises(metrics.OptionError, match="ROAD .* needs image inputs"):
+        metrics.evaluate(Explainer(m), np.ones((2, 6), np.float32), {"gradient": {}}, metrics=("deletion", "road"))
     assert calls == []
 
 
