@@ -681,16 +681,6 @@ def _cut_model(graph: Graph, layer: str, cut: str) -> onnx.ModelProto:
     return m
 
 
-def _targets(target, out, n) -> list:
-    """The class explained per sample (batch-first output values `out`), for the forms
-    that are one class per sample; the other forms have no class to name."""
-    t = as_target(target)
-    classes = t.classes(out.shape, out)
-    if classes is None:
-        raise OptionError(f"target '{t.text}' is not one class per sample")
-    return [int(c) for c in np.broadcast_to(classes, (n,))]
-
-
 def _np_dtype(elem):
     from onnx import helper
 
