@@ -140,6 +140,13 @@ def test_a_float_array_is_the_seed_itself_for_the_batch_or_for_one_sample():
     check(classifier, one.astype(np.float32), np.broadcast_to(one, (N, C)))
 
 
+def test_a_npy_file_is_the_seed_it_holds(tmp_path):
+    s = RNG.normal(size=(N, C))
+    np.save(tmp_path / "seed.npy", s.astype(np.float32))
+    check(classifier, str(tmp_path / "seed.npy"), s)
+    assert parse_target(str(tmp_path / "seed.npy")).text.startswith("seed:")
+
+
 # ----------------------------------------------------------------------------- (N, T, V)
 
 def test_pos_seeds_one_token_at_one_position():
