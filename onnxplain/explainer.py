@@ -129,7 +129,16 @@ class Explainer:
         """The layout of inputs shaped like `feeds` (see `Plan`), cached for the last few shapes."""
         axes, static = self.graph.input_batch_axes()
         key = tuple((k, _without(v.shape, axes[k])) for k, v in sorted(feeds.items()))
-        return self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
+        whole = tuple((k, v.shape) for k, v in sorted(feeds.items()))
+        if self._specialized.has(("whole",) + whole):
+            return self._specialized.get(("whole",) + whole, None)
+        plan = self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
+        if plan.n(feeds) > 1 and _may_mix_rows(self.graph) and not plan.rows_independent(feeds):
+            # What looked like a batch is a sequence the model runs through (a state carried
+            # from row to row): the whole input is one sample.
+            return self._specialized.get(("whole",) + whole,
+                                         lambda: (Plan(self, feeds, {k: None for k in axes}, None), 1))
+        return plan
 
     def _graph_for(self, feeds) -> Graph:
         """The model specialised to inputs shaped like `feeds`, the batch symbolic."""
@@ -181,7 +190,7 @@ class Explainer:
         feeds = self._feeds(x)
         name = self._output_name(output)
         plan = self.plan(feeds)
-        if plan.axis(name) is None and plan.declared_static is None:
+        if plan.axis(name) is None:
             # No axis of it is provably the batch: the model's answer as it gives it.
             return self._session(("predict", name) + plan.key, lambda: _with_outputs(plan.graph, [name])).run(
                 feeds, [name])[name]
@@ -388,8 +397,15 @@ class Plan:
         self.shapes = {k: v.shape for k, v in feeds.items()}
         self.key = tuple((k, _without(v, axes[k])) for k, v in sorted(self.shapes.items()))
         self.graph = explainer.graph.specialize(self.shapes, axes)
+        self._fix_others = True
+        if _has_subgraphs(explainer.graph) and not _loads(self.graph.model):
+            # A branch meant for other input sizes (silero's 8 kHz branch at 16 kHz) fails
+            # onnxruntime's shape inference once every size is fixed: fix the batch only.
+            self._fix_others = False
+            self.graph = explainer.graph.specialize(self.shapes, axes, fix_others=False)
         self._static_graphs: dict[int, Graph] = {}
         self._probes = None
+        self._independent = None
         # The batch's names in the model file, for outputs that inference cannot type
         # (operators of other domains) but the file declares.
         declared = {k: explainer.graph.shape(k) for k in axes}
@@ -397,6 +413,24 @@ class Plan:
                          if ax is not None and declared[k] and isinstance(declared[k][ax], str)}
 
     # --- layout -----------------------------------------------------------------------------
+    def rows_independent(self, feeds: dict) -> bool:
+        """Whether the first row's outputs are the same computed alone as in the batch (a
+        model that carries a state along what looks like its batch axis fails this)."""
+        if self._independent is None:
+            outs = [o for o in self.graph.outputs if self.graph.is_float(o) and self.axis(o) is not None]
+            if not outs:
+                self._independent = True
+                return True
+            rows = self.rows(feeds, None)
+            fixed = self.fixed(feeds)
+            session = self.forward(outs, fixed, None)
+            whole = session.run(rows, outs)
+            first = session.run({k: v[:1] for k, v in rows.items()}, outs)
+            self._independent = all(
+                np.allclose(first[o][:1], whole[o][:1], rtol=1e-4, atol=1e-5 * (1 + np.abs(whole[o][:1]).max()))
+                for o in outs)
+        return self._independent
+
     def n(self, feeds: dict) -> int:
         for k, ax in self.input_axes.items():
             if ax is not None and k in feeds:
@@ -409,6 +443,12 @@ class Plan:
         ax = self.graph.batch_axis(tensor)
         if ax is None:
             ax = self._probed_axis(tensor)
+        if ax is None and self.declared_static is not None:
+            # A model that fixes its batch size (and breaks at any other, so the probes
+            # cannot tell): its first axis where it has that size, checked on every run.
+            shape = self.graph.shape(tensor) or self.explainer.graph.shape(tensor)
+            if shape and shape[0] == self.declared_static:
+                return 0
         if ax is None and self.graph.shape(tensor) is None and tensor in self.graph.outputs:
             # Inference cannot type it (an operator of another domain): the file's declared
             # shape says, by the batch's name or a free first axis; every run checks it
@@ -485,7 +525,8 @@ class Plan:
             for k, shape in self.shapes.items():
                 ax = self.input_axes[k]
                 shapes[k] = shape if ax is None else shape[:ax] + (rows,) + shape[ax + 1:]
-            self._static_graphs[rows] = self.explainer.graph.specialize(shapes, self.input_axes, static=True)
+            self._static_graphs[rows] = self.explainer.graph.specialize(shapes, self.input_axes, static=True,
+                                                                        fix_others=self._fix_others)
         return self._static_graphs[rows]
 
     def graph_for(self, static: int | None) -> Graph:
@@ -591,6 +632,33 @@ def _expose_logits(model: onnx.ModelProto) -> dict:
     return exposed
 
 
+_ROW_MIXING = ("Loop", "Scan", "LSTM", "GRU", "RNN")
+
+
+def _has_subgraphs(graph) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in graph.nodes for a in n.attribute)
+
+
+def _loads(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime accepts the model (its shape inference is stricter than onnx's)."""
+    try:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:
+        return False
+
+
+def _may_mix_rows(graph) -> bool:
+    """Whether the model has an operator that can carry values from one row of its batch
+    axis to the next (a loop over what is really time)."""
+    return any(n.op_type in _ROW_MIXING for n in graph.nodes) or _has_subgraphs(graph)
+
+
 def _without(shape, axis):
     return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
@@ -617,6 +685,9 @@ class _Cache:
 
     def __len__(self):
         return len(self._items)
+
+    def has(self, key) -> bool:
+        return key in self._items
 
     def values(self):
         return [v for v, _ in self._items.values()]

@@ -322,10 +322,13 @@ class Graph:
                 axes[n] = 0 if shape[0] == static else None
                 continue
             named = [i for i, d in enumerate(shape) if isinstance(d, str) and d == first]
+            free = [i for i, d in enumerate(shape) if not isinstance(d, int)]
             if isinstance(first, str) and len(named) == 1:
                 axes[n] = named[0]
             elif not isinstance(shape[0], int):
                 axes[n] = 0
+            elif len(free) == 1:  # a state shaped (2, ?, 128): its one free axis
+                axes[n] = free[0]
         return axes, static
 
     def batch_axis(self, name: str) -> int | None:
@@ -368,7 +371,8 @@ class Graph:
         return {vi.name: tensor_shape(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
                 if vi.type.HasField("tensor_type")}
 
-    def specialize(self, shapes: dict[str, tuple], axes: dict | None = None, static: bool = False) -> "Graph":
+    def specialize(self, shapes: dict[str, tuple], axes: dict | None = None, static: bool = False,
+                   fix_others: bool = True) -> "Graph":
         """A copy whose inputs have the given shapes, each input's batch axis (`axes`, by
         default `input_batch_axes`) left symbolic unless `static`.
 
@@ -379,7 +383,7 @@ class Graph:
             axes = self.input_batch_axes()[0]
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
-        del model.graph.value_info[:]
+        _clear_value_info(model.graph)
         for vi in model.graph.input:
             if vi.name not in shapes:
                 continue
@@ -393,6 +397,8 @@ class Graph:
                     f"input '{vi.name}' has rank {len(dims)} in the model, got an array of rank {len(shape)}"
                 )
             for i, (d, s) in enumerate(zip(dims, shape)):
+                if i != axes.get(vi.name) and not fix_others and not d.HasField("dim_value"):
+                    continue  # the file leaves it free: so does this copy
                 d.Clear()
                 if i == axes.get(vi.name) and not static:
                     d.dim_param = BATCH
@@ -404,6 +410,19 @@ class Graph:
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")
         return Graph(model, initializers=self.initializers)
+
+
+def _clear_value_info(g) -> None:
+    """Drop the inferred types of a graph and of its If/Loop/Scan bodies: after a change of
+    input shapes, a stale type inside a body contradicts the new ones."""
+    del g.value_info[:]
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _clear_value_info(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _clear_value_info(sub)
 
 
 def _constant_value(node) -> np.ndarray | None:
