@@ -18,6 +18,12 @@ enlarge x. Its kind is then found by its constants: the group's function is eval
 a grid of points and compared with the known activations (`KINDS`), so any operand order
 either exporter emits is recognised; an element-wise group of no known kind is
 "elementwise".
+
+Normalisations that exporters decompose (LayerNorm as ReduceMean/Sub/Pow/ReduceMean/Add/
+Sqrt/Div, RMSNorm as Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul) are groups too, through a
+ReduceMean over the last axis: kinds "layernorm" and "rmsnorm" (else "norm") with
+`elementwise` False, so that rules for element-wise functions (DeepLIFT's rescale) leave
+them alone while relevance rules for transformers (AttnLRP's LayerNorm rule) can claim them.
 """
 
 from __future__ import annotations
@@ -169,8 +175,9 @@ def _find(graph) -> dict:
         outs = [o for o in node.output if o]
         computed = [node.input[k] for k in computed_inputs(graph, node)]
         roots = {root.get(i, i) for i in computed}
-        if (node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx") and len(outs) == 1 and len(roots) == 1
-                and computed and _keeps_shape(graph, node, next(iter(roots)))):
+        if (node.domain in ("", "ai.onnx") and len(outs) == 1 and len(roots) == 1 and computed
+                and (node.op_type in ELEMENTWISE and _keeps_shape(graph, node, next(iter(roots)))
+                     or _last_axis_mean(graph, node, next(iter(roots))))):
             r = next(iter(roots))
             root[outs[0]] = r
             cone.setdefault(r, []).append(node)
@@ -182,6 +189,33 @@ def _find(graph) -> dict:
         for group in _groups_from(graph, x, members):
             groups[group.output] = group
     return groups
+
+
+def _reduce_axes(graph, node):
+    if len(node.input) > 1 and node.input[1]:
+        c = graph.constant(node.input[1])
+        return None if c is None else [int(v) for v in np.asarray(c).reshape(-1)]
+    for a in node.attribute:
+        if a.name == "axes":
+            return [int(v) for v in helper.get_attribute_value(a)]
+    return None
+
+
+def _keepdims(node) -> int:
+    for a in node.attribute:
+        if a.name == "keepdims":
+            return int(helper.get_attribute_value(a))
+    return 1
+
+
+def _last_axis_mean(graph, node, x: str) -> bool:
+    """A ReduceMean over the last axis of x that keeps it (the statistics of a LayerNorm or
+    an RMSNorm): row-wise, so a group through it is a normalisation, not element-wise."""
+    if node.op_type != "ReduceMean" or not _keepdims(node):
+        return False
+    shape = graph.shape(x)
+    axes = _reduce_axes(graph, node)
+    return shape is not None and axes is not None and len(axes) == 1 and axes[0] in (-1, len(shape) - 1)
 
 
 def _groups_from(graph, x: str, members: list) -> list:
@@ -216,11 +250,16 @@ def _groups_from(graph, x: str, members: list) -> list:
         if region is None or len(region) > MAX_NODES:
             continue
         nodes = sorted((by_name[k] for k in region), key=lambda n: order[n.name])
-        nodes = _absorb_scaling(graph, nodes, outputs_of_graph)
+        row_wise = any(n.op_type == "ReduceMean" for n in nodes)
+        if not row_wise:
+            nodes = _absorb_scaling(graph, nodes, outputs_of_graph)
         y = _single_output(graph, nodes, outputs_of_graph)
         if y is None:
             continue
-        result.append(Group(_kind(graph, nodes, x, y), x, y, tuple(nodes)))
+        if row_wise:
+            result.append(Group(_norm_kind(graph, nodes, x, y), x, y, tuple(nodes), elementwise=False))
+        else:
+            result.append(Group(_kind(graph, nodes, x, y), x, y, tuple(nodes)))
     return result
 
 
@@ -338,6 +377,27 @@ def _kind(graph, nodes: list, x: str, y: str) -> str:
     return "elementwise"
 
 
+def _norm_kind(graph, nodes: list, x: str, y: str) -> str:
+    """layernorm: (x - mean) / sqrt(var + eps); rmsnorm: x / sqrt(mean(x^2) + eps), over
+    the last axis (eps one of the group's scalar constants); else "norm". The scale and
+    shift that usually follow are their own nodes, outside the group."""
+    shape = graph.shape(x)
+    d = shape[-1] if shape and isinstance(shape[-1], int) else 5
+    rows = np.random.default_rng(0).normal(size=(6, d)) * 3.0 + 0.5
+    values = _evaluate(graph, nodes, x, rows)
+    if values is None or y not in values or np.shape(values[y]) != rows.shape:
+        return "norm"
+    v = np.asarray(values[y], dtype=np.float64)
+    eps = {0.0} | {float(c) for n in nodes for i in n.input if i and (c := _scalar(graph, i)) is not None}
+    centred = rows - rows.mean(-1, keepdims=True)
+    for e in sorted(eps):
+        for kind, ref in (("layernorm", centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + e)),
+                          ("rmsnorm", rows / np.sqrt((rows ** 2).mean(-1, keepdims=True) + e))):
+            if np.all(np.abs(v - ref) <= 1e-5 * (1.0 + np.abs(ref))):
+                return kind
+    return "norm"
+
+
 def _scalar(graph, name):
     c = graph.constant(name)
     if c is None or c.size != 1:
@@ -388,6 +448,11 @@ def _evaluate(graph, nodes: list, x: str, grid: np.ndarray) -> dict | None:
                 out = args[0] * np.clip(args[0] / 6.0 + 0.5, 0.0, 1.0)
             elif op == "Cast":
                 out = args[0]
+            elif op == "ReduceMean":
+                axes = _reduce_axes(graph, n)
+                if axes is None:
+                    return None
+                out = np.mean(args[0], axis=tuple(axes), keepdims=bool(_keepdims(n)))
             elif op in _NUMPY and not n.attribute:
                 out = _NUMPY[op](*args)
             else:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import inspect
 import json
+import warnings
 import weakref
 from pathlib import Path
 
@@ -401,12 +402,17 @@ class DeepLiftComposite(Composite):
         self.reference = Reference(baseline, ids, keep_ids, at)
 
     def claims(self, group) -> bool:
-        return group.elementwise
+        # A normalisation group (decomposed LayerNorm, RMSNorm) is claimed to take its exact
+        # gradient as one function, as LayerNormalization itself does (and Captum's DeepLift
+        # for nn.LayerNorm), not the rescale rule on its inner Pow and Sqrt.
+        return True
 
     def rule(self, node, graph):
         group = groups.of(graph, node)
-        if group is not None:
+        if group is not None and group.elementwise:
             return functools.partial(deeplift_rules.group_rule, group=group, reference=self.reference)
+        if group is not None:
+            return functools.partial(deeplift_rules.group_gradient_rule, group=group)
         fn = lookup(node.op_type, "deeplift")
         if fn is not None:
             return functools.partial(fn, reference=self.reference)
@@ -438,12 +444,44 @@ def deeplift(ctx, baseline, baseline_ids=0, keep_ids=None, layer_baseline=None):
         check_moved(ctx, ctx.wrt[0], acts[ctx.wrt[0]], ref[ctx.wrt[0]], ids)
     at = (layer, np.asarray(layer_baseline)) if layer is not None and layer_baseline is not None else None
     composite = DeepLiftComposite(baseline, ids, keep_ids, at)
+    loose = no_multiplier(ctx.explainer.graph, composite, ctx.wrt, ctx.explained)
+    if loose:
+        warnings.warn(f"deeplift has no rescale rule for {', '.join(loose)} on the explained path: the gradient "
+                      "is used there, as in Captum's DeepLift, so the attributions need not sum to the output's "
+                      "difference from the baseline", stacklevel=3)
     try:
         multipliers = ctx.backward(composite)[0]
     except ValueError as exc:
         what = "layer_baseline" if "baseline at" in str(exc) else "baseline_ids" if "ids" in str(exc) else "baseline"
         raise OptionError(f"option {what} of method 'deeplift': {exc}") from None
     return {t: (acts[t] - ref[t]) * m for t, m in multipliers.items()}
+
+
+# Nonlinear operators on more than one element that the rescale rule does not cover.
+ROW_WISE = ("Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+            "LpNormalization", "MeanVarianceNormalization", "RMSNormalization", "LRN", "ReduceMax", "ReduceMin",
+            "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare",
+            "GlobalMaxPool", "GlobalLpPool", "LpPool", "TopK")
+PRODUCTS = ("Mul", "Div", "Pow", "MatMul", "Gemm", "Einsum", "Max", "Min", "Where", "Conv", "ConvTranspose")
+
+
+def no_multiplier(graph, composite, wrt, explained) -> list:
+    """Operator types on the explained path where DeepLIFT falls back to the gradient:
+    normalisations and other nonlinear functions of many elements, and products (or
+    selections) of two computed tensors outside a recognised group (attention scores, gates)."""
+    from ..compile import active_nodes
+
+    nodes = groups.fold(graph, active_nodes(graph, wrt, explained), composite.claims, keep=list(wrt) + [explained])
+    found = set()
+    for n in nodes:
+        g = groups.of(graph, n)
+        if g is not None:
+            if not g.elementwise:
+                found.add(f"{g.kind} (decomposed, ending at '{g.output}')")
+            continue
+        if n.op_type in ROW_WISE or n.op_type in PRODUCTS and len(groups.computed_inputs(graph, n)) >= 2:
+            found.add(n.op_type)
+    return sorted(found)
 
 
 def _baseline_feeds(ctx, baseline) -> dict:

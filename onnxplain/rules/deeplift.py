@@ -174,6 +174,12 @@ def group_rule(b, node, grads, group: groups.Group, reference: Reference = ZERO)
     return [_rescale(b, grads[0], grad, dx, dy)]
 
 
+def group_gradient_rule(b, node, grads, group: groups.Group):
+    """The exact gradient through a group that is no element-wise function (a decomposed
+    LayerNorm): DeepLIFT has no multiplier for it, as for LayerNormalization."""
+    return [group_gradient(b, group, grads[0])]
+
+
 def group_gradient(b, group: groups.Group, g: str) -> str:
     """The exact vector-Jacobian product of a group, from the gradient rules of its nodes."""
     graph = b.graph
