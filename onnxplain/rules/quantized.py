@@ -35,7 +35,8 @@ from onnx import TensorProto
 
 from ..errors import ModelError
 from . import gradient_elementwise, gradient_linear, gradient_pool
-from .base import attr, attrs, register
+from .base import attr, attrs
+from .base import register as _register
 from .gradient_linear import unbroadcast_to, varies
 
 MS = "com.microsoft"
@@ -54,6 +55,35 @@ for _name, _lim in (("UINT4", (0, 15)), ("INT4", (-8, 7)), ("UINT2", (0, 3)), ("
 
 CONVENTION = ("quantized operators explained by the straight-through convention: weights dequantized, "
               "rounding passed straight through, zero gradient where a value is clipped to the integer range")
+
+
+def _gradient_methods_only(rule):
+    """The convention is one of gradients. Relevance composites (LRP, excitation: no
+    fallback families) and DeepLIFT (whose rescale multipliers need the op's response to a
+    reference input, which dynamic quantization computes with another scale) would reach
+    these rules through their gradient fallback and get numbers that are neither: refused."""
+
+    def guarded(b, node, grads):
+        comp = getattr(b, "composite", None)
+        families = tuple(getattr(comp, "families", ("gradient",)))
+        if comp is not None and (not families or "deeplift" in families):
+            raise ModelError(f"method '{comp.name}' is not defined on quantized operator {node.op_type} "
+                             f"('{node.name}'): the straight-through convention serves gradient methods "
+                             "(gradient, input_x_gradient, integrated_gradients, smoothgrad, guided_backprop, ...); "
+                             "use one of them or a black-box method")
+        return rule(b, node, grads)
+
+    guarded.__name__, guarded.__doc__, guarded.__wrapped__ = rule.__name__, rule.__doc__, rule
+    return guarded
+
+
+def register(*op_types, domain: str = ""):
+    def deco(rule):
+        guarded = _gradient_methods_only(rule)
+        _register(*op_types, domain=domain)(guarded)
+        return guarded
+
+    return deco
 
 
 def has_quantized(graph) -> bool:
@@ -382,7 +412,7 @@ def dynamic_quantize_linear(b, node, grads):
 _float_cast = gradient_elementwise.cast
 
 
-@register("Cast", "CastLike")
+@_register("Cast", "CastLike")
 def cast(b, node, grads):
     # Float to float: back to the input's type (fp16/bf16 islands). From an integer type:
     # the values pass unchanged, and the gradient of the integer tensor is float32 (the
