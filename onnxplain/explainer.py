@@ -133,7 +133,7 @@ class Explainer:
         if self._specialized.has(("whole",) + whole):
             return self._specialized.get(("whole",) + whole, None)
         plan = self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
-        if plan.n(feeds) > 1 and _may_mix_rows(self.graph) and not plan.rows_independent(feeds):
+        if plan.n(feeds) > 1 and plan.declared_static is None and not plan.rows_independent(feeds):
             # What looked like a batch is a sequence the model runs through (a state carried
             # from row to row): the whole input is one sample.
             return self._specialized.get(("whole",) + whole,
@@ -421,13 +421,13 @@ class Plan:
             if not outs:
                 self._independent = True
                 return True
+            # Row 0 alone, and second behind row 1: three rows of work whatever the batch.
             rows = self.rows(feeds, None)
-            fixed = self.fixed(feeds)
-            session = self.forward(outs, fixed, None)
-            whole = session.run(rows, outs)
-            first = session.run({k: v[:1] for k, v in rows.items()}, outs)
+            session = self.forward(outs, self.fixed(feeds), None)
+            alone = session.run({k: v[:1] for k, v in rows.items()}, outs)
+            behind = session.run({k: v[[1, 0]] for k, v in rows.items()}, outs)
             self._independent = all(
-                np.allclose(first[o][:1], whole[o][:1], rtol=1e-4, atol=1e-5 * (1 + np.abs(whole[o][:1]).max()))
+                np.allclose(alone[o][0], behind[o][1], rtol=1e-4, atol=1e-5 * (1 + np.abs(alone[o][0]).max()))
                 for o in outs)
         return self._independent
 
@@ -632,9 +632,6 @@ def _expose_logits(model: onnx.ModelProto) -> dict:
     return exposed
 
 
-_ROW_MIXING = ("Loop", "Scan", "LSTM", "GRU", "RNN")
-
-
 def _has_subgraphs(graph) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for n in graph.nodes for a in n.attribute)
@@ -651,12 +648,6 @@ def _loads(model: onnx.ModelProto) -> bool:
         return True
     except Exception:
         return False
-
-
-def _may_mix_rows(graph) -> bool:
-    """Whether the model has an operator that can carry values from one row of its batch
-    axis to the next (a loop over what is really time)."""
-    return any(n.op_type in _ROW_MIXING for n in graph.nodes) or _has_subgraphs(graph)
 
 
 def _without(shape, axis):

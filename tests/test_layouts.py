@@ -297,3 +297,19 @@ def test_cli_wrt_attributes_to_the_named_input_and_holds_the_state_fixed(tmp_pat
     np.testing.assert_allclose(np.load(out), want)
     bad = CliRunner().invoke(cli.main, ["explain", str(tmp_path / "m.onnx"), str(tmp_path / "in.npz"), "--wrt", "z"])
     assert bad.exit_code == 2 and "wrt" in bad.output
+
+
+def test_a_model_that_runs_through_its_first_axis_takes_the_whole_input_as_one_sample():
+    # y = cumsum(x, axis 0) @ W: rows are time steps, not samples (a state carried along).
+    m = _model([helper.make_node("CumSum", ["x", "ax"], ["c"]), helper.make_node("MatMul", ["c", "w"], ["y"])],
+               [_vi("x", ["T", 4])], [_vi("y", ["T", 3])], [("w", W), ("ax", np.array(0))])
+    e = Explainer(m)
+    x = RNG.normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(e.predict(x), np.cumsum(x, 0) @ W, rtol=1e-5)
+    seed = np.zeros((5, 3), np.float32)
+    seed[-1, 0] = 1  # the last step's first score depends on every step
+    got = e.attribute(x, target=seed)
+    np.testing.assert_allclose(got, np.tile(W[:, 0], (5, 1)), rtol=1e-5)
+    # Integrated gradients, whose path points would be mixed as rows of a batch, stays exact.
+    ig = e.attribute(x, method="integrated_gradients", target=seed, n_steps=8)
+    np.testing.assert_allclose(ig.sum(), (np.cumsum(x, 0) @ W)[-1, 0], rtol=1e-4)

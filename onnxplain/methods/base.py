@@ -111,6 +111,11 @@ class Method:
     options: dict = field(default_factory=dict)
     reference: str = ""
     kind: str = "white-box"  # or "black-box"
+    # A single-pass method's composite from its resolved options: the method is then one
+    # explainer run and can be exported as a standalone graph. `times_input`: its result is
+    # that run's attribution times the attributed tensor (input x gradient).
+    composite: Callable | None = None
+    times_input: bool = False
 
     def resolve(self, given: dict) -> dict:
         unknown = sorted(set(given) - set(self.options))
@@ -126,9 +131,11 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str, options=(), reference: str = "", kind: str = "white-box"):
+def register(name: str, description: str, options=(), reference: str = "", kind: str = "white-box",
+             composite: Callable | None = None, times_input: bool = False):
     def deco(fn):
-        METHODS[name] = Method(name, fn, description, {o.name: o for o in options}, reference, kind)
+        METHODS[name] = Method(name, fn, description, {o.name: o for o in options}, reference, kind, composite,
+                               times_input)
         return fn
 
     return deco

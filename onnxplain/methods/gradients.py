@@ -21,7 +21,8 @@ CLIP_AS_RELU = Option("clip_as_relu", False, bool,
 CHANNEL_AXIS = Option("channel_axis", 1, int, "axis of the channels to take the maximum over (-1 for NHWC)")
 
 
-@register("gradient", "d(seed . output)/d input: the plain gradient", reference="Captum Saliency(abs=False)")
+@register("gradient", "d(seed . output)/d input: the plain gradient", reference="Captum Saliency(abs=False)",
+          composite=lambda: GRADIENT)
 def gradient(ctx):
     return ctx.backward(GRADIENT)[0]
 
@@ -48,20 +49,28 @@ def sensitivity(ctx):
 
 
 @register("input_x_gradient", "input times gradient: simple Taylor decomposition",
-          reference="Captum InputXGradient")
+          reference="Captum InputXGradient", composite=lambda: GRADIENT, times_input=True)
 def input_x_gradient(ctx):
     grads = ctx.backward(GRADIENT)[0]
     acts = ctx.activations()
     return {t: acts[t] * g for t, g in grads.items()}
 
 
+def _guided(clip_as_relu=False):
+    return GUIDED_CLIP if clip_as_relu else GUIDED
+
+
+def _deconvnet(clip_as_relu=False):
+    return DECONVNET_CLIP if clip_as_relu else DECONVNET
+
+
 @register("guided_backprop", "gradient with ReLUs passing only positive gradient of active units",
-          options=[CLIP_AS_RELU], reference="Captum GuidedBackprop")
+          options=[CLIP_AS_RELU], reference="Captum GuidedBackprop", composite=_guided)
 def guided_backprop(ctx, clip_as_relu):
-    return ctx.backward(GUIDED_CLIP if clip_as_relu else GUIDED)[0]
+    return ctx.backward(_guided(clip_as_relu))[0]
 
 
 @register("deconvnet", "gradient with ReLUs applied to the backward signal (Zeiler & Fergus 2014)",
-          options=[CLIP_AS_RELU], reference="Captum Deconvolution")
+          options=[CLIP_AS_RELU], reference="Captum Deconvolution", composite=_deconvnet)
 def deconvnet(ctx, clip_as_relu):
-    return ctx.backward(DECONVNET_CLIP if clip_as_relu else DECONVNET)[0]
+    return ctx.backward(_deconvnet(clip_as_relu))[0]

@@ -33,6 +33,7 @@ from .integrated import LAYER_OPTIONS, baseline_ids_for, check_moved, layer_valu
 RESIDUAL = ("Add", "Sum", "Sub")
 SCALING = ("Mul", "Div")
 LINEAR_POOLS = lrp.POOLS + ("ReduceMean", "ReduceSum")
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def _family(spec: str) -> str:
@@ -138,6 +139,10 @@ class RuleComposite(Composite):
             return self.conv if kind == "conv" else self.dense
         if op in self.ops:
             return self.ops[op]
+        if op in RECURRENT and self.name.startswith("lrp"):
+            # Arras et al. 2017: the epsilon rule on the linear maps, relevance to the
+            # signal of every gated product (rules/recurrent_lrp.py).
+            return "epsilon"
         if op in lrp.ACTIVATIONS:
             return self.activation
         if op == "BatchNormalization":
@@ -249,18 +254,18 @@ def _options_for(name):
 
 
 def _make_zennit_method(name):
+    def composite(**opts):
+        return zennit_composite(name, **{k: _array_key(v) if k in ("low", "high") else v for k, v in opts.items()})
+
     def run(ctx, **opts):
-        for k in ("low", "high"):
-            if k in opts:
-                opts[k] = _array_key(opts[k])
-        return ctx.backward(zennit_composite(name, **opts))[0]
+        return ctx.backward(composite(**opts))[0]
 
     conv, dense, first = ZENNIT[name]
     what = f"LRP composite: {conv} for convolutions, {dense} for dense layers"
     if first:
         what += f", {first['conv']} for the first layer"
     register(name, what + ", pass for activations, norm for residual sums and average pools",
-             options=_options_for(name), reference=f"Zennit {ZENNIT_CLASS[name]}")(run)
+             options=_options_for(name), reference=f"Zennit {ZENNIT_CLASS[name]}", composite=composite)(run)
 
 
 for _name in ZENNIT:
@@ -348,9 +353,15 @@ def user_composite(rules, epsilon=1e-6, stabilizer=1e-6, gamma=0.25, alpha=2.0, 
                    Option("alpha", 2.0, float, "alpha of the alpha-beta rule", check=non_negative),
                    Option("beta", 1.0, float, "beta of the alpha-beta rule (alpha - beta = 1)", check=non_negative),
                    LOW, HIGH, BIAS, MAXPOOL],
-          reference="Zennit NameLayerMapComposite")
+          reference="Zennit NameLayerMapComposite", composite=lambda **o: _exported_user_composite(**o))
 def lrp_custom(ctx, rules, epsilon, stabilizer, gamma, alpha, beta, low, high, bias, maxpool):
     return ctx.backward(user_composite(rules, epsilon, stabilizer, gamma, alpha, beta, low, high, bias, maxpool))[0]
+
+
+def _exported_user_composite(rules, **options):
+    if not rules:
+        raise OptionError("method 'lrp' exports a user composite: give its rules (e.g. rules=Conv:gamma,first:zbox)")
+    return user_composite(rules, **options)
 
 
 # ----------------------------------------------------------------------------- deep Taylor, EB
@@ -365,7 +376,7 @@ def deep_taylor_composite(low=None, high=None, stabilizer=1e-6) -> RuleComposite
                           "makes the first layer z-box"),
                    Option("high", None, "array", "highest input value (a number or one per channel)"),
                    STABILIZER],
-          reference="Montavon et al. 2017")
+          reference="Montavon et al. 2017", composite=deep_taylor_composite)
 def deep_taylor(ctx, low, high, stabilizer):
     return ctx.backward(deep_taylor_composite(low, high, stabilizer))[0]
 
@@ -380,14 +391,16 @@ def excitation_composite(contrastive=False, stabilizer=1e-6, explained=None) -> 
 
 @register("excitation_backprop", "marginal winning probability, top-down through excitatory connections: "
           "non-negative, summing to the seed's mass; use layer= for a mid-level map",
-          options=[STABILIZER], reference="Zhang et al. 2016; Zennit ExcitationBackprop(zero_params='bias')")
+          options=[STABILIZER], reference="Zhang et al. 2016; Zennit ExcitationBackprop(zero_params='bias')",
+          composite=lambda stabilizer=1e-6: excitation_composite(False, stabilizer))
 def excitation_backprop(ctx, stabilizer):
     return ctx.backward(excitation_composite(False, stabilizer))[0]
 
 
 @register("contrastive_excitation_backprop", "excitation backprop of the target minus that of its dual "
           "(negated output weights), formed at the layer below the explained neuron",
-          options=[STABILIZER], reference="Zhang et al. 2016")
+          options=[STABILIZER], reference="Zhang et al. 2016",
+          composite=lambda stabilizer=1e-6: excitation_composite(True, stabilizer))
 def contrastive_excitation_backprop(ctx, stabilizer):
     return ctx.backward(excitation_composite(True, stabilizer, ctx.explained))[0]
 
@@ -431,7 +444,7 @@ class DeepLiftComposite(Composite):
           options=[Option("baseline", 0.0, "array", "the reference input: a number, one per channel, or one "
                           "sample (.npy on the CLI)")] + LAYER_OPTIONS,
           reference="Captum DeepLift; LayerDeepLift with layer=")
-def deeplift(ctx, baseline, baseline_ids=0, keep_ids=None, layer_baseline=None):
+def deeplift(ctx, baseline, baseline_ids=None, keep_ids=None, layer_baseline=None):
     layer = ctx.layer
     ids = {} if layer_baseline is not None else baseline_ids_for(ctx, baseline_ids)
     acts = ctx.activations()
@@ -499,11 +512,3 @@ def _baseline_feeds(ctx, baseline) -> dict:
             raise OptionError(f"option baseline of method 'deeplift': shape {v.shape} does not fit input "
                               f"'{name}' of shape {x.shape}") from None
     return feeds
-
-
-EXPORTABLE = {
-    **{name: zennit_composite(name) for name in ZENNIT},
-    "deep_taylor": deep_taylor_composite(),
-    "excitation_backprop": excitation_composite(False),
-    "contrastive_excitation_backprop": excitation_composite(True),
-}
