@@ -64,8 +64,9 @@ def activations_of(op, names, alphas, betas, directions):
 
 def forward(op, X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None, *, hidden_size=None,
             direction="forward", layout=0, clip=None, activations=None, activation_alpha=None,
-            activation_beta=None, input_forget=0, linear_before_reset=0):
-    """(Y, Y_h[, Y_c]) in float64, in the node's layout."""
+            activation_beta=None, input_forget=0, linear_before_reset=0, record=None):
+    """(Y, Y_h[, Y_c]) in float64, in the node's layout. With a dict `record`, each step's
+    values are stored in it under (direction, sample, time)."""
     X = np.asarray(X, np.float64)
     W, R = np.asarray(W, np.float64), np.asarray(R, np.float64)
     D = 2 if direction == "bidirectional" else 1
@@ -98,16 +99,21 @@ def forward(op, X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None, *, hid
             steps = range(lens[n] - 1, -1, -1) if rev else range(lens[n])
             for t in steps:
                 x = X[t, n]
+                step = {"x": x, "h_prev": h.copy(), "c_prev": c.copy()}
                 if op == "RNN":
-                    h = f[0](cl(Wd @ x + Rd @ h + Wb + Rb))
+                    step["a"] = Wd @ x + Rd @ h + Wb + Rb
+                    h = f[0](cl(step["a"]))
                 elif op == "GRU":
                     xw = Wd @ x + Wb
                     z = f[0](cl(xw[:H] + Rd[:H] @ h + Rb[:H]))
                     r = f[0](cl(xw[H:2 * H] + Rd[H:2 * H] @ h + Rb[H:2 * H]))
                     if linear_before_reset:
-                        hh = f[1](cl(xw[2 * H:] + r * (Rd[2 * H:] @ h + Rb[2 * H:])))
+                        step["v"] = Rd[2 * H:] @ h + Rb[2 * H:]
+                        step["a"] = xw[2 * H:] + r * step["v"]
                     else:
-                        hh = f[1](cl(xw[2 * H:] + Rd[2 * H:] @ (r * h) + Rb[2 * H:]))
+                        step["a"] = xw[2 * H:] + Rd[2 * H:] @ (r * h) + Rb[2 * H:]
+                    hh = f[1](cl(step["a"]))
+                    step.update(z=z, r=r, hh=hh)
                     h = (1 - z) * hh + z * h
                 else:
                     a = Wd @ x + Rd @ h + Wb + Rb
@@ -118,10 +124,14 @@ def forward(op, X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None, *, hid
                     else:
                         fg = f[0](cl(a[2 * H:3 * H] + pf * c))
                     g = f[1](cl(a[3 * H:]))
+                    step.update(i=i, f=fg, g=g, a=a[3 * H:])
                     c = fg * c + i * g
                     o = f[0](cl(a[H:2 * H] + po * c))
                     h = o * f[2](c)
                 Y[t, d, n] = h
+                step.update(h=h, c=c)
+                if record is not None:
+                    record[(d, n, t)] = step
             if lens[n] > 0:  # onnxruntime: a sample of length 0 has final states of zero
                 Yh[d, n], Yc[d, n] = h, c
     if layout:

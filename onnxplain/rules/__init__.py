@@ -9,7 +9,7 @@ from . import gradient_scatter  # noqa: F401
 from . import gradient_reduce  # noqa: F401
 from . import gradient_math  # noqa: F401
 from . import deeplift, excitation, lrp, modified  # noqa: F401
-from . import recurrent  # noqa: F401
+from . import recurrent, recurrent_lrp  # noqa: F401
 from . import control  # noqa: F401
 from . import ml, quantized  # noqa: F401
 from .base import RULES, Builder, lookup, register  # noqa: F401
