@@ -22,7 +22,6 @@ units pass nothing at their kink, clip passes where |x| <= clip.
 from __future__ import annotations
 
 import numpy as np
-from onnx import numpy_helper
 
 from ..errors import ModelError, UnsupportedOperatorError
 from .base import attr, register
