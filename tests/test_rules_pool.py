@@ -258,3 +258,70 @@ def test_lp_pool_of_an_all_zero_window_has_a_finite_gradient():
     got = _grad(m, x, np.ones((1, 2, 2, 2), np.float32))
     assert np.isfinite(got).all()
     assert (got[:, :, :2, :2] == 0).all()
+
+
+# --- MaxPool with dilations in every rank ---------------------------------------------------
+def _dilated(dim, size, k, dil, stride=1, pads=None, ceil=None, **extra):
+    shape, attrs = _pool_case(dim=dim, size=size, k=k, stride=stride, pads=pads, dil=dil, ceil=ceil,
+                              channels=2, **extra)
+    return shape, attrs
+
+
+DILATED_MAXPOOL_CASES = {
+    "1d_k3_d3_s1": _dilated(1, 12, 3, 3),
+    "1d_k2_d2_s2_p1_ceil": _dilated(1, 11, 2, 2, stride=2, pads=(1, 1), ceil=1),
+    "2d_k2_d3_s1_colmajor": _dilated(2, 8, 2, 3, storage_order=1),
+    "2d_k3_d2_s3_asym_ceil": _dilated(2, 10, 3, 2, stride=3, pads=(2, 0), ceil=1),
+    # The geometry of onnx's test_maxpool_3d_dilations, on values without ties.
+    "3d_k2_d2_s1": _dilated(3, 4, 2, 2),
+    "3d_k2_d2_s1_colmajor": _dilated(3, 5, 2, 2, storage_order=1),
+    "3d_k3_d2_s2_p2": _dilated(3, 7, 3, 2, stride=2, pads=(2, 2)),
+    "3d_k2_d3_s2_p1_0_ceil": _dilated(3, 8, 2, 3, stride=2, pads=(1, 0), ceil=1),
+}
+
+
+@pytest.mark.parametrize("name", list(DILATED_MAXPOOL_CASES))
+def test_dilated_max_pool_gradient_equals_finite_differences(name):
+    shape, attrs = DILATED_MAXPOOL_CASES[name]
+    x = _separated(*shape)
+    check_gradient(node_model("MaxPool", {"x": x}, attrs), {"x": x})
+
+
+def test_3d_dilated_max_pool_with_mixed_per_axis_geometry_gradient():
+    x = _separated(1, 2, 6, 7, 9)
+    attrs = {"kernel_shape": [2, 3, 2], "strides": [1, 2, 3], "dilations": [3, 1, 2],
+             "pads": [1, 0, 1, 0, 1, 1], "ceil_mode": 1}
+    check_gradient(node_model("MaxPool", {"x": x}, attrs), {"x": x})
+
+
+def _backend_3d_dilated_input():
+    # onnx's test_maxpool_3d_dilations input: the 4x4 plane 1..16 repeated along depth, so
+    # every window (depths d and d+2) holds its maximum twice.
+    return np.tile(np.arange(1, 17, dtype=np.float32).reshape(1, 1, 1, 4, 4), (1, 1, 4, 1, 1))
+
+
+def test_3d_dilated_max_pool_ties_go_to_the_first_maximum_as_in_torch():
+    x = _backend_3d_dilated_input()
+    attrs = {"kernel_shape": [2, 2, 2], "strides": [1, 1, 1], "dilations": [2, 2, 2]}
+    m = node_model("MaxPool", {"x": x}, attrs)
+    tx = torch.tensor(x, requires_grad=True)
+    y = F.max_pool3d(tx, 2, 1, dilation=2)
+    seed = np.random.default_rng(4).normal(size=tuple(y.shape)).astype(np.float32)
+    y.backward(torch.tensor(seed))
+    got = _grad(m, x, seed)
+    np.testing.assert_allclose(got, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
+    # Each output's gradient lands on one element of its window: depth 0 or 1, never both.
+    assert np.count_nonzero(got) == seed.size
+    assert not got[:, :, 2:].any()
+
+
+def test_3d_dilated_max_pool_gradient_is_the_limit_from_the_first_maximum_side():
+    # Off the tie, with the first maximum slightly ahead, the same gradient is the true one.
+    x = _backend_3d_dilated_input()
+    attrs = {"kernel_shape": [2, 2, 2], "strides": [1, 1, 1], "dilations": [2, 2, 2]}
+    m = node_model("MaxPool", {"x": x}, attrs)
+    seed = np.random.default_rng(4).normal(size=(1, 1, 2, 2, 2)).astype(np.float32)
+    at_tie = _grad(m, x, seed)
+    ahead = x - np.arange(x.size, dtype=np.float32).reshape(x.shape) * 1e-3
+    np.testing.assert_array_equal(_grad(m, ahead, seed), at_tie)
+    check_gradient(m, {"x": ahead})
