@@ -49,6 +49,7 @@ def baseline_like(baseline, x: np.ndarray, name: str) -> np.ndarray:
 # Token ids cannot move along a path: a model fed integer ids has its baseline formed at a
 # layer (the embedding output) from baseline ids, or given at the layer itself.
 INDEX_PRESERVING = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+PAD_ID = 0  # BERT's and most tokenizers' padding id
 
 
 def _parse_ids(value):
@@ -85,11 +86,11 @@ def _check_ids(v):
     return None
 
 
-BASELINE_IDS = Option("baseline_ids", 0, "any", "for a model fed token ids, with layer=: the ids whose layer "
-                      "value is the baseline (an id for every position, e.g. the PAD id 0, or one sample's ids; "
-                      "in Python also {input: ids}); they replace the token-id input (the one indexing the "
-                      "largest embedding table), other integer inputs (attention mask, positions, types) stay",
-                      check=_check_ids)
+BASELINE_IDS = Option("baseline_ids", None, "any", "with layer=: token ids whose value at the layer is the "
+                      "baseline (an id for every position, or one sample's ids; in Python also {input: ids}); they "
+                      "replace the token-id input (the one indexing the largest embedding table) while the other "
+                      "integer inputs (attention mask, positions, types) stay; default: the PAD id 0 for a model "
+                      "with no float inputs", check=_check_ids)
 KEEP_IDS = Option("keep_ids", None, "ints", "token ids kept from the input in the baseline, e.g. 101,102 for "
                   "BERT's CLS and SEP (Captum's recipe keeps the special tokens)")
 LAYER_BASELINE = Option("layer_baseline", None, "array", "with layer=: the baseline at the layer itself (a number, "
@@ -143,6 +144,11 @@ def baseline_ids_for(ctx, baseline_ids) -> dict:
     given dict, or `baseline_ids` for the input indexing the largest embedding table."""
     if ctx.layer is None:
         return {}
+    if baseline_ids is None:
+        # A model with float inputs moves those; its integer inputs stay unless ids are given.
+        if ctx.inputs:
+            return {}
+        baseline_ids = PAD_ID
     ids = _parse_ids(baseline_ids)
     ints = [k for k in ctx.feeds if ctx.feeds[k].dtype.kind in "iu"]
     if isinstance(ids, dict):
@@ -229,7 +235,8 @@ OPTIONS = [
 
 @register("integrated_gradients", "path integral of gradients from a baseline to the input",
           options=OPTIONS, reference="Captum IntegratedGradients; LayerIntegratedGradients with layer=")
-def integrated_gradients(ctx, n_steps, integration, baseline, baseline_ids=0, keep_ids=None, layer_baseline=None):
+def integrated_gradients(ctx, n_steps, integration, baseline, baseline_ids=None, keep_ids=None,
+                         layer_baseline=None):
     alphas, weights = integration_points(n_steps, integration)
     inputs = ctx.inputs
     x = {k: ctx.feeds[k] for k in inputs}
