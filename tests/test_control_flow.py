@@ -68,14 +68,15 @@ def rng_(seed=0):
 
 # ----------------------------------------------------------------------------- If
 def if_model(elem=F32, cond_from="data"):
-    """z = (If sum(x) > 0 then tanh(x W1) else 2 sigmoid(x W2) * x[:, :3]) W3.
+    """z = (If sum(x) > 0 then tanh(relu(x W1)) else 2 sigmoid(x W2) * x[:, :3]) W3.
 
     x reaches z only through the branches, which read x, W1, W2 implicitly. The condition
     is computed from x (a non-differentiable comparison)."""
     r = rng_(1)
     w1, w2, w3 = r.normal(size=(4, 3)), r.normal(size=(4, 3)), r.normal(size=(3, 2))
     then_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["t1"]), helper.make_node("Tanh", ["t1"], ["t_out"])],
+        [helper.make_node("MatMul", ["x", "W1"], ["t0"]), helper.make_node("Relu", ["t0"], ["t1"]),
+         helper.make_node("Tanh", ["t1"], ["t_out"])],
         "then", [], [helper.make_tensor_value_info("t_out", elem, ["N", 3])])
     else_g = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W2"], ["e1"]), helper.make_node("Sigmoid", ["e1"], ["e2"]),
@@ -178,7 +179,8 @@ def inlined_then_model():
     return _model(nodes, list(m.graph.input), list(m.graph.output), list(m.graph.initializer))
 
 
-@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus", "excitation_backprop"])
+@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus", "excitation_backprop",
+                                    "guided_backprop", "deconvnet"])
 def test_if_backward_equals_that_of_the_taken_branch_inlined(method):
     # The composite is asked per branch node: LRP's rules apply inside the branches.
     x = np.abs(rng_(6).normal(size=(2, 4))).astype(np.float32)
@@ -398,7 +400,7 @@ def test_explainer_is_valid_when_shape_inference_cannot_type_its_tensors():
     np.testing.assert_allclose(got, (seed @ w.T) * (1 - np.tanh(x) ** 2), rtol=1e-5, atol=1e-6)
 
 
-def ir3_model(elem=F32, opset=8):
+def ir3_model(elem=F32, opset=8, ir=3):
     """An old-style model: IR version 3, opset 8, initializers also listed as graph inputs."""
     r = rng_(18)
     w, bias = r.normal(size=(3, 4)), r.normal(size=(4,))
@@ -407,19 +409,21 @@ def ir3_model(elem=F32, opset=8):
     inputs = [helper.make_tensor_value_info("x", elem, ["N", 3]),
               helper.make_tensor_value_info("W", elem, [3, 4]), helper.make_tensor_value_info("B", elem, [4])]
     return _model(nodes, inputs, [helper.make_tensor_value_info("z", elem, ["N", 4])], inits, opset=opset,
-                  ir_version=3)
+                  ir_version=ir)
 
 
-@pytest.mark.parametrize("opset", [8, 9])
-def test_ir_version_3_model_gradient_equals_finite_differences(opset):
+@pytest.mark.parametrize("ir,opset", [(3, 8), (3, 9), (4, 9), (5, 10), (6, 11), (7, 12), (8, 13), (9, 19), (10, 21),
+                                      (13, 21)])
+def test_every_ir_version_onnxruntime_loads_gives_an_exact_explainer(ir, opset):
+    # Initializers also listed as graph inputs: required by IR 3, allowed after.
     x = rng_(19).normal(size=(2, 3))
     seed = rng_(20).normal(size=(2, 4))
-    e = Explainer(ir3_model(F32, opset))
+    e = Explainer(ir3_model(F32, opset, ir))
     got = e.attribute(x.astype(np.float32), method="gradient", target=seed.astype(np.float32), probability=True)
     spec = compile_explainer(e._graph_for(e._feeds(x.astype(np.float32))), GRADIENT, ["x"], "z")
     onnx.checker.check_model(spec.model)
     _session(spec.model)  # onnxruntime accepts the explainer's IR version
-    want = finite_differences(ir3_model(F64, opset), {"x": x}, "x", seed)
+    want = finite_differences(ir3_model(F64, opset, ir), {"x": x}, "x", seed)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

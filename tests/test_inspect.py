@@ -36,7 +36,7 @@ def with_mystery(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     m.opset_import.append(helper.make_opsetid("com.example", 1))
     if where == "branch":
         branch = next(a.g for a in m.graph.node[2].attribute if a.name == "then_branch")
-        branch.node[1].op_type, branch.node[1].domain = "Mystery", "com.example"
+        branch.node[-1].op_type, branch.node[-1].domain = "Mystery", "com.example"
     return m
 
 
