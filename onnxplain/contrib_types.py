@@ -114,6 +114,17 @@ def _types(node, t):
             s = list(parts[0])
             s[axis] = total
             return [(elem(1) or elem(2), tuple(s))]
+        if op == "DynamicQuantizeLSTM":
+            x = shape(0)
+            if x is None or len(x) != 3:
+                return None
+            d = 2 if _attr(node, "direction", "forward") == "bidirectional" else 1
+            h = _attr(node, "hidden_size")
+            if h is None:
+                return None
+            t, n = x[0], x[1]
+            state = (TensorProto.FLOAT, (d, n, h))
+            return [(TensorProto.FLOAT, (t, d, n, h)), state, state]
         if op == "DynamicQuantizeMatMul" or op == "MatMulIntegerToFloat":
             a, b = shape(0), shape(1)
             if a is None or b is None or len(b) != 2:

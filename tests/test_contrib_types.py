@@ -15,7 +15,7 @@ from onnx import helper
 from onnxplain import contrib_types, graph
 
 import test_quantized as Q
-from test_quantized import quantized_zoo  # noqa: F401  (the fixture)
+from test_quantized import annotating_inference, quantized_zoo  # noqa: F401  (fixtures)
 
 
 def _actual_shapes(model, feeds):
@@ -77,18 +77,6 @@ def test_a_model_without_such_operators_is_left_alone():
     m = Q._model([helper.make_node("Relu", ["x"], ["y"])], [Q._x("x", (2, 3))], "y", [])
     before = m.SerializeToString()
     assert contrib_types.annotate(m) == 0 and m.SerializeToString() == before
-
-
-@pytest.fixture
-def annotating_inference(monkeypatch):
-    """graph.infer_types with the annotation first: the one-line hook graph.py needs."""
-    plain = graph.infer_types
-
-    def infer(model, **kwargs):
-        contrib_types.annotate(model, infer=lambda m: plain(m, **kwargs))
-        return plain(model, **kwargs)
-
-    monkeypatch.setattr(graph, "infer_types", infer)
 
 
 @pytest.mark.parametrize("variant", ["qoperator", "qoperator_per_channel"])

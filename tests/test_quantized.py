@@ -713,3 +713,86 @@ def test_gradient_methods_on_a_quantized_model_use_the_convention(quantized_zoo,
     x = _inputs(shape, 24)[:1]
     a = Explainer(str(paths["dynamic"])).attribute(x, method=method, target=1)
     assert a.shape == x.shape and np.all(np.isfinite(a)) and np.abs(a).sum() > 0
+
+
+@pytest.fixture
+def annotating_inference(monkeypatch):
+    """graph.infer_types with onnxplain.contrib_types.annotate first (the one-line hook that
+    graph.py needs): tensors after com.microsoft operators get their shapes."""
+    from onnxplain import contrib_types, graph
+
+    plain = graph.infer_types
+
+    def infer(model, **kwargs):
+        contrib_types.annotate(model, infer=lambda m: plain(m, **kwargs))
+        return plain(model, **kwargs)
+
+    monkeypatch.setattr(graph, "infer_types", infer)
+
+
+class _LSTMClassifier(__import__("torch").nn.Module):
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.lstm = torch.nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.fc(y[:, -1])
+
+
+def test_dynamic_quantize_lstm_gradient_is_the_float_lstms_with_dequantized_weights(tmp_path, annotating_inference):
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    model = _LSTMClassifier().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 5, 6),), str(tmp_path / "lstm.onnx"), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+        quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "lstm.int8.onnx"), weight_type=QuantType.QInt8)
+    q = onnx.load(str(tmp_path / "lstm.int8.onnx"))
+    assert any(n.op_type == "DynamicQuantizeLSTM" for n in q.graph.node)
+    # The float model with the quantized model's weights, dequantized by hand.
+    qi = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in q.graph.initializer}
+    f = onnx.load(str(tmp_path / "lstm.onnx"))
+    lstm = next(n for n in q.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    deq = {}
+    for name, s, z in ((lstm.input[1], lstm.input[8], lstm.input[9]), (lstm.input[2], lstm.input[10], lstm.input[11])):
+        w = (qi[name] - qi[z].reshape(-1, 1, 1)) * qi[s].reshape(-1, 1, 1)
+        deq[name.replace("_quantized", "")] = w.transpose(0, 2, 1)
+    deq["fc.weight"] = ((qi["fc.weight_quantized"] - qi["fc.weight_zero_point"]) * qi["fc.weight_scale"]).T
+    for i, t in enumerate(f.graph.initializer):
+        if t.name in deq:
+            f.graph.initializer[i].CopyFrom(numpy_helper.from_array(deq.pop(t.name).astype(np.float32), t.name))
+    assert not deq
+    x = np.random.default_rng(25).normal(size=(1, 5, 6)).astype(np.float32)
+    seed = np.array([[0.3, -1.0, 0.7]], np.float32)
+    got = Explainer(q).attribute(x, method="gradient", target=seed)
+    want = Explainer(f).attribute(x, method="gradient", target=seed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    # and that float gradient is the float model's (float32 differences: onnxruntime's LSTM has no double kernel)
+    np.testing.assert_allclose(want.reshape(-1), numeric_gradient(f, {"input": x}, "input", seed)[1], rtol=1e-2,
+                               atol=1e-5)
+
+
+def test_dynamic_quantize_lstm_without_shapes_downstream_is_refused_by_name(tmp_path):
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_LSTMClassifier().eval(), (torch.randn(2, 5, 6),), str(tmp_path / "lstm.onnx"), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}})
+        quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    from onnxplain import graph
+
+    if "contrib_types" in getattr(graph, "__dict__", {}) or "annotate" in graph.infer_types.__code__.co_names:
+        pytest.skip("graph.py types com.microsoft outputs: nothing is refused")
+    with pytest.raises(ModelError, match="unknown shapes|rank"):
+        Explainer(str(tmp_path / "q.onnx")).attribute(np.zeros((1, 5, 6), np.float32), method="gradient", target=0)

@@ -715,7 +715,34 @@ def dynamic_quantize_matmul(b, node, grads):
     return [_back_to(b, ga, a)] + [None] * (len(node.input) - 1)
 
 
+@register("DynamicQuantizeLSTM", domain=MS)
+def dynamic_quantize_lstm(b, node, grads):
+    # An LSTM whose W [D, I, 4H] and R [D, H, 4H] are int8 with a scale and zero point per
+    # direction (or per direction and column), X and h quantized on the fly (passed
+    # straight through): the LSTM gradient with the dequantized weights, in the LSTM
+    # operator's own layout [D, 4H, I] and [D, 4H, H].
+    from . import recurrent
+
+    what = f"DynamicQuantizeLSTM '{node.name}'"
+    ins = list(node.input) + [""] * (12 - len(node.input))
+
+    def weight(q, s, z):
+        v = b.constant(q)
+        if v is None:
+            raise ModelError(f"the gradient of {what} needs constant weights; '{q}' is computed at run time")
+        sv, zv = _const_param(b, s, what, 1.0), _const_param(b, z, what)
+        shape = (-1, 1, v.shape[2]) if sv.size == v.shape[0] * v.shape[2] and sv.size > v.shape[0] else (-1, 1, 1)
+        wd = (v.astype(np.float64) - zv.reshape(shape if zv.size > 1 else ())) * sv.reshape(shape if sv.size > 1 else ())
+        return np.ascontiguousarray(wd.transpose(0, 2, 1)).astype(np.float32)
+
+    wd, rd = weight(ins[1], ins[8], ins[9]), weight(ins[2], ins[10], ins[11])
+    wname, rname = b.const(wd), b.const(rd)
+    lstm = _as_float_node(node, "LSTM", [ins[0], wname, rname] + ins[3:8])
+    out = recurrent.recurrent_gradient(_FloatView(b, {wname: wd, rname: rd}), lstm, grads)
+    return list(out[:8]) + [None] * (len(node.input) - min(len(out), 8))
+
+
 _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
               "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
               "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
-              "DynamicQuantizeMatMul"}
+              "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
