@@ -25,12 +25,6 @@ KNOWN_FAILURES = {
     # both signs over independent ties break.
     "test_maxpool_3d_dilations": "exact ties in the case's input; the corpus's kink test does not bracket them",
     "test_maxpool_3d_dilations_use_ref_impl": "exact ties in the case's input; the corpus's kink test does not bracket them",
-    "test_attention_causal_boolmask_nan_robustness_expanded": "NaN in the gradient through fully masked rows",
-    "test_attention_23_boolmask_fullymasked_row_nan_robustness_expanded": "NaN through fully masked rows",
-    "test_attention_4d_causal_nonpad_negative_offset_structural_empty_expanded": "NaN through fully masked rows",
-    "test_attention_23_fullymasked_qk_matmul_output_mode3_zero_expanded": "NaN through fully masked rows",
-    "test_attention_24_fullymasked_qk_matmul_output_mode3_zero_expanded": "NaN through fully masked rows",
-    "test_attention_local_window_gqa_rank4_mask_expanded": "NaN through fully masked rows",
     "test_dequantizelinear": "quantized rules (in progress): zero gradient through DequantizeLinear",
     "test_dequantizelinear_axis": "quantized rules (in progress): zero gradient through DequantizeLinear",
     "test_dequantizelinear_uint16": "quantized rules (in progress): zero gradient through DequantizeLinear",

@@ -497,9 +497,12 @@ def instance_normalization(b, node, grads):
 
 @register("Softmax")
 def softmax(b, node, grads):
-    # dx = y * (g - sum(g * y)) along the axis.
+    # dx = y * (g - sum(g * y)) along the axis. A row whose inputs are all -inf (a fully
+    # masked attention row) has NaN outputs, which models then replace (Where): the output
+    # there no longer depends on x, so its gradient is the limit 0, not NaN * 0.
     y, g = node.output[0], grads[0]
     axis = int(attr(node, "axis", -1))
+    y = b.op("Where", b.op("IsNaN", y), b.scalar_like(0.0, y), y)
     dot = b.reduce_sum(b.mul(g, y), [axis], keepdims=True)
     return [b.mul(y, b.op("Sub", g, dot))]
 
@@ -510,4 +513,7 @@ def log_softmax(b, node, grads):
     y, g = node.output[0], grads[0]
     axis = int(attr(node, "axis", -1))
     total = b.reduce_sum(g, [axis], keepdims=True)
-    return [b.op("Sub", g, b.mul(b.op("Exp", y), total))]
+    # As for Softmax: an all -inf row (NaN outputs) no longer depends on x.
+    p = b.op("Exp", y)
+    p = b.op("Where", b.op("IsNaN", p), b.scalar_like(0.0, y), p)
+    return [b.op("Sub", g, b.mul(p, total))]
