@@ -114,6 +114,11 @@ def _types(node, t):
             s = list(parts[0])
             s[axis] = total
             return [(elem(1) or elem(2), tuple(s))]
+        if op == "QAttention":
+            x, wdims = shape(0), t(ins[1])[2]
+            if x is None or wdims is None:
+                return None
+            return [(TensorProto.FLOAT, tuple(x[:-1]) + (wdims[1] // 3,))]
         if op == "DynamicQuantizeLSTM":
             x = shape(0)
             if x is None or len(x) != 3:

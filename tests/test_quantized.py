@@ -796,3 +796,83 @@ def test_dynamic_quantize_lstm_without_shapes_downstream_is_refused_by_name(tmp_
         pytest.skip("graph.py types com.microsoft outputs: nothing is refused")
     with pytest.raises(ModelError, match="unknown shapes|rank"):
         Explainer(str(tmp_path / "q.onnx")).attribute(np.zeros((1, 5, 6), np.float32), method="gradient", target=0)
+
+
+def _attention_models(rng, mask=None, unidirectional=0, per_column=False, batch=2, steps=4, hidden=8, heads=2):
+    """x -> DynamicQuantizeLinear -> QAttention, and its float counterpart written with
+    standard operators (dequantized weight), for a mask of None, 'lengths' or 'raw'."""
+    wq = rng.integers(-127, 128, size=(hidden, 3 * hidden)).astype(np.int8)
+    ws = rng.uniform(0.01, 0.03, size=3 * hidden if per_column else ()).astype(np.float32)
+    bias = rng.normal(scale=0.1, size=3 * hidden).astype(np.float32)
+    inits = [_init("w", wq), _init("ws", ws), _init("bias", bias)]
+    extra = []
+    if mask == "lengths":
+        inits.append(_init("mask", np.array([steps, steps - 2][:batch], np.int32)))
+    elif mask == "raw":
+        raw = np.ones((batch, steps), np.int32)
+        raw[-1, -1] = 0
+        inits.append(_init("mask", raw))
+    ins = ["xq", "w", "bias", "xs", "ws", "mask" if mask else "", "xz"]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("QAttention", ins, ["y"], domain=Q.MS, num_heads=heads, unidirectional=unidirectional)]
+    g = helper.make_graph(nodes, "qa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, steps, hidden])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, steps, hidden])],
+                          initializer=inits + extra)
+    qm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(Q.MS, 1)])
+    qm.ir_version = 8
+    # float counterpart
+    size = hidden // heads
+    wd = wq.astype(np.float32) * ws
+    maskbias = np.zeros((batch, 1, steps, steps), np.float32)
+    if mask == "lengths":
+        for i, end in enumerate([steps, steps - 2][:batch]):
+            maskbias[i, :, :, end:] = -10000.0
+    elif mask == "raw":
+        maskbias[-1, :, :, -1] = -10000.0
+    if unidirectional:
+        maskbias = maskbias + np.triu(np.full((steps, steps), -10000.0, np.float32), 1)
+    fn = [helper.make_node("MatMul", ["x", "wd"], ["m"]), helper.make_node("Add", ["m", "bias"], ["qkv"]),
+          helper.make_node("Split", ["qkv", "parts"], ["q0", "k0", "v0"], axis=-1)]
+    for t in ("q", "k", "v"):
+        fn += [helper.make_node("Reshape", [t + "0", "hs"], [t + "1"]),
+               helper.make_node("Transpose", [t + "1"], [t], perm=[0, 2, 1, 3])]
+    fn += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+           helper.make_node("MatMul", ["q", "kt"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+           helper.make_node("Add", ["s1", "maskbias"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+           helper.make_node("MatMul", ["p", "v"], ["o0"]), helper.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
+           helper.make_node("Reshape", ["o1", "hid"], ["y"])]
+    finits = [_init("wd", wd), _init("bias", bias), _init("parts", np.array([hidden] * 3, np.int64)),
+              _init("hs", np.array([0, 0, heads, size], np.int64)), _init("scale", np.float32(1 / np.sqrt(size))),
+              _init("maskbias", maskbias), _init("hid", np.array([0, 0, hidden], np.int64))]
+    g = helper.make_graph(fn, "fa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, steps, hidden])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, steps, hidden])],
+                          initializer=finits)
+    fm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    fm.ir_version = 8
+    return qm, fm
+
+
+def _on_dynamic_grid(rng, shape):
+    """Inputs that DynamicQuantizeLinear represents exactly: integers 0..255 (both used)
+    times the scale their own range gives, shifted by the zero point it computes."""
+    k = rng.integers(0, 256, size=shape)
+    k.flat[0], k.flat[1] = 0, 255
+    s = np.float32(4.0 / 255)
+    return (s * (k - 100).astype(np.float32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mask,unidirectional,per_column", [(None, 0, False), ("lengths", 0, True), ("raw", 1, False)])
+def test_qattention_differentiates_as_float_attention_with_dequantized_weights(mask, unidirectional, per_column):
+    rng = np.random.default_rng(26)
+    qm, fm = _attention_models(rng, mask, unidirectional, per_column)
+    import onnxruntime as ort
+
+    x = _on_dynamic_grid(rng, (2, 4, 8))
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(qm), run(fm), rtol=1e-3, atol=1e-3)  # the float model is QAttention's meaning
+    seed = rng.normal(size=(2, 4, 8)).astype(np.float32)
+    got = Explainer(qm, canonize=False).attribute(x, method="gradient", target=seed, probability=True)
+    np.testing.assert_allclose(got, reference_gradient(fm, x, seed), rtol=1e-3, atol=1e-4)

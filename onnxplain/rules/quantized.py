@@ -742,7 +742,87 @@ def dynamic_quantize_lstm(b, node, grads):
     return list(out[:8]) + [None] * (len(node.input) - min(len(out), 8))
 
 
+@register("QAttention", domain=MS)
+def qattention(b, node, grads):
+    # Self-attention with quantized input and weight: QKV = X_d W_d + bias, per head
+    # P = softmax(scale Q K^T + mask), O = P V. Recomputed in float from the dequantized
+    # input, then differentiated (the input's rounding is passed straight through).
+    what = f"QAttention '{node.name}'"
+    ins = list(node.input) + [""] * (9 - len(node.input))
+    x, w, bias, xs, ws, mask, xzp, wzp, past = ins
+    if past or attr(node, "do_rotary", 0) or attr(node, "past_present_share_buffer", 0):
+        raise ModelError(f"the gradient of {what} supports no past state and no rotary embedding")
+    if len(grads) > 1 and grads[1] is not None:
+        raise ModelError(f"the gradient of {what} does not differentiate its 'present' output")
+    wv = b.constant(w)
+    if wv is None or b.constant(bias) is None:
+        raise ModelError(f"the gradient of {what} needs a constant weight and bias")
+    heads = int(attr(node, "num_heads"))
+    hidden = wv.shape[1] // 3
+    size = hidden // heads
+    scale = float(attr(node, "scale", 0.0) or 1.0 / np.sqrt(size))
+    fill = float(attr(node, "mask_filter_value", -10000.0))
+    wd = _dequantized_const(wv, _const_param(b, ws, what, 1.0), _const_param(b, wzp, what), 1)
+    xsf = _param(b, xs, x, what=what)
+    xd = _dequantize(b, x, xsf, _param(b, xzp, x, what=what))
+    qkv = b.add(b.op("MatMul", xd, b.const(wd)), b.const(np.asarray(b.constant(bias), np.float32)))
+
+    def per_head(t):  # (B, S, hidden) -> (B, heads, S, size)
+        return b.op("Transpose", b.op("Reshape", t, b.ints([0, 0, heads, size])), perm=[0, 2, 1, 3])
+
+    def split(t, k):
+        return per_head(b.op("Slice", t, b.ints([k * hidden]), b.ints([(k + 1) * hidden]), b.ints([-1])))
+
+    def merge(t):
+        return b.op("Reshape", b.op("Transpose", t, perm=[0, 2, 1, 3]), b.ints([0, 0, hidden]))
+
+    def swap(t):
+        return b.op("Transpose", t, perm=[0, 1, 3, 2])
+
+    q, k, v = split(qkv, 0), split(qkv, 1), split(qkv, 2)
+    scores = b.mul(b.op("MatMul", q, swap(k)), b.const(np.float32(scale)))
+    steps = b.op("Slice", b.shape_of(x), b.ints([1]), b.ints([2]))
+    positions = b.op("Range", b.const(np.array(0, np.int64), np.int64), b.squeeze(steps, [0]),
+                     b.const(np.array(1, np.int64), np.int64))
+    zero, filled = b.const(np.float32(0)), b.const(np.float32(fill))
+    if mask:
+        mshape = b.shape(mask)
+        if mshape is None:
+            raise ModelError(f"the gradient of {what} needs the rank of its mask_index '{mask}'")
+        if len(mshape) == 2:  # (batch, steps) of 1 (attend) and 0 (masked)
+            keep = b.op("Cast", mask, to=F32)
+            bias4 = b.unsqueeze(b.mul(b.op("Sub", b.const(np.float32(1)), keep), filled), [1, 2])
+        elif len(mshape) == 1:  # end positions per sample, or ends then starts
+            batch = b.op("Slice", b.shape_of(x), b.ints([0]), b.ints([1]))
+            idx = b.op("Cast", mask, to=TensorProto.INT64)
+            ends = b.unsqueeze(b.op("Slice", idx, b.ints([0]), batch), [1])
+            valid = b.op("Less", b.unsqueeze(positions, [0]), ends)
+            two = b.mul(batch, b.ints([2]))
+            if isinstance(mshape[0], int) and isinstance(b.shape(x)[0], int) and mshape[0] == 2 * b.shape(x)[0]:
+                starts = b.unsqueeze(b.op("Slice", idx, batch, two), [1])
+                valid = b.op("And", valid, b.op("Not", b.op("Less", b.unsqueeze(positions, [0]), starts)))
+            elif not (isinstance(mshape[0], int) and isinstance(b.shape(x)[0], int) and mshape[0] == b.shape(x)[0]):
+                raise ModelError(f"the gradient of {what} needs to know whether mask_index '{mask}' holds ends or "
+                                 "ends and starts: give the model a static batch size")
+            bias4 = b.unsqueeze(b.op("Where", valid, zero, filled), [1, 2])
+        else:
+            raise ModelError(f"the gradient of {what} supports 1-D and 2-D mask_index, not rank {len(mshape)}")
+        scores = b.add(scores, bias4)
+    if attr(node, "unidirectional", 0):
+        later = b.op("Greater", b.unsqueeze(positions, [0]), b.unsqueeze(positions, [1]))
+        scores = b.add(scores, b.op("Where", later, filled, zero))
+    p = b.op("Softmax", scores, axis=-1)
+    go = per_head(_to_f32(b, grads[0]))
+    gv = b.op("MatMul", swap(p), go)
+    gp = b.op("MatMul", go, swap(v))
+    gs = b.mul(b.mul(p, b.op("Sub", gp, b.reduce_sum(b.mul(gp, p), [-1]))), b.const(np.float32(scale)))
+    gq, gk = b.op("MatMul", gs, k), b.op("MatMul", swap(gs), q)
+    gqkv = b.op("Concat", merge(gq), merge(gk), merge(gv), axis=-1)
+    gx = b.mul(b.op("MatMul", gqkv, b.const(np.ascontiguousarray(wd.T))), xsf)
+    return [gx] + [None] * (len(node.input) - 1)
+
+
 _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
               "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
               "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
-              "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+              "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention"}
