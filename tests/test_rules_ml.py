@@ -268,3 +268,17 @@ def test_the_explainer_explains_the_probabilities_of_a_pipeline_as_skl2onnx_writ
     seed[:, 2] = 1
     want = (p * (seed - (seed * p).sum(axis=1, keepdims=True))) @ lr.coef_ / sc.scale_
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_vectorizer_splits_the_gradient_between_its_inputs():
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Mul", ["X", "two"], ["X2"]),
+             helper.make_node("FeatureVectorizer", ["X", "X2"], ["Y"], domain="ai.onnx.ml", inputdimensions=[3, 3])]
+    g = helper.make_graph(nodes, "fv", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 3])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 6])],
+                          initializer=[numpy_helper.from_array(np.float32(2.0), "two")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    x = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+    check(model, x, "Y", lambda seed: seed[:, :3] + 2 * seed[:, 3:])

@@ -238,3 +238,22 @@ def array_feature_extractor(b, node, grads):
     onehot = np.zeros((len(indices), width), np.float32)
     np.add.at(onehot, (np.arange(len(indices)), indices % width), 1.0)
     return [_to_input(b, b.op("MatMul", grads[0], _c(b, onehot)), x), None]
+
+
+@register("FeatureVectorizer", domain=ML)
+def feature_vectorizer(b, node, grads):
+    # Y = the inputs' columns side by side, input i contributing inputdimensions[i] columns.
+    dims = [int(d) for d in attr(node, "inputdimensions", [])]
+    if len(dims) != len(node.input):
+        raise ModelError(f"FeatureVectorizer '{node.name}' gives {len(dims)} input dimensions for "
+                         f"{len(node.input)} inputs")
+    out, start = [], 0
+    for x, d in zip(node.input, dims):
+        width = _width(b, x)
+        if width != d:
+            raise ModelError(f"the gradient of FeatureVectorizer '{node.name}' needs input '{x}' to have exactly "
+                             f"{d} static columns (got {width}); padding and truncation are not supported")
+        part = b.op("Slice", grads[0], b.ints([start]), b.ints([start + d]), b.ints([-1]))
+        out.append(_to_input(b, part, x))
+        start += d
+    return out

@@ -57,16 +57,21 @@ CONVENTION = ("quantized operators explained by the straight-through convention:
               "rounding passed straight through, zero gradient where a value is clipped to the integer range")
 
 
-def _gradient_methods_only(rule):
-    """The convention is one of gradients. Relevance composites (LRP, excitation: no
-    fallback families) and DeepLIFT (whose rescale multipliers need the op's response to a
-    reference input, which dynamic quantization computes with another scale) would reach
-    these rules through their gradient fallback and get numbers that are neither: refused."""
+def applies_to(comp) -> bool:
+    """Whether the straight-through rules serve composite `comp`: gradient composites
+    (and guided backprop / deconvnet, which change only ReLU's backward) yes; relevance
+    composites (LRP, excitation: no fallback families) and DeepLIFT (whose rescale
+    multipliers need the op's response to a reference input, which dynamic quantization
+    computes with another scale) no: they would reach these rules through their gradient
+    fallback and get numbers that are neither."""
+    families = tuple(getattr(comp, "families", ("gradient",)))
+    return bool(families) and "deeplift" not in families
 
+
+def _gradient_methods_only(rule):
     def guarded(b, node, grads):
         comp = getattr(b, "composite", None)
-        families = tuple(getattr(comp, "families", ("gradient",)))
-        if comp is not None and (not families or "deeplift" in families):
+        if comp is not None and not applies_to(comp):
             raise ModelError(f"method '{comp.name}' is not defined on quantized operator {node.op_type} "
                              f"('{node.name}'): the straight-through convention serves gradient methods "
                              "(gradient, input_x_gradient, integrated_gradients, smoothgrad, guided_backprop, ...); "
@@ -74,6 +79,8 @@ def _gradient_methods_only(rule):
         return rule(b, node, grads)
 
     guarded.__name__, guarded.__doc__, guarded.__wrapped__ = rule.__name__, rule.__doc__, rule
+    # For the compiler's and `inspect`'s check of what a composite lacks (see applies_to).
+    guarded.applies_to = applies_to
     return guarded
 
 
