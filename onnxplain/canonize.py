@@ -562,6 +562,45 @@ def canonize(model: onnx.ModelProto) -> onnx.ModelProto:
 REWRITES = [fold_constants, drop_passthrough, merge_pad_into_conv, fold_batchnorm]
 
 
+# --- If with a constant condition -----------------------------------------------------------
+def inline_constant_ifs(model: onnx.ModelProto, known: dict | None = None) -> onnx.ModelProto:
+    """Replace each top-level If whose condition is a constant (or given in `known`, tensor
+    -> value) by the nodes of the branch it takes, the branch's own tensors renamed under
+    the If's name; the If's outputs keep their names (Identity from the branch outputs).
+    Loops unrolled by iteration number leave such Ifs (an even/odd step), a model
+    specialised to its input shapes too (an If on a Shape), and plain nodes are what every
+    rule family handles."""
+    g = model.graph
+    consts = {**_constants(g), **(known or {})}
+    nodes, changed = [], False
+    for node in g.node:
+        cond = consts.get(node.input[0]) if node.op_type == "If" and _is_onnx(node) and node.input else None
+        if cond is None or np.asarray(cond).size != 1:
+            nodes.append(node)
+            continue
+        branch = _attr(node, "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch")
+        prefix = f"{node.name or 'If'}/inlined/"
+        rename = {}
+        for t in branch.initializer:
+            rename[t.name] = _fresh_name(g, prefix + t.name)
+            _add_initializer(g, rename[t.name], numpy_helper.to_array(t))
+        for n in branch.node:
+            for o in n.output:
+                if o:
+                    rename[o] = prefix + o
+        for k, n in enumerate(branch.node):
+            nodes.append(_copy_renamed(n, rename, f"{prefix}{n.name or n.op_type}_{k}"))
+        for out, vi in zip(node.output, branch.output):
+            if out:
+                nodes.append(helper.make_node("Identity", [rename.get(vi.name, vi.name)], [out], name=f"{prefix}{out}"))
+        changed = True
+    if not changed:
+        return model
+    del g.node[:]
+    g.node.extend(nodes)
+    return remove_dead_code(model)
+
+
 # --- Loop and Scan unrolled into plain nodes --------------------------------------------
 # A bound on the unrolled size: iterations times body nodes.
 MAX_UNROLLED_NODES = 50_000

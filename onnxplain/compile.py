@@ -194,27 +194,37 @@ def _backward(b: Builder, graph: Graph, composite: Composite, nodes, grads: dict
 
 
 def _unroll_active(graph: Graph, wrt, explained, method=None) -> Graph:
-    """`graph` with the Loop and Scan nodes on the explained path unrolled (nested ones
-    too, round by round), so that the plain rules apply to their iterations."""
-    from .canonize import fold_constants, unroll_loops
+    """`graph` with the Loop and Scan nodes on the explained path unrolled and the Ifs on it
+    whose condition the input shapes fix inlined (nested ones too, round by round), so that
+    the plain rules apply to their nodes."""
+    from .canonize import _static_value, fold_constants, inline_constant_ifs, unroll_loops
 
     for _ in range(16):
-        loops = [n.name for n in active_nodes(graph, wrt, explained)
-                 if n.op_type in UNROLLED and n.domain in ("", "ai.onnx")]
-        if not loops:
+        active = active_nodes(graph, wrt, explained)
+        loops = [n.name for n in active if n.op_type in UNROLLED and n.domain in ("", "ai.onnx")]
+        if loops:
+            try:
+                model = unroll_loops(graph, loops)
+            except ValueError as exc:
+                err = UnsupportedOperatorError(["Loop" if str(exc).startswith("Loop") else "Scan"], method)
+                err.args = (f"method '{method}': {exc}; white-box methods unroll the loops whose trip count (or "
+                            "scanned length) the input shapes fix and whose end does not depend on the data; use a "
+                            "black-box method (occlusion, rise, kernel_shap, lime) for this model",)
+                raise err from None
+            # Each iteration's shape arithmetic (Slice axes, Reshape targets) becomes constant,
+            # as the rules want it.
+            graph = Graph(fold_constants(model), initializers=graph.initializers)
+            continue
+        known: dict = {}
+        conds = {n.input[0]: _static_value(graph, n.input[0], known, {}) for n in active
+                 if n.op_type == "If" and n.domain in ("", "ai.onnx") and n.input}
+        conds = {k: v for k, v in conds.items() if v is not None and np.asarray(v).size == 1}
+        if not conds:
             return graph
-        try:
-            model = unroll_loops(graph, loops)
-        except ValueError as exc:
-            err = UnsupportedOperatorError(["Loop" if str(exc).startswith("Loop") else "Scan"], method)
-            err.args = (f"method '{method}': {exc}; white-box methods unroll the loops whose trip count (or "
-                        "scanned length) the input shapes fix and whose end does not depend on the data; use a "
-                        "black-box method (occlusion, rise, kernel_shap, lime) for this model",)
-            raise err from None
-        # Each iteration's shape arithmetic (Slice axes, Reshape targets) becomes constant,
-        # as the rules want it.
-        graph = Graph(fold_constants(model), initializers=graph.initializers)
-    raise ModelError("loops nested more than 16 deep on the explained path cannot be unrolled")
+        model = onnx.ModelProto()
+        model.CopyFrom(graph.model)
+        graph = Graph(inline_constant_ifs(model, conds), initializers=graph.initializers)
+    raise ModelError("loops and branches nested more than 16 deep on the explained path cannot be unrolled")
 
 
 def _body_graph(outer: Graph, body: onnx.GraphProto) -> Graph:

@@ -672,3 +672,45 @@ def test_loop_too_long_to_unroll_is_refused_with_the_bound():
     x = rng_(39).normal(size=(2, 3)).astype(np.float32)
     with pytest.raises(UnsupportedOperatorError, match="exceed 50000 nodes"):
         Explainer(m).attribute(x, method="gradient", target=rng_(40).normal(size=(2, 3)).astype(np.float32))
+
+
+def shape_if_model(elem=F32):
+    """If on a shape (TorchScript's `if x.size(1) > 2`): fixed once the input shape is."""
+    r = rng_(41)
+    w = r.normal(size=(3, 3))
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["t"])],
+                               "then", [], [helper.make_tensor_value_info("t", elem, ["N", 3])])
+    else_g = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", elem, ["N", 3])])
+    nodes = [helper.make_node("Shape", ["x"], ["sx"]), helper.make_node("Gather", ["sx", "k1"], ["c"]),
+             helper.make_node("Greater", ["c", "k2"], ["cond"]),
+             helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g)]
+    inits = [_init("W", w, elem), numpy_helper.from_array(np.array(1, np.int64), "k1"),
+             numpy_helper.from_array(np.array(2, np.int64), "k2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", "C"])],
+                  [helper.make_tensor_value_info("z", elem, ["N", 3])], inits)
+
+
+def test_if_fixed_by_the_input_shape_is_inlined_and_leaves_outputs_unchanged():
+    m = shape_if_model()
+    x = rng_(42).normal(size=(2, 3)).astype(np.float32)
+    g = Graph(read_model(m)).specialize({"x": x.shape})
+    cond = C._static_value(g, "cond", {}, {})  # Shape(x)[1] > 2 with x's axis 1 static
+    assert cond is not None and bool(cond)
+    inlined = C.inline_constant_ifs(onnx.load_from_string(g.model.SerializeToString()), {"cond": cond})
+    assert "If" not in {n.op_type for n in inlined.graph.node}
+    np.testing.assert_allclose(_session(inlined).run(None, {"x": x})[0], _session(m).run(None, {"x": x})[0],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_deeplift_through_an_if_fixed_by_the_input_shape_sums_to_the_output_difference():
+    # Inlined once the shapes are known, the branch is plain nodes: DeepLIFT applies.
+    e = Explainer(shape_if_model())
+    x = rng_(43).normal(size=(2, 3)).astype(np.float32)
+    a = e.attribute(x, method="deeplift", target=1)
+    delta = (e.predict(x) - e.predict(np.zeros_like(x)))[:, 1]
+    np.testing.assert_allclose(a.sum(axis=1), delta, rtol=1e-4, atol=1e-6)
+    seed = rng_(44).normal(size=(2, 3))
+    got = gradient(shape_if_model(F32), x, seed)
+    want = finite_differences(shape_if_model(F64), {"x": x.astype(np.float64)}, "x", seed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
