@@ -453,8 +453,11 @@ def _evaluate(graph, nodes: list, x: str, grid: np.ndarray) -> dict | None:
                 if axes is None:
                     return None
                 out = np.mean(args[0], axis=tuple(axes), keepdims=bool(_keepdims(n)))
-            elif op in _NUMPY and not n.attribute:
-                out = _NUMPY[op](*args)
+            elif op in _NUMPY and not n.attribute and len(args) <= (3 if op == "Where" else 2):
+                try:
+                    out = _NUMPY[op](*args)
+                except (TypeError, ValueError):
+                    return None
             else:
                 return None
             values[n.output[0]] = np.asarray(out)

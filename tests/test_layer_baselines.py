@@ -302,3 +302,38 @@ def test_baseline_ids_name_the_input_they_replace_and_are_checked(token_models):
         ex.attribute(_feeds(ids, mask), method="integrated_gradients", layer=layer, target=0, baseline_ids="0.5")
     with pytest.raises(OptionError, match="baseline_ids"):
         ex.attribute(_feeds(ids, mask), method="integrated_gradients", layer=layer, target=0, baseline_ids=[0, 1])
+
+
+def test_a_model_with_float_inputs_keeps_its_token_ids_unless_baseline_ids_are_given(tmp_path):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.emb = nn.Embedding(VOCAB, D)
+            self.lin = nn.Linear(4, D)
+
+        def forward(self, x, ids):
+            return torch.tanh(self.emb(ids).mean(1) + self.lin(x))
+
+    model = Mixed().eval()
+    path = tmp_path / "mixed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 4), torch.randint(0, VOCAB, (2, T))), str(path), dynamo=False,
+                          opset_version=17, input_names=["x", "ids"], dynamic_axes={"x": {0: "b"}, "ids": {0: "b"}})
+    ex = Explainer(str(path))
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    ids, _ = _tokens(n=2)
+    layer = [n.output[0] for n in ex.graph.nodes if n.op_type == "Add"][0]  # embedding mean + linear
+    feeds = {"x": x, "ids": ids}
+    held = ex.attribute(feeds, method="integrated_gradients", layer=layer, target=0)
+    both = ex.attribute(feeds, method="integrated_gradients", layer=layer, target=0, baseline_ids=PAD)
+    with torch.no_grad():
+        xt, it = torch.tensor(x), torch.tensor(ids)
+        full = model(xt, it)[:, 0].numpy()
+        floats_moved = full - model(torch.zeros(2, 4), it)[:, 0].numpy()
+        all_moved = full - model(torch.zeros(2, 4), torch.zeros_like(it))[:, 0].numpy()
+    # Completeness (50 Gauss-Legendre points): the ids held, then the ids moved to PAD too.
+    np.testing.assert_allclose(held.sum(1), floats_moved, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(both.sum(1), all_moved, rtol=1e-3, atol=1e-5)
+    assert np.abs(floats_moved - all_moved).min() > 1e-3
