@@ -714,3 +714,16 @@ def test_deeplift_through_an_if_fixed_by_the_input_shape_sums_to_the_output_diff
     got = gradient(shape_if_model(F32), x, seed)
     want = finite_differences(shape_if_model(F64), {"x": x.astype(np.float64)}, "x", seed)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [rnn_loop_model, scan_model], ids=["Loop", "Scan"])
+def test_operator_without_rule_inside_a_loop_body_is_refused_by_name(monkeypatch, make):
+    from onnxplain.rules import base
+
+    monkeypatch.delitem(base.RULES, ("gradient", "Tanh"))
+    m = make(F32)
+    g = Graph(read_model(m))
+    assert unsupported(g, GRADIENT, ["x"], "z") == ["Tanh"]
+    shape = (2, 3, 3) if make is rnn_loop_model else (1, 4, 3)
+    with pytest.raises(UnsupportedOperatorError, match="Tanh"):
+        compile_explainer(g.specialize({"x": shape}), GRADIENT, ["x"], "z", method="gradient")
