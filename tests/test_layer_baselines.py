@@ -39,10 +39,10 @@ class PoolNet(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(VOCAB, D)
-        self.out = nn.Linear(D, 3)
+        self.out, self.act = nn.Linear(D, 3), nn.Tanh()  # a module: Captum's DeepLift hooks modules only
 
     def after(self, e, mask):
-        return self.out(_masked_mean(torch.tanh(e), mask))
+        return self.out(_masked_mean(self.act(e), mask))
 
     def forward(self, ids, mask):
         return self.after(self.emb(ids), mask)
@@ -80,10 +80,10 @@ class SiluNet(PoolNet):
     def __init__(self):
         super().__init__()
         torch.manual_seed(2)
-        self.mid = nn.Linear(D, D)
+        self.mid, self.act = nn.Linear(D, D), nn.SiLU()
 
     def after(self, e, mask):
-        return self.out(_masked_mean(nn.functional.silu(self.mid(e)), mask))
+        return self.out(_masked_mean(self.act(self.mid(e)), mask))
 
 
 MODELS = {"pool": PoolNet, "block": BlockNet, "silu": SiluNet}
@@ -337,3 +337,20 @@ def test_a_model_with_float_inputs_keeps_its_token_ids_unless_baseline_ids_are_g
     np.testing.assert_allclose(held.sum(1), floats_moved, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(both.sum(1), all_moved, rtol=1e-3, atol=1e-5)
     assert np.abs(floats_moved - all_moved).min() > 1e-3
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", ["pool", "silu"])
+def test_deeplift_at_the_embedding_agrees_with_captum_layer_deeplift(token_models, name, exporter, monkeypatch):
+    from captum.attr import LayerDeepLift
+    from captum.attr._core import deep_lift
+
+    # Captum rescales SiLU only when listed with its own rule (else it takes the gradient).
+    monkeypatch.setitem(deep_lift.SUPPORTED_NON_LINEAR, nn.SiLU, deep_lift.nonlinear)
+    model, ex = token_models(name, exporter)
+    ids, mask = _tokens(seed=6)
+    ours = ex.attribute(_feeds(ids, mask), method="deeplift", layer=_embedding_output(ex), target=2)
+    ref = LayerDeepLift(model, model.emb).attribute(torch.tensor(ids), baselines=torch.zeros_like(torch.tensor(ids)),
+                                                    target=2, additional_forward_args=(torch.tensor(mask),))
+    ref = ref.detach().numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
