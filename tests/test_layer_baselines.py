@@ -354,3 +354,15 @@ def test_deeplift_at_the_embedding_agrees_with_captum_layer_deeplift(token_model
                                                     target=2, additional_forward_args=(torch.tensor(mask),))
     ref = ref.detach().numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "deeplift"])
+def test_layer_baseline_options_need_a_layer_and_one_way_of_forming_it(token_models, method):
+    _, ex = token_models("pool", "torchscript")
+    ids, mask = _tokens()
+    layer = _embedding_output(ex)
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    with pytest.raises(OptionError, match="layer_baseline .*give layer="):
+        _float_model_explainer().attribute(x, method=method, target=0, layer_baseline=0.0)
+    with pytest.raises(OptionError, match="either layer_baseline .* or baseline_ids"):
+        ex.attribute(_feeds(ids, mask), method=method, layer=layer, target=0, layer_baseline=0.0, baseline_ids=3)

@@ -139,6 +139,18 @@ def _ancestors(graph, tensor: str) -> set:
     return need
 
 
+def check_layer_options(ctx, baseline_ids, keep_ids, layer_baseline) -> None:
+    """The baseline-at-a-layer options need a layer, and one way of forming it."""
+    given = [k for k, v in (("baseline_ids", baseline_ids), ("keep_ids", keep_ids),
+                            ("layer_baseline", layer_baseline)) if v is not None]
+    if given and ctx.layer is None:
+        raise OptionError(f"option {', '.join(given)} of method '{ctx.method}' forms the baseline at a layer: give "
+                          "layer=TENSOR too (the embedding output for a model fed token ids)")
+    if layer_baseline is not None and (baseline_ids is not None or keep_ids is not None):
+        raise OptionError(f"method '{ctx.method}': give either layer_baseline (the baseline at the layer) or "
+                          "baseline_ids/keep_ids (ids whose embedding is the baseline), not both")
+
+
 def baseline_ids_for(ctx, baseline_ids) -> dict:
     """{integer input: baseline ids} for a layer attribution of a model fed token ids: the
     given dict, or `baseline_ids` for the input indexing the largest embedding table."""
@@ -237,6 +249,7 @@ OPTIONS = [
           options=OPTIONS, reference="Captum IntegratedGradients; LayerIntegratedGradients with layer=")
 def integrated_gradients(ctx, n_steps, integration, baseline, baseline_ids=None, keep_ids=None,
                          layer_baseline=None):
+    check_layer_options(ctx, baseline_ids, keep_ids, layer_baseline)
     alphas, weights = integration_points(n_steps, integration)
     inputs = ctx.inputs
     x = {k: ctx.feeds[k] for k in inputs}

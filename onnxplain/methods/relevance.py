@@ -28,7 +28,8 @@ from ..rules import lrp
 from ..rules.base import lookup
 from ..rules.deeplift import Reference
 from .base import Option, non_negative, register
-from .integrated import LAYER_OPTIONS, baseline_ids_for, check_moved, layer_value, with_baseline_ids
+from .integrated import (LAYER_OPTIONS, baseline_ids_for, check_layer_options, check_moved, layer_value,
+                         with_baseline_ids)
 
 RESIDUAL = ("Add", "Sum", "Sub")
 SCALING = ("Mul", "Div")
@@ -445,6 +446,7 @@ class DeepLiftComposite(Composite):
                           "sample (.npy on the CLI)")] + LAYER_OPTIONS,
           reference="Captum DeepLift; LayerDeepLift with layer=")
 def deeplift(ctx, baseline, baseline_ids=None, keep_ids=None, layer_baseline=None):
+    check_layer_options(ctx, baseline_ids, keep_ids, layer_baseline)
     layer = ctx.layer
     ids = {} if layer_baseline is not None else baseline_ids_for(ctx, baseline_ids)
     acts = ctx.activations()
