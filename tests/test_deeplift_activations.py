@@ -16,7 +16,6 @@ import math
 import warnings
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
