@@ -257,7 +257,9 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     batch = load_inputs(inputs, pre, shapes[0] if len(shapes) == 1 else None)
     out = Path(out or ("explanation.png" if batch.images else "attribution.npy"))
 
-    scores = explainer.predict(batch.batch, output)
+    # The scores of the tensor explained (a classifier's probabilities behind its integer
+    # label and ZipMap, a regressor's value), not blindly the first output.
+    scores = explainer.predict(batch.batch, explainer.explained_tensor(output, probability))
     explained_target = target
     if target is None and np.ndim(scores) == 2:
         # The predicted class from the scores just computed: attribute() need not run the
@@ -274,13 +276,18 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     written = _write(out, attr, batch, layer or (wrt[0] if wrt and len(wrt) == 1 else next(iter(explainer.inputs))),
                      cmap,
                      pre.layout if pre is not None and layer is None else None)
-    records = _records(batch.names, scores, target, attr, written, _labels(model, explainer))
+    seed = None
+    if target is not None and not isinstance(target, (int, list)):  # a position, region, mask...
+        try:
+            seed = explainer.seed_for(explainer._feeds(batch.batch), explainer.explained_tensor(output, probability),
+                                      target)
+        except OnnxplainError:
+            seed = None  # no score to print; the attribution itself was computed above
+    records = _records(batch.names, scores, target, attr, written, _labels(model, explainer), seed)
     if as_json:
         click.echo(json.dumps(records, indent=2))
     for r in records if not as_json else []:
-        click.echo(f"{r['sample']}: predicted {_cls(r['predicted'], r.get('predicted_label'))}, "
-                   f"explained {_cls(r['target'], r.get('target_label'))} with {method}: "
-                   f"attribution {tuple(r['shape'])} -> {r['file']}")
+        click.echo(_line(r, method))
 
 
 @main.command(epilog="\b\nExamples:\n  onnxplain methods\n  onnxplain methods --json | jq '.[].name'")
@@ -434,25 +441,61 @@ def _labels(model: Path, explainer) -> list[str] | None:
     return path.read_text(encoding="utf-8", errors="replace").splitlines()
 
 
-def _records(names, scores, target, attr, files, labels) -> list[dict]:
+def _records(names, scores, target, attr, files, labels, seed=None) -> list[dict]:
+    """One result per sample. `scores` is the explained tensor (batch first): a (batch,
+    classes) tensor gives a predicted class, one number per sample is a value (a
+    regressor's), anything else (a sequence) neither. The explained score is the seed's
+    weighted sum of the explained tensor (the class's score for a class)."""
     scores = np.asarray(scores)
+    n = len(names)
+    flat = scores.reshape(len(scores), -1) if scores.ndim else scores.reshape(1, 1)
+    value = flat.shape[1] == 1 and np.issubdtype(flat.dtype, np.number)
     # A predicted class only for a (batch, classes) output: on (batch, positions, vocab) an
     # argmax would name a position.
-    classes = scores.ndim >= 2 and sum(d > 1 for d in scores.shape[1:]) <= 1
-    predicted = [int(c) for c in scores.reshape(len(scores), -1).argmax(axis=1)] if classes else [None] * len(scores)
-    targets = target if isinstance(target, list) else [target] * len(scores)
+    classes = not value and scores.ndim >= 2 and sum(d > 1 for d in scores.shape[1:]) <= 1
+    predicted = [int(c) for c in flat.argmax(axis=1)] if classes else [None] * n
+    targets = target if isinstance(target, list) else [target] * n
     targets = [getattr(t, "text", t) for t in targets]  # a Target by its spelling
     shapes = {k: v.shape[1:] for k, v in attr.items()} if isinstance(attr, dict) else {None: attr.shape[1:]}
     out = []
     for i, name in enumerate(names):
         t = predicted[i] if targets[i] is None else targets[i]
-        r = {"sample": name, "predicted": predicted[i], "target": t,
-             "shape": list(next(iter(shapes.values()))), "file": files[i]}
+        r = {"sample": name}
+        if value:
+            r["value"] = float(flat[i, 0])
+        else:
+            r["predicted"] = predicted[i]
+        r["target"] = t
+        score = None
+        if value and t is None:
+            score = float(flat[i, 0])
+        elif isinstance(t, int) and len(flat) == n and -flat.shape[1] <= t < flat.shape[1]:
+            score = float(flat[i, t])
+        elif seed is not None and np.shape(seed)[0] == n and np.size(seed[i]) == flat.shape[1] and len(flat) == n:
+            score = float(np.dot(np.asarray(seed[i], np.float64).ravel(), flat[i].astype(np.float64)))
+        r["score"] = score
+        r["shape"] = list(next(iter(shapes.values())))
+        r["file"] = files[i]
         for key, c in (("predicted_label", predicted[i]), ("target_label", t)):
             if labels and isinstance(c, int) and -len(labels) <= c < len(labels):
                 r[key] = labels[c]
         out.append(r)
     return out
+
+
+def _line(r, method) -> str:
+    """The result line of one sample: what the model said, what was explained, where it went."""
+    score = "" if r.get("score") is None else f" (score {r['score']:.4g})"
+    if "value" in r:
+        said = f"value {r['value']:.4g}, explained "
+        said += ("the value" if r["target"] is None else _cls(r["target"], r.get("target_label")))
+        score = ""
+    elif r["predicted"] is not None:
+        said = (f"predicted {_cls(r['predicted'], r.get('predicted_label'))}, "
+                f"explained {_cls(r['target'], r.get('target_label'))}")
+    else:
+        said = "explained " + ("the output" if r["target"] is None else _cls(r["target"], r.get("target_label")))
+    return f"{r['sample']}: {said} with {method}{score}: attribution {tuple(r['shape'])} -> {r['file']}"
 
 
 def _inspect(e) -> dict:

@@ -358,3 +358,53 @@ def test_evaluate_and_report_score_cam_maps_of_one_channel(tmp_path):
             "-o", tmp_path / "r.html", "-q", "-t", "3")
     assert r.exit_code == 0, r.output
     assert "class 3" in (tmp_path / "r.html").read_text()
+
+
+# ----------------------------------------------------------------------------- scikit-learn models
+
+
+@pytest.fixture(scope="module")
+def sklearn_models(tmp_path_factory):
+    """A regressor and a classifier as skl2onnx writes them by default (label + ZipMap'd probabilities)."""
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4)).astype(np.float32)
+    y = X @ np.array([1.0, 2.0, 3.0, 4.0]) + 3.0
+    folder = tmp_path_factory.mktemp("skl")
+    reg = LinearRegression().fit(X, y)
+    clf = LogisticRegression().fit(X, (y > 3).astype(int))
+    for name, est in (("reg", reg), ("clf", clf)):
+        (folder / f"{name}.onnx").write_bytes(skl2onnx.to_onnx(est, X[:1]).SerializeToString())
+    np.save(folder / "x.npy", X[:3])
+    return folder, reg, clf, X[:3]
+
+
+def test_a_regressor_from_the_cli_says_its_value_not_a_predicted_class(sklearn_models, tmp_path):
+    """Before: 'x_0: predicted 0, explained 0 with gradient' for a LinearRegression."""
+    folder, reg, _, x = sklearn_models
+    r = run("explain", folder / "reg.onnx", folder / "x.npy", "-o", tmp_path / "a.npy")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for line, v in zip(lines, reg.predict(x)):
+        assert f"value {v:.4g}" in line and "predicted" not in line, line
+    records = json.loads(run("explain", folder / "reg.onnx", folder / "x.npy", "-o", tmp_path / "a.npy",
+                             "--json").stdout)
+    np.testing.assert_allclose([r["value"] for r in records], reg.predict(x), rtol=1e-5)
+    np.testing.assert_allclose([r["score"] for r in records], reg.predict(x), rtol=1e-5)
+
+
+def test_a_classifier_from_the_cli_names_its_predicted_class_and_score_never_a_dash(sklearn_models, tmp_path):
+    """Before: 'x_0: predicted -, explained - with gradient' for a LogisticRegression (label + ZipMap)."""
+    folder, _, clf, x = sklearn_models
+    r = run("explain", folder / "clf.onnx", folder / "x.npy", "-o", tmp_path / "a.npy")
+    assert r.exit_code == 0, r.output
+    assert "-," not in r.stdout and " - " not in r.stdout
+    for line, c in zip(r.stdout.strip().splitlines(), clf.predict(x)):
+        assert f"predicted {c}," in line and f"explained {c} " in line, line
+    records = json.loads(run("explain", folder / "clf.onnx", folder / "x.npy", "-o", tmp_path / "a.npy",
+                             "--json").stdout)
+    p = clf.predict_proba(x)
+    np.testing.assert_allclose([r["score"] for r in records], p[np.arange(len(x)), clf.predict(x)], rtol=1e-5)
