@@ -876,3 +876,64 @@ def test_qattention_differentiates_as_float_attention_with_dequantized_weights(m
     seed = rng.normal(size=(2, 4, 8)).astype(np.float32)
     got = Explainer(qm, canonize=False).attribute(x, method="gradient", target=seed, probability=True)
     np.testing.assert_allclose(got, reference_gradient(fm, x, seed), rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- run-time parameters
+
+
+def compiled_gradient(model, wrt, output, feeds, seed):
+    """The gradient explainer compiled and run directly (whole tensors, no batch axis)."""
+    import onnxruntime as ort
+
+    from onnxplain.compile import compile_explainer
+    from onnxplain.graph import Graph, read_model
+    from onnxplain.methods.gradients import GRADIENT
+
+    spec = compile_explainer(Graph(read_model(model)), GRADIENT, [wrt], output)
+    sess = ort.InferenceSession(spec.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run([spec.attributions[wrt]], {**feeds, spec.seed: seed})[0]
+
+
+def test_dynamic_quantization_scale_has_its_exact_gradient():
+    # s = (max(x, 0) - min(x, 0)) / 255 moves with the largest and the smallest element only.
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+             helper.make_node("Identity", ["s"], ["y"])]
+    g = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = np.array([[0.3, -1.2, 2.5, 0.1, -0.4], [1.0, 0.2, -0.3, 0.7, 0.05]], np.float32)
+    got = compiled_gradient(m, "x", "y", {"x": x}, np.ones((), np.float32))
+    want = np.zeros_like(x)
+    want[0, 2], want[0, 1] = 1 / 255, -1 / 255
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    flat, num, _ = numeric_gradient(m, {"x": x}, "x", np.ones((), np.float32), eps=1e-3)
+    np.testing.assert_allclose(num, want.reshape(-1)[flat], rtol=1e-2, atol=1e-5)
+
+
+def test_dequantize_linear_scale_and_zero_point_fed_at_run_time_have_their_gradients():
+    # x = s (q - z): d/ds = sum g (q - z), per channel with axis; d/dz = -s sum g.
+    rng = np.random.default_rng(27)
+    q = rng.integers(0, 256, size=(2, 3, 4)).astype(np.uint8)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("s", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], initializer=[_init("q", q)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    s = np.array([0.1, 0.2, 0.05], np.float32)
+    seed = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    got = compiled_gradient(m, "s", "y", {"s": s}, seed)
+    np.testing.assert_allclose(got, (seed * q.astype(np.float64)).sum(axis=(0, 2)), rtol=1e-5)
+
+
+def test_a_consumer_that_cannot_differentiate_a_run_time_scale_refuses_it():
+    # QLinearMatMul with DynamicQuantizeLinear's scale: the scale's gradient would be needed
+    # for the straight-through terms to cancel, and this rule does not compute it.
+    wq = np.ones((4, 3), np.uint8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("QLinearMatMul", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    m = _model(nodes, [_x("x", (1, 4))], "y", [_init("w", wq), _init("ws", np.float32(0.1)), _init("wz", np.uint8(0)),
+                                               _init("ys", np.float32(0.1)), _init("yz", np.uint8(0))])
+    with pytest.raises(ModelError, match="computed from the input"):
+        ste_gradient(m, np.ones((1, 4), np.float32), np.ones((1, 3), np.float32))

@@ -18,10 +18,13 @@ convention here (the one of quantization-aware training) explains the *dequantiz
 - integer operators (MatMulInteger, ConvInteger, QLinearConv, QGemm, ...) differentiate as
   their float counterparts on the dequantized inputs; where they requantize their output,
   the clipping above applies to the real result, recomputed in float;
-- scales and zero points are parameters, not signals: they receive no gradient, also where
-  they are computed from the input (DynamicQuantizeLinear). Its scale is chosen to cover the
-  input, so nothing is clipped there, and the pair DynamicQuantizeLinear -> integer op ->
-  multiplication by the scales differentiates as the float op with dequantized weights.
+- constant scales and zero points (weights' and static activations') are parameters: no
+  gradient. Those computed from the input (DynamicQuantizeLinear's, whose scale covers the
+  input so nothing is clipped) get their gradient too, with x / s read at the quantized
+  point (y - z): then the pattern DynamicQuantizeLinear -> integer op -> product with the
+  scales differentiates exactly as the float op with dequantized weights (the scale's terms
+  cancel), and an explained scale gets its exact gradient. An operator whose rule cannot
+  give a run-time parameter its gradient refuses it by name.
 
 The gradient of an integer tensor is a float32 tensor in units of its integers (d/dq); the
 gradient of a float tensor has that tensor's type (float16 islands get float16 gradients).
@@ -146,12 +149,19 @@ def _rank(b, name: str, what: str) -> int:
     return len(s)
 
 
-def _param(b, p: str, like: str, axis: int = 1, block: int = 0, what: str = "") -> str | None:
+def _param(b, p: str, like: str, axis: int = 1, block: int = 0, what: str = "", propagated: bool = False):
     """Scale or zero point `p` as a float32 tensor that broadcasts against `like`: a scalar
-    per tensor, (C, 1, ..., 1) per axis, repeated over each block for blocked quantization."""
+    per tensor, (C, 1, ..., 1) per axis, repeated over each block for blocked quantization.
+
+    A parameter computed at run time from the input (DynamicQuantizeLinear's) must get its
+    gradient too, or the straight-through terms of its producer do not cancel: rules that
+    compute it pass `propagated`; the others refuse such a parameter by name."""
     if not p:
         return None
     v = b.constant(p)
+    if v is None and not propagated and varies(b, p):
+        raise ModelError(f"{what} takes the quantization parameter '{p}' computed from the input; its gradient "
+                         "is not supported for this operator")
     if v is not None:
         v = np.asarray(v, dtype=np.float64)
         if v.size == 1 and not block:
@@ -376,41 +386,121 @@ def _average_pool_at_run_time(b, node, g: str, xd: str, what: str) -> str:
 # --------------------------------------------------------------------------- Q / DQ
 
 
+def _param_gradient(b, t: str, p: str, like: str, axis: int, block: int, what: str):
+    """Sum `t` (shaped like forward tensor `like`) to the shape of parameter `p`: all of it
+    per tensor, all axes but `axis` per axis; None where p is absent or fixed. A parameter
+    computed from the input (a dynamic scale) gets its exact gradient this way."""
+    if not p or b.constant(p) is not None or not varies(b, p):
+        return None
+    shape = b.shape(p)
+    if shape is not None and (len(shape) == 0 or (len(shape) == 1 and shape[0] == 1)):
+        return b.op("Reshape", b.op("ReduceSum", t, keepdims=0), b.ints(list(shape) if shape else []))
+    if block or shape is None or len(shape) != 1:
+        raise ModelError(f"the gradient of {what} with respect to its run-time quantization parameter '{p}' "
+                         "supports per-tensor and per-axis parameters only")
+    rank = _rank(b, like, what)
+    ax = axis % rank
+    return b.reduce_sum(t, [i for i in range(rank) if i != ax], keepdims=False)
+
+
 @register("QuantizeLinear")
 def quantize_linear(b, node, grads):
     # y = saturate(round(x / s) + z): d/dx = 1 / s where x / s + z is inside the range.
+    # A run-time scale or zero point (rare) gets d/ds = -(y - z) / s (x / s read at the
+    # quantized point, so that a Q/DQ pair sharing s cancels exactly) and d/dz = 1, inside.
     x, s, zp = node.input[0], node.input[1], _input(node, 2)
     what = f"QuantizeLinear '{node.name}'"
     axis, block = int(attr(node, "axis", 1)), int(attr(node, "block_size", 0))
     qtype = _qtype(b, zp, node.output[0], node=node)
-    sf = _param(b, s, x, axis, block, what)
-    zf = _param(b, zp, x, axis, block, what)
-    g = _through_requantize(b, grads[0], _to_f32(b, x), sf, zf, qtype, what)
-    return [_back_to(b, g, x), None, None][: len(node.input)]
+    sf = _param(b, s, x, axis, block, what, propagated=True)
+    zf = _param(b, zp, x, axis, block, what, propagated=True)
+    inside = _inside(b, _to_f32(b, x), sf, zf, qtype, what)
+    g = b.op("Where", inside, _to_f32(b, grads[0]), b.const(np.float32(0)))
+    gx = _back_to(b, b.op("Div", g, sf), x)
+    gs = gz = None
+    if s and b.constant(s) is None:
+        yq = b.op("Cast", node.output[0], to=F32)
+        shifted = b.op("Sub", yq, zf) if zf is not None else yq
+        gs = _param_gradient(b, b.op("Neg", b.op("Div", b.mul(g, shifted), sf)), s, x, axis, block, what)
+        gs = _back_to(b, gs, s) if gs is not None else None
+    if zp and b.constant(zp) is None:
+        gz = _param_gradient(b, g, zp, x, axis, block, what)
+    return [gx, gs, gz][: len(node.input)]
 
 
 @register("DequantizeLinear")
 def dequantize_linear(b, node, grads):
-    # x = s * (q - z): d/dq = s.
-    q, s = node.input[0], node.input[1]
+    # x = s * (q - z): d/dq = s, and for a run-time scale or zero point (the outputs of
+    # DynamicQuantizeLinear, say) d/ds = q - z and d/dz = -s, summed over what they scale.
+    q, s, zp = node.input[0], node.input[1], _input(node, 2)
+    what = f"DequantizeLinear '{node.name}'"
     axis, block = int(attr(node, "axis", 1)), int(attr(node, "block_size", 0))
-    sf = _param(b, s, q, axis, block, f"DequantizeLinear '{node.name}'")
-    return [b.mul(_to_f32(b, grads[0]), sf), None, None][: len(node.input)]
+    sf = _param(b, s, q, axis, block, what, propagated=True)
+    g = _to_f32(b, grads[0])
+    gq = b.mul(g, sf)
+    gs = gz = None
+    if s and b.constant(s) is None:
+        zf = _param(b, zp, q, axis, block, what, propagated=True)
+        shifted = b.op("Sub", _to_f32(b, q), zf) if zf is not None else _to_f32(b, q)
+        gs = _param_gradient(b, b.mul(g, shifted), s, q, axis, block, what)
+        gs = _back_to(b, gs, s) if gs is not None else None
+    if zp and b.constant(zp) is None:
+        gz = _param_gradient(b, b.op("Neg", gq), zp, q, axis, block, what)
+    return [gq, gs, gz][: len(node.input)]
 
 
 @register("DynamicQuantizeLinear")
 def dynamic_quantize_linear(b, node, grads):
-    # y = round(x / s) + z with s, z chosen from x's range: nothing is clipped, and s and z
-    # are quantization parameters (no gradient). d/dx = 1 / s; s is 0 only where x is all
-    # zero, and then nothing moved the output: 0 rather than a division by zero.
-    g = grads[0]
-    if g is None:
+    # s = (max(x, 0) - min(x, 0)) / 255, z = round(-min(x, 0) / s), y = round(x / s) + z
+    # over the whole tensor. Straight through: y = x / s + z and z = -min(x, 0) / s, with
+    # x / s read at the quantized point (y - z), so that the patterns that dequantize y
+    # again (DequantizeLinear(y, s, z); MatMulInteger then a product with s) cancel the
+    # scale's terms exactly, and an explained scale gets its exact gradient: nonzero at the
+    # input's largest and smallest elements only.
+    gy, gs, gz = (list(grads) + [None] * 3)[:3]
+    if gy is None and gs is None and gz is None:
         return [None]
-    x, s = node.input[0], node.output[1]
-    zero = b.const(np.float32(0))
-    positive = b.op("Greater", s, zero)
-    safe = b.op("Where", positive, s, b.const(np.float32(1)))
-    return [_back_to(b, b.op("Where", positive, b.op("Div", g, safe), zero), x)]
+    x, y, s, z = node.input[0], node.output[0], node.output[1], node.output[2]
+    f0, f1 = b.const(np.float32(0)), b.const(np.float32(1))
+    xf = _to_f32(b, x)
+    positive = b.op("Greater", s, f0)
+    safe = b.op("Where", positive, s, f1)
+    flat = b.op("Reshape", xf, b.ints([-1]))
+    where = b.op("Range", b.const(np.array(0, np.int64), np.int64), b.op("Size", flat),
+                 b.const(np.array(1, np.int64), np.int64))
+
+    def first(kind, active):  # one-hot of the first largest / smallest element, where it moves s
+        idx = b.op(kind, flat, axis=0, keepdims=1)
+        hot = b.op("Cast", b.op("Equal", where, idx), to=F32)
+        return b.mul(hot, b.op("Cast", active, to=F32))
+
+    mx, mn = b.reduce("ReduceMax", flat, [0], keepdims=False), b.reduce("ReduceMin", flat, [0], keepdims=False)
+    dmx = first("ArgMax", b.op("Greater", mx, f0))
+    dmn = first("ArgMin", b.op("Less", mn, f0))
+    ds = b.mul(b.op("Sub", dmx, dmn), b.const(np.float32(1 / 255)))
+    mn0 = b.op("Min", mn, f0)
+    dz = b.op("Add", b.op("Neg", b.op("Div", dmn, safe)), b.op("Div", b.mul(mn0, ds), b.mul(safe, safe)))
+    total = None
+    coef_s = coef_z = None
+    if gy is not None:
+        gy = b.op("Reshape", _to_f32(b, gy), b.ints([-1]))
+        total = b.op("Div", gy, safe)
+        yq = b.op("Reshape", b.op("Sub", b.op("Cast", y, to=F32), b.op("Cast", z, to=F32)), b.ints([-1]))
+        coef_s = b.op("Neg", b.op("Div", b.reduce_sum(b.mul(gy, yq), [0], keepdims=False), safe))
+        coef_z = b.reduce_sum(gy, [0], keepdims=False)
+    if gs is not None:
+        gs = b.op("Reshape", _to_f32(b, gs), b.ints([]))
+        coef_s = gs if coef_s is None else b.add(coef_s, gs)
+    if gz is not None:
+        gz = b.op("Reshape", _to_f32(b, gz), b.ints([]))
+        coef_z = gz if coef_z is None else b.add(coef_z, gz)
+    for coef, d in ((coef_s, ds), (coef_z, dz)):
+        if coef is not None:
+            term = b.mul(coef, d)
+            total = term if total is None else b.add(total, term)
+    # s is 0 only where x is all zero: then nothing but s moves, and s moves by |dx| / 255.
+    gx = b.op("Where", positive, total, b.mul(ds, coef_s) if coef_s is not None else b.mul(ds, f0))
+    return [_back_to(b, b.op("Reshape", gx, b.shape_of(x)), x)]
 
 
 # --------------------------------------------------------------------------- Cast
@@ -477,7 +567,7 @@ def _matmul_grads(b, node, g: str, a: str, bm: str, af, bf, what: str, trans_a=0
     return ga, gb
 
 
-def _operand(b, q: str, s: str, zp: str, axis_of_vector: int, what: str):
+def _operand(b, q: str, s: str, zp: str, axis_of_vector: int, what: str, runtime_ok: bool = False):
     """The dequantized value of operand q: a numpy array for a constant, else an emitted
     float32 tensor. A 1-D scale/zero point is per row (axis -2) of a left operand and per
     column (axis -1) of a right one."""
@@ -494,6 +584,9 @@ def _operand(b, q: str, s: str, zp: str, axis_of_vector: int, what: str):
             if pv.size == 1:
                 return b.const(np.float32(pv.reshape(())))
             return b.const((pv.reshape(-1, 1) if axis_of_vector == -2 else pv.reshape(-1)).astype(np.float32))
+        if not runtime_ok and varies(b, p):
+            raise ModelError(f"{what} takes the quantization parameter '{p}' computed from the input; its "
+                             "gradient is not supported for this operator")
         t = _to_f32(b, p)
         shape = b.shape(p)
         if shape is not None and len(shape) == 1 and shape[0] != 1 and axis_of_vector == -2:
@@ -504,15 +597,33 @@ def _operand(b, q: str, s: str, zp: str, axis_of_vector: int, what: str):
     return _dequantize(b, q, sf, vec(zp, zv))
 
 
+def _zero_point_gradient(b, g: str, zp: str, q: str, axis: int, what: str):
+    if not zp or b.constant(zp) is not None or not varies(b, zp):
+        return None
+    shape = b.shape(zp)
+    if shape is not None and (len(shape) == 0 or (len(shape) == 1 and shape[0] == 1)):
+        return b.op("Reshape", b.op("Neg", b.op("ReduceSum", g, keepdims=0)), b.ints(list(shape)))
+    rank = _rank(b, q, what)
+    if shape is None or len(shape) != 1 or rank != 2:
+        raise ModelError(f"the gradient of {what} with respect to its run-time zero point '{zp}' supports "
+                         "per-tensor zero points and per-row/column ones of matrices only")
+    keep = axis % rank
+    return b.op("Neg", b.reduce_sum(g, [1 - keep], keepdims=False))
+
+
 @register("MatMulInteger")
 def matmul_integer(b, node, grads):
     # y = (A - a_zp) @ (B - b_zp) in int32: the float MatMul of the shifted operands.
     a, bm = node.input[0], node.input[1]
     what = f"MatMulInteger '{node.name}'"
-    af = _operand(b, a, "", _input(node, 2), -2, what)
-    bf = _operand(b, bm, "", _input(node, 3), -1, what)
+    af = _operand(b, a, "", _input(node, 2), -2, what, runtime_ok=True)
+    bf = _operand(b, bm, "", _input(node, 3), -1, what, runtime_ok=True)
     ga, gb = _matmul_grads(b, node, _to_f32(b, grads[0]), a, bm, af, bf, what)
-    return [ga, gb, None, None][: len(node.input)]
+    # A run-time zero point (DynamicQuantizeLinear's) is subtracted from every element it
+    # applies to: its gradient is minus their gradients' sum.
+    gaz = _zero_point_gradient(b, ga, _input(node, 2), a, -2, what) if ga is not None else None
+    gbz = _zero_point_gradient(b, gb, _input(node, 3), bm, -1, what) if gb is not None else None
+    return [ga, gb, gaz, gbz][: len(node.input)]
 
 
 @register("QLinearMatMul")
@@ -580,7 +691,11 @@ def conv_integer(b, node, grads):
     # y = Conv(x - x_zp, w - w_zp) in int32: the float Conv of the shifted operands.
     what = f"ConvInteger '{node.name}'"
     wf = _conv_weight(b, node, node.input[1], "", _input(node, 3), what)
-    return [_conv_adjoint(b, node, _to_f32(b, grads[0]), wf, what)] + [None] * (len(node.input) - 1)
+    gx = _conv_adjoint(b, node, _to_f32(b, grads[0]), wf, what)
+    # x - x_zp is what is convolved (onnxruntime pads with the zero point: padding is 0 after
+    # the shift), so a run-time zero point gets minus the sum of x's gradient.
+    gz = _zero_point_gradient(b, gx, _input(node, 2), node.input[0], 0, what)
+    return [gx, None, gz, None][: len(node.input)]
 
 
 @register("QLinearConv")
@@ -770,8 +885,9 @@ def qattention(b, node, grads):
     scale = float(attr(node, "scale", 0.0) or 1.0 / np.sqrt(size))
     fill = float(attr(node, "mask_filter_value", -10000.0))
     wd = _dequantized_const(wv, _const_param(b, ws, what, 1.0), _const_param(b, wzp, what), 1)
-    xsf = _param(b, xs, x, what=what)
-    xd = _dequantize(b, x, xsf, _param(b, xzp, x, what=what))
+    xsf = _param(b, xs, x, what=what, propagated=True)
+    xzf = _param(b, xzp, x, what=what, propagated=True)
+    xd = _dequantize(b, x, xsf, xzf)
     qkv = b.add(b.op("MatMul", xd, b.const(wd)), b.const(np.asarray(b.constant(bias), np.float32)))
 
     def per_head(t):  # (B, S, hidden) -> (B, heads, S, size)
@@ -825,8 +941,15 @@ def qattention(b, node, grads):
     gs = b.mul(b.mul(p, b.op("Sub", gp, b.reduce_sum(b.mul(gp, p), [-1]))), b.const(np.float32(scale)))
     gq, gk = b.op("MatMul", gs, k), b.op("MatMul", swap(gs), q)
     gqkv = b.op("Concat", merge(gq), merge(gk), merge(gv), axis=-1)
-    gx = b.mul(b.op("MatMul", gqkv, b.const(np.ascontiguousarray(wd.T))), xsf)
-    return [gx] + [None] * (len(node.input) - 1)
+    gxd = b.op("MatMul", gqkv, b.const(np.ascontiguousarray(wd.T)))
+    out = [b.mul(gxd, xsf)] + [None] * (len(node.input) - 1)
+    # x_d = s (x - z): a run-time input scale and zero point (DynamicQuantizeLinear's) get
+    # sum(g (x - z)) and -sum(g s).
+    shifted = b.op("Sub", _to_f32(b, x), xzf) if xzf is not None else _to_f32(b, x)
+    out[3] = _param_gradient(b, b.mul(gxd, shifted), xs, x, 1, 0, what)
+    if xzp:
+        out[6] = _param_gradient(b, b.op("Neg", out[0]), xzp, x, 1, 0, what)
+    return out
 
 
 _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
