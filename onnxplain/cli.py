@@ -236,6 +236,7 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     from .explainer import Explainer
 
     runtime.QUIET = quiet
+    method = get_method(method).name  # Integrated-Gradients -> integrated_gradients
     get_method(method).resolve(options)  # fail on a bad option before loading anything
     if out is not None and out.suffix.lower() not in (".png",) + ARRAY_SUFFIXES:
         raise OptionError(f"cannot write '{out.name}': --out must end in .png, .npy or .npz")
@@ -362,6 +363,7 @@ def export(model, method, layer, output, probability, providers, memory_budget, 
     """Save a standalone explainer model that any onnxruntime can run."""
     from .explainer import Explainer
 
+    method = get_method(method).name
     get_method(method).resolve(options)  # fail on a bad option before loading anything
     e = Explainer(model, providers=providers, memory_budget=memory_budget)
     spec = e.export(out, method=method, layer=layer, output=output, probability=probability,

@@ -408,3 +408,31 @@ def test_a_classifier_from_the_cli_names_its_predicted_class_and_score_never_a_d
                              "--json").stdout)
     p = clf.predict_proba(x)
     np.testing.assert_allclose([r["score"] for r in records], p[np.arange(len(x)), clf.predict(x)], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- method names
+
+
+@pytest.mark.parametrize("spelling, name", [
+    ("integrated-gradients", "integrated_gradients"), ("Gradient", "gradient"), ("Integrated Gradients",
+     "integrated_gradients"), ("LRP-Epsilon", "lrp.epsilon"), ("grad-cam", "grad_cam")])
+def test_a_method_name_with_other_case_or_separators_is_the_one_method_it_spells(spelling, name, mlp, tmp_path):
+    from onnxplain.methods import get_method
+
+    assert get_method(spelling).name == name
+    if name in ("integrated_gradients", "gradient"):
+        path, _ = sample(tmp_path, mlp)
+        r = run("explain", mlp, path, "-m", spelling, "-o", tmp_path / "a.npy")
+        assert r.exit_code == 0, r.output
+        assert f"with {name}" in r.stdout
+
+
+@pytest.mark.parametrize("spelling, suggested", [
+    ("IG", ["integrated_gradients"]), ("lrp.epsilon_plus_flt", ["lrp.epsilon_plus_flat"]), ("lpr", ["lrp"]),
+    ("lrp.epsilonplus", ["lrp.epsilon_plus"]), ("kernelshap", ["kernel_shap"]), ("smooth_grad", ["smoothgrad"])])
+def test_an_unknown_method_name_suggests_the_closest_names_and_exits_2(spelling, suggested, mlp, tmp_path):
+    path, _ = sample(tmp_path, mlp)
+    r = run("explain", mlp, path, "-m", spelling, "-o", tmp_path / "a.npy")
+    assert r.exit_code == 2
+    hint = r.stderr.split("did you mean", 1)[1].split("?")[0]
+    assert all(s in [h.strip() for h in hint.split(",")] for s in suggested), r.stderr

@@ -141,12 +141,37 @@ def register(name: str, description: str, options=(), reference: str = "", kind:
     return deco
 
 
+def _spelling(name: str) -> str:
+    """A method name with case and separators folded: Integrated-Gradients, lrp-epsilon."""
+    return "".join("_" if c in "-_. " else c for c in str(name).strip().lower())
+
+
+def _initials(name: str) -> str:
+    return "".join(w[0] for w in _spelling(name).split("_") if w)
+
+
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        close = [m for m in METHODS if name.split(".")[0] in m or m in name]
-        hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
-        raise OptionError(f"unknown method '{name}'{hint}; `onnxplain methods` lists them")
-    return METHODS[name]
+    """The method of a name, as registered or with case and separators (- _ . space)
+    folded where that names exactly one method; otherwise an OptionError suggesting the
+    closest names (difflib, and methods whose initials the name spells: IG)."""
+    if name in METHODS:
+        return METHODS[name]
+    key = _spelling(name)
+    same = [m for m in METHODS if _spelling(m) == key]
+    if len(same) == 1:
+        return METHODS[same[0]]
+    import difflib
+
+    by_key = {}
+    for m in METHODS:
+        by_key.setdefault(_spelling(m), []).append(m)
+    close = list(same)
+    close += [m for m in METHODS if len(key) >= 2 and _initials(m) == key.replace("_", "")]
+    close += [m for k in difflib.get_close_matches(key, list(by_key), n=5, cutoff=0.6) for m in by_key[k]]
+    close += [m for m in METHODS if len(key) >= 3 and (key in _spelling(m) or _spelling(m) in key)]
+    close = list(dict.fromkeys(close))
+    hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
+    raise OptionError(f"unknown method '{name}'{hint}; `onnxplain methods` lists them")
 
 
 # ----------------------------------------------------------------------------- context
