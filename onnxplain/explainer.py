@@ -129,7 +129,8 @@ class Explainer:
         """The layout of inputs shaped like `feeds` (see `Plan`), cached for the last few shapes."""
         axes, static = self.graph.input_batch_axes()
         key = tuple((k, _without(v.shape, axes[k])) for k, v in sorted(feeds.items()))
-        whole = tuple((k, v.shape) for k, v in sorted(feeds.items()))
+        key += tuple((k, v.dtype.str, v.tobytes()) for k, v in sorted(_baked(self.graph, feeds, axes).items()))
+        whole = tuple((k, v.shape) for k, v in sorted(feeds.items())) + key
         if self._specialized.has(("whole",) + whole):
             return self._specialized.get(("whole",) + whole, None)
         plan = self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
@@ -395,14 +396,19 @@ class Plan:
         self.input_axes = axes
         self.declared_static = static
         self.shapes = {k: v.shape for k, v in feeds.items()}
-        self.key = tuple((k, _without(v, axes[k])) for k, v in sorted(self.shapes.items()))
-        self.graph = explainer.graph.specialize(self.shapes, axes)
+        self.baked = _baked(explainer.graph, feeds, axes)
+        # Sessions are cached under this key: the shapes and the baked values.
+        self.key = tuple((k, _without(v, axes[k])) for k, v in sorted(self.shapes.items())) + tuple(
+            (k, v.dtype.str, v.tobytes()) for k, v in sorted(self.baked.items()))
+        # Small unbatched inputs of a model with branches (a sample rate choosing a branch)
+        # are constants of this plan (`baked`): the If they decide is inlined.
+        self.graph = self._specialized(explainer.graph.specialize(self.shapes, axes))
         self._fix_others = True
         if _has_subgraphs(explainer.graph) and not _loads(self.graph.model):
             # A branch meant for other input sizes (silero's 8 kHz branch at 16 kHz) fails
             # onnxruntime's shape inference once every size is fixed: fix the batch only.
             self._fix_others = False
-            self.graph = explainer.graph.specialize(self.shapes, axes, fix_others=False)
+            self.graph = self._specialized(explainer.graph.specialize(self.shapes, axes, fix_others=False))
         self._static_graphs: dict[int, Graph] = {}
         self._probes = None
         self._independent = None
@@ -411,6 +417,30 @@ class Plan:
         declared = {k: explainer.graph.shape(k) for k in axes}
         self._symbols = {declared[k][ax] for k, ax in axes.items()
                          if ax is not None and declared[k] and isinstance(declared[k][ax], str)}
+
+    def _specialized(self, graph: Graph) -> Graph:
+        """`graph` with the baked inputs as constants."""
+        if not self.baked:
+            return graph
+        from onnx import numpy_helper
+
+        from .canonize import fold_constants, inline_constant_ifs
+
+        model = onnx.ModelProto()
+        model.CopyFrom(graph.model)
+        kept = [vi for vi in model.graph.input if vi.name not in self.baked]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in self.baked.items())
+        # The branches those values choose are inlined, nested ones round by round: no If
+        # of a constant condition is left for onnxruntime (folding one crashes 1.31 on
+        # silero's), and the other branches, meant for other values, are gone.
+        for _ in range(16):
+            before = len(model.graph.node), sum(n.op_type == "If" for n in model.graph.node)
+            model = inline_constant_ifs(fold_constants(model))
+            if (len(model.graph.node), sum(n.op_type == "If" for n in model.graph.node)) == before:
+                break
+        return Graph(model, initializers={**graph.initializers, **self.baked})
 
     # --- layout -----------------------------------------------------------------------------
     def rows_independent(self, feeds: dict) -> bool:
@@ -525,8 +555,8 @@ class Plan:
             for k, shape in self.shapes.items():
                 ax = self.input_axes[k]
                 shapes[k] = shape if ax is None else shape[:ax] + (rows,) + shape[ax + 1:]
-            self._static_graphs[rows] = self.explainer.graph.specialize(shapes, self.input_axes, static=True,
-                                                                        fix_others=self._fix_others)
+            self._static_graphs[rows] = self._specialized(self.explainer.graph.specialize(
+                shapes, self.input_axes, static=True, fix_others=self._fix_others))
         return self._static_graphs[rows]
 
     def graph_for(self, static: int | None) -> Graph:
@@ -630,6 +660,14 @@ def _expose_logits(model: onnx.ModelProto) -> dict:
                        helper.make_node("Reshape", [logits, shape], [name], name=name)])
         exposed[out.name] = name
     return exposed
+
+
+def _baked(graph, feeds: dict, axes: dict) -> dict:
+    """The unbatched inputs of at most 16 values of a model with If nodes: they usually
+    choose a branch (a sample rate) and are constants of the plan for their values."""
+    if not any(n.op_type == "If" for n in graph.nodes):
+        return {}
+    return {k: np.asarray(v) for k, v in feeds.items() if axes.get(k) is None and np.size(v) <= 16}
 
 
 def _has_subgraphs(graph) -> bool:

@@ -313,3 +313,24 @@ def test_a_model_that_runs_through_its_first_axis_takes_the_whole_input_as_one_s
     # Integrated gradients, whose path points would be mixed as rows of a batch, stays exact.
     ig = e.attribute(x, method="integrated_gradients", target=seed, n_steps=8)
     np.testing.assert_allclose(ig.sum(), (np.cumsum(x, 0) @ W)[-1, 0], rtol=1e-4)
+
+
+def _rate_model():
+    # y = x @ W1 if rate == 16000 else x @ W2, the branch read off a 0-d input (silero's sr).
+    w2 = (2 * W).astype(np.float32)
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["t"])], "then", [], [_vi("t", ["N", 3])])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "w2"], ["e"])], "else", [], [_vi("e", ["N", 3])])
+    nodes = [helper.make_node("Equal", ["rate", "k16"], ["is16"]),
+             helper.make_node("If", ["is16"], ["y"], then_branch=then, else_branch=other)]
+    return _model(nodes, [_vi("x", ["N", 4]), _vi("rate", [], TensorProto.INT64)], [_vi("y", ["N", 3])],
+                  [("w1", W), ("w2", w2), ("k16", np.array(16000))]), w2
+
+
+def test_a_branch_chosen_by_a_fixed_input_is_explained_for_each_of_its_values():
+    m, w2 = _rate_model()
+    e = Explainer(m)
+    x = RNG.normal(size=(2, 4)).astype(np.float32)
+    for rate, w in ((16000, W), (8000, w2), (16000, W)):
+        feeds = {"x": x, "rate": np.array(rate)}
+        np.testing.assert_allclose(e.predict(feeds), x @ w, rtol=1e-5)
+        np.testing.assert_allclose(e.attribute(feeds, target=1), np.tile(w[:, 1], (2, 1)), rtol=1e-5)
