@@ -1,5 +1,8 @@
 """Gradient rules of LSTM, GRU and RNN agree with float64 finite differences and with torch.
 
+Both forms of the rule are checked: unrolled over the steps (short sequences) and as two
+Scans (long or open sequence lengths), by forcing the switch-over length.
+
 onnxruntime has float kernels only for the recurrent operators, so the finite differences
 are taken on an independent float64 numpy forward (rnn_reference.py) that each case first
 checks against onnxruntime's own output; one test per operator also differentiates
@@ -22,6 +25,7 @@ from onnxplain import Explainer
 from onnxplain.compile import SEED, Composite, compile_explainer
 from onnxplain.errors import ModelError, UnsupportedOperatorError
 from onnxplain.graph import Graph
+from onnxplain.rules import recurrent_scan
 
 ALL_ACTIVATIONS = [  # (name, alpha, beta) as given in the node; None: the operator's default
     ("Relu", None, None), ("Tanh", None, None), ("Sigmoid", None, None), ("Affine", 0.7, 0.2),
@@ -79,7 +83,7 @@ def _explainer_gradient(cfg, model, feeds, params, wrt, seed_arr):
     spec = compile_explainer(graph, Composite("gradient"), list(wrt), "out")
     m = sequence_first(spec.model) if cfg.layout else spec.model
     fed = {**feeds, **(params if cfg.params_as_inputs else {}), SEED: seed_arr.astype(np.float32)}
-    return dict(zip(wrt, session(m).run([spec.attributions[w] for w in wrt], fed)))
+    return dict(zip(wrt, session(m).run([spec.attributions[w] for w in wrt], fed))), spec
 
 
 def _check_forward(cfg, model, feeds, params):
@@ -100,13 +104,26 @@ def _assert_close(got, num, what):
     assert np.abs(num).max() > 1e-3, f"degenerate case: the gradient of {what} is zero"
 
 
+@pytest.fixture(params=["unrolled", "scan"])
+def form(request, monkeypatch):
+    """Which form the gradient takes: the switch-over length set so that every case (or
+    none) takes the Scan form."""
+    monkeypatch.setattr(recurrent_scan, "UNROLL_MAX", 10**6 if request.param == "unrolled" else 0)
+    return request.param
+
+
+def _scans(spec) -> int:
+    return sum(n.op_type == "Scan" for n in spec.model.graph.node)
+
+
 @pytest.mark.parametrize("cfg", CASES)
-def test_gradient_equals_float64_finite_differences(cfg):
+def test_gradient_equals_float64_finite_differences(cfg, form):
     model, feeds, params = make(cfg)
     y = _check_forward(cfg, model, feeds, params)
     seed_arr = np.random.default_rng(1).normal(size=y.shape)
     wrt = [k for k in ("x", "h0", "c0") if k in feeds]
-    got = _explainer_gradient(cfg, model, feeds, params, wrt, seed_arr)
+    got, spec = _explainer_gradient(cfg, model, feeds, params, wrt, seed_arr)
+    assert (_scans(spec) > 0) == (form == "scan")
     for k in wrt:
         _assert_close(got[k], numeric(cfg, feeds, params, seed_arr, k), f"{cfg.op} input {k}")
 
@@ -129,7 +146,7 @@ def test_gradient_of_computed_weights_equals_finite_differences(cfg):
     y = _check_forward(cfg, model, feeds, params)
     seed_arr = np.random.default_rng(2).normal(size=y.shape)
     wrt = ["x", "h0"] + list(params)
-    got = _explainer_gradient(cfg, model, feeds, params, wrt, seed_arr)
+    got, _ = _explainer_gradient(cfg, model, feeds, params, wrt, seed_arr)
     for k in wrt:
         _assert_close(got[k], numeric(cfg, feeds, params, seed_arr, k), f"{cfg.op} {k}")
 
@@ -166,19 +183,42 @@ def test_activation_without_its_parameters_is_zero_as_onnxruntime_runs_it(name):
     model, feeds, params = make(cfg)
     y = _check_forward(cfg, model, feeds, params)
     assert not np.any(y)
-    got = _explainer_gradient(cfg, model, feeds, params, ["x", "h0"], np.ones_like(y))
+    got, _ = _explainer_gradient(cfg, model, feeds, params, ["x", "h0"], np.ones_like(y))
     assert not np.any(got["x"]) and not np.any(got["h0"])
 
 
-def test_open_sequence_length_is_a_typed_error_naming_the_node():
-    cfg = Config("LSTM")
-    model, feeds, _ = make(cfg)
-    time_axis = model.graph.input[0].type.tensor_type.shape.dim[1]
-    time_axis.Clear()
-    time_axis.dim_param = "T"
-    graph = Graph(model)
+def _open_length(model):
+    for vi in list(model.graph.input[:1]) + list(model.graph.output):
+        time_axis = vi.type.tensor_type.shape.dim[1]
+        time_axis.Clear()
+        time_axis.dim_param = "T"
+    return Graph(model)
+
+
+def test_open_sequence_length_takes_the_scan_form_and_is_exact():
+    """A sequence length the model leaves open (and no specialisation fixes) is no obstacle
+    to the Scan form; one explainer serves every length."""
+    cfg = Config("LSTM", direction="bidirectional", outputs=("Y", "Y_h"))
+    model, _, _ = make(cfg)
+    spec = compile_explainer(_open_length(model), Composite("gradient"), ["x", "h0"], "out")
+    assert _scans(spec) == 4
+    sess = session(spec.model)
+    for T in (3, 7):
+        cfg.T = T
+        _, feeds, params = make(cfg)  # the same weights (drawn first), inputs of length T
+        y = expected(cfg, feeds, params)
+        seed_arr = np.random.default_rng(T).normal(size=y.shape)
+        got = sess.run([spec.attributions["x"], spec.attributions["h0"]], {**feeds, SEED: seed_arr.astype(np.float32)})
+        for k, g in zip(("x", "h0"), got):
+            _assert_close(g, numeric(cfg, feeds, params, seed_arr, k), f"LSTM input {k} at length {T}")
+
+
+def test_open_sequence_length_with_computed_weights_is_a_typed_error_naming_the_node():
+    """The Scan form holds constant weights only; a computed weight's gradient is unrolled,
+    which needs the length."""
+    model, _, _ = make(Config("LSTM", params_as_inputs=True))
     with pytest.raises(ModelError, match="LSTM 'rnn'.*static sequence length"):
-        compile_explainer(graph, Composite("gradient"), ["x"], "out")
+        compile_explainer(_open_length(model), Composite("gradient"), ["x", "W"], "out")
 
 
 def test_unknown_activation_is_a_typed_error():
@@ -188,20 +228,24 @@ def test_unknown_activation_is_a_typed_error():
         compile_explainer(graph, Composite("gradient"), ["x"], "out")
 
 
-def test_long_sequence_compiles_to_a_graph_linear_in_its_length():
-    """A bidirectional LSTM over 100 steps: the explainer stays a few tens of nodes per step
-    and direction, and agrees with finite differences of the reference on a few elements."""
-    cfg = Config("LSTM", direction="bidirectional", T=100, N=2, I=2, H=4, outputs=("Y_h",), scale=0.4)
-    model, feeds, params = make(cfg)
-    graph = Graph(model).specialize({k: v.shape for k, v in feeds.items()})
-    spec = compile_explainer(graph, Composite("gradient"), ["x"], "out")
-    n_nodes = len(spec.model.graph.node)
-    assert n_nodes < 60 * cfg.T * cfg.D, n_nodes
+def test_long_sequence_takes_the_scan_form_whose_size_does_not_grow_with_the_length():
+    """A bidirectional LSTM over 100 and 200 steps: two Scans per direction, the same number
+    of nodes for both lengths, and agreement with finite differences of the reference."""
+    sizes = []
+    for T in (100, 200):
+        cfg = Config("LSTM", direction="bidirectional", T=T, N=2, I=2, H=4, outputs=("Y_h",), scale=0.4,
+                     lens=[T, T // 3])
+        model, feeds, params = make(cfg)
+        graph = Graph(model).specialize({k: v.shape for k, v in feeds.items()})
+        spec = compile_explainer(graph, Composite("gradient"), ["x"], "out")
+        assert _scans(spec) == 4
+        sizes.append(len(spec.model.graph.node))
+    assert sizes[0] == sizes[1]
     y = expected(cfg, feeds, params)
     seed_arr = np.random.default_rng(5).normal(size=y.shape)
     got = session(spec.model).run([spec.attributions["x"]], {**feeds, SEED: seed_arr.astype(np.float32)})[0]
     eps = 1e-6
-    for idx in [(0, 0, 0), (1, 50, 1), (0, 99, 0), (1, 7, 0)]:
+    for idx in [(0, 0, 0), (1, 50, 1), (0, 199, 0), (1, 7, 0), (1, 150, 1)]:
         vals = []
         for sgn in (1, -1):
             x = feeds["x"].astype(np.float64)
@@ -269,5 +313,17 @@ def test_gradient_of_torch_recurrent_classifier_equals_autograd(cell, kw, dynamo
     e = Explainer(model)
     np.testing.assert_allclose(e.predict(x.detach().numpy()), module(x).detach().numpy(), atol=1e-5)
     got = e.attribute(x.detach().numpy(), method="gradient", target=2)
+    want = x.grad.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_gradient_of_torch_lstm_over_a_long_sequence_equals_autograd(tmp_path):
+    """Two bidirectional LSTM layers over 120 steps (the Scan form) against torch autograd."""
+    torch.manual_seed(2)
+    module = Classifier(torch.nn.LSTM, bidirectional=True, num_layers=2).eval()
+    model = _export(module, torch.randn(2, 120, 3), tmp_path / "m.onnx", False)
+    x = torch.randn(2, 120, 3, requires_grad=True)
+    module(x)[:, 1].sum().backward()
+    got = Explainer(model).attribute(x.detach().numpy(), method="gradient", target=1)
     want = x.grad.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

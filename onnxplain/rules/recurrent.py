@@ -2,9 +2,11 @@
 
 onnxruntime records none of a recurrence's internal states, so the backward graph first
 recomputes them: per direction, the input projections of all steps in one MatMul, then the
-steps one by one (gates, cell, hidden state), unrolled over the sequence length, which the
-input's specialised shape fixes. Backpropagation through time then runs over the same steps
-in the opposite order and the per-step input gradients are projected back in one MatMul.
+steps one by one (gates, cell, hidden state). Backpropagation through time then runs over the
+same steps in the opposite order and the per-step input gradients are projected back in one
+MatMul. Short sequences are unrolled (the specialised input shape fixes the length); long or
+open ones, with constant weights, run the same step code inside two Scans
+(recurrent_scan.py), so the graph does not grow with the length.
 
 What the operator does and the recomputation mirrors (checked against onnxruntime's
 forward in the tests): a sample's steps past its `sequence_lens` hold the state and emit
@@ -163,13 +165,12 @@ class Recurrence:
         self.P = _input(node, 7) if op == "LSTM" else ""
         shape = b.shape(self.X)
         t_axis = 1 if self.layout else 0
-        if shape is None or len(shape) != 3 or not isinstance(shape[t_axis], int) or not isinstance(shape[2], int):
-            raise ModelError(
-                f"the backward pass of {what} needs the static sequence length and input size of '{self.X}' "
-                f"(got shape {shape}); give the model inputs with a fixed sequence length (only the batch "
-                "axis may be symbolic)"
-            )
-        self.T, self.I = int(shape[t_axis]), int(shape[2])
+        if shape is None or len(shape) != 3 or not isinstance(shape[2], int):
+            raise ModelError(f"the backward pass of {what} needs the static input size of '{self.X}' (got shape "
+                             f"{shape}); give the model static input shapes (only the batch axis may be symbolic)")
+        self.I = int(shape[2])
+        self.T = int(shape[t_axis]) if isinstance(shape[t_axis], int) else None
+        self.shape = shape
         hidden = attr(node, "hidden_size")
         rshape = b.shape(self.R)
         if hidden is None:
@@ -283,8 +284,17 @@ class Recurrence:
     def unclip(self, g, keep):
         return g if keep is None else self.b.op("Where", keep, g, self.b.scalar_like(0.0, g))
 
+    def static_length(self, why: str) -> int:
+        if self.T is None:
+            raise ModelError(
+                f"{why} of {self.what} needs the static sequence length of '{self.X}' (got shape {self.shape}); "
+                "give the model inputs with a fixed sequence length (only the batch axis may be symbolic)"
+            )
+        return self.T
+
     def time_steps(self, d: int):
-        return range(self.T - 1, -1, -1) if self.reverse[d] else range(self.T)
+        T = self.static_length("the unrolled backward pass")
+        return range(T - 1, -1, -1) if self.reverse[d] else range(T)
 
     # --- the forward recomputation -------------------------------------------------------------
     def params(self, d: int) -> dict:
@@ -546,6 +556,16 @@ def recurrent_gradient(b, node, grads):
     gy, gyh, gyc = rec.output_grads(grads)
     want_x = rec.wants(rec.X)
     want = {k: rec.wants(getattr(rec, k)) for k in ("W", "R", "B", "P", "h0", "c0")}
+    res = [None] * len(node.input)
+    from .recurrent_scan import applies, scan_gradient
+
+    if applies(rec, want):
+        res[0], dh0s, dc0s = scan_gradient(rec, node, gy, gyh, gyc, want_x)
+        if want["h0"]:
+            res[5] = rec.stack_states(dh0s)
+        if want["c0"]:
+            res[6] = rec.stack_states(dc0s)
+        return res
     dxs, dws, drs, dbs, dps, dh0s, dc0s = [], [], [], [], [], [], []
     for d in range(rec.D):
         p, steps = rec.run(d)
@@ -598,7 +618,6 @@ def recurrent_gradient(b, node, grads):
                 acc = b.op("Sum", *[x[k] for x in dp]) if len(dp) > 1 else dp[0][k]
                 parts.append(b.reduce_sum(acc, [0], keepdims=False))
             dps.append(b.op("Concat", *parts, axis=0))
-    res = [None] * len(node.input)
     if want_x:
         res[0] = rec.to_sequence(b.sum(dxs), rec.I)
     if want["W"]:

@@ -1,0 +1,199 @@
+"""The gradient of LSTM/GRU/RNN as two ONNX Scans instead of an unrolled graph, for long or
+open sequence lengths: a forward Scan recomputes the steps and stacks what the backward
+reads, a second Scan runs backpropagation through time over those records in the opposite
+order. The step bodies are the unrolled rule's own (recurrent.py), emitted into the Scan
+bodies; the graph no longer grows with the sequence length.
+
+The bodies hold their weights as Constant nodes and read nothing from the outer graph, so
+this form applies to constant weights (a computed weight's gradient takes the unrolled form).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from .base import Builder
+
+# Above this many steps the Scan form is used: the unrolled graph has ~40 nodes per step and
+# direction, and onnxruntime's session setup grows faster than that (a 300-step bidirectional
+# LSTM: 23k nodes, 11-44 s; as Scans: 36 nodes, 0.1 s).
+UNROLL_MAX = 16
+
+_ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
+         np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+class _Body(Builder):
+    """A builder whose nodes go into a Scan body; constants are Constant nodes in it."""
+
+    def __init__(self, outer, dtype):
+        self.outer, self.graph, self.opset = outer, outer.graph, outer.opset
+        self.prefix, self.current = outer.prefix, outer.current
+        self.nodes, self.initializers = [], []
+        self._consts, self._by_id, self._model_ids = {}, {}, {}
+        self.dtype = np.dtype(dtype)
+
+    def fresh(self, hint: str = "t") -> str:
+        return self.outer.fresh(hint)
+
+    def const(self, value, dtype=np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes()) if arr.size <= 16 else None
+        if key is not None and key in self._consts:
+            return self._consts[key]
+        name = self.fresh("const")
+        self.nodes.append(helper.make_node("Constant", [], [name], name=name + "_node",
+                                           value=numpy_helper.from_array(arr)))
+        if key is not None:
+            self._consts[key] = name
+        return name
+
+    def np_dtype(self, name):
+        return self.dtype
+
+    def shape(self, name):
+        return self.outer.shape(name)
+
+    def constant(self, name):
+        return self.outer.constant(name)
+
+
+def _vi(name, elem, rank):
+    return helper.make_tensor_value_info(name, elem, [None] * rank)
+
+
+def _graph(body, inputs, outputs, name):
+    return helper.make_graph(body.nodes, name, inputs, outputs)
+
+
+def applies(rec, want) -> bool:
+    """Whether the gradient of `rec` takes the Scan form."""
+    if rec.T is not None and rec.T <= UNROLL_MAX:
+        return False
+    if any(want[k] for k in ("W", "R", "B", "P")):
+        return False
+    return all(not n or rec.b.constant(n) is not None for n in (rec.W, rec.R, rec.B, rec.P))
+
+
+# Per operator: the step values the backward reads, as (key, kind, rank); kind "f" float or
+# "b" bool; keys ending in _keep exist only with clip.
+def _record_keys(rec):
+    keys = ["h_prev"]
+    if rec.op == "RNN":
+        keys += ["hh", "hh_x", "hh_keep"]
+    elif rec.op == "GRU":
+        keys += ["z", "z_x", "z_keep", "r", "r_x", "r_keep", "hh", "hh_x", "hh_keep"]
+        keys += ["v"] if rec.lbr else ["rh"]
+    else:
+        keys += ["c_prev", "c_new", "hc", "i", "i_x", "i_keep", "g", "g_x", "g_keep", "o", "o_x", "o_keep", "f"]
+        if not rec.input_forget:
+            keys += ["f_x", "f_keep"]
+    if rec.clip is None:
+        keys = [k for k in keys if not k.endswith("_keep")]
+    return keys
+
+
+def scan_gradient(rec, node, gy, gyh, gyc, want_x):
+    """(dX in the node's layout or None, [dh0 per direction], [dc0 per direction])."""
+    from .recurrent import _masked, _step_backward
+
+    b, H, G = rec.b, rec.H, rec.G
+    elem = _ELEM.get(np.dtype(rec.dtype), TensorProto.FLOAT)
+    lstm = rec.op == "LSTM"
+    masks = None
+    if rec.lens:
+        lens_t = b.np_dtype(rec.lens)
+        T_dyn = b.op("Slice", b.shape_of(rec.x), b.ints([0]), b.ints([1]), b.ints([0]))
+        T_dyn = b.op("Cast", b.squeeze(T_dyn, [0]), to=helper.np_dtype_to_tensor_dtype(lens_t))
+        steps = b.op("Range", b.const(np.array(0, lens_t), lens_t), T_dyn, b.const(np.array(1, lens_t), lens_t))
+        steps = b.unsqueeze(steps, [1, 2])  # (T, 1, 1) against (1, N, 1)
+        masks = b.op("Less", steps, b.unsqueeze(rec.col, [0]))
+    keys = _record_keys(rec)
+    dxs, dh0s, dc0s = [], [], []
+    for d in range(rec.D):
+        rev = int(rec.reverse[d])
+        p = rec.params(d)
+        xw = rec.projection(d, p)
+        h0, c0 = rec.initial("h", d), rec.initial("c", d) if lstm else None
+
+        # --- forward: states in, records out (stored by time index)
+        fwd = _Body(b, rec.dtype)
+        rec.b = fwd
+        try:
+            pb = rec.params(d)
+            names = {"h": fwd.fresh("h_in"), "c": fwd.fresh("c_in"), "xw": fwd.fresh("xw_in"), "m": fwd.fresh("m_in")}
+            s = {"h_prev": names["h"], "c_prev": names["c"] if lstm else None, "xw": names["xw"],
+                 "mask": names["m"] if masks is not None else None}
+            getattr(rec, "_step_" + rec.op.lower())(s, pb, d)
+            m = s["mask"]
+            h_out = s["h_new"] if m is None else fwd.op("Where", m, s["h_new"], s["h_prev"])
+            outs = [fwd.op("Identity", h_out)]
+            if lstm:
+                outs.append(fwd.op("Identity", s["c_new"] if m is None else fwd.op("Where", m, s["c_new"], s["c_prev"])))
+            outs += [fwd.op("Identity", s[k]) for k in keys]
+        finally:
+            rec.b = b
+        ins = [_vi(names["h"], elem, 2)] + ([_vi(names["c"], elem, 2)] if lstm else [])
+        ins += [_vi(names["xw"], elem, 2)] + ([_vi(names["m"], TensorProto.BOOL, 2)] if masks is not None else [])
+        out_vis = [_vi(o, TensorProto.BOOL if k.endswith("_keep") else elem, 2)
+                   for o, k in zip(outs, ["h", "c"][: 1 + lstm] + keys)]
+        body = _graph(fwd, ins, out_vis, "forward_steps")
+        scan_ins = [h0] + ([c0] if lstm else []) + [xw] + ([masks] if masks is not None else [])
+        n_scan = 1 + (masks is not None)
+        res = b.op("Scan", *scan_ins, outputs=len(outs), body=body, num_scan_inputs=n_scan,
+                   scan_input_directions=[rev] * n_scan, scan_output_directions=[rev] * len(keys))
+        records = dict(zip(keys, res[1 + lstm:]))
+
+        # --- backward: gradient states in, per-step pre-activation gradients out
+        gy_d = rec.direction_part(gy, d, axis=1)
+        dh = rec.final_part(gyh, d) or rec.zero_state()
+        dc = (rec.final_part(gyc, d) or rec.zero_state()) if lstm else None
+        bwd = _Body(b, rec.dtype)
+        rec.b = bwd
+        try:
+            pb = rec.params(d)
+            s = {k: bwd.fresh(k + "_in") for k in keys}
+            for k in ("hh", "z", "r", "i", "f", "g", "o"):
+                s.setdefault(k + "_keep", None)
+            dh_name, dc_name = bwd.fresh("dh_in"), bwd.fresh("dc_in")
+            gy_name, m_name = bwd.fresh("gy_in"), bwd.fresh("m_in")
+            m = m_name if masks is not None else None
+            s["mask"] = m
+            dh_in = dh_name if gy_d is None else bwd.add(dh_name, gy_name)
+            dc_in = dc_name if lstm else None
+            if m is not None:
+                dh_in = _masked(bwd, m, dh_in)
+                dc_in = _masked(bwd, m, dc_in)
+            out = _step_backward(rec, s, pb, d, dh_in, dc_in)
+            dh_out = out["dh"] if m is None else bwd.op("Where", m, out["dh"], dh_name)
+            bouts = [bwd.op("Identity", dh_out)]
+            if lstm:
+                bouts.append(bwd.op("Identity", out["dc"] if m is None else bwd.op("Where", m, out["dc"], dc_name)))
+            bouts.append(bwd.op("Identity", out["dx"]))
+        finally:
+            rec.b = b
+        bins = [_vi(dh_name, elem, 2)] + ([_vi(dc_name, elem, 2)] if lstm else [])
+        bins += [_vi(s[k], TensorProto.BOOL if k.endswith("_keep") else elem, 2) for k in keys]
+        scanned = [records[k] for k in keys]
+        if gy_d is not None:
+            bins.append(_vi(gy_name, elem, 2))
+            scanned.append(gy_d)
+        if masks is not None:
+            bins.append(_vi(m_name, TensorProto.BOOL, 2))
+            scanned.append(masks)
+        body = _graph(bwd, bins, [_vi(o, elem, 2) for o in bouts], "backward_steps")
+        back = 1 - rev  # the opposite order of the forward's
+        res = b.op("Scan", dh, *([dc] if lstm else []), *scanned, outputs=len(bouts), body=body,
+                   num_scan_inputs=len(scanned), scan_input_directions=[back] * len(scanned),
+                   scan_output_directions=[back])
+        dh0s.append(res[0])
+        dc0s.append(res[1] if lstm else None)
+        if want_x:
+            dxs.append(b.op("MatMul", res[-1], p["W"]))  # (T, N, GH) @ (GH, I)
+    dx = None
+    if want_x:
+        dx = b.sum(dxs)
+        if rec.layout:
+            dx = b.op("Transpose", dx, perm=[1, 0, 2])
+    return dx, dh0s, dc0s
