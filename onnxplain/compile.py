@@ -121,7 +121,7 @@ def _missing(graph: Graph, composite: Composite, nodes, dep) -> set:
             missing |= _missing_in_body(graph, composite, body, dep, with_inputs=True)
             continue
         rule = composite.rule(n, graph)
-        if rule is None or getattr(rule, "refuses", lambda c: False)(composite):
+        if rule is None or getattr(rule, "refuses", lambda c, n, g: False)(composite, n, graph):
             missing.add(n.op_type)
         if rule is not None:
             for body in subgraphs(n):
@@ -149,7 +149,7 @@ def _missing_in_body(graph, composite, body, dep, with_inputs=False) -> set:
             missing |= _missing_in_body(sub or graph, composite, subgraphs(n)[0], reach, with_inputs=True)
             continue
         rule = lookup(n, "gradient") if sub is None else composite.rule(n, sub)
-        if rule is None or getattr(rule, "refuses", lambda c: False)(composite):
+        if rule is None or getattr(rule, "refuses", lambda c, n, g: False)(composite, n, sub or graph):
             missing.add(n.op_type)
         if rule is not None:
             for inner in subgraphs(n):

@@ -524,6 +524,16 @@ def node_inputs(node) -> list[str]:
     return list(dict.fromkeys(explicit + implicit_inputs(node)))
 
 
+def subgraph_op_types(node) -> set[str]:
+    """The operator types inside a node's subgraphs, nested ones included."""
+    found = set()
+    for sub in subgraphs(node):
+        for n in sub.node:
+            found.add(n.op_type)
+            found |= subgraph_op_types(n)
+    return found
+
+
 # --- embeddings: where a token model becomes float ---------------------------------------
 _INDEX_PASSING = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
 

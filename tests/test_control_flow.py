@@ -179,8 +179,9 @@ def inlined_then_model():
     return _model(nodes, list(m.graph.input), list(m.graph.output), list(m.graph.initializer))
 
 
-@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus", "excitation_backprop",
-                                    "guided_backprop", "deconvnet"])
+@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus", "lrp.epsilon_gamma_box",
+                                    "excitation_backprop", "contrastive_excitation_backprop", "guided_backprop",
+                                    "deconvnet"])
 def test_if_backward_equals_that_of_the_taken_branch_inlined(method):
     # The composite is asked per branch node: LRP's rules apply inside the branches.
     x = np.abs(rng_(6).normal(size=(2, 4))).astype(np.float32)
@@ -727,3 +728,44 @@ def test_operator_without_rule_inside_a_loop_body_is_refused_by_name(monkeypatch
     shape = (2, 3, 3) if make is rnn_loop_model else (1, 4, 3)
     with pytest.raises(UnsupportedOperatorError, match="Tanh"):
         compile_explainer(g.specialize({"x": shape}), GRADIENT, ["x"], "z", method="gradient")
+
+
+# ----------------------------------------------------------------------------- LRP positions
+def activation_if_model(inline=False):
+    """x (N, 4) -> If (on an integer input s, not on x) then relu(x) else -x -> x W -> z.
+    With `inline`, the then-branch written out: what the If computes where sum(s) > 0."""
+    w = rng_(45).normal(size=(4, 3))
+    if inline:
+        nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    else:
+        then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
+                                   [helper.make_tensor_value_info("t", F32, ["N", 4])])
+        else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                                   [helper.make_tensor_value_info("e", F32, ["N", 4])])
+        nodes = [helper.make_node("ReduceSum", ["s"], ["ss"], keepdims=0),
+                 helper.make_node("Greater", ["ss", "zero"], ["cond"]),
+                 helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    nodes.append(helper.make_node("MatMul", ["y", "W"], ["z"]))
+    inits = [_init("W", w, F32), numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 4]),
+                          helper.make_tensor_value_info("s", TensorProto.INT64, ["N", 1])],
+                  [helper.make_tensor_value_info("z", F32, ["N", 3])], inits)
+
+
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "deep_taylor", "lrp.epsilon_alpha2_beta1_flat"])
+def test_first_layer_rules_find_the_first_layer_behind_an_if(method):
+    # The MatMul after the If is the first linear layer: the If's branches read x.
+    x = np.abs(rng_(46).normal(size=(2, 4))).astype(np.float32)
+    feeds = {"x": x, "s": np.ones((2, 1), np.int64)}
+    got = Explainer(activation_if_model()).attribute(feeds, method=method, target=0)
+    want = Explainer(activation_if_model(inline=True)).attribute(feeds, method=method, target=0)
+    got, want = (got["x"], want["x"]) if isinstance(got, dict) else (got, want)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "deep_taylor"])
+def test_position_rules_with_a_linear_layer_inside_a_branch_are_refused(method, tmp_path):
+    x = np.abs(rng_(47).normal(size=(2, 4))).astype(np.float32)
+    with pytest.raises(UnsupportedOperatorError, match="If"):
+        Explainer(if_model()).attribute(x, method=method, target=0)

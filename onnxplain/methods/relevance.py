@@ -23,6 +23,7 @@ import numpy as np
 from .. import groups
 from ..compile import Composite
 from ..errors import OptionError
+from ..graph import node_inputs, subgraph_op_types
 from ..rules import deeplift as deeplift_rules
 from ..rules import lrp
 from ..rules.base import lookup
@@ -63,7 +64,7 @@ def first_linear_nodes(graph) -> set:
     passed = {x: False for x in graph.inputs if graph.is_float(x)}
     first = set()
     for node in graph.nodes:
-        flags = [passed[i] for i in node.input if i in passed]
+        flags = [passed[i] for i in node_inputs(node) if i in passed]  # If branches' reads too
         if not flags:
             continue
         after = any(flags)
@@ -71,6 +72,8 @@ def first_linear_nodes(graph) -> set:
             if not after:
                 first.add(node.name)
             after = True
+        elif subgraph_op_types(node) & set(lrp.LINEAR):
+            after = True  # a linear layer inside a branch or loop body came first
         for o in node.output:
             if o:
                 passed[o] = after
@@ -93,7 +96,7 @@ def last_linear_nodes(graph, explained: str | None) -> set:
         if node.op_type in lrp.LINEAR:
             last.add(node.name)
             continue
-        stack.extend(i for i in node.input if i and graph.constant(i) is None)
+        stack.extend(i for i in node_inputs(node) if graph.constant(i) is None)
     return last
 
 
@@ -487,6 +490,9 @@ def no_multiplier(graph, composite, wrt, explained) -> list:
     from ..compile import active_nodes
 
     nodes = groups.fold(graph, active_nodes(graph, wrt, explained), composite.claims, keep=list(wrt) + [explained])
+    # A product with a tensor that does not depend on the attributed one (an attention mask)
+    # is linear in what is attributed.
+    moving = set(wrt) | {o for n in nodes for o in n.output if o}
     found = set()
     for n in nodes:
         g = groups.of(graph, n)
@@ -494,7 +500,7 @@ def no_multiplier(graph, composite, wrt, explained) -> list:
             if not g.elementwise:
                 found.add(f"{g.kind} (decomposed, ending at '{g.output}')")
             continue
-        if n.op_type in ROW_WISE or n.op_type in PRODUCTS and len(groups.computed_inputs(graph, n)) >= 2:
+        if n.op_type in ROW_WISE or n.op_type in PRODUCTS and sum(i in moving for i in n.input) >= 2:
             found.add(n.op_type)
     return sorted(found)
 
