@@ -250,6 +250,7 @@ def _groups_from(graph, x: str, members: list) -> list:
         if region is None or len(region) > MAX_NODES:
             continue
         nodes = sorted((by_name[k] for k in region), key=lambda n: order[n.name])
+        start, nodes = _fork(graph, x, nodes)
         row_wise = any(n.op_type == "ReduceMean" for n in nodes)
         if not row_wise:
             nodes = _absorb_scaling(graph, nodes, outputs_of_graph)
@@ -257,10 +258,25 @@ def _groups_from(graph, x: str, members: list) -> list:
         if y is None:
             continue
         if row_wise:
-            result.append(Group(_norm_kind(graph, nodes, x, y), x, y, tuple(nodes), elementwise=False))
+            result.append(Group(_norm_kind(graph, nodes, start, y), start, y, tuple(nodes), elementwise=False))
         else:
-            result.append(Group(_kind(graph, nodes, x, y), x, y, tuple(nodes)))
+            result.append(Group(_kind(graph, nodes, start, y), start, y, tuple(nodes)))
     return result
+
+
+def _fork(graph, x: str, nodes: list) -> tuple:
+    """The group starts where its paths fork: a leading chain (a bias Add before a GELU, a
+    position embedding added before a LayerNorm) is the previous layer's, not the group's."""
+    nodes = list(nodes)
+    while len(nodes) > 1:
+        readers = [n for n in nodes if x in n.input]
+        head = readers[0] if len(readers) == 1 else None
+        outs = [o for o in head.output if o] if head is not None else []
+        if len(outs) != 1 or any(c not in nodes for c in graph.consumers.get(outs[0], [])) or outs[0] in graph.outputs:
+            break
+        x = outs[0]
+        nodes.remove(head)
+    return x, nodes
 
 
 def _merge(regions: list) -> list:

@@ -362,3 +362,29 @@ def test_decomposed_normalisations_are_groups_that_deeplift_leaves_to_the_gradie
     ref = DeepLift(model).attribute(torch.tensor(xs, requires_grad=True), baselines=torch.full((3, 4), 0.2),
                                     target=1).detach().numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_a_group_starts_where_its_paths_fork_not_at_the_bias_or_position_added_before(tmp_path):
+    # Linear on a 3-D input exports as MatMul + Add(bias); a position embedding is an Add
+    # before the LayerNorm: both belong to the layer before, so the kinds are named.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(8)
+            self.pos = nn.Parameter(torch.randn(5, 8))
+            self.ln, self.lin, self.act = nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.lin(self.ln(x + self.pos))).sum(1)
+
+    path = tmp_path / "block.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Block().eval(), (torch.randn(2, 5, 8),), str(path), dynamo=False, opset_version=14,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    ex = Explainer(str(path))
+    found = sorted((g.kind, ex.graph.producer[g.input].op_type) for g in groups.find(ex.graph).values())
+    assert found == [("gelu", "Add"), ("layernorm", "Add")]
+    x = np.random.default_rng(1).normal(size=(2, 5, 8)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"no rescale rule for layernorm \(decomposed"):
+        ex.attribute(x, method="deeplift", target=3, baseline=0.1)

@@ -366,3 +366,11 @@ def test_layer_baseline_options_need_a_layer_and_one_way_of_forming_it(token_mod
         _float_model_explainer().attribute(x, method=method, target=0, layer_baseline=0.0)
     with pytest.raises(OptionError, match="either layer_baseline .* or baseline_ids"):
         ex.attribute(_feeds(ids, mask), method=method, layer=layer, target=0, layer_baseline=0.0, baseline_ids=3)
+
+
+def test_deeplift_warns_where_a_transformer_has_no_multiplier_but_not_for_products_with_the_mask(token_models):
+    _, ex = token_models("block", "torchscript")
+    ids, mask = _tokens()
+    with pytest.warns(UserWarning, match="no rescale rule for LayerNormalization, MatMul, Softmax on") as seen:
+        ex.attribute(_feeds(ids, mask), method="deeplift", layer=_embedding_output(ex), target=0)
+    assert len([w for w in seen if "deeplift" in str(w.message)]) == 1
