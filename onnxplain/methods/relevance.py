@@ -23,6 +23,7 @@ import numpy as np
 from .. import groups
 from ..compile import Composite
 from ..errors import OptionError
+from ..graph import node_inputs, subgraph_op_types
 from ..rules import deeplift as deeplift_rules
 from ..rules import lrp
 from ..rules.base import lookup
@@ -63,7 +64,7 @@ def first_linear_nodes(graph) -> set:
     passed = {x: False for x in graph.inputs if graph.is_float(x)}
     first = set()
     for node in graph.nodes:
-        flags = [passed[i] for i in node.input if i in passed]
+        flags = [passed[i] for i in node_inputs(node) if i in passed]  # If branches' reads too
         if not flags:
             continue
         after = any(flags)
@@ -71,6 +72,8 @@ def first_linear_nodes(graph) -> set:
             if not after:
                 first.add(node.name)
             after = True
+        elif subgraph_op_types(node) & set(lrp.LINEAR):
+            after = True  # a linear layer inside a branch or loop body came first
         for o in node.output:
             if o:
                 passed[o] = after
@@ -93,7 +96,7 @@ def last_linear_nodes(graph, explained: str | None) -> set:
         if node.op_type in lrp.LINEAR:
             last.add(node.name)
             continue
-        stack.extend(i for i in node.input if i and graph.constant(i) is None)
+        stack.extend(i for i in node_inputs(node) if graph.constant(i) is None)
     return last
 
 
