@@ -17,7 +17,7 @@ from .errors import InputError, ModelError, OptionError, UnsupportedOperatorErro
 from .graph import Graph, read_model
 from .methods.base import Context, get_method
 from .runtime import Rows, Session
-from .target import as_target
+from .target import as_target, resolve_target
 
 LOOK_THROUGH = ("Softmax", "LogSoftmax")
 # Operators that only move elements: a Softmax behind them still ends the model.
@@ -253,6 +253,7 @@ class Explainer:
         sample as sample-by-sample runs give it. Static shapes spare a forward pass."""
         plan = self.plan(feeds)
         n = plan.n(feeds)
+        plan.learn_axes(feeds, [explained])
         b = plan.axis(explained)
         if b is None:
             if plan.static_for([explained]) != 1:
@@ -291,6 +292,8 @@ class Explainer:
         m = get_method(method)
         opts = m.resolve(options)
         feeds = self._feeds(x)
+        # A detection is decoded here (one forward pass) into the seed of its scores output.
+        target, output = resolve_target(self, feeds, target, output)
         explained = self.explained_tensor(output, probability)
         tensors = self.attributed(layer, wrt, feeds, black_box=m.kind == "black-box")
         # The predicted class (target None) is found lazily: a single-pass method forms it
@@ -412,6 +415,7 @@ class Plan:
         self._static_graphs: dict[int, Graph] = {}
         self._probes = None
         self._independent = None
+        self._runtime_axes: dict = {}
         # The batch's names in the model file, for outputs that inference cannot type
         # (operators of other domains) but the file declares.
         declared = {k: explainer.graph.shape(k) for k in axes}
@@ -467,9 +471,27 @@ class Plan:
                 return feeds[k].shape[ax]
         return 1
 
+    def learn_axes(self, feeds: dict, tensors) -> None:
+        """For a model that fixes its batch size, tensors whose shape inference cannot
+        tell (an ai.onnx.ml Normalizer's output) are run once: a first axis of the batch's
+        size is their batch axis (and every later run checks it)."""
+        if self.declared_static is None:
+            return
+        unknown = [t for t in tensors if t not in self.input_axes and t not in self._runtime_axes
+                   and self.axis(t) is None and self.graph.shape(t) is None]
+        if not unknown:
+            return
+        out = self.explainer._session(("shapes", tuple(unknown)) + self.key,
+                                      lambda: _with_outputs(self.graph, unknown)).run(feeds, unknown)
+        n = self.n(feeds)
+        for t in unknown:
+            self._runtime_axes[t] = 0 if out[t].ndim and out[t].shape[0] == n else None
+
     def axis(self, tensor: str) -> int | None:
         if tensor in self.input_axes:
             return self.input_axes[tensor]
+        if self._runtime_axes.get(tensor) is not None:
+            return self._runtime_axes[tensor]
         ax = self.graph.batch_axis(tensor)
         if ax is None:
             ax = self._probed_axis(tensor)

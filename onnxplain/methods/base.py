@@ -199,6 +199,7 @@ class Context:
             self.feeds, self.n, self._seed = _from.feeds, _from.n, _from._seed
             return
         self.plan = explainer.plan(feeds)
+        self.plan.learn_axes(feeds, [explained] + [t for t in self.wrt if t not in feeds])
         # Unbatched inputs attributed to (a 0-d input, a fixed state) become rows of their own.
         extra = [t for t in self.wrt if t in feeds and self.plan.input_axes.get(t) is None]
         self.static = self.plan.static_for([explained] + self.wrt, 1 if extra else None)
