@@ -354,17 +354,111 @@ def test_resize_antialias_is_reported():
         Explainer(m, canonize=False).attribute(x, method="gradient", target=np.ones((2, 2, 2, 3), np.float32))
 
 
-def test_slice_with_runtime_starts_is_reported():
-    x = rand(2, 6)
-    nodes = [helper.make_node("Slice", ["x", "s", "e", "a"], ["y0"])]
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
-                                       helper.make_tensor_value_info("s", TensorProto.INT64, [1])],
+def _runtime_model(nodes, inputs, inits=(), opset=18):
+    """A model whose graph inputs are `inputs` (name -> (elem type, declared shape)), output y0."""
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(k, t, s) for k, (t, s) in inputs.items()],
                           [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
-                          initializer=[numpy_helper.from_array(ints(5), "e"), numpy_helper.from_array(ints(1), "a")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                          initializer=[numpy_helper.from_array(v, k) for k, v in dict(inits).items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
-    with pytest.raises(ModelError, match="starts input 's' is computed at run time"):
-        compile_explainer(Graph(m), Composite("gradient"), ["x"], "y0")
+    return m
+
+
+def check_runtime(model, feeds: dict, wrt="x"):
+    """Compile the gradient of y0 w.r.t. `wrt` without specialising shapes (so values the
+    rules need are only known at run time), and compare it with central differences of
+    seed . y0 over every element, in float64."""
+    from gradcheck import to_double
+
+    ex = compile_explainer(Graph(model), Composite("gradient"), [wrt], "y0")
+    for vi in ex.model.graph.input:  # onnx may guess the seed's rank from the axes' length
+        if vi.name == ex.seed:
+            vi.type.tensor_type.ClearField("shape")
+    sess = ort.InferenceSession(ex.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fwd = ort.InferenceSession(to_double(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    d = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    y = fwd.run(["y0"], d)[0]
+    seed = np.random.default_rng(7).normal(size=y.shape)
+    got = sess.run([ex.attributions[wrt]], {**feeds, ex.seed: seed.astype(np.float32)})[0]
+    num = np.zeros(d[wrt].shape)
+    for i in np.ndindex(*num.shape):
+        xp, xm = d[wrt].copy(), d[wrt].copy()
+        xp[i] += 1e-6
+        xm[i] -= 1e-6
+        num[i] = ((fwd.run(["y0"], {**d, wrt: xp})[0] - fwd.run(["y0"], {**d, wrt: xm})[0]) * seed).sum() / 2e-6
+    assert got.shape == num.shape
+    np.testing.assert_allclose(got, num, rtol=1e-4, atol=1e-5)
+    return got
+
+
+F32, I = TensorProto.FLOAT, TensorProto.INT64
+
+
+@pytest.mark.parametrize("starts,ends,axes,steps", [
+    ([1], [5], [1], [1]), ([-2], [-7], [1], [-2]), ([0, 4], [2, 0], [0, 1], [1, -1]), ([-4], [100], [-1], [3]),
+], ids=["unit", "negative_step", "two_axes", "negative_axis_step3"])
+def test_slice_with_starts_ends_axes_steps_computed_at_run_time(starts, ends, axes, steps):
+    x = rand(3, 7)
+    nodes = [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y0"])]
+    m = _runtime_model(nodes, {"x": (F32, ["N", 7]), "s": (I, [len(starts)]), "e": (I, [len(starts)]),
+                               "a": (I, [len(starts)]), "t": (I, [len(starts)])})
+    check_runtime(m, {"x": x, "s": ints(*starts), "e": ints(*ends), "a": ints(*axes), "t": ints(*steps)})
+
+
+def test_slice_with_a_negative_start_on_an_axis_only_known_at_run_time():
+    x = rand(3, 7)
+    nodes = [helper.make_node("Slice", ["x", "s", "e", "a"], ["y0"])]
+    m = _runtime_model(nodes, {"x": (F32, ["N", "L"])}, {"s": ints(-3), "e": ints(BIG), "a": ints(1)})
+    check_runtime(m, {"x": x})
+
+
+@pytest.mark.parametrize("with_axes", [False, True], ids=["all_axes", "axes_input"])
+def test_constant_pad_with_pads_computed_at_run_time(with_axes):
+    # Negative pads crop: the adjoint pads back with zeros.
+    x = rand(2, 3, 5)
+    ins = {"x": (F32, ["N", 3, 5]), "p": (I, [4 if with_axes else 6])}
+    nodes = [helper.make_node("Pad", ["x", "p", "", "a"] if with_axes else ["x", "p"], ["y0"], mode="constant")]
+    pads = ints(1, -1, 2, 1) if with_axes else ints(0, 1, -1, 0, 2, 1)
+    m = _runtime_model(nodes, ins, {"a": ints(1, -1)} if with_axes else {})
+    check_runtime(m, {"x": x, "p": pads})
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceL2", "ReduceLogSumExp",
+                                "ReduceSumSquare"])
+def test_reduction_with_axes_computed_at_run_time(op, keep):
+    x = rand(2, 3, 4)
+    nodes = [helper.make_node(op, ["x", "a"], ["y0"], keepdims=keep)]
+    m = _runtime_model(nodes, {"x": (F32, ["N", 3, 4]), "a": (I, ["K"])})
+    check_runtime(m, {"x": x, "a": ints(-1, 0)})
+
+
+@pytest.mark.parametrize("noop", [0, 1])
+def test_reduction_with_empty_axes_computed_at_run_time_follows_noop_with_empty_axes(noop):
+    x = rand(2, 3, 4)
+    nodes = [helper.make_node("ReduceMean", ["x", "a"], ["y0"], keepdims=0, noop_with_empty_axes=noop)]
+    m = _runtime_model(nodes, {"x": (F32, ["N", 3, 4]), "a": (I, ["K"])})
+    check_runtime(m, {"x": x, "a": np.zeros(0, I64)})
+
+
+def test_broadcast_gradient_where_the_rank_is_only_known_at_run_time():
+    # Squeeze by run-time axes leaves the rank of 'sq' (and of the product) unknown: the
+    # broadcast axes of 'w' are found at run time, the missing leading ones included.
+    x, w = rand(2, 1, 3, 4), rand(3, 1, seed=1)
+    nodes = [helper.make_node("Squeeze", ["x", "a"], ["sq"]), helper.make_node("Mul", ["sq", "w"], ["y0"])]
+    m = _runtime_model(nodes, {"x": (F32, ["N", 1, 3, 4]), "w": (F32, [3, 1]), "a": (I, [1])})
+    check_runtime(m, {"x": x, "w": w, "a": ints(1)}, wrt="w")
+    check_runtime(m, {"x": x, "w": w, "a": ints(1)}, wrt="x")
+
+
+def test_split_and_concat_on_a_negative_axis_where_the_rank_is_only_known_at_run_time():
+    x = rand(2, 1, 3, 4)
+    nodes = [helper.make_node("Squeeze", ["x", "a"], ["sq"]),
+             helper.make_node("Split", ["sq"], ["p", "q"], axis=-1, num_outputs=2),
+             helper.make_node("Mul", ["q", "q"], ["q2"]),
+             helper.make_node("Concat", ["q2", "p", "sq"], ["y0"], axis=-1)]
+    m = _runtime_model(nodes, {"x": (F32, ["N", 1, 3, 4]), "a": (I, [1])})
+    check_runtime(m, {"x": x, "a": ints(1)})
 
 
 # --- Resize against torch autograd -------------------------------------------------------

@@ -198,6 +198,24 @@ class Builder:
         zero = numpy_helper.from_array(np.zeros(1, dtype=dtype if dtype.kind == "f" else np.float32))
         return self.op("ConstantOfShape", self.shape_of(x), value=zero)
 
+    def positions(self, x: str) -> str:
+        """An int64 tensor shaped like `x` holding each element's row-major flat index, at
+        run time: pushed through an index-selecting forward op (Slice, Gather...), it says
+        where every selected element came from, for the scatter that is that op's adjoint."""
+        n = self.op("Reshape", self.op("Size", x), self.ints([]))
+        flat = self.op("Range", self.const(np.array(0, np.int64), np.int64), n,
+                       self.const(np.array(1, np.int64), np.int64))
+        return self.op("Reshape", flat, self.shape_of(x))
+
+    def scatter_to(self, g: str, positions: str, like: str) -> str:
+        """Add each element of `g` at flat index `positions` (as from `positions`) of a zero
+        tensor shaped like forward tensor `like`."""
+        flat = self.ints([-1])
+        zeros = self.op("Reshape", self.zeros_like(like), flat)
+        out = self.op("ScatterElements", zeros, self.op("Reshape", positions, flat), self.op("Reshape", g, flat),
+                      axis=0, reduction="add")
+        return self.reshape_like(out, like)
+
     def mul(self, a: str, b: str) -> str:
         return self.op("Mul", a, b)
 
@@ -221,9 +239,7 @@ class Builder:
         """
         so, si = self.shape(out), self.shape(inp)
         if so is None or si is None:
-            raise ModelError(
-                f"cannot tell how '{inp}' was broadcast to '{out}': unknown shapes; give the model static input shapes"
-            )
+            return self.unbroadcast_at_run_time(g, None, inp)
         lead = len(so) - len(si)
         axes = list(range(lead))
         for k, di in enumerate(si):
@@ -243,11 +259,17 @@ class Builder:
             r = self.squeeze(r, list(range(lead)))
         return r
 
-    def unbroadcast_at_run_time(self, g: str, lead: int, inp: str) -> str:
-        """Where static shapes cannot tell (a symbolic dim facing a fixed one), the broadcast
-        axes are those where the sizes differ at run time."""
+    def unbroadcast_at_run_time(self, g: str, lead: int | None, inp: str) -> str:
+        """Where static shapes cannot tell (a symbolic dim facing a fixed one, or a rank
+        unknown at compile time: lead None), the broadcast axes are those where the sizes
+        differ at run time, the input's shape padded on the left with ones."""
         want = self.shape_of(inp)
-        if lead:
+        if lead is None:
+            missing = self.op("Sub", self.op("Size", self.shape_of(g)), self.op("Size", want))
+            ones = self.op("ConstantOfShape", self.op("Reshape", missing, self.ints([1])),
+                           value=numpy_helper.from_array(np.ones(1, np.int64)))
+            want = self.op("Concat", ones, want, axis=0)
+        elif lead:
             want = self.op("Concat", self.ints([1] * lead), want, axis=0)
         differs = self.op("Not", self.op("Equal", want, self.shape_of(g)))
         axes = self.squeeze(self.op("NonZero", differs), [0])

@@ -113,18 +113,22 @@ def space_to_depth(b, node, grads):
 
 @register("Concat")
 def concat(b, node, grads):
-    rank = b.rank(node.output[0])
-    axis = int(attr(node, "axis")) % rank
     if len(node.input) == 1:
         return [grads[0]]
-    sizes = [(b.shape(x) or [None] * rank)[axis] for x in node.input]
+    known = b.shape(node.output[0])
+    axis = int(attr(node, "axis"))
+    sizes = [None] * len(node.input)
+    if known is not None:
+        axis %= len(known)
+        sizes = [(b.shape(x) or [None] * len(known))[axis] for x in node.input]
     if all(_static(s) for s in sizes):
         parts = b.op("Split", grads[0], b.ints(sizes), axis=axis, outputs=len(sizes))
         return list(parts)
-    # A length is only known at run time (concatenation along the batch axis).
+    # A length (or the rank, and with it a negative axis) is only known at run time.
     out, start = [], b.ints([0])
     for x in node.input:
-        end = b.op("Add", start, _dim(b, x, axis))
+        length = _dim(b, x, axis) if axis >= 0 else b.op("Gather", b.shape_of(x), b.ints([axis]))
+        end = b.op("Add", start, length)
         out.append(b.op("Slice", grads[0], start, end, b.ints([axis])))
         start = end
     return out
@@ -132,8 +136,9 @@ def concat(b, node, grads):
 
 @register("Split")
 def split(b, node, grads):
-    rank = b.rank(node.input[0])
-    axis = int(attr(node, "axis", 0)) % rank
+    axis = int(attr(node, "axis", 0))
+    if axis >= 0 or b.shape(node.input[0]) is not None:  # Concat takes a negative axis as it is
+        axis %= b.rank(node.input[0])
     parts = [g if g is not None else b.zeros_like(o) for g, o in zip(grads, node.output)]
     g = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=axis)
     return _grads_out(node, [g])
@@ -147,11 +152,23 @@ def _slice_indices(start, end, step, d: int) -> list[int]:
     return list(range(d))[slice(int(start), int(end), int(step))]
 
 
+def _slice_at_run_time(b, node, g):
+    """Slice's adjoint by where the selected elements come from: the same Slice of the
+    input's flat positions, then a scatter. Exact for any starts/ends/axes/steps, these
+    computed at run time or lengths only known then."""
+    x = node.input[0]
+    picked = b.op("Slice", b.positions(x), *node.input[1:])
+    return _grads_out(node, [b.scatter_to(g, picked, x)])
+
+
 @register("Slice")
 def slice_(b, node, grads):
     x = node.input[0]
-    rank = b.rank(x)
     shape = b.shape(x)
+    if shape is None or any(len(node.input) > i and node.input[i] and b.constant(node.input[i]) is None
+                            for i in range(1, 5)):
+        return _slice_at_run_time(b, node, grads[0])
+    rank = len(shape)
     starts = _const_input(b, node, 1, "starts")
     ends = _const_input(b, node, 2, "ends")
     axes = _const_input(b, node, 3, "axes")
@@ -163,15 +180,11 @@ def slice_(b, node, grads):
     unit = any(st == 1 for st in steps)
     for a, s, e, st in zip(axes, starts, ends, steps):
         d = shape[a]
-        if st == 1 and not _static(d):
-            if s < 0:
-                raise ModelError(
-                    f"Slice node '{node.name}': a negative start on axis {a}, whose length is only known at "
-                    "run time, is not supported; give the model static input shapes"
-                )
-            befores[a] = int(s)
-            continue
-        d = _static_dim(b, node, x, a, "a slice with a step other than 1 or a negative start")
+        if not _static(d):
+            if st == 1 and s >= 0:
+                befores[a] = int(s)
+                continue
+            return _slice_at_run_time(b, node, grads[0])
         idx = _slice_indices(s, e, st, d)
         if st == 1:
             befores[a] = idx[0] if idx else 0
@@ -260,6 +273,15 @@ def _pad_source(mode: str, before: int, d: int, n_out: int) -> np.ndarray:
 @register("Pad")
 def pad(b, node, grads):
     x = node.input[0]
+    mode = attr(node, "mode", "constant")
+    if mode == "constant" and any(len(node.input) > i and node.input[i] and b.constant(node.input[i]) is None
+                                  for i in (1, 3)):
+        # Pads (or axes) computed at run time: padding by the negated amounts, on the same
+        # axes, is still the adjoint.
+        neg = b.op("Neg", node.input[1])
+        axes_in = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        return _grads_out(node, [b.op("Pad", grads[0], neg, None, axes_in) if axes_in
+                                 else b.op("Pad", grads[0], neg)])
     rank = b.rank(x)
     pads = _const_input(b, node, 1, "pads").astype(np.int64)
     axes = _const_input(b, node, 3, "axes")
@@ -267,7 +289,6 @@ def pad(b, node, grads):
     full = np.zeros(2 * rank, dtype=np.int64)
     for k, a in enumerate(axes):
         full[a], full[rank + a] = pads[k], pads[len(axes) + k]
-    mode = attr(node, "mode", "constant")
     g = grads[0]
     if mode == "constant":
         # Padding with the negated amounts crops what was added and zero-fills what was cropped.
@@ -327,6 +348,8 @@ def _reduced_count(b, node, x: str, axes) -> str:
           "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
 def reduce(b, node, grads):
     x, y = node.input[0], node.output[0]
+    if attr(node, "axes") is None and len(node.input) > 1 and node.input[1] and b.constant(node.input[1]) is None:
+        return _reduce_at_run_time(b, node, grads[0])
     rank = b.rank(x)
     axes = _reduce_axes(b, node, rank)
     g = grads[0]
@@ -359,6 +382,39 @@ def reduce(b, node, grads):
     else:  # ReduceLogSumExp: softmax over the reduced axes
         out = b.mul(g, b.op("Exp", b.op("Sub", x, yk)))
     return _grads_out(node, [out])
+
+
+def _reduce_at_run_time(b, node, g):
+    """A reduction whose axes input is computed at run time. The forward reduction redone
+    with keepdims=1 gives the kept shape (whatever the axes, noop_with_empty_axes
+    included), to which the gradient is reshaped and broadcast; the max/min tie counts
+    reduce over the same axes tensor."""
+    x, op = node.input[0], node.op_type
+    axes, noop = node.input[1], int(attr(node, "noop_with_empty_axes", 0))
+    yk = b.op(op, x, axes, keepdims=1, noop_with_empty_axes=noop)
+    g = b.op("Reshape", g, b.shape_of(yk))
+    if op == "ReduceSum":
+        out = b.op("Expand", g, b.shape_of(x))
+    elif op == "ReduceMean":
+        count = b.cast_like(b.op("Div", b.op("Size", x), b.op("Size", yk)), x)
+        out = b.op("Expand", b.op("Div", g, count), b.shape_of(x))
+    elif op in ("ReduceMax", "ReduceMin"):
+        mask = b.cast_like(b.op("Equal", x, yk), x)
+        out = b.mul(mask, b.op("Div", g, b.op("ReduceSum", mask, axes, keepdims=1, noop_with_empty_axes=noop)))
+    elif op == "ReduceL1":
+        out = b.mul(g, b.op("Sign", x))
+    elif op == "ReduceL2":
+        zero = b.scalar_like(0.0, x)
+        safe = b.op("Where", b.op("Equal", yk, zero), b.scalar_like(1.0, x), yk)
+        out = b.mul(g, b.op("Div", x, safe))
+    elif op == "ReduceSumSquare":
+        out = b.mul(g, b.mul(x, b.scalar_like(2.0, x)))
+    elif op == "ReduceLogSum":
+        out = b.op("Expand", b.op("Div", g, b.op("Exp", yk)), b.shape_of(x))
+    else:  # ReduceLogSumExp
+        out = b.mul(g, b.op("Exp", b.op("Sub", x, yk)))
+    # Broadcasting g against x (Mul above) already has x's shape except for Sum-like ones.
+    return _grads_out(node, [b.op("Expand", out, b.shape_of(x))])
 
 
 # --- resizing ----------------------------------------------------------------------------
