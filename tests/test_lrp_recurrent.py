@@ -23,6 +23,7 @@ from onnxplain import Explainer
 from onnxplain.compile import SEED, compile_explainer
 from onnxplain.graph import Graph
 from onnxplain.methods.relevance import ZENNIT, deep_taylor_composite, user_composite, zennit_composite
+from onnxplain.rules import recurrent_scan
 from onnxplain.rules.recurrent_lrp import recurrent_relevance
 
 
@@ -110,11 +111,20 @@ def arras_lrp(cfg, feeds, params, rel, eps, bias=True):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _relevance(cfg, composite, rel, seed=0):
+@pytest.fixture(params=["unrolled", "scan"])
+def form(request, monkeypatch):
+    """The rule's form: unrolled over the steps, or two Scans (long or open lengths)."""
+    monkeypatch.setattr(recurrent_scan, "UNROLL_MAX", 10**6 if request.param == "unrolled" else 0)
+    return request.param
+
+
+def _relevance(cfg, composite, rel, seed=0, form=None):
     model, feeds, params = make(cfg, seed)
     graph = Graph(model).specialize({k: v.shape for k, v in feeds.items()})
     wrt = [k for k in ("x", "h0", "c0") if k in feeds]
     spec = compile_explainer(graph, composite, wrt, "out")
+    if form is not None:
+        assert any(n.op_type == "Scan" for n in spec.model.graph.node) == (form == "scan")
     m = sequence_first(spec.model) if cfg.layout else spec.model
     got = session(m).run([spec.attributions[w] for w in wrt], {**feeds, SEED: rel.astype(np.float32)})
     return dict(zip(wrt, got)), feeds, params
@@ -144,10 +154,10 @@ CASES = [
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "zero-params-bias"])
 @pytest.mark.parametrize("cfg", CASES)
-def test_relevance_equals_arras_rule_in_numpy(cfg, bias):
+def test_relevance_equals_arras_rule_in_numpy(cfg, bias, form):
     eps = 0.01  # large enough that float32 and float64 agree where a denominator is small
     rel = np.random.default_rng(3).normal(size=(cfg.N, _width(cfg)))
-    got, feeds, params = _relevance(cfg, zennit_composite("lrp.epsilon", epsilon=eps, bias=bias), rel)
+    got, feeds, params = _relevance(cfg, zennit_composite("lrp.epsilon", epsilon=eps, bias=bias), rel, form=form)
     rx, rh0, rc0 = arras_lrp(cfg, feeds, params, rel, eps, bias=bias)
     tol = dict(rtol=1e-4, atol=1e-5 * np.abs(rx).max())
     np.testing.assert_allclose(got["x"], rx, err_msg="relevance of X", **tol)
@@ -162,9 +172,9 @@ def test_relevance_equals_arras_rule_in_numpy(cfg, bias):
     pytest.param(Config("GRU", bias=False, attrs={"linear_before_reset": 1}), id="GRU-linear-before-reset"),
     pytest.param(Config("RNN", bias=False, direction="reverse"), id="RNN"),
 ])
-def test_relevance_without_biases_is_conserved_onto_inputs_and_initial_states(cfg):
+def test_relevance_without_biases_is_conserved_onto_inputs_and_initial_states(cfg, form):
     rel = np.random.default_rng(4).uniform(0.1, 1.0, size=(cfg.N, _width(cfg)))
-    got, _, _ = _relevance(cfg, zennit_composite("lrp.epsilon", epsilon=1e-9), rel)
+    got, _, _ = _relevance(cfg, zennit_composite("lrp.epsilon", epsilon=1e-9), rel, form=form)
     total = sum(v.reshape(cfg.N, -1).sum(1) for v in got.values())
     np.testing.assert_allclose(total, rel.sum(1), rtol=1e-4)
     assert all(np.abs(v).max() > 0 for v in got.values())
@@ -207,9 +217,10 @@ class Classifier(torch.nn.Module):
         return self.fc(y[:, -1])
 
 
-@pytest.mark.parametrize("cell,kw", [("LSTM", {}), ("GRU", {"bidirectional": True}), ("LSTM", {"num_layers": 2})],
-                         ids=["LSTM", "GRU-bidirectional", "LSTM-two-layers"])
-def test_lrp_of_torch_recurrent_classifier_without_biases_sums_to_the_logit(cell, kw, tmp_path):
+@pytest.mark.parametrize("cell,kw,steps", [("LSTM", {}, 6), ("GRU", {"bidirectional": True}, 6),
+                                            ("LSTM", {"num_layers": 2}, 6), ("LSTM", {"bidirectional": True}, 120)],
+                         ids=["LSTM", "GRU-bidirectional", "LSTM-two-layers", "LSTM-120-steps"])
+def test_lrp_of_torch_recurrent_classifier_without_biases_sums_to_the_logit(cell, kw, steps, tmp_path):
     """Explainer(model).attribute(x, method=<every LRP composite>, target=logit seed) on an
     LSTM/GRU + Linear classifier with zero biases: the input relevance sums to the explained
     logit (the initial states are zeros); the composites without a first-layer rule for dense
@@ -223,10 +234,10 @@ def test_lrp_of_torch_recurrent_classifier_without_biases_sums_to_the_logit(cell
     path = tmp_path / "m.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.randn(2, 6, 3),), str(path), dynamo=False, input_names=["x"],
+        torch.onnx.export(module, (torch.randn(2, steps, 3),), str(path), dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {0: "batch"}})
     e = Explainer(str(path))
-    x = np.random.default_rng(5).normal(size=(3, 6, 3)).astype(np.float32)
+    x = np.random.default_rng(5).normal(size=(3, steps, 3)).astype(np.float32)
     logits = e.predict(x)
     seed = np.zeros_like(logits)
     seed[:, 2] = logits[:, 2]

@@ -560,7 +560,7 @@ def recurrent_gradient(b, node, grads):
     from .recurrent_scan import applies, scan_gradient
 
     if applies(rec, want):
-        res[0], dh0s, dc0s = scan_gradient(rec, node, gy, gyh, gyc, want_x)
+        res[0], dh0s, dc0s = scan_gradient(rec, gy, gyh, gyc, want_x)
         if want["h0"]:
             res[5] = rec.stack_states(dh0s)
         if want["c0"]:

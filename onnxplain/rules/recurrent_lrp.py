@@ -18,7 +18,7 @@ unchanged. So, per step:
 Steps past a sample's length pass the carried relevance on unchanged; a sample of length 0
 has final states of zero, so their relevance stays there. What reaches the initial states
 is their relevance (zero when they are zero). The forward states are recomputed as for the
-gradient (recurrent.py).
+gradient (recurrent.py), unrolled or, for long or open lengths, in Scans (recurrent_scan.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from .base import register
 from .lrp import EPSILON, divide
 from .recurrent import RECURRENT, Recurrence
+from .recurrent_scan import applies, scan_backward
 
 
 def _signal_weights(rec, p):
@@ -44,77 +45,103 @@ def _without(b, z, bias):
     return z if bias is None else b.op("Sub", z, bias)
 
 
+def _step(rec, s, p, d, r_h, r_c, epsilon, bias):
+    """One step's relevance: from that of h_new (r_h, including the step's own output) and
+    c_new (r_c) to that of h_prev and c_prev, and the signal's s = R / stabilise(z) whose
+    product with W and x is the relevance of x."""
+    b = rec.b
+    w, r, wb, rb = _signal_weights(rec, p)
+    c_prev_r = None
+    if rec.op == "LSTM":
+        # h = o * act(c): all of h's relevance goes to c.
+        r_c = b.add(r_c, r_h)
+        s1 = divide(b, r_c, s["c_new"], epsilon)
+        c_prev_r = b.mul(s["fc"], s1)
+        r_g = b.mul(s["ig"], s1)
+        z = s["ac"] if bias else _without(b, s["ac"], rec.add(wb, rb))
+        s2 = divide(b, r_g, z, epsilon)
+        h_prev_r = b.mul(s["h_prev"], b.op("MatMul", s2, r))
+    elif rec.op == "GRU":
+        s1 = divide(b, r_h, s["h_new"], epsilon)
+        h_prev_r = b.mul(s["zh"], s1)
+        r_hh = b.mul(s["zhh"], s1)
+        if rec.lbr:
+            z = s["a"] if bias else _without(b, s["a"], wb)
+            s2 = divide(b, r_hh, z, epsilon)
+            r_v = b.mul(s["u"], s2)  # r * v: the gate r passes it all to v
+            v = s["v"] if bias else _without(b, s["v"], rb)
+            s3 = divide(b, r_v, v, epsilon)
+            h_prev_r = b.add(h_prev_r, b.mul(s["h_prev"], b.op("MatMul", s3, r)))
+        else:
+            z = s["a"] if bias else _without(b, s["a"], rec.add(wb, rb))
+            s2 = divide(b, r_hh, z, epsilon)
+            # (r * h_prev) R_h^T: the product's relevance goes to h_prev.
+            h_prev_r = b.add(h_prev_r, b.mul(s["rh"], b.op("MatMul", s2, r)))
+    else:
+        z = s["a"] if bias else _without(b, s["a"], rec.add(wb, rb))
+        s2 = divide(b, r_h, z, epsilon)
+        h_prev_r = b.mul(s["h_prev"], b.op("MatMul", s2, r))
+    return h_prev_r, c_prev_r, s2
+
+
+def _record_keys(rec):
+    if rec.op == "LSTM":
+        return ["h_prev", "c_new", "fc", "ig", "ac"]
+    if rec.op == "GRU":
+        return ["h_prev", "h_new", "zh", "zhh", "a"] + (["u", "v"] if rec.lbr else ["rh"])
+    return ["h_prev", "a"]
+
+
 @register(*RECURRENT, family="lrp.epsilon")
 def recurrent_relevance(b, node, grads, epsilon: float = EPSILON, bias: bool = True):
     rec = Recurrence(b, node)
     ry, ryh, ryc = rec.output_grads(grads)
     want_x = rec.wants(rec.X)
-    rx, rh0s, rc0s = [], [], []
-    for d in range(rec.D):
-        p, steps = rec.run(d)
-        w, r, wb, rb = _signal_weights(rec, p)
-        ry_d = rec.direction_part(ry, d, axis=1)
-        rh = rec.final_part(ryh, d) or rec.zero_state()
-        rc = (rec.final_part(ryc, d) or rec.zero_state()) if rec.op == "LSTM" else None
-        signal = {}
-        for s in reversed(steps):
-            t, m = s["t"], s["mask"]
-            r_h = rh
-            ryt = rec.step_part(ry_d, t)
-            if ryt is not None:
-                r_h = b.add(r_h, ryt)
-            r_c = rc
-            if m is not None:
-                r_h = b.op("Where", m, r_h, b.scalar_like(0.0, r_h))
-                if r_c is not None:
-                    r_c = b.op("Where", m, r_c, b.scalar_like(0.0, r_c))
-            if rec.op == "LSTM":
-                # h = o * act(c): all of h's relevance goes to c.
-                r_c = b.add(r_c, r_h)
-                s1 = divide(b, r_c, s["c_new"], epsilon)
-                c_prev_r = b.mul(s["fc"], s1)
-                r_g = b.mul(s["ig"], s1)
-                z = s["ac"] if bias else _without(b, s["ac"], rec.add(wb, rb))
-                s2 = divide(b, r_g, z, epsilon)
-                h_prev_r = b.mul(s["h_prev"], b.op("MatMul", s2, r))
-            elif rec.op == "GRU":
-                s1 = divide(b, r_h, s["h_new"], epsilon)
-                h_prev_r = b.mul(s["zh"], s1)
-                r_hh = b.mul(s["zhh"], s1)
-                if rec.lbr:
-                    z = s["a"] if bias else _without(b, s["a"], wb)
-                    s2 = divide(b, r_hh, z, epsilon)
-                    r_v = b.mul(s["u"], s2)  # r * v: the gate r passes it all to v
-                    v = s["v"] if bias else _without(b, s["v"], p["Rb_h"])
-                    s3 = divide(b, r_v, v, epsilon)
-                    h_prev_r = b.add(h_prev_r, b.mul(s["h_prev"], b.op("MatMul", s3, r)))
+    if applies(rec):
+        def step(rec, s, p, d, r_h, r_c):
+            return _step(rec, s, p, d, r_h, r_c, epsilon, bias)
+
+        signals, rh0s, rc0s, params = scan_backward(rec, ry, ryh, ryc, _record_keys(rec), step)
+        rx = [b.op("MatMul", sig, _signal_weights(rec, p)[0]) for sig, p in zip(signals, params)]
+        per_x = b.sum(rx)
+        if rec.layout:
+            per_x = b.op("Transpose", per_x, perm=[1, 0, 2])
+    else:
+        rx, rh0s, rc0s = [], [], []
+        for d in range(rec.D):
+            p, steps = rec.run(d)
+            w = _signal_weights(rec, p)[0]
+            ry_d = rec.direction_part(ry, d, axis=1)
+            rh = rec.final_part(ryh, d) or rec.zero_state()
+            rc = (rec.final_part(ryc, d) or rec.zero_state()) if rec.op == "LSTM" else None
+            signal = {}
+            for s in reversed(steps):
+                t, m = s["t"], s["mask"]
+                r_h = rh
+                ryt = rec.step_part(ry_d, t)
+                if ryt is not None:
+                    r_h = b.add(r_h, ryt)
+                r_c = rc
+                if m is not None:
+                    r_h = b.op("Where", m, r_h, b.scalar_like(0.0, r_h))
+                    if r_c is not None:
+                        r_c = b.op("Where", m, r_c, b.scalar_like(0.0, r_c))
+                h_prev_r, c_prev_r, signal[t] = _step(rec, s, p, d, r_h, r_c, epsilon, bias)
+                if m is None:
+                    rh, rc = h_prev_r, c_prev_r
                 else:
-                    z = s["a"] if bias else _without(b, s["a"], rec.add(wb, rb))
-                    s2 = divide(b, r_hh, z, epsilon)
-                    # (r * h_prev) R_h^T: the product's relevance goes to h_prev.
-                    h_prev_r = b.add(h_prev_r, b.mul(s["rh"], b.op("MatMul", s2, r)))
-            else:
-                z = s["a"] if bias else _without(b, s["a"], rec.add(wb, rb))
-                s2 = divide(b, r_h, z, epsilon)
-                h_prev_r = b.mul(s["h_prev"], b.op("MatMul", s2, r))
-            signal[t] = s2
-            if m is None:
-                rh = h_prev_r
-                rc = c_prev_r if rec.op == "LSTM" else None
-            else:
-                rh = b.op("Where", m, h_prev_r, rh)
-                rc = b.op("Where", m, c_prev_r, rc) if rec.op == "LSTM" else None
-        rh0s.append(rh)
-        rc0s.append(rc)
-        if want_x:
-            rx.append(b.op("MatMul", rec.by_time(signal, rec.H), w))
+                    rh = b.op("Where", m, h_prev_r, rh)
+                    rc = b.op("Where", m, c_prev_r, rc) if rec.op == "LSTM" else None
+            rh0s.append(rh)
+            rc0s.append(rc)
+            if want_x:
+                rx.append(b.op("MatMul", rec.by_time(signal, rec.H), w))
+        per_x = rec.to_sequence(b.sum(rx), rec.I) if want_x else None
     res = [None] * len(node.input)
     if want_x:
-        per_x = rec.to_sequence(b.sum(rx), rec.I)
         res[0] = b.mul(rec.X, per_x)
     if rec.wants(rec.h0):
         res[5] = rec.stack_states(rh0s)
     if rec.wants(rec.c0):
         res[6] = rec.stack_states(rc0s)
     return res
-

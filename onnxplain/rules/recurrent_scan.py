@@ -67,11 +67,12 @@ def _graph(body, inputs, outputs, name):
     return helper.make_graph(body.nodes, name, inputs, outputs)
 
 
-def applies(rec, want) -> bool:
-    """Whether the gradient of `rec` takes the Scan form."""
+def applies(rec, want=None) -> bool:
+    """Whether the backward pass of `rec` takes the Scan form (want: which weights need
+    a gradient)."""
     if rec.T is not None and rec.T <= UNROLL_MAX:
         return False
-    if any(want[k] for k in ("W", "R", "B", "P")):
+    if want and any(want[k] for k in ("W", "R", "B", "P")):
         return False
     return all(not n or rec.b.constant(n) is not None for n in (rec.W, rec.R, rec.B, rec.P))
 
@@ -94,26 +95,51 @@ def _record_keys(rec):
     return keys
 
 
-def scan_gradient(rec, node, gy, gyh, gyc, want_x):
+def scan_gradient(rec, gy, gyh, gyc, want_x):
     """(dX in the node's layout or None, [dh0 per direction], [dc0 per direction])."""
-    from .recurrent import _masked, _step_backward
+    from .recurrent import _step_backward
 
-    b, H, G = rec.b, rec.H, rec.G
+    def step(rec, s, p, d, dh, dc):
+        out = _step_backward(rec, s, p, d, dh, dc)
+        return out["dh"], out.get("dc"), out["dx"]
+
+    per_step, dh0s, dc0s, params = scan_backward(rec, gy, gyh, gyc, _record_keys(rec), step)
+    dx = None
+    if want_x:
+        dx = rec.b.sum([rec.b.op("MatMul", g, p["W"]) for g, p in zip(per_step, params)])  # (T, N, GH) @ (GH, I)
+        if rec.layout:
+            dx = rec.b.op("Transpose", dx, perm=[1, 0, 2])
+    return dx, dh0s, dc0s
+
+
+def _masks(rec):
+    """(T, N, 1) bool: which steps are within each sample's length; None without lengths."""
+    if not rec.lens:
+        return None
+    b = rec.b
+    lens_t = b.np_dtype(rec.lens)
+    length = b.op("Slice", b.shape_of(rec.x), b.ints([0]), b.ints([1]), b.ints([0]))
+    length = b.op("Cast", b.squeeze(length, [0]), to=helper.np_dtype_to_tensor_dtype(lens_t))
+    steps = b.op("Range", b.const(np.array(0, lens_t), lens_t), length, b.const(np.array(1, lens_t), lens_t))
+    return b.op("Less", b.unsqueeze(steps, [1, 2]), b.unsqueeze(rec.col, [0]))
+
+
+def scan_backward(rec, gy, gyh, gyc, keys, step):
+    """Per direction: a forward Scan recording `keys` of every step, then a Scan over the
+    records in the opposite order carrying (h, c) quantities: `step(rec, s, p, d, h, c)`
+    gets a step's records `s`, the body's weights `p` and the carried h (plus the step's
+    own incoming h quantity) and c, masked to the step's validity, and returns those for
+    h_prev and c_prev and one per-step output. Returns ([per-step outputs (T, N, .) in time
+    order], [final h], [final c], [outer weights]) per direction."""
+    b = rec.b
     elem = _ELEM.get(np.dtype(rec.dtype), TensorProto.FLOAT)
     lstm = rec.op == "LSTM"
-    masks = None
-    if rec.lens:
-        lens_t = b.np_dtype(rec.lens)
-        T_dyn = b.op("Slice", b.shape_of(rec.x), b.ints([0]), b.ints([1]), b.ints([0]))
-        T_dyn = b.op("Cast", b.squeeze(T_dyn, [0]), to=helper.np_dtype_to_tensor_dtype(lens_t))
-        steps = b.op("Range", b.const(np.array(0, lens_t), lens_t), T_dyn, b.const(np.array(1, lens_t), lens_t))
-        steps = b.unsqueeze(steps, [1, 2])  # (T, 1, 1) against (1, N, 1)
-        masks = b.op("Less", steps, b.unsqueeze(rec.col, [0]))
-    keys = _record_keys(rec)
-    dxs, dh0s, dc0s = [], [], []
+    masks = _masks(rec)
+    outs_per_dir, h_finals, c_finals, params = [], [], [], []
     for d in range(rec.D):
         rev = int(rec.reverse[d])
         p = rec.params(d)
+        params.append(p)
         xw = rec.projection(d, p)
         h0, c0 = rec.initial("h", d), rec.initial("c", d) if lstm else None
 
@@ -145,7 +171,7 @@ def scan_gradient(rec, node, gy, gyh, gyc, want_x):
                    scan_input_directions=[rev] * n_scan, scan_output_directions=[rev] * len(keys))
         records = dict(zip(keys, res[1 + lstm:]))
 
-        # --- backward: gradient states in, per-step pre-activation gradients out
+        # --- backward: carried quantities in, one per-step output out
         gy_d = rec.direction_part(gy, d, axis=1)
         dh = rec.final_part(gyh, d) or rec.zero_state()
         dc = (rec.final_part(gyc, d) or rec.zero_state()) if lstm else None
@@ -163,14 +189,15 @@ def scan_gradient(rec, node, gy, gyh, gyc, want_x):
             dh_in = dh_name if gy_d is None else bwd.add(dh_name, gy_name)
             dc_in = dc_name if lstm else None
             if m is not None:
-                dh_in = _masked(bwd, m, dh_in)
-                dc_in = _masked(bwd, m, dc_in)
-            out = _step_backward(rec, s, pb, d, dh_in, dc_in)
-            dh_out = out["dh"] if m is None else bwd.op("Where", m, out["dh"], dh_name)
+                zero = bwd.scalar_like(0.0, dh_name)
+                dh_in = bwd.op("Where", m, dh_in, zero)
+                dc_in = bwd.op("Where", m, dc_in, zero) if lstm else None
+            h_prev, c_prev, y = step(rec, s, pb, d, dh_in, dc_in)
+            dh_out = h_prev if m is None else bwd.op("Where", m, h_prev, dh_name)
             bouts = [bwd.op("Identity", dh_out)]
             if lstm:
-                bouts.append(bwd.op("Identity", out["dc"] if m is None else bwd.op("Where", m, out["dc"], dc_name)))
-            bouts.append(bwd.op("Identity", out["dx"]))
+                bouts.append(bwd.op("Identity", c_prev if m is None else bwd.op("Where", m, c_prev, dc_name)))
+            bouts.append(bwd.op("Identity", y))
         finally:
             rec.b = b
         bins = [_vi(dh_name, elem, 2)] + ([_vi(dc_name, elem, 2)] if lstm else [])
@@ -187,13 +214,7 @@ def scan_gradient(rec, node, gy, gyh, gyc, want_x):
         res = b.op("Scan", dh, *([dc] if lstm else []), *scanned, outputs=len(bouts), body=body,
                    num_scan_inputs=len(scanned), scan_input_directions=[back] * len(scanned),
                    scan_output_directions=[back])
-        dh0s.append(res[0])
-        dc0s.append(res[1] if lstm else None)
-        if want_x:
-            dxs.append(b.op("MatMul", res[-1], p["W"]))  # (T, N, GH) @ (GH, I)
-    dx = None
-    if want_x:
-        dx = b.sum(dxs)
-        if rec.layout:
-            dx = b.op("Transpose", dx, perm=[1, 0, 2])
-    return dx, dh0s, dc0s
+        h_finals.append(res[0])
+        c_finals.append(res[1] if lstm else None)
+        outs_per_dir.append(res[-1])
+    return outs_per_dir, h_finals, c_finals, params
