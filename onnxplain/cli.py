@@ -369,12 +369,22 @@ def export(model, method, layer, output, probability, providers, memory_budget, 
     spec = e.export(out, method=method, layer=layer, output=output, probability=probability,
                     input_shape=input_shape, **options)
     g = e.graph
+    # Shapes as the written file declares them (--input-shape fixes them), else the model's.
+    declared = {v.name: v for v in list(spec.model.graph.input) + list(spec.model.graph.output)}
+
+    def shape(name, fallback):
+        v = declared.get(name)
+        if v is None or not v.type.tensor_type.HasField("shape"):
+            return _shape(g.shape(fallback))
+        return _shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                       for d in v.type.tensor_type.shape.dim])
+
     click.echo(f"wrote {out} ({method}, attribution at {', '.join(spec.attributions)})")
-    rows = [("feed", n, _dtype(g, n), _shape(g.shape(n)), "model input") for n in g.inputs]
-    rows.append(("feed", spec.seed, "float32", _shape(g.shape(spec.explained)),
+    rows = [("feed", n, _dtype(g, n), shape(n, n), "model input") for n in g.inputs]
+    rows.append(("feed", spec.seed, "float32", shape(spec.seed, spec.explained),
                  f"weights of '{spec.explained}' to explain (one-hot row = that class)"))
-    rows += [("read", n, _dtype(g, n), _shape(g.shape(n)), "model output") for n in spec.forward_outputs]
-    rows += [("read", n, _dtype(g, t), _shape(g.shape(t)), f"attribution at '{t}'")
+    rows += [("read", n, _dtype(g, n), shape(n, n), "model output") for n in spec.forward_outputs]
+    rows += [("read", n, _dtype(g, t), shape(n, t), f"attribution at '{t}'")
              for t, n in spec.attributions.items()]
     click.echo(_table(rows, ("", "name", "dtype", "shape", "meaning")))
     feeds = ", ".join(f"'{n}': x" for n in g.inputs)

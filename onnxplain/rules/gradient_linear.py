@@ -185,7 +185,9 @@ def conv(b, node, grads):
 def _conv_input_gradient_as_conv(b, g, w, group: int, win: Window):
     """For a stride-1 Conv with constant weights, the input gradient as a forward Conv with
     the kernel flipped and its channel axes swapped per group (onnxruntime's Conv is much
-    faster than its ConvTranspose); None where that does not apply."""
+    faster than its ConvTranspose); None where that does not apply. The flipped kernel is
+    computed from the weight in the graph (Transpose, Slice), not stored: onnxruntime folds
+    those constant nodes at load, and the file holds each weight once."""
     kernel = b.constant(w)
     if kernel is None or any(s != 1 for s in win.strides):
         return None
@@ -194,13 +196,34 @@ def _conv_input_gradient_as_conv(b, g, w, group: int, win: Window):
     end = [r - p for r, p in zip(reach, win.end)]
     if min(begin + end) < 0:
         return None
+    return b.op("Conv", g, _flipped_kernel(b, w, kernel, group), group=group,
+                kernel_shape=list(win.kernel), dilations=list(win.dilations), pads=begin + end)
+
+
+def _flipped_kernel(b, w, kernel, group: int) -> str:
+    """The kernel (M, C/group, *k) as (C, M/group, *k), each spatial axis reversed."""
     m, cg = kernel.shape[:2]
     spatial = kernel.shape[2:]
-    flipped = kernel.reshape((group, m // group, cg) + spatial).swapaxes(1, 2)
-    flipped = flipped.reshape((group * cg, m // group) + spatial)
-    flipped = flipped[(slice(None), slice(None)) + (slice(None, None, -1),) * len(spatial)]
-    return b.op("Conv", g, b.const(np.ascontiguousarray(flipped), dtype=kernel.dtype), group=group,
-                kernel_shape=list(win.kernel), dilations=list(win.dilations), pads=begin + end)
+    if b.opset < 10:  # no Slice with steps: store the flipped copy
+        flipped = kernel.reshape((group, m // group, cg) + spatial).swapaxes(1, 2)
+        flipped = flipped.reshape((group * cg, m // group) + spatial)
+        flipped = flipped[(slice(None), slice(None)) + (slice(None, None, -1),) * len(spatial)]
+        return b.const(np.ascontiguousarray(flipped), dtype=kernel.dtype)
+    rest = list(range(2, kernel.ndim))
+    if group == 1:
+        t = b.op("Transpose", w, perm=[1, 0] + rest)
+    elif cg == 1 and m == group:  # depthwise: (C, 1, *k) already
+        t = w
+    else:
+        split = b.op("Reshape", w, b.const(np.array((group, m // group, cg) + spatial, np.int64), dtype=np.int64))
+        swapped = b.op("Transpose", split, perm=[0, 2, 1] + [r + 1 for r in rest])
+        t = b.op("Reshape", swapped, b.const(np.array((group * cg, m // group) + spatial, np.int64),
+                                             dtype=np.int64))
+    n = len(spatial)
+    big = np.iinfo(np.int64).max
+    return b.op("Slice", t, b.const(np.full(n, -1, np.int64), dtype=np.int64),
+                b.const(np.full(n, -big, np.int64), dtype=np.int64), b.const(np.array(rest, np.int64), dtype=np.int64),
+                b.const(np.full(n, -1, np.int64), dtype=np.int64))
 
 
 def _transpose_window(b, node, kernel, what) -> Window:
