@@ -498,3 +498,13 @@ def test_resize_matrix_rows_sum_to_one():
     for mode in ("nearest", "linear", "cubic"):
         m = resize_matrix(mode, "half_pixel", 5, 8, 1.6)
         np.testing.assert_allclose(m.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("batch_axis,time_axis", [(1, 0), (0, 1)])
+def test_reverse_sequence_gradient_is_the_same_reversal(batch_axis, time_axis):
+    import backend_corpus as bc
+
+    x = np.random.default_rng(0).normal(size=(4, 4, 3) if batch_axis == 1 else (4, 5, 3))
+    r = bc.check_node("ReverseSequence", {"x": x}, {"batch_axis": batch_axis, "time_axis": time_axis},
+                      consts={"lens": np.array([4, 1, 3, 2], np.int64)})
+    assert r.status == "passed", (r.status, r.detail)

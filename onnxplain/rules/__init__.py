@@ -3,7 +3,7 @@
 from . import base  # noqa: F401
 from . import gradient_elementwise, gradient_linear, gradient_pool, gradient_shape  # noqa: F401
 from . import gradient_signal  # noqa: F401
-from . import gradient_attention  # noqa: F401
+from . import gradient_attention, gradient_roi  # noqa: F401
 from . import gradient_sample  # noqa: F401
 from . import gradient_loss  # noqa: F401
 from . import gradient_scatter  # noqa: F401

@@ -205,6 +205,14 @@ def slice_(b, node, grads):
     return _grads_out(node, [g])
 
 
+@register("ReverseSequence")
+def reverse_sequence(b, node, grads):
+    # Reversing the first sequence_lens[i] steps of each batch entry is its own inverse
+    # (and a permutation): the gradient goes back by the same reversal.
+    return [b.op("ReverseSequence", grads[0], node.input[1], **{a.name: attr(node, a.name) for a in node.attribute}),
+            None]
+
+
 @register("Gather")
 def gather(b, node, grads):
     data, indices = node.input[0], node.input[1]
