@@ -47,6 +47,8 @@ UNARY = {
 }
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Sum", "Mean"}
 COMPARISONS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And", "Or", "IsNaN", "IsInf"}
+# Members whose output is piecewise constant in x: nothing flows back through them.
+CONSTANT_PIECES = COMPARISONS | {"Floor", "Ceil", "Round", "Sign"}
 ELEMENTWISE = UNARY | BINARY | COMPARISONS
 # Element-wise operators that are affine in their one computed input (for a constant other
 # operand): every rule agrees with the gradient on them.

@@ -388,3 +388,18 @@ def test_a_group_starts_where_its_paths_fork_not_at_the_bias_or_position_added_b
     x = np.random.default_rng(1).normal(size=(2, 5, 8)).astype(np.float32)
     with pytest.warns(UserWarning, match=r"no rescale rule for layernorm \(decomposed"):
         ex.attribute(x, method="deeplift", target=3, baseline=0.1)
+
+
+def test_a_group_with_a_piecewise_constant_member_sums_to_the_difference():
+    # y = x * floor(x) + x * x: two groups meeting at a sum (exact as it is); Floor passes no
+    # gradient, and each element's attribution is the seed times its own output difference.
+    body = [M("Floor", ["x"], ["f"]), M("Mul", ["x", "f"], ["a"]), M("Mul", ["x", "x"], ["b"]),
+            M("Add", ["a", "b"], ["y"])]
+    ex = Explainer(_chain_model(body), canonize=False)
+    assert sorted((g.kind, len(g.nodes)) for g in groups.find(ex.graph).values()) == [("elementwise", 2),
+                                                                                      ("square", 1)]
+    x = np.random.default_rng(3).normal(size=(3, 4)).astype(np.float32) * 2
+    seed = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
+    ours = ex.attribute(x, method="deeplift", target=seed, baseline=0.25, probability=True)
+    ref = ex.predict(x) - ex.predict(np.full_like(x, 0.25))
+    np.testing.assert_allclose(ours, seed * ref, rtol=1e-5, atol=1e-6)

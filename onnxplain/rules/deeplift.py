@@ -187,7 +187,7 @@ def group_gradient(b, group: groups.Group, g: str) -> str:
     saved = b.current
     for node in reversed(group.nodes):
         gout = [b.sum(flow[o]) if flow.get(o) else None for o in node.output]
-        if all(v is None for v in gout) or node.op_type in groups.COMPARISONS:
+        if all(v is None for v in gout) or node.op_type in groups.CONSTANT_PIECES:
             continue
         rule = lookup(node.op_type, "gradient")
         if rule is None:
