@@ -13,7 +13,7 @@ import onnx
 from . import canonize as _canonize
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .compile import META_KEY, compile_explainer
-from .errors import InputError, ModelError, OptionError, UnsupportedOperatorError
+from .errors import InputError, ModelError, OnnxplainError, OptionError, UnsupportedOperatorError
 from .graph import Graph, read_model
 from .methods.base import Context, get_method
 from .runtime import Rows, Session
@@ -453,13 +453,28 @@ class Plan:
         if self._independent is None:
             outs = [o for o in self.graph.outputs if self.graph.is_float(o) and self.axis(o) is not None]
             if not outs:
-                self._independent = True
-                return True
+                # No output keeps the batch to compare rows by: a row alone must at least be a
+                # valid input (a graph's nodes one by one are not: edges point past them).
+                floats = [o for o in self.graph.outputs if self.graph.is_float(o)]
+                if not floats:
+                    self._independent = True
+                    return True
+                try:
+                    self.forward(floats, self.fixed(feeds), 1).run(
+                        {k: v[:1] for k, v in self.rows(feeds, 1).items()}, floats)
+                    self._independent = True
+                except OnnxplainError:
+                    self._independent = False
+                return self._independent
             # Row 0 alone, and second behind row 1: three rows of work whatever the batch.
             rows = self.rows(feeds, None)
             session = self.forward(outs, self.fixed(feeds), None)
-            alone = session.run({k: v[:1] for k, v in rows.items()}, outs)
-            behind = session.run({k: v[[1, 0]] for k, v in rows.items()}, outs)
+            try:
+                alone = session.run({k: v[:1] for k, v in rows.items()}, outs)
+                behind = session.run({k: v[[1, 0]] for k, v in rows.items()}, outs)
+            except OnnxplainError:  # a row alone is not a valid input (a graph's nodes)
+                self._independent = False
+                return False
             self._independent = all(
                 np.allclose(alone[o][0], behind[o][1], rtol=1e-4, atol=1e-5 * (1 + np.abs(alone[o][0]).max()))
                 for o in outs)

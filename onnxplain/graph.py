@@ -327,7 +327,9 @@ class Graph:
                 axes[n] = named[0]
             elif not isinstance(shape[0], int):
                 axes[n] = 0
-            elif len(free) == 1:  # a state shaped (2, ?, 128): its one free axis
+            elif len(free) == 1 and not shape[free[0]] and not first:
+                # A state shaped (2, ?, 128) beside an input whose batch is anonymous too:
+                # its one free axis. (A named other size, a graph's edge count, is not.)
                 axes[n] = free[0]
         return axes, static
 

@@ -334,3 +334,21 @@ def test_a_branch_chosen_by_a_fixed_input_is_explained_for_each_of_its_values():
         feeds = {"x": x, "rate": np.array(rate)}
         np.testing.assert_allclose(e.predict(feeds), x @ w, rtol=1e-5)
         np.testing.assert_allclose(e.attribute(feeds, target=1), np.tile(w[:, 1], (2, 1)), rtol=1e-5)
+
+
+def test_a_graph_model_whose_nodes_and_edges_differ_in_number_is_one_sample():
+    # Graph pooling: y = (sum over edges of x[src]) @ W, x (nodes, F), edges (2, E).
+    m = _model([helper.make_node("Gather", ["edges", "zero"], ["src"], axis=0),
+                helper.make_node("Gather", ["x", "src"], ["xs"], axis=0),
+                helper.make_node("ReduceSum", ["xs", "ax0"], ["pooled"], keepdims=1),
+                helper.make_node("MatMul", ["pooled", "w"], ["y"])],
+               [_vi("x", ["nodes", 4]), _vi("edges", [2, "edge_count"], TensorProto.INT64)], [_vi("y", [1, 3])],
+               [("w", W), ("zero", np.array(0)), ("ax0", np.array([0]))])
+    e = Explainer(m)
+    x = RNG.normal(size=(4, 4)).astype(np.float32)
+    edges = np.array([[0, 2, 2, 3, 3, 3], [1, 0, 1, 2, 0, 1]])
+    feeds = {"x": x, "edges": edges}
+    np.testing.assert_allclose(e.predict(feeds), x[edges[0]].sum(0, keepdims=True) @ W, rtol=1e-5)
+    got = e.attribute(feeds, target=np.array([[0, 1, 0]], np.float32))
+    counts = np.bincount(edges[0], minlength=4).astype(np.float32)
+    np.testing.assert_allclose(got, counts[:, None] * W[:, 1][None], rtol=1e-5)
