@@ -35,6 +35,7 @@ class Config:
     H: int = 3
     outputs: tuple = ("Y", "Y_h", "Y_c")
     params_as_inputs: bool = False  # W, R, B, P fed as graph inputs (to differentiate them)
+    computed_weights: bool = False  # W, R, B, P computed from initializers (as DequantizeLinear's are)
     scale: float = 0.6
 
     @property
@@ -105,6 +106,11 @@ def make(cfg: Config, seed: int = 0):
     for k, v in params.items():
         if cfg.params_as_inputs:
             inputs.append(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)))
+        elif cfg.computed_weights:
+            inits.append(numpy_helper.from_array(v * F32(2), k + "_raw"))
+            if "half" not in [t.name for t in inits]:
+                inits.append(numpy_helper.from_array(np.array(0.5, F32), "half"))
+            nodes.insert(0, helper.make_node("Mul", [k + "_raw", "half"], [k]))
         else:
             inits.append(numpy_helper.from_array(v, k))
     width = sum(T * D * H if o == "Y" else D * H for o in outs if o)

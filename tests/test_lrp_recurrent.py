@@ -147,6 +147,9 @@ CASES = [
     pytest.param(Config("GRU", attrs={"linear_before_reset": 1}), id="GRU-linear-before-reset"),
     pytest.param(Config("GRU", attrs={"linear_before_reset": 1}, direction="reverse", lens=[3, 1, 4]),
                  id="GRU-linear-before-reset-reverse"),
+    pytest.param(Config("LSTM", computed_weights=True, direction="bidirectional", lens=[4, 2, 3]),
+                 id="LSTM-computed-weights"),
+    pytest.param(Config("GRU", computed_weights=True, attrs={"linear_before_reset": 1}), id="GRU-computed-weights"),
     pytest.param(Config("RNN", direction="bidirectional"), id="RNN"),
     pytest.param(Config("RNN", attrs={"activations": ["Relu"]}, lens=[4, 3, 2]), id="RNN-relu"),
 ]

@@ -151,6 +151,25 @@ def test_gradient_of_computed_weights_equals_finite_differences(cfg):
         _assert_close(got[k], numeric(cfg, feeds, params, seed_arr, k), f"{cfg.op} {k}")
 
 
+@pytest.mark.parametrize("cfg", [
+    pytest.param(Config("LSTM", computed_weights=True, peephole=True, direction="bidirectional", lens=[4, 2, 3]),
+                 id="LSTM"),
+    pytest.param(Config("GRU", computed_weights=True, attrs={"linear_before_reset": 1}, direction="reverse"), id="GRU"),
+    pytest.param(Config("RNN", computed_weights=True, lens=[1, 4, 2]), id="RNN"),
+])
+def test_gradient_through_computed_constant_weights_equals_finite_differences(cfg, form):
+    """Weights computed from initializers (a dequantized model's) need no gradient of their
+    own; the Scan form passes them through its bodies as states."""
+    model, feeds, params = make(cfg)
+    y = _check_forward(cfg, model, feeds, params)
+    seed_arr = np.random.default_rng(6).normal(size=y.shape)
+    wrt = [k for k in ("x", "h0", "c0") if k in feeds]
+    got, spec = _explainer_gradient(cfg, model, feeds, params, wrt, seed_arr)
+    assert (_scans(spec) > 0) == (form == "scan")
+    for k in wrt:
+        _assert_close(got[k], numeric(cfg, feeds, params, seed_arr, k), f"{cfg.op} input {k}")
+
+
 @pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
 def test_gradient_equals_float32_finite_differences_of_onnxruntime(op):
     """Differences of onnxruntime's own float32 forward, at the best of three step sizes,

@@ -4,8 +4,9 @@ reads, a second Scan runs backpropagation through time over those records in the
 order. The step bodies are the unrolled rule's own (recurrent.py), emitted into the Scan
 bodies; the graph no longer grows with the sequence length.
 
-The bodies hold their weights as Constant nodes and read nothing from the outer graph, so
-this form applies to constant weights (a computed weight's gradient takes the unrolled form).
+The bodies read nothing from the outer graph (whose pruning follows explicit inputs only):
+constant weights are Constant nodes in them, computed ones (a DequantizeLinear's output)
+pass through as Scan states. A weight that needs its own gradient takes the unrolled form.
 """
 
 from __future__ import annotations
@@ -72,9 +73,35 @@ def applies(rec, want=None) -> bool:
     a gradient)."""
     if rec.T is not None and rec.T <= UNROLL_MAX:
         return False
-    if want and any(want[k] for k in ("W", "R", "B", "P")):
-        return False
-    return all(not n or rec.b.constant(n) is not None for n in (rec.W, rec.R, rec.B, rec.P))
+    return not (want and any(want[k] for k in ("W", "R", "B", "P")))
+
+
+WEIGHTS = (("W", 3), ("R", 3), ("B", 2), ("P", 2))
+
+
+class _Weights:
+    """Computed weights as Scan states: while a body is built, `rec`'s weight names are its
+    state inputs; `states` are the outer tensors, `inputs`/`outputs` the body's."""
+
+    def __init__(self, rec, body, elem):
+        self.rec, self.saved = rec, {}
+        self.states, self.inputs, self.outputs = [], [], []
+        for key, rank in WEIGHTS:
+            name = getattr(rec, key)
+            if name and rec.b.constant(name) is None:
+                inner = body.fresh(key + "_in")
+                self.saved[key] = name
+                self.states.append(name)
+                self.inputs.append(_vi(inner, elem, rank))
+                self.outputs.append((inner, rank))
+                setattr(rec, key, inner)
+
+    def restore(self):
+        for key, name in self.saved.items():
+            setattr(self.rec, key, name)
+
+    def out_vis(self, body, elem):
+        return [_vi(body.op("Identity", inner), elem, rank) for inner, rank in self.outputs]
 
 
 # Per operator: the step values the backward reads, as (key, kind, rank); kind "f" float or
@@ -145,6 +172,7 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
 
         # --- forward: states in, records out (stored by time index)
         fwd = _Body(b, rec.dtype)
+        fw = _Weights(rec, fwd, elem)
         rec.b = fwd
         try:
             pb = rec.params(d)
@@ -157,25 +185,27 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
             outs = [fwd.op("Identity", h_out)]
             if lstm:
                 outs.append(fwd.op("Identity", s["c_new"] if m is None else fwd.op("Where", m, s["c_new"], s["c_prev"])))
-            outs += [fwd.op("Identity", s[k]) for k in keys]
+            state_vis = [_vi(o, elem, 2) for o in outs] + fw.out_vis(fwd, elem)
+            outs = [fwd.op("Identity", s[k]) for k in keys]
         finally:
             rec.b = b
-        ins = [_vi(names["h"], elem, 2)] + ([_vi(names["c"], elem, 2)] if lstm else [])
+            fw.restore()
+        ins = [_vi(names["h"], elem, 2)] + ([_vi(names["c"], elem, 2)] if lstm else []) + fw.inputs
         ins += [_vi(names["xw"], elem, 2)] + ([_vi(names["m"], TensorProto.BOOL, 2)] if masks is not None else [])
-        out_vis = [_vi(o, TensorProto.BOOL if k.endswith("_keep") else elem, 2)
-                   for o, k in zip(outs, ["h", "c"][: 1 + lstm] + keys)]
+        out_vis = state_vis + [_vi(o, TensorProto.BOOL if k.endswith("_keep") else elem, 2) for o, k in zip(outs, keys)]
         body = _graph(fwd, ins, out_vis, "forward_steps")
-        scan_ins = [h0] + ([c0] if lstm else []) + [xw] + ([masks] if masks is not None else [])
+        scan_ins = [h0] + ([c0] if lstm else []) + fw.states + [xw] + ([masks] if masks is not None else [])
         n_scan = 1 + (masks is not None)
-        res = b.op("Scan", *scan_ins, outputs=len(outs), body=body, num_scan_inputs=n_scan,
+        res = b.op("Scan", *scan_ins, outputs=len(out_vis), body=body, num_scan_inputs=n_scan,
                    scan_input_directions=[rev] * n_scan, scan_output_directions=[rev] * len(keys))
-        records = dict(zip(keys, res[1 + lstm:]))
+        records = dict(zip(keys, res[len(state_vis):]))
 
         # --- backward: carried quantities in, one per-step output out
         gy_d = rec.direction_part(gy, d, axis=1)
         dh = rec.final_part(gyh, d) or rec.zero_state()
         dc = (rec.final_part(gyc, d) or rec.zero_state()) if lstm else None
         bwd = _Body(b, rec.dtype)
+        bw = _Weights(rec, bwd, elem)
         rec.b = bwd
         try:
             pb = rec.params(d)
@@ -197,10 +227,12 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
             bouts = [bwd.op("Identity", dh_out)]
             if lstm:
                 bouts.append(bwd.op("Identity", c_prev if m is None else bwd.op("Where", m, c_prev, dc_name)))
-            bouts.append(bwd.op("Identity", y))
+            bout_vis = [_vi(o, elem, 2) for o in bouts] + bw.out_vis(bwd, elem)
+            bout_vis.append(_vi(bwd.op("Identity", y), elem, 2))
         finally:
             rec.b = b
-        bins = [_vi(dh_name, elem, 2)] + ([_vi(dc_name, elem, 2)] if lstm else [])
+            bw.restore()
+        bins = [_vi(dh_name, elem, 2)] + ([_vi(dc_name, elem, 2)] if lstm else []) + bw.inputs
         bins += [_vi(s[k], TensorProto.BOOL if k.endswith("_keep") else elem, 2) for k in keys]
         scanned = [records[k] for k in keys]
         if gy_d is not None:
@@ -209,9 +241,9 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
         if masks is not None:
             bins.append(_vi(m_name, TensorProto.BOOL, 2))
             scanned.append(masks)
-        body = _graph(bwd, bins, [_vi(o, elem, 2) for o in bouts], "backward_steps")
+        body = _graph(bwd, bins, bout_vis, "backward_steps")
         back = 1 - rev  # the opposite order of the forward's
-        res = b.op("Scan", dh, *([dc] if lstm else []), *scanned, outputs=len(bouts), body=body,
+        res = b.op("Scan", dh, *([dc] if lstm else []), *bw.states, *scanned, outputs=len(bout_vis), body=body,
                    num_scan_inputs=len(scanned), scan_input_directions=[back] * len(scanned),
                    scan_output_directions=[back])
         h_finals.append(res[0])
