@@ -31,3 +31,71 @@ def test_tensor_scatter_4d_cache_on_the_sequence_axis():
     past, update = rng.normal(size=(2, 3, 6, 4)), rng.normal(size=(2, 3, 1, 4))
     _passes(bc.check_node("TensorScatter", {"past": past, "update": update}, {"mode": "circular"},
                           consts={"w": np.array([5, 2], np.int64)}, opset=24))
+
+
+# --- RoiAlign (opsets 10-21) -------------------------------------------------------------------
+def _roi_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 3, 9, 10))
+    # Boxes (x1, y1, x2, y2) of several sizes: inside, across the border, tiny, inverted.
+    rois = np.array([[0.5, 1.2, 6.3, 7.9], [2.0, 0.0, 9.6, 4.4], [-1.5, 5.0, 3.2, 10.5],
+                     [4.1, 4.3, 4.6, 4.9], [7.0, 6.0, 3.0, 2.0]], np.float64)
+    batch = np.array([0, 1, 1, 0, 1], np.int64)
+    return x, rois, batch
+
+
+ROI_CASES = {
+    "avg_half_pixel_adaptive": {"mode": "avg", "coordinate_transformation_mode": "half_pixel"},
+    "avg_output_half_pixel_adaptive": {"mode": "avg", "coordinate_transformation_mode": "output_half_pixel"},
+    "avg_half_pixel_ratio2": {"mode": "avg", "sampling_ratio": 2},
+    "avg_output_half_pixel_ratio3_scale": {"mode": "avg", "coordinate_transformation_mode": "output_half_pixel",
+                                           "sampling_ratio": 3, "spatial_scale": 0.8},
+    "max_half_pixel_adaptive": {"mode": "max"},
+    "max_output_half_pixel_ratio2": {"mode": "max", "coordinate_transformation_mode": "output_half_pixel",
+                                     "sampling_ratio": 2},
+    "max_half_pixel_ratio1_scale": {"mode": "max", "sampling_ratio": 1, "spatial_scale": 0.6},
+}
+
+
+@pytest.mark.parametrize("name", list(ROI_CASES))
+def test_roi_align_gradient_with_respect_to_the_feature_map(name):
+    x, rois, batch = _roi_inputs()
+    attrs = {"output_height": 3, "output_width": 2, **ROI_CASES[name]}
+    _passes(bc.check_node("RoiAlign", {"x": x}, attrs, consts={"rois": rois, "batch": batch}, opset=16))
+
+
+def test_roi_align_opset10_gradient():
+    # Opset 10 has no coordinate_transformation_mode: its boxes are output_half_pixel.
+    x, rois, batch = _roi_inputs(1)
+    _passes(bc.check_node("RoiAlign", {"x": x}, {"output_height": 2, "output_width": 4},
+                          consts={"rois": rois, "batch": batch}, opset=10))
+
+
+def test_roi_align_with_boxes_computed_at_run_time():
+    # The boxes are a graph input (a region proposal network's output): held fixed, not constant.
+    from onnx import TensorProto, helper
+
+    x, rois, batch = _roi_inputs(2)
+    node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], output_height=2, output_width=2, mode="avg")
+    g = helper.make_graph([node], "roi_runtime", [
+        helper.make_tensor_value_info("x", TensorProto.DOUBLE, list(x.shape)),
+        helper.make_tensor_value_info("rois", TensorProto.DOUBLE, ["R", 4]),
+        helper.make_tensor_value_info("batch", TensorProto.INT64, ["R"])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 16)])
+    m.ir_version = 8
+    from onnxplain.compile import Composite, compile_explainer
+    from onnxplain.graph import Graph
+    import onnxruntime as ort
+
+    ex = compile_explainer(Graph(m), Composite("gradient"), ["x"], "y")
+    sess = ort.InferenceSession(ex.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fwd = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": x, "rois": rois, "batch": batch}
+    y = fwd.run(None, feeds)[0]
+    seed = np.random.default_rng(3).normal(size=y.shape)
+    got = sess.run([ex.attributions["x"]], {**feeds, ex.seed: seed})[0]
+    v = np.random.default_rng(4).normal(size=x.shape)
+    fd = ((fwd.run(None, {**feeds, "x": x + 1e-5 * v})[0] - fwd.run(None, {**feeds, "x": x - 1e-5 * v})[0])
+          * seed).sum() / 2e-5
+    np.testing.assert_allclose((got * v).sum(), fd, rtol=1e-6)

@@ -43,3 +43,130 @@ def _zeros_as(b, like):
     """Zeros shaped like forward tensor `like`, of its element type."""
     zero = numpy_helper.from_array(np.zeros(1, b.np_dtype(like)))
     return b.op("ConstantOfShape", b.shape_of(like), value=zero)
+
+
+# --- RoiAlign ------------------------------------------------------------------------------------
+def _axis_samples(b, start, size, bins: int, grid, grid_max, extent, x):
+    """One axis of RoiAlign's sampling, as onnxruntime computes it, for every roi r, bin p
+    and sample i (shape (R, bins, G), G = the largest grid of any roi):
+
+    coordinate = start + p * bin + (i + 0.5) * bin / grid, its two neighbours (low, high)
+    and their bilinear weights (1 - l, l) stacked on a last axis of 2, whether the sample
+    lies inside [-1, extent] (outside, onnxruntime gives it weight 0) and whether it exists
+    for this roi (i < grid: the adaptive grid differs per roi).
+    """
+    dt = b.np_dtype(x)
+    one, zero = b.scalar_like(1.0, x), b.scalar_like(0.0, x)
+    binsize = b.op("Div", size, b.scalar_like(float(bins), x))  # (R, 1, 1)
+    p = b.const(np.arange(bins, dtype=dt).reshape(1, bins, 1), dt)
+    i = b.op("Cast", b.op("Range", b.const(np.array(0, np.int64), np.int64), grid_max,
+                          b.const(np.array(1, np.int64), np.int64)), to=b.graph.elem_type(x))
+    i = b.op("Reshape", i, b.ints([1, 1, -1]))
+    gridf = b.op("Cast", grid, to=b.graph.elem_type(x))
+    step = b.op("Div", binsize, b.op("Max", gridf, one))
+    c = b.add(b.add(start, b.mul(p, binsize)), b.mul(b.add(i, b.scalar_like(0.5, x)), step))
+    inside = b.op("And", b.op("Not", b.op("Less", c, b.scalar_like(-1.0, x))), b.op("Not", b.op("Greater", c, extent)))
+    exists = b.op("Expand", b.op("Less", i, gridf), b.op("Shape", c))
+    c = b.op("Max", c, zero)
+    top = b.op("Sub", extent, one)  # extent - 1, the last index
+    low = b.op("Floor", c)
+    at_end = b.op("GreaterOrEqual", low, top)
+    low = b.op("Where", at_end, top, low)
+    high = b.op("Where", at_end, top, b.add(low, one))
+    frac = b.op("Where", at_end, zero, b.op("Sub", c, low))
+    idx = b.op("Cast", b.op("Concat", b.unsqueeze(low, [3]), b.unsqueeze(high, [3]), axis=3), to=7)
+    wts = b.op("Concat", b.unsqueeze(b.op("Sub", one, frac), [3]), b.unsqueeze(frac, [3]), axis=3)
+    return idx, wts, b.op("And", inside, exists), exists
+
+
+@register("RoiAlign")
+def roi_align(b, node, grads):
+    x, rois, batch = node.input[0], node.input[1], node.input[2]
+    g = grads[0]
+    if b.opset >= 22:
+        raise ModelError(f"RoiAlign node '{node.name}': onnxruntime has no RoiAlign kernel for opset {b.opset}; "
+                         "the gradient is checked against onnxruntime's opset 10-21 kernels")
+    mode = attr(node, "mode", "avg")
+    ph, pw = int(attr(node, "output_height", 1)), int(attr(node, "output_width", 1))
+    ratio = int(attr(node, "sampling_ratio", 0))
+    scale = float(attr(node, "spatial_scale", 1.0))
+    ctm = attr(node, "coordinate_transformation_mode", "half_pixel" if b.opset >= 16 else "output_half_pixel")
+    half = ctm == "half_pixel"
+    dt = b.np_dtype(x)
+    t = b.graph.elem_type(x)
+    shape = b.op("Shape", x)
+    sizes = b.op("Cast", shape, to=t)
+    hw = [b.op("Reshape", b.op("Gather", sizes, b.ints([k])), b.ints([])) for k in (2, 3)]  # H, W as scalars
+
+    def col(k):  # roi coordinate k as (R, 1, 1), scaled and shifted
+        v = b.op("Gather", b.cast_like(rois, x), b.ints([k]), axis=1)
+        v = b.mul(v, b.scalar_like(scale, x))
+        if half:
+            v = b.op("Sub", v, b.scalar_like(0.5, x))
+        return b.unsqueeze(v, [2])
+
+    x1, y1, x2, y2 = (col(k) for k in range(4))
+    size_h, size_w = b.op("Sub", y2, y1), b.op("Sub", x2, x1)
+    if not half:  # malformed rois forced to 1x1
+        size_h, size_w = (b.op("Max", s, b.scalar_like(1.0, x)) for s in (size_h, size_w))
+    axes = []
+    for start, size, bins, extent in ((y1, size_h, ph, hw[0]), (x1, size_w, pw, hw[1])):
+        if ratio > 0:
+            grid = b.const(np.array(ratio, np.int64), np.int64)
+            grid_max = grid
+        else:
+            grid = b.op("Cast", b.op("Ceil", b.op("Div", size, b.scalar_like(float(bins), x))), to=7)  # (R, 1, 1)
+            grid_max = b.op("Max", b.op("ReduceMax", b.op("Reshape", grid, b.ints([-1])), keepdims=0),
+                            b.const(np.array(0, np.int64), np.int64))
+        axes.append((_axis_samples(b, start, size, bins, grid, grid_max, extent, x), grid))
+    (iy, wy, valid_y, exists_y), grid_h = axes[0]
+    (ix, wx, valid_x, exists_x), grid_w = axes[1]
+    # (R, PH, PW, Gh, Gw, 2, 2): bins, samples, then the corners in onnxruntime's order.
+    def ylay(v):
+        return b.op("Reshape", v, b.ints([0, ph, 1, -1, 1, 2, 1])) if v in (iy, wy) else \
+            b.op("Reshape", v, b.ints([0, ph, 1, -1, 1, 1, 1]))
+
+    def xlay(v):
+        return b.op("Reshape", v, b.ints([0, 1, pw, 1, -1, 1, 2])) if v in (ix, wx) else \
+            b.op("Reshape", v, b.ints([0, 1, pw, 1, -1, 1, 1]))
+
+    width = b.op("Gather", shape, b.ints([3]))
+    pos = b.add(b.mul(ylay(iy), width), xlay(ix))
+    valid = b.op("And", ylay(valid_y), xlay(valid_x))
+    exists = b.op("And", ylay(exists_y), xlay(exists_x))
+    w = b.op("Where", valid, b.mul(ylay(wy), xlay(wx)), b.scalar_like(0.0, x))
+    exists = b.op("Expand", exists, b.op("Shape", w))
+    if mode == "avg" and ratio > 0:
+        w = b.mul(w, b.scalar_like(1.0 / ratio ** 2, x))
+    elif mode == "avg":
+        count = b.op("Max", b.mul(grid_h, grid_w), b.const(np.array(1, np.int64), np.int64))  # (R, 1, 1)
+        w = b.op("Div", w, b.op("Unsqueeze", b.cast_like(count, x), b.ints([3, 4, 5, 6])))
+    # Flat positions in x (N, C, H, W): ((batch * C + c) * H * W + pos), shaped (R, C, PH, PW, S).
+    chans = b.op("Gather", shape, b.ints([1]))
+    plane = b.op("Mul", b.op("Gather", shape, b.ints([2])), width)
+    s_all = b.ints([0, 1, ph, pw, -1])
+    pos = b.op("Reshape", pos, s_all)  # (R, 1, PH, PW, S)
+    w = b.op("Reshape", w, s_all)
+    c = b.op("Reshape", b.op("Range", b.const(np.array(0, np.int64), np.int64),
+                             b.op("Reshape", chans, b.ints([])), b.const(np.array(1, np.int64), np.int64)),
+             b.ints([1, -1, 1, 1, 1]))
+    bidx = b.op("Reshape", b.op("Cast", batch, to=7), b.ints([-1, 1, 1, 1, 1]))
+    flat_idx = b.add(b.mul(b.add(b.mul(bidx, chans), c), plane), pos)  # (R, C, PH, PW, S)
+    g5 = b.unsqueeze(g, [4])
+    if mode == "avg":
+        upd = b.mul(g5, w)
+        idx = b.op("Expand", flat_idx, b.op("Shape", upd))
+    else:
+        # onnxruntime's max: the largest weighted corner value w_k * x over samples and
+        # corners, the first one on ties (samples that do not exist for the roi excluded).
+        ex = b.op("Reshape", exists, s_all)
+        vals = b.mul(w, b.op("Gather", b.op("Reshape", x, b.ints([-1])), flat_idx))
+        vals = b.op("Where", ex, vals, b.scalar_like(-np.inf, x))
+        win = b.op("ArgMax", vals, axis=4, keepdims=1)
+        idx = b.op("GatherElements", flat_idx, win, axis=4)
+        w_full = b.op("Expand", w, b.op("Shape", vals))
+        upd = b.mul(g5, b.op("GatherElements", w_full, win, axis=4))
+    zeros = b.op("Reshape", b.zeros_like(x), b.ints([-1]))
+    out = b.op("ScatterElements", zeros, b.op("Reshape", idx, b.ints([-1])), b.op("Reshape", upd, b.ints([-1])),
+               axis=0, reduction="add")
+    return [b.reshape_like(out, x), None, None]
