@@ -99,3 +99,21 @@ def test_roi_align_with_boxes_computed_at_run_time():
     fd = ((fwd.run(None, {**feeds, "x": x + 1e-5 * v})[0] - fwd.run(None, {**feeds, "x": x - 1e-5 * v})[0])
           * seed).sum() / 2e-5
     np.testing.assert_allclose((got * v).sum(), fd, rtol=1e-6)
+
+
+# --- MaxRoiPool (onnxruntime: float32, opsets 1-21) ------------------------------------------------
+def _separated(shape, seed=0):
+    """Distinct values at least 0.05 apart, so no float32 finite-difference step changes a
+    window's maximum."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    return (rng.permutation(n) * 0.05 - 0.025 * n).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_max_roi_pool_gradient_goes_to_each_window_maximum(scale):
+    x = _separated((2, 3, 8, 9))
+    # (batch, x1, y1, x2, y2): inside, across the border, a half-way rounding, one pixel.
+    rois = np.array([[0, 0, 0, 5, 6], [1, 3, 2, 11, 9], [1, 2.5, 1.5, 6.5, 5.5], [0, 4, 4, 4, 4]], np.float32)
+    _passes(bc.check_node("MaxRoiPool", {"x": x}, {"pooled_shape": [3, 2], "spatial_scale": scale},
+                          consts={"rois": rois}, opset=16))

@@ -170,3 +170,72 @@ def roi_align(b, node, grads):
     out = b.op("ScatterElements", zeros, b.op("Reshape", idx, b.ints([-1])), b.op("Reshape", upd, b.ints([-1])),
                axis=0, reduction="add")
     return [b.reshape_like(out, x), None, None]
+
+
+# --- MaxRoiPool ------------------------------------------------------------------------------------
+def _round_half_away(b, v):
+    # The boxes are rounded as std::round does (halves away from zero), not as Round (to even).
+    return b.mul(b.op("Sign", v), b.op("Floor", b.add(b.op("Abs", v), b.scalar_like(0.5, v))))
+
+
+def _bin_mask(b, start, length, bins: int, extent, x):
+    """Per roi r, bin p and position h (shape (R, bins, extent)): whether h lies in the bin
+    [start + floor(p * size), start + ceil((p + 1) * size)) clipped to [0, extent), where
+    size = length / bins; also whether the bin is empty."""
+    dt = b.np_dtype(x)
+    size = b.op("Div", length, b.scalar_like(float(bins), x))  # (R, 1, 1)
+    p = b.const(np.arange(bins, dtype=dt).reshape(1, bins, 1), dt)
+    zero = b.scalar_like(0.0, x)
+    lo = b.op("Min", b.op("Max", b.add(b.op("Floor", b.mul(p, size)), start), zero), extent)
+    hi = b.op("Min", b.op("Max", b.add(b.op("Ceil", b.mul(b.add(p, b.scalar_like(1.0, x)), size)), start), zero), extent)
+    h = b.op("Cast", b.op("Range", b.const(np.array(0, np.int64), np.int64),
+                          b.op("Cast", extent, to=7), b.const(np.array(1, np.int64), np.int64)), to=b.graph.elem_type(x))
+    h = b.op("Reshape", h, b.ints([1, 1, -1]))
+    inside = b.op("And", b.op("GreaterOrEqual", h, lo), b.op("Less", h, hi))
+    return inside, b.op("LessOrEqual", hi, lo)
+
+
+@register("MaxRoiPool")
+def max_roi_pool(b, node, grads):
+    # Each bin's output is its window's largest element (the first in row-major order, as
+    # onnxruntime scans), 0 for an empty window: the gradient goes to that element. The
+    # windows are masks over the whole map: memory grows as rois x channels x bins x H x W.
+    x, rois = node.input[0], node.input[1]
+    g = grads[0]
+    ph, pw = (int(v) for v in attr(node, "pooled_shape"))
+    scale = float(attr(node, "spatial_scale", 1.0))
+    t = b.graph.elem_type(x)
+    shape = b.op("Shape", x)
+    sizes = b.op("Cast", shape, to=t)
+    H, W = (b.op("Reshape", b.op("Gather", sizes, b.ints([k])), b.ints([])) for k in (2, 3))
+    r = b.cast_like(rois, x)
+
+    def col(k):
+        return b.unsqueeze(_round_half_away(b, b.mul(b.op("Gather", r, b.ints([k]), axis=1),
+                                                    b.scalar_like(scale, x))), [2])  # (R, 1, 1)
+
+    batch = b.op("Cast", b.op("Gather", r, b.ints([0]), axis=1), to=7)  # (R, 1)
+    x1, y1, x2, y2 = (col(k) for k in (1, 2, 3, 4))
+    one = b.scalar_like(1.0, x)
+    len_h = b.op("Max", b.add(b.op("Sub", y2, y1), one), one)
+    len_w = b.op("Max", b.add(b.op("Sub", x2, x1), one), one)
+    in_h, empty_h = _bin_mask(b, y1, len_h, ph, H, x)  # (R, PH, H), (R, PH, 1)
+    in_w, empty_w = _bin_mask(b, x1, len_w, pw, W, x)  # (R, PW, W), (R, PW, 1)
+    mask = b.op("And", b.op("Reshape", in_h, b.ints([0, 1, ph, 1, -1, 1])),
+                b.op("Reshape", in_w, b.ints([0, 1, 1, pw, 1, -1])))  # (R, 1, PH, PW, H, W)
+    empty = b.op("Or", b.op("Reshape", empty_h, b.ints([0, 1, ph, 1])), b.op("Reshape", empty_w, b.ints([0, 1, 1, pw])))
+    chans = b.op("Gather", shape, b.ints([1]))
+    plane = b.op("Mul", b.op("Gather", shape, b.ints([2])), b.op("Gather", shape, b.ints([3])))
+    maps = b.op("Gather", x, b.op("Reshape", batch, b.ints([-1])), axis=0)  # (R, C, H, W)
+    maps = b.op("Unsqueeze", maps, b.ints([2, 3]))  # (R, C, 1, 1, H, W)
+    vals = b.op("Where", mask, maps, b.scalar_like(-np.inf, x))
+    vals = b.op("Reshape", vals, b.op("Concat", b.op("Shape", vals, end=4), b.ints([-1]), axis=0))
+    win = b.op("ArgMax", vals, axis=4, keepdims=0)  # (R, C, PH, PW): flat position in the map
+    c = b.op("Reshape", b.op("Range", b.const(np.array(0, np.int64), np.int64), b.op("Reshape", chans, b.ints([])),
+                             b.const(np.array(1, np.int64), np.int64)), b.ints([1, -1, 1, 1]))
+    idx = b.add(b.mul(b.add(b.mul(b.op("Reshape", batch, b.ints([-1, 1, 1, 1])), chans), c), plane), win)
+    upd = b.op("Where", empty, b.scalar_like(0.0, x), g)
+    zeros = b.op("Reshape", b.zeros_like(x), b.ints([-1]))
+    out = b.op("ScatterElements", zeros, b.op("Reshape", idx, b.ints([-1])), b.op("Reshape", upd, b.ints([-1])),
+               axis=0, reduction="add")
+    return [b.reshape_like(out, x), None]
