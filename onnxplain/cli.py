@@ -314,6 +314,32 @@ def methods(as_json):
                "-O n_steps=20.")
 
 
+@main.command(epilog="\b\nExamples:\n  onnxplain info\n  onnxplain info --json")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def info(as_json):
+    """Versions and the onnxruntime providers that really work here (and why others do not)."""
+    import onnx
+    import onnxruntime as ort
+
+    installed = list(ort.get_available_providers())
+    problems = {p: runtime.provider_problem(p) for p in installed}
+    working = [p for p in installed if problems[p] is None]
+    facts = {"onnxplain": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+             "python": sys.version.split()[0], "installed_providers": installed, "working_providers": working,
+             "problems": {p: why for p, why in problems.items() if why},
+             "default_providers": runtime.default_providers(), "models": str(models_dir())}
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"onnxplain {__version__}  onnxruntime {ort.__version__}  onnx {onnx.__version__}  "
+               f"python {facts['python']}")
+    click.echo(f"works      {', '.join(working)}")
+    for p, why in facts["problems"].items():
+        click.echo(f"not here   {p}: {why}")
+    click.echo(f"default    {', '.join(facts['default_providers'])} (--providers or ONNXPLAIN_PROVIDERS to choose)")
+    click.echo(f"models     {facts['models']}")
+
+
 @main.command(epilog="\b\nExamples:\n  onnxplain inspect models/tiny_cnn.onnx\n"
                      "  onnxplain inspect models/tiny_cnn.onnx --json | jq '.layers[].tensor'")
 @click.argument("model", type=click.Path(path_type=Path))

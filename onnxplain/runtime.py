@@ -31,56 +31,113 @@ def _ort():
     return ort
 
 
-@lru_cache(maxsize=None)
-def cuda_works() -> bool:
-    """True when the CUDA provider is installed *and* can run a node here.
+# Providers that need libraries beside onnxruntime (CUDA, cuDNN, TensorRT): requested but
+# unable to run, they fall back to the next one with one warning line, not an error.
+GPU_PROVIDERS = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+                 "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
+CUDA_HINT = "pip install 'onnxplain[cuda]' for the CUDA and cuDNN runtime wheels (README: GPU)"
+_WARNED: set = set()
 
-    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a driver; a
-    session then silently falls back or logs errors. Running a one-node model tells.
+
+@lru_cache(maxsize=None)
+def _preload_cuda() -> None:
+    """Make CUDA/cuDNN installed as pip wheels (onnxplain[cuda]) loadable: onnxruntime-gpu
+    finds them only through its preload_dlls."""
+    import importlib.util
+
+    ort = _ort()
+    if hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
+
+
+@lru_cache(maxsize=None)
+def provider_problem(name: str) -> str | None:
+    """Why execution provider `name` cannot run a node here, or None when it can.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even where its libraries or a driver are
+    missing; a session then logs red errors and silently runs on the CPU. Loading the
+    provider's library names the missing library; running a one-node model tells the rest.
     """
     ort = _ort()
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
+    if name == "CPUExecutionProvider":
+        return None
+    if name not in ort.get_available_providers():
+        hint = f"; {CUDA_HINT}" if name in GPU_PROVIDERS else ""
+        return f"this onnxruntime ({ort.__version__}) does not include it{hint}"
+    if name in GPU_PROVIDERS:
+        _preload_cuda()
+        import ctypes
+
+        lib = os.path.join(os.path.dirname(ort.__file__), "capi", GPU_PROVIDERS[name])
+        if os.path.exists(lib):
+            try:
+                ctypes.CDLL(lib)
+            except OSError as exc:
+                hint = CUDA_HINT if name == "CUDAExecutionProvider" else "it needs TensorRT besides CUDA"
+                return f"{str(exc).split(': cannot open')[0]} is missing ({hint})"
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
                           opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    # A missing CUDA library is an expected answer here, not an error to print.
+    # A missing library or device is an expected answer here, not an error to print.
     ort.set_default_logger_severity(4)
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 4
-        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
-        if "CUDAExecutionProvider" not in s.get_providers():
-            return False
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=[name])
+        if name not in s.get_providers():
+            return "onnxruntime could not create it (no usable device or driver?)"
         s.run(None, {"x": np.ones(1, np.float32)})
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:
+        return f"it cannot run here: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
     finally:
         ort.set_default_logger_severity(3)
+
+
+def cuda_works() -> bool:
+    """True when the CUDA provider is installed *and* can run a node here."""
+    return provider_problem("CUDAExecutionProvider") is None
+
+
+def working_providers() -> list[str]:
+    """The installed providers that can run a node here, in onnxruntime's order of preference."""
+    return [p for p in _ort().get_available_providers() if provider_problem(p) is None]
 
 
 def default_providers() -> list[str]:
     env = os.environ.get("ONNXPLAIN_PROVIDERS")
     if env:
-        return [p.strip() for p in env.split(",") if p.strip()]
+        return resolve_providers([p.strip() for p in env.split(",") if p.strip()])
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_works() else ["CPUExecutionProvider"]
 
 
 def resolve_providers(providers=None) -> list[str]:
+    """The providers to run on: those requested that can run here. A misspelt name is an
+    error; a known provider that cannot run (CUDA without its libraries) is dropped with one
+    warning line saying why, and the CPU takes over where nothing else is left."""
     if providers is None:
         return default_providers()
     if isinstance(providers, str):
         providers = [providers]
     ort = _ort()
-    available = ort.get_available_providers()
-    bad = [p if isinstance(p, str) else p[0] for p in providers]
-    bad = [p for p in bad if p not in available]
+    known = set(ort.get_all_providers()) | set(ort.get_available_providers())
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    bad = [p for p in names if p not in known]
     if bad:
-        raise InputError(f"execution provider(s) {', '.join(bad)} not available; installed: {', '.join(available)}")
-    return list(providers)
+        raise InputError(f"execution provider(s) {', '.join(bad)} unknown to onnxruntime; installed: "
+                         f"{', '.join(ort.get_available_providers())}")
+    kept = [p for p, n in zip(providers, names) if provider_problem(n) is None]
+    kept = kept or ["CPUExecutionProvider"]
+    dropped = [n for n in names if provider_problem(n) is not None]
+    for n in dropped:
+        if n not in _WARNED:
+            _WARNED.add(n)
+            to = ", ".join(p if isinstance(p, str) else p[0] for p in kept)
+            sys.stderr.write(f"warning: {n} cannot run here, running on {to}: {provider_problem(n)}\n")
+    return list(kept)
 
 
 class Session:

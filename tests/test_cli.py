@@ -479,3 +479,44 @@ def test_an_exported_gradient_explainer_holds_each_conv_weight_once(tmp_path):
     got = ort.InferenceSession(str(out)).run(["onnxplain.attribution.0"], {"input": x, "onnxplain.seed": seed})[0]
     np.testing.assert_allclose(got, Explainer(TINY).attribute(x, method="gradient", target=[1, 7]),
                                rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- providers, info
+
+
+def _script(*args, cwd=None):
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_a_cuda_provider_that_cannot_run_falls_back_with_one_warning_line(tmp_path):
+    """Before: onnxruntime's red 'Failed to load library ... libcublasLt.so' errors (twice),
+    then a silent run on the CPU with exit 0."""
+    from onnxplain import runtime
+
+    if runtime.cuda_works():
+        pytest.skip("CUDA runs on this machine: nothing falls back")
+    x, _ = sample(tmp_path, TINY, batch=1)
+    r = _script("explain", TINY, x, "--providers", "CUDAExecutionProvider,CPUExecutionProvider",
+                "-o", tmp_path / "a.npy")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("warning: CUDAExecutionProvider") and "CPUExecutionProvider" in lines[0]
+    assert "onnxruntime:Default" not in r.stderr and "\x1b[" not in r.stderr
+    assert np.load(tmp_path / "a.npy").shape == (1, 3, 32, 32)
+
+
+def test_info_prints_the_providers_that_really_work():
+    from onnxplain import runtime
+
+    r = _script("info")
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime:Default" not in r.stderr
+    works = [line for line in r.stdout.splitlines() if line.strip().startswith("works")]
+    assert works and "CPUExecutionProvider" in works[0]
+    assert ("CUDAExecutionProvider" in works[0]) == runtime.cuda_works()
+    info = json.loads(_script("info", "--json").stdout)
+    assert "CPUExecutionProvider" in info["working_providers"]
+    assert set(info["working_providers"]) <= set(info["installed_providers"])
+    for p in set(info["installed_providers"]) - set(info["working_providers"]):
+        assert info["problems"][p]  # why it does not work, e.g. a missing CUDA library
