@@ -71,6 +71,47 @@ def applies_to(comp) -> bool:
     return bool(families) and "deeplift" not in families
 
 
+# Operators whose gradient rules carry a gradient through integer (quantized) tensors: the
+# quantized ones here, Cast and integer arithmetic (below), and the shape and routing ones,
+# whose rules move the gradient without looking at the values' type. Any other consumer of
+# a quantized tensor would drop its gradient (the float rules skip non-float inputs).
+_INTEGER_AWARE = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                  "QLinearConv", "QLinearMatMul", "Cast", "CastLike", "Add", "Sum", "Sub", "Mul", "Neg"}
+_INTEGER_ROUTING = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Gather",
+                    "Split", "Identity", "MaxPool", "Pad", "Expand", "Add", "Sum", "Sub", "Mul", "Neg", "Cast",
+                    "CastLike"}
+_MS_INTEGER_AWARE = {"QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+                     "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QAttention"}
+
+
+def _check_integer_consumers(b, node):
+    """Refuse, by name, a consumer of this node's quantized outputs whose rule would drop
+    their gradient: a silent zero, or with a run-time scale a wrong answer (its terms
+    would not cancel)."""
+    from ..compile import NON_DIFFERENTIABLE
+
+    graph = b.graph
+    todo = [o for o in node.output if o and graph.elem_type(o) not in (None,) and graph.elem_type(o) not in _FLOAT]
+    seen = set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for c in graph.consumers.get(t, []):
+            domain = c.domain if c.domain not in ("ai.onnx",) else ""
+            if domain == "" and c.op_type in NON_DIFFERENTIABLE:
+                continue
+            aware = (domain == "" and (c.op_type in _INTEGER_AWARE or c.op_type in _INTEGER_ROUTING)) or \
+                (domain == MS and c.op_type in _MS_INTEGER_AWARE)
+            if not aware:
+                raise ModelError(f"the quantized tensor '{t}' feeds {c.op_type} '{c.name}', whose gradient rule does "
+                                 "not carry gradients through integer tensors; use a black-box method")
+            if domain == "" and c.op_type in _INTEGER_ROUTING:
+                todo.extend(o for o in c.output if o and graph.elem_type(o) is not None
+                            and graph.elem_type(o) not in _FLOAT)
+
+
 def _gradient_methods_only(rule):
     def guarded(b, node, grads):
         comp = getattr(b, "composite", None)
@@ -79,6 +120,7 @@ def _gradient_methods_only(rule):
                              f"('{node.name}'): the straight-through convention serves gradient methods "
                              "(gradient, input_x_gradient, integrated_gradients, smoothgrad, guided_backprop, ...); "
                              "use one of them or a black-box method")
+        _check_integer_consumers(b, node)
         return rule(b, node, grads)
 
     guarded.__name__, guarded.__doc__, guarded.__wrapped__ = rule.__name__, rule.__doc__, rule
@@ -521,6 +563,46 @@ def cast(b, node, grads):
     if tx is not None and tx not in _FLOAT and grads[0] is not None:
         return [_to_f32(b, grads[0]) if ty in _FLOAT and ty != F32 else grads[0]] + rest
     return _float_cast(b, node, grads)
+
+
+_float_arithmetic = {"Add": gradient_elementwise.add, "Sum": gradient_elementwise.add,
+                     "Sub": gradient_elementwise.sub, "Mul": gradient_elementwise.mul, "Neg": gradient_elementwise.neg}
+
+
+def _integer(b, name: str) -> bool:
+    t = _elem(b, name)
+    return t is not None and t not in _FLOAT
+
+
+@_register("Add", "Sum", "Sub", "Mul", "Neg")
+def arithmetic(b, node, grads):
+    # Integer arithmetic on quantized values (an int32 bias added to MatMulInteger's
+    # accumulator before the Cast, as some converters write it) is exact arithmetic on
+    # integers that stand for reals: its gradient is the float one, in float32. The float
+    # rules skip non-float inputs, which would cut the path there.
+    ins = [i for i in node.input if i]
+    if not any(_integer(b, i) for i in ins):
+        return _float_arithmetic[node.op_type](b, node, grads)
+    g = _to_f32(b, grads[0])
+    y = node.output[0]
+    out_shape = b.shape(y)
+
+    def wanted(name):
+        return bool(name) and b.constant(name) is None and varies(b, name)
+
+    res = []
+    for k, name in enumerate(node.input):
+        if not wanted(name):
+            res.append(None)
+            continue
+        if node.op_type == "Neg" or (node.op_type == "Sub" and k == 1):
+            gk = b.op("Neg", g)
+        elif node.op_type == "Mul":
+            gk = b.mul(g, _to_f32(b, node.input[1 - k]))
+        else:
+            gk = g
+        res.append(_sum_to(b, gk, out_shape, name) if node.op_type != "Neg" else gk)
+    return res
 
 
 # --------------------------------------------------------------------------- integer linear ops
