@@ -544,7 +544,7 @@ def quantized_zoo(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("quantized")
     out = {}
-    for name in ("mlp", "resnet", "densenet"):
+    for name in ("mlp", "vgg", "resnet", "densenet"):
         model = zoo.build(name)
         src = zoo.export(model, d / f"{name}.onnx", "torchscript")
         paths = {"float": src}
@@ -658,7 +658,7 @@ def test_ste_gradient_of_a_qdq_model_is_the_gradient_of_its_dequantized_float_mo
     assert np.median(rel) < max_rel and np.all(corr > min_corr), (rel, corr)
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet", "densenet"])
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "densenet"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ste_gradient_of_a_quantized_model_is_close_to_the_float_models(quantized_zoo, name, variant):
     shape, paths = quantized_zoo[name]
