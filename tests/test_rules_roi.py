@@ -117,3 +117,76 @@ def test_max_roi_pool_gradient_goes_to_each_window_maximum(scale):
     rois = np.array([[0, 0, 0, 5, 6], [1, 3, 2, 11, 9], [1, 2.5, 1.5, 6.5, 5.5], [0, 4, 4, 4, 4]], np.float32)
     _passes(bc.check_node("MaxRoiPool", {"x": x}, {"pooled_shape": [3, 2], "spatial_scale": scale},
                           consts={"rois": rois}, opset=16))
+
+
+# --- DeformConv (opset 19; onnxruntime: float32) ---------------------------------------------------
+def _deform_inputs(c=4, oc=6, group=2, og=2, k=(2, 3), size=(6, 7), pads=(1, 0, 1, 1), strides=(1, 2),
+                   dil=(2, 1), mask=True, bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    oh = (size[0] + pads[0] + pads[2] - (dil[0] * (k[0] - 1) + 1)) // strides[0] + 1
+    ow = (size[1] + pads[1] + pads[3] - (dil[1] * (k[1] - 1) + 1)) // strides[1] + 1
+    # Offsets away from whole numbers: sample positions off the bilinear kinks.
+    off = rng.integers(-2, 2, size=(2, og * k[0] * k[1] * 2, oh, ow)) + rng.uniform(0.15, 0.85, (1,))
+    off = off + rng.uniform(-0.1, 0.1, off.shape)
+    ins = {"X": rng.normal(size=(2, c, *size)), "W": rng.normal(size=(oc, c // group, *k)), "offset": off}
+    if bias:
+        ins["B"] = rng.normal(size=(oc,))
+    if mask:
+        ins["mask"] = rng.uniform(0.2, 1.0, size=(2, og * k[0] * k[1], oh, ow))
+    attrs = {"kernel_shape": list(k), "pads": list(pads), "strides": list(strides), "dilations": list(dil),
+             "group": group, "offset_group": og}
+    return {n: v.astype(np.float32) for n, v in ins.items()}, attrs
+
+
+DEFORM_CASES = {
+    "groups_offset_groups_mask_bias": {},
+    "plain_3x3": {"c": 2, "oc": 3, "group": 1, "og": 1, "k": (3, 3), "pads": (1, 1, 1, 1), "strides": (1, 1),
+                  "dil": (1, 1), "mask": False, "bias": False},
+    "offset_group_4_strided": {"c": 4, "oc": 2, "group": 1, "og": 4, "strides": (2, 2), "bias": False},
+}
+
+
+@pytest.mark.parametrize("name", list(DEFORM_CASES))
+def test_deform_conv_gradient_for_x_w_offset_bias_and_mask(name):
+    ins, attrs = _deform_inputs(**DEFORM_CASES[name])
+    order = ["X", "W", "offset"] + (["B"] if "B" in ins else ([""] if "mask" in ins else [])) + \
+        (["mask"] if "mask" in ins else [])
+    _passes(bc.check_node("DeformConv", ins, dict(attrs, _order=order), opset=19,
+                          extra=tuple(k for k in ins)))
+
+
+def test_deform_conv_offset_gradient_at_whole_positions_is_the_derivative_from_above():
+    # onnx's test_basic_deform_conv_with_padding samples at whole positions, where bilinear
+    # interpolation has a kink: the gradient is the one-sided derivative for offsets that grow.
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from onnxplain.compile import SEED, Composite, compile_explainer
+    from onnxplain.graph import Graph
+
+    x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    w = np.ones((1, 1, 2, 2), np.float32)
+    off = np.zeros((1, 8, 4, 4), np.float32)
+    off[0, 0, 0, 0] = 0.5
+    off[0, 5, 2, 1] = -1.0  # whole, negative
+    node = helper.make_node("DeformConv", ["x", "w", "off"], ["y"], kernel_shape=[2, 2], pads=[1, 1, 1, 1])
+    g = helper.make_graph([node], "deform", [helper.make_tensor_value_info("off", TensorProto.FLOAT, list(off.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+                          initializer=[onnx.numpy_helper.from_array(x, "x"), onnx.numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 8
+    ex = compile_explainer(Graph(m), Composite("gradient"), ["off"], "y")
+    sess = ort.InferenceSession(ex.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fwd = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    seed = np.random.default_rng(0).normal(size=(1, 1, 4, 4)).astype(np.float32)
+    got = sess.run([ex.attributions["off"]], {"off": off, ex.seed: seed})[0]
+    v = np.random.default_rng(1).uniform(0, 1, off.shape).astype(np.float32)
+    f0 = fwd.run(None, {"off": off})[0].astype(np.float64)
+
+    def from_above(h):  # within one cell: every sample stays on the same bilinear piece above
+        return ((fwd.run(None, {"off": off + h * v})[0] - f0) * seed).sum() / h
+
+    # Bilinear pieces are quadratic along v: Richardson's step removes the O(h) term.
+    above = 2 * from_above(1e-2) - from_above(2e-2)
+    np.testing.assert_allclose((got * v).sum(), above, rtol=5e-4)

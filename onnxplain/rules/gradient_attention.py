@@ -105,8 +105,6 @@ def _body(b, node) -> onnx.GraphProto:
 
 def function_backward(b, node, grads):
     """The backward of `node` as the backward of its schema's function body, inlined."""
-    from ..compile import subgraph_backward
-
     if _refuses(b.composite, node):
         raise UnsupportedOperatorError([node.op_type], b.composite.name)
     targets = [t for t in node.input
@@ -120,7 +118,16 @@ def function_backward(b, node, grads):
         # and the explainer's forward runs that kernel: the gradient would not be its own.
         raise ModelError(f"Attention node '{node.name}': onnxruntime's float64 kernel with nonpad_kv_seqlen "
                          "does not compute the operator as onnx defines it; run the model in float32")
-    body = _body(b, node)
+    return body_backward(b, node, grads, _body(b, node), targets)
+
+
+def body_backward(b, node, grads, body: onnx.GraphProto, targets):
+    """The backward of `node` as that of `body`, a graph without inputs of its own that
+    computes the node's outputs (in order) from its inputs (read from the enclosing scope),
+    every internal name fresh: its nodes are recomputed and differentiated by the
+    composite's rules, inlined. Returns the gradients of the node's inputs."""
+    from ..compile import subgraph_backward
+
     gout = list(grads) + [None] * (len(body.output) - len(grads))
     named = onnx.NodeProto()
     named.CopyFrom(node)

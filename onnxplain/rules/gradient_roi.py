@@ -1,18 +1,20 @@
-"""Exact vector-Jacobian products of region and cache operators: `TensorScatter` (opset 24,
-a KV-cache write) and `RoiAlign` (opsets 10-21: onnxruntime has no kernel for opset 22).
+"""Exact vector-Jacobian products of region, cache and sampling operators: `TensorScatter`
+(opset 24, a KV-cache write), `RoiAlign` (opsets 10-21: onnxruntime has no kernel for
+opset 22), `MaxRoiPool` (onnxruntime: float32, opsets 1-21) and `DeformConv` (opset 19+).
 
-Both are linear in their data input; where elements go is only known at run time (the
-write indices, the boxes), so each backward reruns the forward's own index logic on
-positions rather than values: the forward applied to the input's flat indices says where
-every output element came from.
+Where elements go is only known at run time (the write indices, the boxes), so each
+backward reruns the forward's own index logic on positions rather than values: the
+forward applied to the input's flat indices says where every output element came from.
+DeformConv is differentiated as its definition (GridSample, mask, grouped MatMul) by the
+rules of those operators, which also gives the offset and mask gradients.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from ..errors import ModelError
+from ..errors import ModelError, UnsupportedOperatorError
 from .base import attr, register
 
 
@@ -239,3 +241,97 @@ def max_roi_pool(b, node, grads):
     out = b.op("ScatterElements", zeros, b.op("Reshape", idx, b.ints([-1])), b.op("Reshape", upd, b.ints([-1])),
                axis=0, reduction="add")
     return [b.reshape_like(out, x), None]
+
+
+# --- DeformConv ----------------------------------------------------------------------------------
+class _Body:
+    """Nodes and constants of a body graph under construction, every name fresh."""
+
+    def __init__(self, b, op: str):
+        self.prefix = b.fresh(f"{op}_body") + "/"
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def name(self) -> str:
+        self.n += 1
+        return f"{self.prefix}t{self.n}"
+
+    def op(self, op_type, *inputs, **attrs):
+        out = self.name()
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out + "_node", **attrs))
+        return out
+
+    def const(self, value, dtype):
+        out = self.name()
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), out))
+        return out
+
+
+@register("DeformConv")
+def deform_conv(b, node, grads):
+    """DeformConv as its definition: each kernel tap samples X bilinearly (GridSample,
+    align_corners, zeros outside) at its position plus the offset, weighted by the mask,
+    then a grouped matrix product with W. Built as a body graph from those operators and
+    differentiated through their rules (X, W, offset, B and mask alike)."""
+    from .gradient_attention import _refuses, body_backward
+
+    if _refuses(b.composite):
+        raise UnsupportedOperatorError(["DeformConv"], b.composite.name)
+    x, w, off = node.input[:3]
+    bias = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    mask = node.input[4] if len(node.input) > 4 and node.input[4] else None
+    xs, ws, offs = b.shape(x), b.shape(w), b.shape(off)
+    what = f"DeformConv node '{node.name}'"
+    if xs is None or ws is None or offs is None or len(xs) != 4:
+        raise ModelError(f"{what}: the gradient supports 2-D DeformConv with known ranks")
+    if not all(isinstance(d, (int, np.integer)) for d in list(xs[1:]) + list(ws) + list(offs[1:])):
+        raise ModelError(f"{what}: the gradient needs static channel, kernel and spatial sizes "
+                         f"(X {xs}, W {ws}, offset {offs}); give the model static input shapes")
+    c, ih, iw = (int(d) for d in xs[1:])
+    oc, _, kh, kw = (int(d) for d in ws)
+    oh, ow = int(offs[2]), int(offs[3])
+    if ih < 2 or iw < 2:
+        raise ModelError(f"{what}: a map of one row or column ({ih}x{iw}) is not supported by the gradient")
+    group = int(attr(node, "group", 1))
+    og = int(attr(node, "offset_group", 1))
+    sh, sw = (int(v) for v in attr(node, "strides", [1, 1]))
+    dh, dw = (int(v) for v in attr(node, "dilations", [1, 1]))
+    pads = [int(v) for v in attr(node, "pads", [0, 0, 0, 0])]
+    dt = b.np_dtype(x)
+    t = b.graph.elem_type(x)
+    y = _Body(b, "DeformConv")
+    # Tap positions without offsets, (kh, kw, oh, ow), normalised as align_corners=1 reads them.
+    base_h = (-pads[0] + sh * np.arange(oh))[None, None, :, None] + dh * np.arange(kh)[:, None, None, None]
+    base_w = (-pads[1] + sw * np.arange(ow))[None, None, None, :] + dw * np.arange(kw)[None, :, None, None]
+    base_h = np.broadcast_to(base_h, (kh, kw, oh, ow)).astype(dt)
+    base_w = np.broadcast_to(base_w, (kh, kw, oh, ow)).astype(dt)
+    o = y.op("Reshape", off, y.const([-1, og, kh, kw, 2, oh, ow], np.int64))
+    parts = []
+    for k, (base, extent) in enumerate(((base_h, ih), (base_w, iw))):
+        p = y.op("Gather", o, y.const(k, np.int64), axis=4)  # (N, og, kh, kw, oh, ow)
+        p = y.op("Add", p, y.const(base, dt))
+        parts.append(y.op("Sub", y.op("Mul", p, y.const(2.0 / (extent - 1), dt)), y.const(1.0, dt)))
+    # GridSample reads (x, y) pairs: grid (N*og, kh*kw*oh, ow, 2).
+    grid = y.op("Concat", y.op("Unsqueeze", parts[1], y.const([-1], np.int64)),
+                y.op("Unsqueeze", parts[0], y.const([-1], np.int64)), axis=-1)
+    grid = y.op("Reshape", grid, y.const([-1, kh * kw * oh, ow, 2], np.int64))
+    xg = y.op("Reshape", x, y.const([-1, c // og, ih, iw], np.int64))
+    mode = "linear" if b.opset >= 20 else "bilinear"
+    sampled = y.op("GridSample", xg, grid, mode=mode, padding_mode="zeros", align_corners=1)
+    sampled = y.op("Reshape", sampled, y.const([-1, og, c // og, kh, kw, oh, ow], np.int64))
+    if mask is not None:
+        m = y.op("Reshape", mask, y.const([-1, og, 1, kh, kw, oh, ow], np.int64))
+        sampled = y.op("Mul", sampled, m)
+    cols = y.op("Reshape", sampled, y.const([-1, group, (c // group) * kh * kw, oh * ow], np.int64))
+    wg = y.op("Reshape", w, y.const([group, oc // group, (c // group) * kh * kw], np.int64))
+    out = y.op("MatMul", wg, cols)  # (N, group, oc/group, oh*ow)
+    out = y.op("Reshape", out, y.const([-1, oc, oh, ow], np.int64))
+    if bias is not None:
+        out = y.op("Add", out, y.op("Reshape", bias, y.const([1, oc, 1, 1], np.int64)))
+    out = y.op("Identity", out)
+    body = helper.make_graph(y.nodes, "DeformConv_body", [], [helper.make_tensor_value_info(out, t, None)],
+                             initializer=y.inits)
+    targets = [i for i in node.input
+               if i and i in b.depends and b.constant(i) is None and b.graph.is_float(i)]
+    if not targets:
+        return [None] * len(node.input)
+    return body_backward(b, node, grads, body, targets)
