@@ -605,6 +605,41 @@ def arithmetic(b, node, grads):
     return res
 
 
+class _Float32View:
+    """The builder seen by a float rule that runs in float32 for a float16/bfloat16 tensor
+    (onnxruntime's CPU ScatterElements cannot add in float16)."""
+
+    def __init__(self, b):
+        self._b = b
+
+    def np_dtype(self, name):
+        d = self._b.np_dtype(name)
+        return np.dtype(np.float32) if d.itemsize < 4 or d.kind != "f" else d
+
+    def zeros_like(self, x):
+        zero = onnx.numpy_helper.from_array(np.zeros(1, dtype=self.np_dtype(x)))
+        return self._b.op("ConstantOfShape", self._b.shape_of(x), value=zero)
+
+    def scalar_like(self, value, like):
+        return self._b.const(value, self.np_dtype(like))
+
+    def __getattr__(self, key):
+        return getattr(self._b, key)
+
+
+_float_max_pool = gradient_pool.max_pool
+
+
+@_register("MaxPool")
+def max_pool(b, node, grads):
+    # float16/bfloat16 islands: the winners' scatter runs in float32, the result is cast back.
+    x = node.input[0]
+    if _elem(b, x) not in (TensorProto.FLOAT16, TensorProto.BFLOAT16) or grads[0] is None:
+        return _float_max_pool(b, node, grads)
+    gx = _float_max_pool(_Float32View(b), node, [b.op("Cast", grads[0], to=F32)])[0]
+    return [b.op("Cast", gx, to=_elem(b, x))]
+
+
 # --------------------------------------------------------------------------- integer linear ops
 
 
