@@ -804,12 +804,11 @@ def _cut_model(graph: Graph, layer: str, cut: str) -> onnx.ModelProto:
     shape = graph.shape(layer)
     if shape is None:
         raise ModelError(f"the shape of layer '{layer}' is unknown; give the model static shapes")
+    from .canonize import _rename_inputs
+
     m = onnx.ModelProto()
     m.CopyFrom(graph.model)
-    for node in m.graph.node:
-        for i, name in enumerate(node.input):
-            if name == layer:
-                node.input[i] = cut
+    _rename_inputs(m.graph, {layer: cut})  # readers inside If/Loop/Scan bodies too
     for o in m.graph.output:
         if o.name == layer:
             raise OptionError(f"layer '{layer}' is a model output; choose a tensor inside the model")

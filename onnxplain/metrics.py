@@ -26,12 +26,13 @@ import numpy as np
 
 from .errors import InputError, ModelError, OptionError
 from .methods.blackbox import layout
-from .target import TargetScorer
+from .target import TargetScorer, resolve_target
 
 # Which way is better, per metric: the direction methods are ranked in.
 HIGHER_IS_BETTER = {
     "deletion": False, "insertion": True, "selectivity": True, "road": True,
     "infidelity": False, "max_sensitivity": False, "continuity": False, "randomization": False,
+    "energy_in_box": True, "pointing_game": True,
 }
 METRICS = tuple(HIGHER_IS_BETTER)
 
@@ -79,6 +80,7 @@ class Scorer:
             raise InputError(f"metrics perturb the input, which must be float; '{self.input}' is {self.x.dtype}")
         self.explainer = explainer
         self.n = self.x.shape[0]
+        target, output = resolve_target(explainer, feeds, target, output)
         self.tensor = explainer.explained_tensor(output)
         self.session = explainer.forward_session(feeds, [self.tensor])
         # Sessions give rows batch first; the target reads the tensor in its own layout.
@@ -602,6 +604,58 @@ def randomization(explainer, x, method: str, target=None, points: int = 6, absol
                  extra={"layers": [layers[d - 1][0] for d in depths]})
 
 
+# ----------------------------------------------------------------------------- detections
+
+
+def _boxes(explainer, x, target) -> tuple[np.ndarray, "Positions"]:
+    """The explained box of each sample (x1, y1, x2, y2 in input pixels) of a detection
+    target (`detection:I`, `box:...`, or one resolved by a Scorer), and the positions."""
+    feeds = explainer.feeds(x)
+    t, _ = resolve_target(explainer, feeds, target)
+    chosen = getattr(t, "chosen", None)
+    if chosen is None:
+        raise OptionError("energy_in_box and pointing_game need a detection target (detection:I or "
+                          "box:x1,y1,x2,y2[:C]): they measure the relevance inside the explained box")
+    (name, xs), = [(k, v) for k, v in feeds.items()][:1]
+    return np.array([d.box for d in chosen], dtype=np.float64), Positions(xs.shape)
+
+
+def box_mask(box, grid) -> np.ndarray:
+    """(H, W) the pixels whose centres lie inside the box (x1, y1, x2, y2)."""
+    h, w = grid[-2:]
+    cx = np.arange(w) + 0.5
+    cy = np.arange(h) + 0.5
+    return ((cy[:, None] >= box[1]) & (cy[:, None] < box[3]) & (cx[None, :] >= box[0]) & (cx[None, :] < box[2]))
+
+
+def energy_in_box(explainer, x, attribution, target=None, label: str | None = None) -> Score:
+    """The share of positive relevance (summed over channels) inside the explained box
+    (Wang et al. 2020's energy-based pointing game; higher is better); `extra` holds the
+    box's share of the image, what a uniform map would score."""
+    boxes, pos = _boxes(explainer, x, target)
+    rel = np.clip(pos.relevance(attribution), 0, None).reshape((len(boxes),) + pos.grid)
+    values, area = np.empty(len(boxes)), np.empty(len(boxes))
+    for i, b in enumerate(boxes):
+        m = box_mask(b, pos.grid)
+        total = rel[i].sum()
+        values[i] = rel[i][m].sum() / total if total > 0 else 0.0
+        area[i] = m.mean()
+    return Score("energy_in_box", values, extra={"area_share": area})
+
+
+def pointing_game(explainer, x, attribution, target=None, tolerance: int = 0, label: str | None = None) -> Score:
+    """1 where the most relevant position lies in the explained box grown by `tolerance`
+    pixels (Zhang et al. 2018; detector papers use 15 px on full-size images), else 0."""
+    boxes, pos = _boxes(explainer, x, target)
+    rel = pos.relevance(attribution).reshape((len(boxes),) + pos.grid)
+    hits = np.empty(len(boxes))
+    for i, b in enumerate(boxes):
+        r, c = np.unravel_index(int(np.argmax(rel[i])), rel[i].shape)
+        t = tolerance
+        hits[i] = float(b[0] - t <= c + 0.5 < b[2] + t and b[1] - t <= r + 0.5 < b[3] + t)
+    return Score("pointing_game", hits)
+
+
 # ----------------------------------------------------------------------------- all at once
 
 CURVES = ("deletion", "insertion", "selectivity", "road")
@@ -709,7 +763,8 @@ def evaluate(explainer, x, methods: dict, metrics=("deletion", "insertion", "sel
         out = {}
         for metric in metrics:
             kw = dict(settings.get(metric, {}))
-            if metric in ("deletion", "insertion", "selectivity", "road", "infidelity"):
+            if metric in ("deletion", "insertion", "selectivity", "road", "infidelity", "energy_in_box",
+                          "pointing_game"):
                 if attr is None:
                     attr = _explain(explainer, x, method, fixed, options)
                 out[metric] = globals()[metric](explainer, x, attr, target=fixed, label=label, **kw)

@@ -19,8 +19,13 @@ Forms (`FORMS` is the one-line summary errors show):
 - `region:x1,y1,x2,y2[:C]`, `mask:FILE.png[:C]`: the sum of class C over an area of a
   dense (batch, classes, H, W) map, in the map's pixels (x along W, x2/y2 exclusive; a
   mask's non-zero pixels); without C every class.
-- `box:`, `detection:`, `text:` are parsed and refused: they need decoders (detectors)
-  and a tokenizer (sentence encoders) that do not exist yet.
+- `detection:I[@DECODER]`, `box:x1,y1,x2,y2[:C][@DECODER]`: one detection of a detector,
+  the I-th by score or the one best matching the box (IoU; of class C where given). One
+  forward pass decodes the outputs (`onnxplain.detection`: layout read off the output
+  shapes unless DECODER names it, score threshold, NMS), then the target is the seed of
+  that detection's score on the scores output (`resolve_target`, before any explainer run).
+- `text:` is parsed and refused: it needs a tokenizer and a sentence encoder's reference
+  embedding, which do not exist yet.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ FORMS = ("target forms: 3 (class 3 for every sample), 3,1,4 (one class per sampl
          "these need a (batch, classes) output), a float seed array or FILE.npy shaped like the output, "
          "pos:T:V (token V at position T of a (batch, positions, vocab) output), last:V, step:T[:C], "
          "steps:T0-T1[:C] (frames of a sequence output), region:x1,y1,x2,y2[:C] and mask:FILE.png[:C] "
-         "(an area of a dense (batch, classes, H, W) map)")
+         "(an area of a dense (batch, classes, H, W) map), detection:I and box:x1,y1,x2,y2[:C] (one detection of a "
+         "detector; @yolov8|yolov5|yolox|ssd|detr names the output layout)")
 
 _INT = r"-?\d+"
 
@@ -349,13 +355,151 @@ class _Area(Target):
         return where + ("" if self.cls is None else f", class {self.cls}")
 
 
+class _Detect(Target):
+    """One detection of a detector, before the outputs are decoded: `resolve` runs the
+    model once on the inputs, decodes every sample's detections and picks one per sample."""
+
+    def __init__(self, text, index=None, box=None, cls=None, decoder=None, score_threshold=None,
+                 iou_threshold=None):
+        from . import detection as D
+
+        self.text, self.index, self.box, self.cls, self.decoder = text, index, box, cls, decoder
+        self.score_threshold = D.SCORE_THRESHOLD if score_threshold is None else float(score_threshold)
+        self.iou_threshold = D.IOU_THRESHOLD if iou_threshold is None else float(iou_threshold)
+
+    def seed(self, shape, batch_axis=0, output=None):
+        raise OptionError(f"target '{self.text}' is a detection: it is found on all the detector's outputs "
+                          "(onnxplain.target.resolve_target), not on one tensor's shape")
+
+    def with_decoder(self, decoder) -> "_Detect":
+        """The same target read with another decoder (the CLI's --decoder)."""
+        if decoder is None:
+            return self
+        base = self.text.split("@")[0]
+        return _Detect(f"{base}@{decoder.lower()}", self.index, self.box, self.cls, decoder.lower(),
+                       self.score_threshold, self.iou_threshold)
+
+    def detections(self, explainer, feeds):
+        """(layout, per-sample detections, per-sample outputs, image size): one forward pass."""
+        from . import detection as D
+        from .methods.blackbox import layout as input_layout
+
+        g = explainer.graph
+        names = [o for o in g.outputs if g.is_float(o)]
+        rows = explainer._forward(feeds, names)  # batch first
+        n = next(iter(rows.values())).shape[0]
+        layout = D.find_layout({k: v.shape[1:] for k, v in rows.items()}, self.decoder)
+        primary = next((k for k in g.inputs if k in feeds and feeds[k].dtype.kind == "f"), next(iter(feeds)))
+        shape = feeds[primary].shape
+        _, spatial = input_layout(shape)
+        size = tuple(shape[a] for a in spatial[-2:]) if len(spatial) >= 2 else (1, shape[-1])
+        per_sample = [{k: v[i] for k, v in rows.items()} for i in range(n)]
+        found = [D.decode(layout, o, size, self.score_threshold, self.iou_threshold) for o in per_sample]
+        return layout, found, per_sample, size
+
+    def resolve(self, explainer, feeds) -> "_Detected":
+        from . import detection as D
+
+        layout, found, per_sample, size = self.detections(explainer, feeds)
+        chosen = []
+        for i, dets in enumerate(found):
+            if self.index is not None:
+                if self.index >= len(dets):
+                    raise InputError(f"target '{self.text}': sample {i} has {len(dets)} detection(s) above the "
+                                     f"score threshold {self.score_threshold} ({layout.describe()}); "
+                                     "--list-detections shows them")
+                chosen.append(dets[self.index])
+            else:
+                chosen.append(dets[D.match(dets, self.box, self.cls)])
+        seeds = np.stack([D.seed(layout, d, o) for d, o in zip(chosen, per_sample)])
+        axis = explainer.plan(feeds).axis(layout.scores) or 0
+        return _Detected(np.moveaxis(seeds, 0, axis), self.text, layout, chosen, found, axis, size)
+
+
+class _Detected(_Seed):
+    """A detection target resolved on the inputs: the seed of each sample's chosen detection
+    on the scores output (`output`), the detections, and a scorer of perturbed rows that
+    scores what the decoder scores (objectness x class where the layout has both)."""
+
+    def __init__(self, array, text, layout, chosen, found, axis, image_size):
+        super().__init__(array)
+        self.text = f"{text}:{self.text.rsplit(':', 1)[-1]}"  # the seed's digest: one run key per resolution
+        self.base_text, self.layout, self.chosen, self.found = text, layout, chosen, found
+        self.axis, self.image_size, self.output = axis, image_size, layout.scores
+
+    def subset(self, samples) -> "_Detected":
+        samples = np.asarray(samples, dtype=np.int64)
+        return _Detected(np.take(self.array, samples, axis=self.axis), self.base_text, self.layout,
+                         [self.chosen[s] for s in samples], [self.found[s] for s in samples], self.axis,
+                         self.image_size)
+
+    def score_rows(self, logical, samples):
+        """(R,) objectness x class at each row's chosen anchor; None where the seed's
+        product with the output is the score itself."""
+        from .detection import _yolo_rows
+
+        if not self.layout.has_objectness:
+            return None
+        out = []
+        for row, s in zip(logical, np.asarray(samples, dtype=np.int64)):
+            d = self.chosen[s]
+            r = _yolo_rows(self.layout, row)
+            out.append(r[d.index, 4] * r[d.index, 5 + d.cls])
+        return np.asarray(out, dtype=np.float64)
+
+    def describe(self, i, classes=None):
+        from .detection import explained_score
+
+        d = self.chosen[i]
+        box = ",".join(f"{v:.0f}" for v in d.box)
+        return f"{self.base_text}: class {d.cls} box {box} score {d.score:.3f} ({explained_score(self.layout)})"
+
+
+def _parse_detection(kind, rest, raw):
+    rest, at, decoder = rest.partition("@")
+    decoder = decoder.strip().lower() or None
+    if at:
+        from .detection import LAYOUTS
+
+        if decoder not in LAYOUTS:
+            raise OptionError(f"target '{raw}': unknown decoder '{decoder}'; choose from {', '.join(LAYOUTS)}")
+    suffix = f"@{decoder}" if decoder else ""
+    if kind == "detection":
+        if not re.fullmatch(r"\d+", rest):
+            raise OptionError(f"target '{raw}' is not detection:I (the I-th detection by score, e.g. detection:0)")
+        return _Detect(f"detection:{int(rest)}{suffix}", index=int(rest), decoder=decoder)
+    num = r"-?\d+(?:\.\d+)?"
+    m = re.fullmatch(rf"({num}),({num}),({num}),({num})(?::(\d+))?", rest.replace(" ", ""))
+    if not m:
+        raise OptionError(f"target '{raw}' is not box:x1,y1,x2,y2[:C] (input pixels, e.g. box:10,20,50,60:0)")
+    box = tuple(float(m[i]) for i in range(1, 5))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise OptionError(f"target '{raw}' is an empty box: need x1 < x2 and y1 < y2")
+    cls = None if m[5] is None else int(m[5])
+    text = "box:" + ",".join(f"{v:g}" for v in box) + ("" if cls is None else f":{cls}") + suffix
+    return _Detect(text, box=box, cls=cls, decoder=decoder)
+
+
+def resolve_target(explainer, feeds, target, output=None):
+    """(target, output) to explain with: a detection target decoded on these inputs (one
+    forward pass) and the scores output it seeds; a target that names its output (a
+    resolved detection) with that output; anything else unchanged."""
+    if isinstance(target, str) and target.split(":", 1)[0].strip().lower() in ("detection", "box"):
+        target = parse_target(target)
+    if isinstance(target, _Detect):
+        target = target.resolve(explainer, feeds)
+    named = getattr(target, "output", None) if isinstance(target, Target) else None
+    if named is not None:
+        if output is not None and explainer._output_name(output) != named:
+            raise OptionError(f"target '{target.text}' explains the output '{named}', not '{output}'")
+        output = named
+    return target, output
+
+
 PREDICTED = _Predicted()
 
 # Forms another issue will bring: parsed, then refused with what they need.
 _NOT_YET = {
-    "box": (r"-?\d+(\.\d+)?(,-?\d+(\.\d+)?){3}(:\d+)?", "box:x1,y1,x2,y2[:C]",
-            "a detector's output decoded into boxes (YOLO/SSD/DETR layouts, score threshold and NMS)"),
-    "detection": (r"\d+", "detection:I", "a detector's output decoded into its list of detections"),
     "text": (r"(\".*\"|'.*'|.+)", 'text:"..."', "a sentence encoder, its tokenizer and the reference text's "
              "embedding"),
 }
@@ -375,6 +519,8 @@ def parse_target(text: str) -> Target:
         from .io import load_array
 
         return _Seed(load_array(raw), name=f"seed:{raw}:{_file_digest(raw)}")
+    if kind in ("detection", "box"):
+        return _parse_detection(kind, rest.strip(), raw)
     if kind in _NOT_YET:
         pattern, spelling, needs = _NOT_YET[kind]
         if not re.fullmatch(pattern, rest.strip()):
@@ -495,6 +641,8 @@ class TargetScorer:
         """What to pass as `target=` to explain rows made from `samples`: their classes
         where the target is a class, else their seeds (in the tensor's layout)."""
         samples = np.asarray(samples, dtype=np.int64)
+        if isinstance(self.target, _Detected):  # keeps its output and its scoring
+            return self.target.subset(samples)
         if self.classes is not None:
             return [int(c) for c in self.classes[samples]]
         seed = np.moveaxis(self.logical_seed[samples], 0, self.batch_axis)
@@ -504,6 +652,10 @@ class TargetScorer:
         """(R,) the explained score of rows `output` (the tensor's layout, R along the batch
         axis), row r made from sample samples[r]."""
         out = np.moveaxis(np.asarray(output, dtype=np.float64), self.batch_axis, 0)
+        if isinstance(self.target, _Detected):
+            product = self.target.score_rows(out, samples)
+            if product is not None:
+                return product
         if probability and self.prob_axis is not None:
             z = out - out.max(axis=self.prob_axis, keepdims=True)
             e = np.exp(z)

@@ -281,10 +281,9 @@ def test_a_misspelt_target_is_an_option_error_naming_the_form(text, match):
 
 
 @pytest.mark.parametrize("text, needs", [
-    ("box:10,20,50,60:3", "detector"), ("box:10,20,50,60", "detector"), ("detection:0", "detections"),
     ('text:"a great film"', "sentence encoder"),
 ])
-def test_detector_and_text_targets_are_parsed_and_refused_as_not_available_yet(text, needs):
+def test_text_targets_are_parsed_and_refused_as_not_available_yet(text, needs):
     with pytest.raises(OptionError, match=f"needs .*{needs}.*not have yet"):
         parse_target(text)
 
@@ -356,7 +355,7 @@ def test_cli_target_takes_every_form_and_matches_the_python_api(tmp_path):
                                  "-o", str(tmp_path / "a.npy"), "-q"])
     assert r.exit_code == 0, r.output
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), Explainer(m).attribute(x, target="pos:2:1"), rtol=1e-6)
-    for bad, words in (("5", "pos:T:V"), ("box:1,2,3,4", "not have yet"), ("pos:x", "is not pos:T:V")):
+    for bad, words in (("5", "pos:T:V"), ("box:1,2,3,4", "no detector layout"), ("pos:x", "is not pos:T:V")):
         r = runner.invoke(cli.main, ["explain", str(tmp_path / "lm.onnx"), str(tmp_path / "x.npy"), "-t", bad,
                                      "-o", str(tmp_path / "b.npy")])
         assert r.exit_code == 2, (bad, r.output)

@@ -286,6 +286,8 @@ def check_target(explainer, target) -> None:
     from ..target import as_target
 
     t = as_target(target)
+    if hasattr(t, "resolve"):  # a detection: checked where it is decoded, on the inputs
+        return
     shape = explainer.graph.shape(explainer.explained_tensor())
     if shape is None or not shape or not all(isinstance(d, int) for d in shape[1:]):
         return

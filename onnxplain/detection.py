@@ -1,0 +1,317 @@
+"""Detector outputs decoded into detections, as a user of the detector would decode them.
+
+A `Layout` says which outputs hold the boxes and the scores and how (`LAYOUTS`):
+
+- `yolov8`: one output (4 + C, anchors) -- centre x, centre y, width, height in input
+  pixels, then C class scores (YOLOv8, v11; also read transposed, (anchors, 4 + C)).
+- `yolov5`: one output (anchors, 5 + C) -- box, objectness, C class scores; a detection's
+  score is objectness x class score (YOLOv5, v7).
+- `yolox`: as yolov5, with YOLOX's raw boxes: centre offsets from the cell and log sizes at
+  strides 8, 16 and 32 (what its export writes unless told to decode in the graph).
+- `ssd`: two outputs, boxes (anchors, 4) as x1, y1, x2, y2 (in pixels, or normalised to
+  [0, 1]) and scores (anchors, C).
+- `detr`: class logits (queries, C + 1; the last is "no object") and boxes (queries, 4) as
+  normalised centre x, centre y, width, height; the score is the softmax probability.
+
+Shapes are given per sample (the batch axis removed). `find_layout` reads the layout off
+the output shapes (names help tell DETR from SSD), `decode` applies the score threshold
+and the per-class non-maximum suppression a user would run (none for DETR, whose set
+prediction has no duplicates), and `seed` forms the seed of one detection's score on the
+tensor the explainer differentiates (the scores output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError, OptionError
+
+LAYOUTS = ("yolov8", "yolov5", "yolox", "ssd", "detr")
+# The defaults of the detectors' own predict functions (YOLOv5/v8: conf 0.25; NMS IoU 0.45
+# as YOLOv5 and most deployments; DETR keeps queries above 0.5 in its demos, but the
+# threshold is one number for every layout here).
+SCORE_THRESHOLD = 0.25
+IOU_THRESHOLD = 0.45
+MAX_DETECTIONS = 300
+
+
+@dataclass
+class Detection:
+    """One detection: box (x1, y1, x2, y2) in input pixels, its class and score, the raw
+    index it came from (anchor or query along the scores output), the class-score vector
+    there and the objectness (layouts that have one)."""
+
+    box: tuple
+    cls: int
+    score: float
+    index: int
+    class_scores: np.ndarray = field(repr=False)
+    objectness: float | None = None
+
+    def as_dict(self) -> dict:
+        d = {"box": [round(float(v), 2) for v in self.box], "class": int(self.cls),
+             "score": round(float(self.score), 4), "index": int(self.index)}
+        if self.objectness is not None:
+            d["objectness"] = round(float(self.objectness), 4)
+        return d
+
+
+@dataclass
+class Layout:
+    """How a detector's outputs read: `kind` (one of LAYOUTS), the scores output (the one
+    explained) and the boxes output (the same for the YOLO layouts), whether the YOLO
+    output is anchors-last (`transposed`: (4 + C, anchors)), the class count."""
+
+    kind: str
+    scores: str
+    boxes: str
+    classes: int
+    transposed: bool = False
+
+    @property
+    def has_objectness(self) -> bool:
+        return self.kind in ("yolov5", "yolox")
+
+    def describe(self) -> str:
+        if self.kind in ("yolov8", "yolov5", "yolox"):
+            k = self.classes + (5 if self.has_objectness else 4)
+            shape = f"({k}, anchors)" if self.transposed else f"(anchors, {k})"
+            return f"{self.kind} output '{self.scores}' {shape}, {self.classes} classes"
+        return f"{self.kind}: scores '{self.scores}', boxes '{self.boxes}', {self.classes} classes"
+
+
+def _shapes_text(shapes) -> str:
+    return ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+
+
+def find_layout(shapes: dict, decoder: str | None = None) -> Layout:
+    """The layout of a detector from its float outputs' per-sample shapes (name -> shape,
+    batch removed, in the model's order). `decoder` forces the kind."""
+    if decoder is not None:
+        decoder = decoder.lower()
+        if decoder not in LAYOUTS:
+            raise OptionError(f"unknown decoder '{decoder}'; choose from {', '.join(LAYOUTS)}")
+    two_d = {k: tuple(int(d) for d in v) for k, v in shapes.items() if len([d for d in v if d != 1]) == 2
+             or len(v) == 2}
+    two_d = {k: tuple(d for d in v if d != 1) if len(v) != 2 else v for k, v in two_d.items()}
+    pairs = _pairs(two_d)
+    if decoder in (None, "detr", "ssd") and pairs:
+        boxes, scores = pairs[0]
+        named_detr = any(w in (boxes + scores).lower() for w in ("logit", "pred_boxes", "detr"))
+        kind = decoder or ("detr" if named_detr else "ssd")
+        k = two_d[scores][1]
+        return Layout(kind, scores, boxes, k - 1 if kind == "detr" else k)
+    if decoder in ("detr", "ssd"):
+        raise InputError(f"decoder '{decoder}' needs two outputs, boxes (N, 4) and scores (N, C), one row per "
+                         f"anchor or query; the model's float outputs are {_shapes_text(shapes)}")
+    singles = [(k, v) for k, v in two_d.items() if (max(v) if decoder else min(v)) >= 5]  # 4 box values + a score
+    if not singles:
+        raise InputError("no detector layout fits the model's float outputs "
+                         f"{_shapes_text(shapes)}: the decoders read {', '.join(LAYOUTS)} "
+                         "(one (anchors, 4+C[+1]) output or its transpose, or boxes + scores outputs); "
+                         "outputs that already went through NMS are not decoded here")
+    name, (a, b) = singles[0]
+    transposed = a < b  # (4 + C, anchors): YOLOv8's own export
+    k = a if transposed else b
+    kind = decoder or ("yolov8" if transposed else "yolov5")
+    classes = k - (5 if kind in ("yolov5", "yolox") else 4)
+    if classes < 1:
+        raise InputError(f"decoder '{kind}' on '{name}' {(a, b)}: {k} values per anchor leave no class scores")
+    return Layout(kind, name, name, classes, transposed)
+
+
+def _pairs(two_d: dict) -> list:
+    """(boxes, scores) outputs: a (N, 4) output and a (N, K) one with the same N."""
+    out = []
+    for b, sb in two_d.items():
+        if sb[1] != 4:
+            continue
+        for s, ss in two_d.items():
+            if s != b and ss[0] == sb[0] and ss[1] >= 1 and not (ss[1] == 4 and s < b):
+                out.append((b, s))
+    return out
+
+
+def _yolo_rows(layout: Layout, out: np.ndarray) -> np.ndarray:
+    """The YOLO output of one sample as (anchors, K)."""
+    a = np.asarray(out, dtype=np.float64)
+    a = a.reshape([d for d in a.shape if d != 1]) if a.ndim != 2 else a
+    return a.T if layout.transposed else a
+
+
+def _yolox_grid(anchors: int, image_size) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image_size
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        gh, gw = h // s, w // s
+        yy, xx = np.mgrid[0:gh, 0:gw]
+        grids.append(np.stack([xx.ravel(), yy.ravel()], 1))
+        strides.append(np.full(gh * gw, s))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    if len(grid) != anchors:
+        raise InputError(f"decoder 'yolox': {anchors} anchors do not match the strides 8, 16, 32 of a {w}x{h} input "
+                         f"({len(grid)} cells); if the model decodes its boxes itself, use decoder yolov5")
+    return grid.astype(np.float64), stride.astype(np.float64)
+
+
+def candidates(layout: Layout, outputs: dict, image_size) -> tuple:
+    """Every anchor/query of one sample: boxes (A, 4) x1y1x2y2 in pixels, class scores
+    (A, C), objectness (A,) or None, and the score (A, C) a detection is ranked by."""
+    h, w = image_size
+    if layout.kind in ("yolov8", "yolov5", "yolox"):
+        rows = _yolo_rows(layout, outputs[layout.scores])
+        xywh = rows[:, :4].copy()
+        if layout.kind == "yolox":
+            grid, stride = _yolox_grid(len(rows), image_size)
+            xywh[:, :2] = (xywh[:, :2] + grid) * stride[:, None]
+            xywh[:, 2:] = np.exp(xywh[:, 2:]) * stride[:, None]
+        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        if layout.has_objectness:
+            obj, cls = rows[:, 4], rows[:, 5:]
+            return boxes, cls, obj, obj[:, None] * cls
+        return boxes, rows[:, 4:], None, rows[:, 4:]
+    boxes = np.asarray(outputs[layout.boxes], dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(outputs[layout.scores], dtype=np.float64)
+    scores = scores.reshape(len(boxes), -1)
+    if layout.kind == "detr":
+        z = np.exp(scores - scores.max(1, keepdims=True))
+        prob = (z / z.sum(1, keepdims=True))[:, :-1]
+        cx, cy, bw, bh = boxes.T
+        boxes = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], 1)
+        return boxes, prob, None, prob
+    if np.abs(boxes).max(initial=0.0) <= 1.5:  # normalised corners
+        boxes = boxes * np.array([w, h, w, h], dtype=np.float64)
+    return boxes, scores, None, scores
+
+
+def iou(box, boxes) -> np.ndarray:
+    """IoU of one box (x1, y1, x2, y2) with each of boxes (M, 4)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(box, dtype=np.float64)
+    ix = np.clip(np.minimum(b[2], boxes[:, 2]) - np.maximum(b[0], boxes[:, 0]), 0, None)
+    iy = np.clip(np.minimum(b[3], boxes[:, 3]) - np.maximum(b[1], boxes[:, 1]), 0, None)
+    inter = ix * iy
+    area = lambda r: np.clip(r[..., 2] - r[..., 0], 0, None) * np.clip(r[..., 3] - r[..., 1], 0, None)  # noqa: E731
+    union = area(b) + area(boxes) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms(boxes, scores, iou_threshold: float) -> list[int]:
+    """Greedy non-maximum suppression: indices kept, highest score first."""
+    order = list(np.argsort(-np.asarray(scores), kind="stable"))
+    keep = []
+    while order:
+        i = order.pop(0)
+        keep.append(int(i))
+        if order:
+            rest = np.asarray(order)
+            order = list(rest[iou(boxes[i], boxes[rest]) <= iou_threshold])
+    return keep
+
+
+def decode(layout: Layout, outputs: dict, image_size, score_threshold: float = SCORE_THRESHOLD,
+           iou_threshold: float = IOU_THRESHOLD, max_detections: int = MAX_DETECTIONS) -> list[Detection]:
+    """The detections of one sample (outputs: name -> that sample's array), best first:
+    each anchor's best class above the threshold, then NMS per class (not for DETR)."""
+    boxes, cls, obj, score = candidates(layout, outputs, image_size)
+    best = score.argmax(1)
+    top = score[np.arange(len(score)), best]
+    idx = np.flatnonzero(top >= score_threshold)
+    kept = []
+    if layout.kind == "detr":
+        kept = list(idx[np.argsort(-top[idx], kind="stable")])
+    else:
+        for c in np.unique(best[idx]):
+            members = idx[best[idx] == c]
+            kept += [int(members[k]) for k in nms(boxes[members], top[members], iou_threshold)]
+        kept.sort(key=lambda i: (-top[i], i))
+    return [Detection(tuple(float(v) for v in boxes[i]), int(best[i]), float(top[i]), int(i), cls[i].copy(),
+                      None if obj is None else float(obj[i])) for i in kept[:max_detections]]
+
+
+def seed(layout: Layout, det: Detection, outputs: dict) -> np.ndarray:
+    """The seed (shaped like one sample's scores output) whose product with that output is
+    the detection's score, to first order: a one-hot of the class score (YOLOv8, SSD) or
+    logit (DETR: its probability is a softmax of all its logits); for objectness x class,
+    the score's derivative (class score at the objectness, objectness at the class score),
+    so gradients are exactly those of the product."""
+    out = np.asarray(outputs[layout.scores])
+    s = np.zeros(out.shape, np.float32)
+    if layout.kind in ("yolov8", "yolov5", "yolox"):
+        rows = np.zeros(_yolo_rows(layout, out).shape, np.float32)
+        if layout.has_objectness:
+            rows[det.index, 4] = det.class_scores[det.cls]
+            rows[det.index, 5 + det.cls] = det.objectness
+        else:
+            rows[det.index, 4 + det.cls] = 1.0
+        rows = rows.T if layout.transposed else rows
+        return np.ascontiguousarray(rows.reshape(out.shape))
+    rows = np.asarray(outputs[layout.boxes]).size // 4
+    s.reshape(rows, -1)[det.index, det.cls] = 1.0
+    return s
+
+
+def explained_score(layout: Layout) -> str:
+    """What the seed explains, for the record and the CLI."""
+    if layout.has_objectness:
+        return ("objectness x class score, linearised at the input: the seed is its derivative (class score at the "
+                "objectness, objectness at the class score), so gradients are the product's; relevance methods "
+                "start from seed . output = 2 x score")
+    if layout.kind == "detr":
+        return "the class logit (the detection's score is the softmax of the query's logits)"
+    return "the class score"
+
+
+def match(detections: list[Detection], box, cls: int | None = None) -> int:
+    """The index (into detections) of the detection best matching `box` by IoU, among
+    those of class `cls` where given."""
+    pool = [i for i, d in enumerate(detections) if cls is None or d.cls == cls]
+    if not pool:
+        raise InputError(f"no detection{'' if cls is None else f' of class {cls}'} to match the box "
+                         f"{tuple(box)} (--list-detections shows them)")
+    ious = iou(box, np.array([detections[i].box for i in pool]))
+    j = int(np.argmax(ious))
+    if ious[j] <= 0:
+        raise InputError(f"no detection overlaps the box {tuple(box)} (--list-detections shows them)")
+    return pool[j]
+
+
+def format_detections(detections: list[Detection], labels=None) -> list[str]:
+    lines = []
+    for i, d in enumerate(detections):
+        name = f" ({labels[d.cls]})" if labels and 0 <= d.cls < len(labels) else ""
+        box = ",".join(f"{v:.1f}" for v in d.box)
+        obj = "" if d.objectness is None else f" objectness {d.objectness:.3f}"
+        lines.append(f"detection:{i}  class {d.cls}{name}  score {d.score:.3f}{obj}  box {box}  index {d.index}")
+    return lines
+
+
+def image_size(shape) -> tuple[int, int]:
+    """(H, W) of a batch-first image input (NCHW or NHWC)."""
+    from .methods.blackbox import layout as input_layout
+
+    _, spatial = input_layout(tuple(shape))
+    if len(spatial) < 2:
+        raise InputError(f"a detector takes images (N, C, H, W) or (N, H, W, C); the input has shape {tuple(shape)}")
+    return tuple(int(shape[a]) for a in spatial[-2:])
+
+
+def from_seed(layout: Layout, seed_sample: np.ndarray) -> tuple[int, int]:
+    """(raw index, class) of the one detection a seed (one sample, shaped like the scores
+    output) explains, as `seed` forms it."""
+    s = np.asarray(seed_sample)
+    if layout.kind in ("yolov8", "yolov5", "yolox"):
+        rows = _yolo_rows(layout, s)
+        first = 5 if layout.has_objectness else 4
+        hits = np.argwhere(rows[:, first:] != 0)
+        anchors = np.unique(np.argwhere(rows != 0)[:, 0])
+    else:
+        rows = s.reshape(-1, s.shape[-1])
+        hits = np.argwhere(rows != 0)
+        anchors = np.unique(hits[:, 0])
+    if len(hits) != 1 or len(anchors) != 1:
+        raise OptionError(f"the seed explains {len(hits)} class score(s) of the {layout.kind} output "
+                          f"'{layout.scores}', not one detection: give target detection:I or box:x1,y1,x2,y2[:C]")
+    return int(hits[0][0]), int(hits[0][1])

@@ -1,0 +1,309 @@
+"""Detection targets: decoding the common detector layouts, choosing one detection, its
+seed, D-RISE, the box metrics, and explanations of the tiny YOLO-style detector trained by
+models/train_detector.py (tests/detection_models.py) checked against torch autograd and by
+where their relevance lies."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from detection_models import TinyYolo, scenes
+from onnxplain import detection as D
+from onnxplain import metrics as M
+from onnxplain.errors import InputError, OptionError
+from onnxplain.explainer import Explainer
+from onnxplain.methods.rise import MaskSampler
+from onnxplain.target import parse_target
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "tiny_yolo.onnx"
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _v8_rows(boxes_xywh, scores):
+    return np.concatenate([np.asarray(boxes_xywh, float), np.asarray(scores, float)], 1)
+
+
+def test_yolov8_layout_is_read_off_the_shape_in_both_orientations():
+    assert D.find_layout({"out": (84, 8400)}) == D.Layout("yolov8", "out", "out", 80, True)
+    assert D.find_layout({"out": (8400, 85)}).kind == "yolov5"
+    lay = D.find_layout({"out": (8400, 84)}, decoder="yolov8")
+    assert (lay.kind, lay.classes, lay.transposed) == ("yolov8", 80, False)
+
+
+def test_yolov8_decoding_thresholds_and_suppresses_overlaps_per_class():
+    rows = _v8_rows([[20, 20, 10, 10], [21, 20, 10, 10], [21, 20, 10, 10], [50, 50, 8, 8], [5, 5, 4, 4]],
+                    [[0.9, 0.1], [0.8, 0.1], [0.1, 0.7], [0.2, 0.6], [0.1, 0.2]])
+    lay = D.Layout("yolov8", "o", "o", 2, transposed=True)
+    dets = D.decode(lay, {"o": rows.T}, (64, 64))
+    # anchor 1 is suppressed by anchor 0 (same class, IoU 0.82); anchor 2 is another class;
+    # anchor 4 is under the threshold
+    assert [(d.index, d.cls) for d in dets] == [(0, 0), (2, 1), (3, 1)]
+    assert dets[0].box == (15.0, 15.0, 25.0, 25.0)
+    assert dets[0].score == pytest.approx(0.9)
+
+
+def test_yolov5_score_is_objectness_times_class_and_its_seed_is_the_products_derivative():
+    rows = np.zeros((12, 7))  # more anchors than values per anchor, as a real output has
+    rows[:2] = [[20, 20, 10, 10, 0.5, 0.9, 0.1], [40, 40, 10, 10, 0.9, 0.2, 0.8]]
+    lay = D.find_layout({"o": rows.shape})
+    dets = D.decode(lay, {"o": rows}, (64, 64))
+    assert [(d.index, d.cls) for d in dets] == [(1, 1), (0, 0)]
+    assert dets[0].score == pytest.approx(0.72) and dets[0].objectness == pytest.approx(0.9)
+    s = D.seed(lay, dets[0], {"o": rows})
+    want = np.zeros_like(rows)
+    want[1, 4], want[1, 6] = 0.8, 0.9  # d(obj * cls) / d obj = cls, / d cls = obj
+    np.testing.assert_allclose(s, want, rtol=1e-6)
+    assert D.from_seed(lay, s) == (1, 1)
+
+
+def test_yolox_boxes_are_decoded_from_cell_offsets_and_log_sizes():
+    size = (64, 64)
+    anchors = 8 * 8 + 4 * 4 + 2 * 2
+    rows = np.zeros((anchors, 7))
+    rows[:, 4] = 0.01
+    # cell (x=3, y=2) of the stride-8 grid: centre (3.5, 2.5) cells, size e^0 = 1 cell
+    rows[2 * 8 + 3] = [0.5, 0.5, 0.0, np.log(2.0), 0.9, 0.8, 0.1]
+    dets = D.decode(D.find_layout({"o": rows.shape}, "yolox"), {"o": rows}, size)
+    assert len(dets) == 1
+    np.testing.assert_allclose(dets[0].box, (28 - 4, 20 - 8, 28 + 4, 20 + 8))
+    with pytest.raises(InputError, match="strides 8, 16, 32"):
+        D.decode(D.find_layout({"o": rows.shape}, "yolox"), {"o": rows}, (96, 64))
+
+
+def test_ssd_pairs_scale_normalised_corners_and_seed_the_score_output():
+    boxes = np.array([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.9, 0.7]])
+    scores = np.array([[0.1, 0.8], [0.6, 0.3]])
+    lay = D.find_layout({"boxes": (2, 4), "scores": (2, 2)})
+    assert (lay.kind, lay.boxes, lay.scores, lay.classes) == ("ssd", "boxes", "scores", 2)
+    dets = D.decode(lay, {"boxes": boxes, "scores": scores}, (100, 200))
+    np.testing.assert_allclose(dets[0].box, (20, 10, 60, 30))
+    s = D.seed(lay, dets[1], {"boxes": boxes, "scores": scores})
+    assert s.shape == (2, 2) and s[1, 0] == 1 and s.sum() == 1
+
+
+def test_detr_scores_are_softmax_probabilities_without_the_no_object_class_and_without_nms():
+    logits = np.array([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    boxes = np.array([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    lay = D.find_layout({"pred_logits": (3, 3), "pred_boxes": (3, 4)})
+    assert (lay.kind, lay.classes) == ("detr", 2)
+    dets = D.decode(lay, {"pred_logits": logits, "pred_boxes": boxes}, (100, 100))
+    p = np.exp(4) / (np.exp(4) + 2)
+    assert [d.index for d in dets] == [0, 1]  # identical boxes both kept: a set prediction
+    assert dets[0].score == pytest.approx(p)
+    np.testing.assert_allclose(dets[0].box, (40, 40, 60, 60))
+
+
+def test_layouts_that_fit_no_decoder_are_refused_by_name():
+    with pytest.raises(InputError, match="no detector layout"):
+        D.find_layout({"logits": (10,)})
+    with pytest.raises(OptionError, match="unknown decoder"):
+        D.find_layout({"o": (84, 8400)}, "yolov9")
+    with pytest.raises(InputError, match="needs two outputs"):
+        D.find_layout({"o": (84, 8400)}, "detr")
+
+
+def test_box_matching_picks_the_best_iou_of_the_class():
+    dets = [D.Detection((0, 0, 10, 10), 0, 0.9, 0, np.ones(2)), D.Detection((20, 20, 30, 30), 1, 0.8, 1, np.ones(2)),
+            D.Detection((18, 18, 30, 30), 0, 0.7, 2, np.ones(2))]
+    assert D.match(dets, (20, 20, 30, 30)) == 1
+    assert D.match(dets, (20, 20, 30, 30), cls=0) == 2
+    with pytest.raises(InputError, match="no detection overlaps"):
+        D.match(dets, (50, 50, 60, 60))
+
+
+def test_detection_targets_parse_to_canonical_spellings():
+    assert parse_target("detection:0").text == "detection:0"
+    assert parse_target("detection:2@YOLOv5").text == "detection:2@yolov5"
+    assert parse_target("box:1,2.5,30,40:1").text == "box:1,2.5,30,40:1"
+    for bad, msg in [("detection:x", "detection:I"), ("box:1,2,3", "box:x1"), ("box:5,5,1,9", "empty box"),
+                     ("detection:0@yolo9", "unknown decoder")]:
+        with pytest.raises(OptionError, match=msg):
+            parse_target(bad)
+
+
+# ----------------------------------------------------------------------------- the trained detector
+
+
+@pytest.fixture(scope="module")
+def explainer():
+    return Explainer(str(MODEL))
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    net = TinyYolo()
+    weights = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy())
+               for i in onnx.load(str(MODEL)).graph.initializer}
+    net.load_state_dict({k: weights[k] for k in net.state_dict()})
+    return net.eval()
+
+
+def _square_scenes(n=20, seed=2024):
+    rng = np.random.default_rng(seed)
+    kinds = [[0] + [1] * int(rng.integers(1, 3)) for _ in range(n)]
+    return scenes(n, rng, kinds=kinds)
+
+
+def test_the_committed_detector_is_the_one_models_readme_records():
+    digest = hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    assert digest in (ROOT / "models" / "README.md").read_text()
+    assert MODEL.stat().st_size < 1_000_000
+
+
+def test_the_detector_finds_the_squares_and_circles(explainer):
+    x, boxes = scenes(40, np.random.default_rng(99))
+    out = explainer.predict(x)
+    lay = D.find_layout({"output0": out.shape[1:]})
+    assert (lay.kind, lay.classes, lay.transposed) == ("yolov8", 2, True)
+    found = total = 0
+    for i, objs in enumerate(boxes):
+        dets = D.decode(lay, {"output0": out[i]}, (64, 64))
+        for *box, cls in objs:
+            total += 1
+            found += any(d.cls == cls and D.iou(box, [d.box])[0] >= 0.5 for d in dets)
+    assert found / total >= 0.85, (found, total)
+
+
+def test_gradient_of_a_detection_score_equals_torch_autograd(explainer, torch_model):
+    x, _ = _square_scenes(4, seed=5)
+    grads = explainer.attribute(x, method="gradient", target="detection:0")
+    out = explainer.predict(x)
+    lay = D.find_layout({"output0": out.shape[1:]})
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = torch_model(xt)
+    score = 0
+    for i in range(len(x)):
+        d = D.decode(lay, {"output0": out[i]}, (64, 64))[0]
+        score = score + y[i, 4 + d.cls, d.index]
+    score.backward()
+    np.testing.assert_allclose(grads, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_box_target_explains_the_detection_it_matches(explainer):
+    x, boxes = _square_scenes(3, seed=11)
+    out = explainer.predict(x)
+    lay = D.find_layout({"output0": out.shape[1:]})
+    for i in range(3):
+        dets = D.decode(lay, {"output0": out[i]}, (64, 64))
+        k = len(dets) - 1
+        b = dets[k].box
+        a = explainer.attribute(x[i:i + 1], target=f"detection:{k}")
+        bt = explainer.attribute(x[i:i + 1], target="box:" + ",".join(f"{v:.2f}" for v in b))
+        np.testing.assert_allclose(a, bt, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputError, match="detection"):
+        explainer.attribute(x[:1], target="detection:50")
+
+
+# Measured on these 20 scenes (mean energy-in-box / pointing game at 4 px): grad_cam 0.87 / 1.0;
+# input_x_gradient 0.40 / 1.0, lrp.epsilon_plus_flat 0.48 / 0.8 and d_rise (300 masks, 8 cells,
+# centred) 0.21 / 0.9 fall short of the issue's 0.5: marked strict xfail, an open gap, not done.
+_SHORT = "energy-in-box below the issue's 0.5 on the tiny detector (see the measured numbers above)"
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param("input_x_gradient", marks=pytest.mark.xfail(strict=True, reason=_SHORT)),
+    pytest.param("lrp.epsilon_plus_flat", marks=pytest.mark.xfail(strict=True, reason=_SHORT)),
+    "grad_cam",
+    pytest.param("d_rise", marks=pytest.mark.xfail(strict=True, reason=_SHORT)),
+])
+def test_a_square_boxs_explanation_puts_positive_relevance_inside_it(explainer, method):
+    x, boxes = _square_scenes()
+    opts = {"grad_cam": {"layer": _last_feature_map()}, "d_rise": {"n_masks": 300, "cells": 8, "center": True}}
+    energy, area, hits = [], [], []
+    for i in range(len(x)):
+        target = "box:{},{},{},{}:0".format(*boxes[i][0][:4])
+        a = explainer.attribute(x[i:i + 1], method=method, target=target, **opts.get(method, {}))
+        e = M.energy_in_box(explainer, x[i:i + 1], a, target=target)
+        energy.append(e.values[0])
+        area.append(e.extra["area_share"][0])
+        # 4 px of tolerance: the 15 px of the detector papers' 224+ px images, at 64 px
+        hits.append(M.pointing_game(explainer, x[i:i + 1], a, target=target, tolerance=4).values[0])
+    energy, area = np.array(energy), np.array(area)
+    assert energy.mean() >= 0.5, energy
+    assert energy.mean() >= 2 * area.mean(), (energy.mean(), area.mean())
+    assert np.mean(hits) >= 0.9, hits
+
+
+def _last_feature_map():
+    g = onnx.load(str(MODEL)).graph
+    return [n for n in g.node if n.op_type == "Conv"][-1].input[0]
+
+
+# ----------------------------------------------------------------------------- D-RISE
+
+
+def _reference_drise(x, target_box, target_scores, masks, session):
+    """The paper's equations written directly: w_i = max_j IoU(L_t, L_j) cos(P_t, P_j)
+    over every proposal of the masked image, H = sum_i w_i M_i / N."""
+    h = np.zeros(masks.shape[1:])
+    for m in masks:
+        out = session.run(None, {"images": (x * m[None, None]).astype(np.float32)})[0][0]  # (6, A)
+        cx, cy, w, hh = out[:4]
+        props = np.stack([cx - w / 2, cy - hh / 2, cx + w / 2, cy + hh / 2], 1).astype(np.float64)
+        p = out[4:].T.astype(np.float64)
+        best = 0.0
+        for L, P in zip(props, p):
+            ix = max(0.0, min(L[2], target_box[2]) - max(L[0], target_box[0]))
+            iy = max(0.0, min(L[3], target_box[3]) - max(L[1], target_box[1]))
+            inter = ix * iy
+            area_t = (target_box[2] - target_box[0]) * (target_box[3] - target_box[1])
+            union = (L[2] - L[0]) * (L[3] - L[1]) + area_t - inter
+            norm = np.linalg.norm(P) * np.linalg.norm(target_scores)
+            cos = P @ target_scores / norm if norm > 0 else 0.0
+            best = max(best, inter / union * cos)
+        h += best * m
+    return h / len(masks)
+
+
+def test_d_rise_equals_the_papers_equations_on_the_same_masks(explainer):
+    x, _ = _square_scenes(1, seed=3)
+    n_masks, cells = 40, 8
+    sal = explainer.attribute(x, method="d_rise", target="detection:0", n_masks=n_masks, cells=cells, seed=7)
+    masks = MaskSampler(x.shape, n_masks, cells, 0.5, np.random.default_rng(7)).masks(np.arange(n_masks))
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"images": x})[0][0]
+    lay = D.find_layout({"output0": out.shape})
+    d = D.decode(lay, {"output0": out}, (64, 64))[0]
+    want = _reference_drise(x[0], d.box, out[4:, d.index].astype(np.float64), masks, sess)
+    np.testing.assert_allclose(sal[0, 0], want, rtol=1e-5, atol=1e-7)
+    assert np.all(sal[0] == sal[0, :1])  # one map for every channel
+    centred = explainer.attribute(x, method="d_rise", target="detection:0", n_masks=n_masks, cells=cells, seed=7,
+                                  center=True)
+    assert abs(centred[0, 0].mean()) < abs(sal[0, 0].mean())
+
+
+def test_d_rise_refuses_a_seed_that_is_not_one_detection(explainer):
+    x, _ = _square_scenes(1)
+    with pytest.raises(OptionError, match="not one detection"):
+        explainer.attribute(x, method="d_rise", target=np.ones((6, 64), np.float32), n_masks=4)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_box_metrics_and_deletion_score_the_explained_detection(explainer):
+    x, boxes = _square_scenes(2, seed=8)
+    methods = {"input_x_gradient": {}}
+    res = M.evaluate(explainer, x, methods, ("energy_in_box", "pointing_game", "deletion"), target="detection:0",
+                     settings={"deletion": {"steps": 4}})
+    r = res["input_x_gradient"]
+    assert r["energy_in_box"].values.shape == (2,) and np.all((0 <= r["energy_in_box"].values) &
+                                                              (r["energy_in_box"].values <= 1))
+    assert set(r["pointing_game"].values) <= {0.0, 1.0}
+    # the deletion curve starts at the detection's own score
+    out = explainer.predict(x)
+    lay = D.find_layout({"output0": out.shape[1:]})
+    first = [D.decode(lay, {"output0": out[i]}, (64, 64))[0].score for i in range(2)]
+    np.testing.assert_allclose(r["deletion"].curve[:, 0], first, rtol=1e-5)
+    with pytest.raises(OptionError, match="detection target"):
+        M.energy_in_box(explainer, x, np.ones_like(x), target=0)
