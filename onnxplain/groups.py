@@ -62,7 +62,8 @@ MAX_NODES = 32  # larger element-wise regions are left to per-node rules
 
 @dataclass(frozen=True, eq=False)
 class Group:
-    """Nodes (in topological order) computing `output` from `input` element by element."""
+    """Nodes (in topological order) computing `output` from `input` alone: element by
+    element when `elementwise`, else a normalisation over the last axis."""
 
     kind: str
     input: str
