@@ -248,9 +248,9 @@ class Graph:
             for o in node.output:
                 if o:
                     self.producer[o] = node
-            for i in node.input:
-                if i:
-                    self.consumers[i].append(node)
+            # Readers include If/Loop/Scan nodes whose bodies read the tensor implicitly.
+            for i in node_inputs(node):
+                self.consumers[i].append(node)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = _constant_value(node)
                 if value is not None:
