@@ -28,9 +28,18 @@ _ANCHORS = {
     "jet": [(0.0, (0, 0, 0.5)), (0.125, (0, 0, 1)), (0.375, (0, 1, 1)), (0.625, (1, 1, 0)),
             (0.875, (1, 0, 0)), (1.0, (0.5, 0, 0))],
     "gray": [(0.0, (0, 0, 0)), (1.0, (1, 1, 1))],
+    # matplotlib's seismic: dark blue, blue, white, red, dark red.
+    "seismic": [(0.0, (0, 0, 0.3)), (0.25, (0, 0, 1)), (0.5, (1, 1, 1)), (0.75, (1, 0, 0)), (1.0, (0.5, 0, 0))],
+    # Zennit's one-sided maps: black through red/yellow to white, its cold twin, white to a colour.
+    "hot": [(0.0, (0, 0, 0)), (1 / 3, (1, 0, 0)), (2 / 3, (1, 1, 0)), (1.0, (1, 1, 1))],
+    "cold": [(0.0, (0, 0, 0)), (1 / 3, (0, 0, 1)), (2 / 3, (0, 1, 1)), (1.0, (1, 1, 1))],
+    "wred": [(0.0, (1, 1, 1)), (1.0, (1, 0, 0))],
+    "wblue": [(0.0, (1, 1, 1)), (1.0, (0, 0, 1))],
 }
-DIVERGING = ("bwr", "coldnhot")
-SEQUENTIAL = ("inferno", "jet", "gray")
+DIVERGING = ("bwr", "coldnhot", "seismic")
+SEQUENTIAL = ("inferno", "jet", "gray", "hot", "cold", "wred", "wblue")
+SIGNS = ("all", "positive", "negative", "absolute")
+VIEWS = ("overlay", "heatmap", "side-by-side")
 _LUTS: dict[str, np.ndarray] = {}
 # 256 entries have no middle one, so entry 128 is placed exactly at 0.5 (128 steps below,
 # 127 above): zero relevance then gets exactly the diverging map's zero colour.
@@ -119,12 +128,40 @@ def _scale(attr2d, symmetric, clip_percentile):
     if symmetric:
         top = _positive_or(np.percentile(np.abs(a), q), np.abs(a).max())
         mag = np.clip(np.abs(a) / top, 0.0, 1.0)
+        _scale.last_range = (-top, top)
         return np.clip(a / top, -1.0, 1.0) * 0.5 + 0.5, mag, True
-    lo = 0.0 if a.min() >= 0 else float(np.percentile(a, 100.0 - q))
     hi = float(np.percentile(a, q))
+    # A non-negative map far from zero everywhere (RISE's mean scores, Score-CAM) is drawn
+    # over its range: on [0, max] it would be one colour.
+    offset = a.min() > 0.25 * a.max()
+    lo = 0.0 if a.min() >= 0 and not offset else float(np.percentile(a, 100.0 - q))
     span = _positive_or(hi - lo, a.max() - lo)
     t = np.clip((a - lo) / span, 0.0, 1.0)
+    _scale.last_range = (lo, lo + span)
     return t, t, False
+
+
+def scale_range(attr2d, symmetric: bool | None = None, clip_percentile: float | None = 99.5):
+    """(value at the colormap's bottom, value at its top, symmetric) as heatmap draws the map."""
+    _, _, symmetric = _scale(attr2d, symmetric, clip_percentile)
+    lo, hi = _scale.last_range
+    return lo, hi, symmetric
+
+
+def with_sign(attr2d, sign: str = "all"):
+    """The map to draw for `sign` (Captum's visualize_image_attr): 'all' keeps both signs
+    (a diverging map around zero), 'positive' and 'negative' keep one sign's magnitude,
+    'absolute' |a|; returns (map, symmetric or None to decide by the values)."""
+    a = np.asarray(attr2d, dtype=np.float64)
+    if sign == "all":
+        return a, None
+    if sign == "positive":
+        return np.maximum(a, 0.0), False
+    if sign == "negative":
+        return np.maximum(-a, 0.0), False
+    if sign == "absolute":
+        return np.abs(a), False
+    raise OptionError(f"unknown sign '{sign}'; choose one of {', '.join(SIGNS)}")
 
 
 def _positive_or(value, fallback) -> float:
@@ -158,7 +195,7 @@ def overlay(image, attr2d, alpha: float = 0.5, cmap=None, symmetric: bool | None
     img = _as_rgb(image)
     if background == "gray":
         grey = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        img = np.repeat((0.45 * grey + 0.55 * 255.0)[..., None], 3, axis=2)
+        img = np.repeat((0.7 * grey + 0.3 * 255.0)[..., None], 3, axis=2)
     elif background != "photo":
         raise OptionError(f"overlay background must be 'photo' or 'gray', got {background!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -167,10 +204,11 @@ def overlay(image, attr2d, alpha: float = 0.5, cmap=None, symmetric: bool | None
     colours = _lut(cmap, symmetric)[_index(t)]
     h, w = img.shape[:2]
     colours = np.asarray(Image.fromarray(colours).resize((w, h), Image.BILINEAR), dtype=np.float64)
-    weight = np.full((h, w), alpha)
-    if symmetric:
-        weight = alpha * np.asarray(Image.fromarray(mag.astype(np.float32)).resize((w, h), Image.BILINEAR))
-        weight = np.clip(weight, 0.0, 1.0)
+    # Blended in proportion to the value (|relevance| of a signed map), its square root so
+    # that weak relevance still shows: the photo shows through where the map is low, and
+    # a CAM is no longer an opaque sheet over it.
+    weight = np.asarray(Image.fromarray(mag.astype(np.float32)).resize((w, h), Image.BILINEAR))
+    weight = alpha * np.sqrt(np.clip(weight, 0.0, 1.0))
     out = (1.0 - weight[..., None]) * img + weight[..., None] * colours
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -241,15 +279,128 @@ def _fit(draw, text, font, width) -> str:
     return text + "..."
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _label(v: float) -> str:
+    return "0" if v == 0 else f"{v:+.3g}" if v < 0 else f"{v:.3g}"
+
+
+def colorbar(height: int, cmap=None, symmetric: bool = True, vmin: float = -1.0, vmax: float = 1.0,
+             caption: str = "relevance", width: int = 16) -> np.ndarray:
+    """A vertical colour bar (top = vmax) with its values at the ends (and 0 for a signed
+    map) and a caption turned along it: what the colours mean."""
+    lut = _lut(cmap, symmetric)
+    strip = lut[_index(np.linspace(1.0, 0.0, height))][:, None, :].repeat(width, axis=1)
+    font = _font(max(10, height // 22))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    ticks = [(0, vmax), (height - 1, vmin)] + ([(height // 2, 0.0)] if symmetric else [])
+    text_w = max(probe.textbbox((0, 0), _label(v), font=font)[2] for _, v in ticks)
+    cap = Image.new("RGB", (height, probe.textbbox((0, 0), "Ag", font=font)[3] + 4), (255, 255, 255))
+    cd = ImageDraw.Draw(cap)
+    text = _fit(cd, caption, font, height)
+    left, _, right, _ = cd.textbbox((0, 0), text, font=font)
+    cd.text(((height - (right - left)) // 2, 1), text, fill=(0, 0, 0), font=font)
+    cap = cap.rotate(90, expand=True)
+    canvas = Image.new("RGB", (6 + width + 4 + text_w + 4 + cap.size[0], height), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (6, 0))
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((6, 0, 6 + width - 1, height - 1), outline=(80, 80, 80))
+    for y, v in ticks:
+        top, bottom = d.textbbox((0, 0), _label(v), font=font)[1::2]
+        ty = min(max(0, y - (bottom - top) // 2 - top), height - bottom)
+        d.line((6 + width, y, 6 + width + 3, y), fill=(0, 0, 0))
+        d.text((6 + width + 5, ty), _label(v), fill=(0, 0, 0), font=font)
+    canvas.paste(cap, (6 + width + 4 + text_w + 4, 0))
+    return np.asarray(canvas)
+
+
+def decorate(picture, title: str | None = None, bar: np.ndarray | None = None, min_side: int = 224) -> np.ndarray:
+    """A picture with a title above and a colour bar beside it, enlarged (pixels kept sharp)
+    to at least `min_side` so a 32x32 input stays readable."""
+    img = Image.fromarray(_as_rgb(picture))
+    if min(img.size) < min_side:
+        k = math.ceil(min_side / min(img.size))
+        img = img.resize((img.size[0] * k, img.size[1] * k), Image.NEAREST)
+    if bar is not None and bar.shape[0] != img.size[1]:
+        raise OptionError("a colour bar must be as tall as its picture")
+    pad = 6
+    bar_w = bar.shape[1] if bar is not None else 0
+    width = img.size[0] + bar_w + 2 * pad
+    font = _font(max(11, img.size[1] // 20))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 6 if title else 0
+    canvas = Image.new("RGB", (width, img.size[1] + title_h + 2 * pad), (255, 255, 255))
+    canvas.paste(img, (pad, pad + title_h))
+    if bar is not None:
+        canvas.paste(Image.fromarray(np.ascontiguousarray(bar)), (pad + img.size[0], pad + title_h))
+    if title:
+        d = ImageDraw.Draw(canvas)
+        d.text((pad, pad), _fit(d, title, font, width - 2 * pad), fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def _caption(sign: str, symmetric: bool, cmap) -> str:
+    if symmetric:
+        if cmap in (None, "bwr", "seismic"):
+            return "relevance: red for the class, blue against"
+        return "relevance: warm for the class, cold against"
+    return {"positive": "positive relevance (for the class)", "negative": "negative relevance (against the class)",
+            "absolute": "|relevance|"}.get(sign, "relevance")
+
+
+def picture(attr, image=None, layout: str | None = "nchw", how: str = "sum", cmap=None,
+            symmetric: bool | None = None, clip_percentile: float | None = 99.5, alpha: float = 0.6,
+            sign: str = "all", view: str = "overlay", title: str | None = None, bar: bool = True,
+            annotate=None) -> np.ndarray:
+    """One sample's attribution as the picture a person reads: the heatmap over the photo
+    (view 'overlay'), alone ('heatmap') or photo | heatmap | overlay ('side-by-side'),
+    with a title and a colour bar that says what the colours mean. `annotate`, if given,
+    draws on the bare picture (a PIL image) before the title and bar are added."""
+    if view not in VIEWS:
+        raise OptionError(f"unknown view '{view}'; choose one of {', '.join(VIEWS)}")
+    a2d, auto = with_sign(reduce_channels(attr, layout=layout, how=how), sign)
+    symmetric = auto if symmetric is None else symmetric
+    vmin, vmax, symmetric = scale_range(a2d, symmetric, clip_percentile)
+    hm = heatmap(a2d, cmap=cmap, symmetric=symmetric, clip_percentile=clip_percentile)
+    if image is None or view == "heatmap":
+        pic = hm
+        if image is not None:
+            pic = np.asarray(Image.fromarray(hm).resize(_as_rgb(image).shape[1::-1], Image.NEAREST))
+    else:
+        over = overlay(image, a2d, alpha=alpha, cmap=cmap, symmetric=symmetric, background="gray",
+                       clip_percentile=clip_percentile)
+        pic = over
+        if view == "side-by-side":
+            img = _as_rgb(image)
+            big = np.asarray(Image.fromarray(hm).resize(img.shape[1::-1], Image.NEAREST))
+            pic = np.concatenate([img, np.full((img.shape[0], 4, 3), 255, np.uint8), big,
+                                  np.full((img.shape[0], 4, 3), 255, np.uint8), over], axis=1)
+    if annotate is not None:
+        pic = np.asarray(annotate(Image.fromarray(pic)).convert("RGB"))
+    if not bar and title is None:
+        return pic
+    side = max(224, min(pic.shape[:2]))
+    k = math.ceil(side / min(pic.shape[:2]))
+    height = pic.shape[0] * k
+    cbar = colorbar(height, cmap, symmetric, vmin, vmax, _caption(sign, symmetric, cmap)) if bar else None
+    return decorate(pic, title, cbar, min_side=side)
+
+
 def save_heatmap(path, attr, image=None, layout: str | None = "nchw", how: str = "sum", cmap=None,
                  symmetric: bool | None = None, clip_percentile: float | None = 99.5,
-                 alpha: float = 0.8) -> np.ndarray:
-    """Reduce one sample's attribution to (H,W), draw it (over ``image`` if given), write a PNG."""
-    a2d = reduce_channels(attr, layout=layout, how=how)
-    if image is None:
-        picture = heatmap(a2d, cmap=cmap, symmetric=symmetric, clip_percentile=clip_percentile)
-    else:
-        picture = overlay(image, a2d, alpha=alpha, cmap=cmap, symmetric=symmetric, background="gray",
-                          clip_percentile=clip_percentile)
-    save_png(path, picture)
-    return picture
+                 alpha: float = 0.6, sign: str = "all", view: str = "overlay", title: str | None = None,
+                 bar: bool = False, annotate=None) -> np.ndarray:
+    """Reduce one sample's attribution to (H,W), draw it (over ``image`` if given), write a PNG.
+
+    With ``bar`` (or a ``title``) the picture gets a colour bar and a title (see
+    `picture`); without, it is the bare map at the input's size."""
+    pic = picture(attr, image=image, layout=layout, how=how, cmap=cmap, symmetric=symmetric,
+                  clip_percentile=clip_percentile, alpha=alpha, sign=sign, view=view, title=title, bar=bar,
+                  annotate=annotate)
+    save_png(path, pic)
+    return pic

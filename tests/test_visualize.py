@@ -147,3 +147,70 @@ def test_save_heatmap_overlays_on_an_image_and_writes_a_png(tmp_path):
     with Image.open(tmp_path / "o.png") as img:
         assert img.size == (16, 16)
     assert save_heatmap(tmp_path / "h.png", attr[0].transpose(1, 2, 0), layout="nhwc").shape == (8, 8, 3)
+
+
+# ----------------------------------------------------------------------------- readable pictures
+
+from onnxplain.visualize import SIGNS, VIEWS, colorbar, picture, scale_range, with_sign  # noqa: E402
+
+
+@pytest.mark.parametrize("name,first,last", [
+    ("seismic", (0, 0, 76), (128, 0, 0)), ("hot", (0, 0, 0), (255, 255, 255)), ("cold", (0, 0, 0), (255, 255, 255)),
+    ("wred", (255, 255, 255), (255, 0, 0)), ("wblue", (255, 255, 255), (0, 0, 255))])
+def test_zennit_and_matplotlib_colormaps_have_their_endpoints(name, first, last):
+    lut = colormap(name)
+    assert tuple(lut[0]) == first and tuple(lut[-1]) == last
+
+
+def test_a_map_with_a_large_offset_is_drawn_over_its_range_not_one_colour():
+    """Before: RISE's scores 8.9..11.2 on [0, max] were a uniformly yellow picture."""
+    a = 8.9 + 2.3 * np.linspace(0, 1, 64).reshape(8, 8)
+    hm = heatmap(a, clip_percentile=100)
+    lut = colormap(SEQUENTIAL[0])
+    assert tuple(hm[0, 0]) == tuple(lut[0]) and tuple(hm[-1, -1]) == tuple(lut[255])
+    assert scale_range(a, clip_percentile=100)[:2] == pytest.approx((8.9, 11.2))
+
+
+def test_a_cam_overlay_lets_the_photo_show_through_where_the_map_is_low():
+    """Before: a non-negative map was blended at a constant alpha 0.8: an opaque sheet."""
+    image = np.random.default_rng(2).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    cam = np.zeros((16, 16))
+    cam[:4, :4] = 1.0
+    out = overlay(image, cam, alpha=0.8)
+    np.testing.assert_array_equal(out[8:, 8:], image[8:, 8:])
+    assert not np.array_equal(out[:3, :3], image[:3, :3])
+
+
+@pytest.mark.parametrize("sign", SIGNS)
+def test_sign_keeps_the_part_of_the_map_captum_names(sign):
+    a = np.array([[-2.0, 1.0], [0.0, 3.0]])
+    m, symmetric = with_sign(a, sign)
+    expected = {"all": a, "positive": [[0, 1], [0, 3]], "negative": [[2, 0], [0, 0]], "absolute": np.abs(a)}[sign]
+    np.testing.assert_array_equal(m, expected)
+    assert symmetric is (None if sign == "all" else False)
+
+
+def test_colour_bar_runs_from_the_top_value_down_and_is_labelled():
+    bar = colorbar(240, "bwr", True, -2.0, 2.0, "relevance")
+    lut = colormap("bwr")
+    assert bar.shape[0] == 240 and bar.shape[1] > 30
+    column = bar[:, 6 + 8]
+    assert np.abs(column[1].astype(int) - lut[255]).max() <= 6  # inside the outline: the top is +2
+    assert np.abs(column[-2].astype(int) - lut[0]).max() <= 6
+    assert np.abs(column[120].astype(int) - lut[128]).max() <= 6  # the middle is 0
+    labels = bar[:, 6 + 16 + 5:]
+    assert (labels < 100).any()  # dark text: the tick values and the caption
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_every_view_has_a_title_and_a_colour_bar_and_is_at_least_224_pixels(view):
+    image = np.full((32, 32, 3), 120, dtype=np.uint8)
+    attr = np.random.default_rng(4).normal(size=(3, 32, 32))
+    bare = picture(attr, image=image, view=view, bar=False)
+    pic = picture(attr, image=image, view=view, title="tiny_cnn: class 3, gradient")
+    assert pic.shape[0] >= 224 and pic.shape[0] > bare.shape[0]
+    k = 7  # 32 px enlarged to 224
+    assert pic.shape[1] >= bare.shape[1] * k + 30  # the bar beside it
+    assert (pic[:14] < 100).any()  # the title's dark text on the white band above
+    if view == "side-by-side":
+        assert bare.shape[1] == 3 * 32 + 8
