@@ -218,6 +218,8 @@ SINGLE_OPS = {
         ("ThresholdedRelu", {"alpha": 0.5}, 17, ()), "mish_op": ("Mish", {}, 18, ()),
     "gelu_op": ("Gelu", {}, 20, ()), "gelu_tanh_op": ("Gelu", {"approximate": "tanh"}, 20, ()),
     "hardswish_op": ("HardSwish", {}, 17, ()), "max_with_constant": ("Max", {}, 17, (("c", 0.25),)),
+    "atan": ("Atan", {}, 17, ()), "sinh": ("Sinh", {}, 17, ()),
+    "shrink": ("Shrink", {"lambd": 0.5, "bias": 0.2}, 17, ()),
 }
 
 
@@ -288,7 +290,7 @@ def test_deeplift_agrees_with_captum_rescale_on_the_whole_activation(nets, name,
 
 # ----------------------------------------------------------------------------- gradients
 def test_mish_gradient_matches_finite_differences_and_torch():
-    # dynamo exports nn.Mish as the Mish operator (opset 18).
+    # dynamo exports nn.Mish as the Mish operator (opset 18), whose rule DeepLIFT's needs.
     x = np.random.default_rng(4).normal(size=(3, 7)).astype(np.float32) * 3
     model = node_model("Mish", {"x": x}, opset=18)
     check_gradient(model, {"x": x})

@@ -323,14 +323,6 @@ def softsign(b, node, grads):
     return [b.op("Div", grads[0], b.mul(d, d))]
 
 
-@_unary("Mish")
-def _mish(b, x, y, node):
-    # y = x tanh(softplus x): dy/dx = tanh(sp) + x (1 - tanh(sp)^2) sigmoid(x).
-    t = b.op("Tanh", b.op("Softplus", x))
-    sech2 = b.op("Sub", _c(b, 1, x), b.mul(t, t))
-    return b.op("Add", t, b.mul(b.mul(x, sech2), b.op("Sigmoid", x)))
-
-
 @_unary("Gelu")
 def _gelu(b, x, y, node):
     approximate = attr(node, "approximate", "none")
