@@ -1017,3 +1017,28 @@ def test_a_float16_model_with_float32_inputs_has_the_float_models_gradient(name,
     want = Explainer(str(src)).attribute(x, method="gradient", target=1)
     assert got.dtype == np.float32
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
+
+
+@pytest.mark.parametrize("op,nodes,inits", [
+    ("Gather", [helper.make_node("Gather", ["h", "idx"], ["o"], axis=1)], [("idx", np.array([0, 2, 2], np.int64))]),
+    ("TopK", [helper.make_node("TopK", ["h", "k"], ["o", "i"], axis=1)], [("k", np.array([2], np.int64))]),
+    ("MaxPool", [helper.make_node("Unsqueeze", ["h", "ax"], ["h4"]),
+                 helper.make_node("MaxPool", ["h4"], ["o"], kernel_shape=[1, 3], strides=[1, 2])],
+     [("ax", np.array([1, 2], np.int64))]),
+])
+def test_scattering_gradients_in_a_float16_island_run_in_float32(op, nodes, inits):
+    rng = np.random.default_rng(30)
+    all_nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16)] + nodes + \
+        [helper.make_node("Cast", ["o"], ["y"], to=TensorProto.FLOAT)]
+    m = _model(all_nodes, [_x("x", (3, 6))], "y", [_init(k, v) for k, v in inits])
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    e = Explainer(m, canonize=False)
+    seed = rng.normal(size=e.predict(x).shape).astype(np.float32)
+    got = e.attribute(x, method="gradient", target=seed, probability=True)
+    assert got.dtype == np.float32
+    # the same graph in float32 throughout
+    f = onnx.ModelProto()
+    f.CopyFrom(m)
+    f.graph.node[0].attribute[0].i = TensorProto.FLOAT
+    want = Explainer(f, canonize=False).attribute(x, method="gradient", target=seed, probability=True)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)

@@ -38,7 +38,7 @@ from onnx import TensorProto
 
 from ..errors import ModelError
 from . import gradient_elementwise, gradient_linear, gradient_pool
-from .base import attr, attrs
+from .base import attr, attrs, lookup
 from .base import register as _register
 from .gradient_linear import unbroadcast_to, varies
 
@@ -627,17 +627,30 @@ class _Float32View:
         return getattr(self._b, key)
 
 
-_float_max_pool = gradient_pool.max_pool
+# Rules that scatter-add the gradient (ScatterElements/ScatterND with reduction "add"),
+# which onnxruntime's CPU kernels cannot do in float16: in a float16/bfloat16 island they
+# run in float32 and their gradients are cast back to each input's type.
+_SCATTERING = ("MaxPool", "Gather", "GatherElements", "GatherND", "TopK")
+_HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
-@_register("MaxPool")
-def max_pool(b, node, grads):
-    # float16/bfloat16 islands: the winners' scatter runs in float32, the result is cast back.
-    x = node.input[0]
-    if _elem(b, x) not in (TensorProto.FLOAT16, TensorProto.BFLOAT16) or grads[0] is None:
-        return _float_max_pool(b, node, grads)
-    gx = _float_max_pool(_Float32View(b), node, [b.op("Cast", grads[0], to=F32)])[0]
-    return [b.op("Cast", gx, to=_elem(b, x))]
+def _in_float32(op, rule):
+    def wrapped(b, node, grads):
+        if _elem(b, node.input[0]) not in _HALF:
+            return rule(b, node, grads)
+        g32 = [None if g is None else b.op("Cast", g, to=F32) for g in grads]
+        out = rule(_Float32View(b), node, g32)
+        return [g if g is None or _elem(b, name) not in _HALF else b.op("Cast", g, to=_elem(b, name))
+                for g, name in zip(out, list(node.input) + [""] * len(out))]
+
+    wrapped.__name__ = f"{op.lower()}_in_float32"
+    return wrapped
+
+
+for _op in _SCATTERING:
+    _rule = lookup(_op)
+    if _rule is not None:
+        _register(_op)(_in_float32(_op, _rule))
 
 
 # --------------------------------------------------------------------------- integer linear ops
