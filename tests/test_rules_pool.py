@@ -325,3 +325,37 @@ def test_3d_dilated_max_pool_gradient_is_the_limit_from_the_first_maximum_side()
     ahead = x - np.arange(x.size, dtype=np.float32).reshape(x.shape) * 1e-3
     np.testing.assert_array_equal(_grad(m, ahead, seed), at_tie)
     check_gradient(m, {"x": ahead})
+
+
+@pytest.mark.parametrize("pool", [
+    {"kernel_shape": [2, 2], "dilations": [2, 2]},
+    {"kernel_shape": [3, 2], "dilations": [2, 3], "strides": [2, 1], "pads": [1, 0, 2, 1], "ceil_mode": 1},
+    {"kernel_shape": [2, 3], "dilations": [3, 1], "strides": [2, 2], "ceil_mode": 1},
+], ids=["d2", "asym_pads_ceil", "ceil_no_pads"])
+def test_smooth_lrp_max_pool_with_dilations_before_opset_19_equals_opset_19(pool):
+    # AveragePool has no dilations before opset 19: there the smooth split sums its windows by a
+    # depthwise Conv; onnxruntime's own dilated AveragePool at opset 19 is the reference.
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(2, 2, 9, 10)).astype(np.float32)
+    out = {}
+    for opset in (17, 19):
+        probe = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["y"], **pool)], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 9, 10])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[numpy_helper.from_array(w, "w")])
+        m = helper.make_model(probe, opset_imports=[helper.make_opsetid("", 19)])
+        m.ir_version = 8
+        y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        flat = [helper.make_node("Flatten", ["y"], ["f"]), helper.make_node("MatMul", ["f", "w2"], ["z"])]
+        w2 = rng.normal(size=(int(np.prod(y.shape[1:])), 3)).astype(np.float32) if opset == 17 else w2
+        g = helper.make_graph(list(probe.node) + flat, "g", list(probe.input),
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = 8
+        out[opset] = Explainer(m).attribute(x, method="lrp_epsilon", maxpool="smooth", target=1)
+    np.testing.assert_allclose(out[17], out[19], rtol=1e-4, atol=1e-6)

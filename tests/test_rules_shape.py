@@ -508,3 +508,11 @@ def test_reverse_sequence_gradient_is_the_same_reversal(batch_axis, time_axis):
     r = bc.check_node("ReverseSequence", {"x": x}, {"batch_axis": batch_axis, "time_axis": time_axis},
                       consts={"lens": np.array([4, 1, 3, 2], np.int64)})
     assert r.status == "passed", (r.status, r.detail)
+
+
+def test_optional_get_element_of_a_tensor_passes_the_gradient_through():
+    import backend_corpus as bc
+
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    r = bc.check_node("OptionalGetElement", {"x": x}, opset=18)
+    assert r.status == "passed", (r.status, r.detail)

@@ -56,6 +56,29 @@ def _spread(b, g, x, win: Window, what: str):
     return b.op("ConvTranspose", g, ones, group=channels, **win.transpose_attrs())
 
 
+def window_average(b, x, node, what: str) -> str:
+    """AveragePool(count_include_pad=1) over `node`'s windows (a pool node's kernel_shape,
+    strides, dilations, pads/auto_pad, ceil_mode), valid at every opset: AveragePool takes
+    dilations only from opset 19 on. A depthwise Conv of ones sums each window (an extra end
+    pad of zeros stands for ceil_mode's last windows), divided by the taps it counts."""
+    win = Window.of(b, node, attr(node, "kernel_shape"), what)
+    channels = static_dim(b, x, 1, what)
+    ends, counts = [], np.ones([1, 1] + [1] * len(win.outs))
+    for axis, (h, o, k, s, d, p, e) in enumerate(zip(win.ins, win.outs, win.kernel, win.strides, win.dilations,
+                                                       win.begin, win.end)):
+        ends.append(max(e, (o - 1) * s + (k - 1) * d + 1 - h - p))
+        c = _axis_counts(h, o, k, s, d, p, e, True).astype(np.float64)
+        counts = counts * c.reshape([1, 1] + [-1 if i == axis else 1 for i in range(len(win.outs))])
+    ones = b.const(np.ones([channels, 1] + win.kernel), b.np_dtype(x))
+    total = b.op("Conv", x, ones, group=channels, kernel_shape=win.kernel, strides=win.strides,
+                 dilations=win.dilations, pads=list(win.begin) + ends)
+    # The Conv may produce windows past ceil_mode's last one (those starting in the end pad):
+    # keep onnxruntime's output size.
+    total = b.op("Slice", total, b.ints([0] * len(win.outs)), b.ints(win.outs), b.ints(list(range(2, 2 + len(win.outs)))))
+    scale = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+    return b.mul(total, b.const(scale, b.np_dtype(x)))
+
+
 def _axis_counts(h, o, k, s, d, begin, end, include_pad: bool) -> np.ndarray:
     """Per output position of one axis, how many of its window taps the average divides by.
 

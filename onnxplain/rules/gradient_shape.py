@@ -213,6 +213,15 @@ def reverse_sequence(b, node, grads):
             None]
 
 
+@register("OptionalGetElement")
+def optional_get_element(b, node, grads):
+    # A tensor input (or a present optional tensor) is passed through unchanged.
+    if not b.graph.is_float(node.input[0]):
+        raise ModelError(f"OptionalGetElement node '{node.name}': the gradient supports a tensor input, "
+                         "not an optional or a sequence")
+    return [grads[0]]
+
+
 @register("Gather")
 def gather(b, node, grads):
     data, indices = node.input[0], node.input[1]

@@ -460,7 +460,12 @@ def maxpool_smooth(b, node, grads, epsilon: float = EPSILON, **_):
                                                           "ceil_mode", "dilations")},
         count_include_pad=1,
     )
-    z = b.op("AveragePool", node.input[0], **{a.name: onnx.helper.get_attribute_value(a) for a in avg.attribute})
+    if b.opset < 19 and any(int(d) != 1 for d in attrs(node).get("dilations", [])):
+        from .gradient_pool import window_average
+
+        z = window_average(b, node.input[0], node, f"MaxPool '{node.name}'")
+    else:
+        z = b.op("AveragePool", node.input[0], **{a.name: onnx.helper.get_attribute_value(a) for a in avg.attribute})
     return _proportional(b, node, avg, grads[0], z, epsilon)
 
 
