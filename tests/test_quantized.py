@@ -106,7 +106,8 @@ def assert_convention(qmodel, fmodel, x, rng, atol=1e-4):
 def clip_node(inp, out, s, z, qtype, nodes, inits, tag):
     lo, hi = Q.QRANGE[qtype]
     s, z = np.asarray(s, np.float64), np.asarray(z, np.float64)
-    inits += [_init(f"{tag}_lo", (s * (lo - z)).astype(np.float32)), _init(f"{tag}_hi", (s * (hi - z)).astype(np.float32))]
+    inits += [_init(f"{tag}_lo", (s * (lo - z)).astype(np.float32)),
+              _init(f"{tag}_hi", (s * (hi - z)).astype(np.float32))]
     nodes.append(helper.make_node("Clip", [inp, f"{tag}_lo", f"{tag}_hi"], [out]))
 
 
@@ -170,7 +171,8 @@ def test_blocked_quantization_repeats_each_scale_over_its_block():
     nodes = [helper.make_node("QuantizeLinear", ["x", "sq"], ["q"], axis=1, block_size=3),
              helper.make_node("DequantizeLinear", ["q", "sq"], ["y"], axis=1, block_size=3)]
     g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], initializer=[_init("sq", sq)])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                          initializer=[_init("sq", sq)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
     x = rng.normal(scale=4.0, size=(2, 8)).astype(np.float32)
@@ -511,7 +513,8 @@ def test_float8_quantization_is_refused_by_name():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
     z = helper.make_tensor("z", TensorProto.FLOAT8E4M3FN, [], [0.0])
-    g = helper.make_graph(nodes, "q", [_x("x", (2, 3))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    g = helper.make_graph(nodes, "q", [_x("x", (2, 3))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
                           initializer=[_init("s", np.float32(0.1)), z])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     m.ir_version = 9
@@ -839,7 +842,8 @@ def _attention_models(rng, mask=None, unidirectional=0, per_column=False, batch=
     fn += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
            helper.make_node("MatMul", ["q", "kt"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s1"]),
            helper.make_node("Add", ["s1", "maskbias"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
-           helper.make_node("MatMul", ["p", "v"], ["o0"]), helper.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
+           helper.make_node("MatMul", ["p", "v"], ["o0"]),
+           helper.make_node("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
            helper.make_node("Reshape", ["o1", "hid"], ["y"])]
     finits = [_init("wd", wd), _init("bias", bias), _init("parts", np.array([hidden] * 3, np.int64)),
               _init("hs", np.array([0, 0, heads, size], np.int64)), _init("scale", np.float32(1 / np.sqrt(size))),
@@ -917,7 +921,8 @@ def test_dequantize_linear_scale_and_zero_point_fed_at_run_time_have_their_gradi
     q = rng.integers(0, 256, size=(2, 3, 4)).astype(np.uint8)
     nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=1)]
     g = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("s", TensorProto.FLOAT, [3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], initializer=[_init("q", q)])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+                          initializer=[_init("q", q)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     s = np.array([0.1, 0.2, 0.05], np.float32)

@@ -278,11 +278,9 @@ def _through_requantize(b, g: str, real: str, ys: str, yzp: str | None, qtype: i
 
 def _runtime_unbroadcast(b, g: str, target: str) -> str:
     """Sum `g` down to the shape of forward tensor `target` when static shapes are unknown
-    (tensors after com.microsoft operators, which onnx's shape inference does not know)."""
-    st, sg = b.shape(target), None
-    if st is not None and all(isinstance(d, int) for d in st):
-        # the target's shape is known: broadcasting only adds axes / expands size-1 ones
-        pass
+    (tensors after com.microsoft operators, which onnx's shape inference does not know): the
+    target's shape is padded with leading 1s to g's rank, and the axes where the two differ
+    are summed."""
     want = b.shape_of(target)
     have = b.shape_of(g)
     lead = b.op("Sub", b.op("Size", have), b.op("Size", want))
@@ -290,7 +288,6 @@ def _runtime_unbroadcast(b, g: str, target: str) -> str:
                 value=onnx.numpy_helper.from_array(np.ones(1, np.int64)))
     padded = b.op("Concat", ones, want, axis=0)
     axes = b.squeeze(b.op("NonZero", b.op("Not", b.op("Equal", padded, have))), [0])
-    del sg
     g = b.op("ReduceSum", g, axes, keepdims=1, noop_with_empty_axes=1)
     return b.op("Reshape", g, want)
 
@@ -984,7 +981,8 @@ def dynamic_quantize_lstm(b, node, grads):
             raise ModelError(f"the gradient of {what} needs constant weights; '{q}' is computed at run time")
         sv, zv = _const_param(b, s, what, 1.0), _const_param(b, z, what)
         shape = (-1, 1, v.shape[2]) if sv.size == v.shape[0] * v.shape[2] and sv.size > v.shape[0] else (-1, 1, 1)
-        wd = (v.astype(np.float64) - zv.reshape(shape if zv.size > 1 else ())) * sv.reshape(shape if sv.size > 1 else ())
+        zr, sr = zv.reshape(shape if zv.size > 1 else ()), sv.reshape(shape if sv.size > 1 else ())
+        wd = (v.astype(np.float64) - zr) * sr
         return np.ascontiguousarray(wd.transpose(0, 2, 1)).astype(np.float32)
 
     wd, rd = weight(ins[1], ins[8], ins[9]), weight(ins[2], ins[10], ins[11])
