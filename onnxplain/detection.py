@@ -315,3 +315,29 @@ def from_seed(layout: Layout, seed_sample: np.ndarray) -> tuple[int, int]:
         raise OptionError(f"the seed explains {len(hits)} class score(s) of the {layout.kind} output "
                           f"'{layout.scores}', not one detection: give target detection:I or box:x1,y1,x2,y2[:C]")
     return int(hits[0][0]), int(hits[0][1])
+
+
+def cli_target(explainer, x, target, decoder=None, listing=False, echo=print, labels=None):
+    """The CLI's detection handling: `--decoder` applied to a detection target, the
+    detections printed with `--list-detections`, and the target resolved (one forward
+    pass). Returns the target to explain, or None where only the list was asked for."""
+    from .target import _Detect
+
+    if decoder is not None and not isinstance(target, _Detect) and not listing:
+        raise OptionError("--decoder reads a detector's outputs for a detection target: give -t detection:I or "
+                          "-t box:x1,y1,x2,y2[:C] (or --list-detections)")
+    if not isinstance(target, _Detect) and not listing:
+        return target
+    t = target.with_decoder(decoder) if isinstance(target, _Detect) else _Detect("detection:0", index=0,
+                                                                                  decoder=decoder)
+    feeds = explainer.feeds(x)
+    if listing:
+        layout, found, _outs, _size = t.detections(explainer, feeds)
+        echo(f"decoded as {layout.describe()}, score threshold {t.score_threshold}, NMS IoU {t.iou_threshold}")
+        for i, dets in enumerate(found):
+            echo(f"sample {i}: {len(dets)} detection(s)")
+            for line in format_detections(dets, labels):
+                echo("  " + line)
+        if not isinstance(target, _Detect):
+            return None
+    return t.resolve(explainer, feeds)

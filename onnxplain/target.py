@@ -423,7 +423,7 @@ class _Detected(_Seed):
 
     def __init__(self, array, text, layout, chosen, found, axis, image_size):
         super().__init__(array)
-        self.text = f"{text}:{self.text.rsplit(':', 1)[-1]}"  # the seed's digest: one run key per resolution
+        self.text = text
         self.base_text, self.layout, self.chosen, self.found = text, layout, chosen, found
         self.axis, self.image_size, self.output = axis, image_size, layout.scores
 
