@@ -1047,3 +1047,26 @@ def test_scattering_gradients_in_a_float16_island_run_in_float32(op, nodes, init
     f.graph.node[0].attribute[0].i = TensorProto.FLOAT
     want = Explainer(f, canonize=False).attribute(x, method="gradient", target=seed, probability=True)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_the_builder_records_the_convention_for_the_explainers_metadata(quantized_zoo):
+    from onnxplain.compile import compile_explainer
+    from onnxplain.graph import Graph, read_model
+    from onnxplain.methods.gradients import GRADIENT
+    from onnxplain.rules import base
+
+    seen = []
+    real = base.Builder.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self)
+
+    shape, paths = quantized_zoo["mlp"]
+    base.Builder.__init__ = spy
+    try:
+        graph = Graph(read_model(str(paths["qdq"])))
+        compile_explainer(graph.specialize({graph.inputs[0]: (1,) + shape}), GRADIENT, graph.inputs, graph.outputs[0])
+    finally:
+        base.Builder.__init__ = real
+    assert any(Q.CONVENTION in getattr(b, "conventions", ()) for b in seen)

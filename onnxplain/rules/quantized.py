@@ -121,6 +121,10 @@ def _gradient_methods_only(rule):
                              "(gradient, input_x_gradient, integrated_gradients, smoothgrad, guided_backprop, ...); "
                              "use one of them or a black-box method")
         _check_integer_consumers(b, node)
+        # The conventions an explainer was compiled with, for its metadata (b.conventions).
+        if getattr(b, "conventions", None) is None:
+            b.conventions = set()
+        b.conventions.add(CONVENTION)
         return rule(b, node, grads)
 
     guarded.__name__, guarded.__doc__, guarded.__wrapped__ = rule.__name__, rule.__doc__, rule
