@@ -25,10 +25,15 @@ from .errors import InputError, OnnxplainError, OptionError
 from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, LAYOUTS, Preprocess, load_inputs, save_array
 from .io import PRESETS
 from .methods.base import METHODS, get_method
-from .visualize import DIVERGING, SEQUENTIAL
+from .visualize import DIVERGING, SEQUENTIAL, SIGNS, VIEWS
 
 DEBUG_ENV = "ONNXPLAIN_DEBUG"
 DEFAULT_MODEL, DEFAULT_PHOTO = "efficientnet_lite0.onnx", "chelsea.png"
+# The first picture a user sees (explain with no MODEL and no -m): of LRP composites,
+# integrated gradients and excitation backprop, the one with the best insertion - deletion
+# on the bundled photo (0.259 - 0.133 = +0.126, against +0.074 for excitation backprop and
+# +0.058 for integrated gradients; 20 steps, probability of the predicted class).
+DEFAULT_PICTURE_METHOD = "lrp.epsilon_plus_flat"
 
 
 def models_dir() -> Path:
@@ -223,19 +228,35 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
 @click.option("--bgr", is_flag=True, help="The model takes BGR images.")
 @click.option("--cmap", type=click.Choice(DIVERGING + SEQUENTIAL),
               help="Heatmap colours (default: bwr if signed, else inferno).")
+@click.option("--sign", type=click.Choice(SIGNS), default="all", show_default=True,
+              help="Which relevance to draw: both signs, one sign's magnitude, or |relevance|.")
+@click.option("--view", type=click.Choice(VIEWS), default="overlay", show_default=True,
+              help="The heatmap over the photo, alone, or photo | heatmap | overlay.")
+@click.option("--overlay-alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="Opacity of the strongest relevance over the photo.")
+@click.option("--clip", type=click.FloatRange(0, 100, min_open=True), default=99.5, show_default=True,
+              metavar="PERCENTILE", help="Colours saturate at this percentile of |relevance|.")
+@click.option("--plain", is_flag=True, help="The picture alone, at the input's size: no title or colour bar.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; only the result lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--wrt", metavar="NAME[,NAME]", help="Attribute to these model inputs and hold the others fixed "
                                                     "(default: the batched float inputs).")
 def explain(paths, method, layer, output, probability, providers, memory_budget, target, options, out,
-            preset, size, mean, std, layout, bgr, cmap, quiet, as_json, wrt):
+            preset, size, mean, std, layout, bgr, cmap, sign, view, overlay_alpha, clip, plain, quiet, as_json, wrt):
     """Explain a model's decision on images or arrays (.npy/.npz).
 
-    With no MODEL, the bundled EfficientNet-Lite0 explains its bundled photo of a cat.
+    With no MODEL, the bundled EfficientNet-Lite0 explains its bundled photo of a cat, by
+    default with lrp.epsilon_plus_flat (the method that best finds what the model looks at
+    on that photo, by insertion - deletion); with a MODEL, -m defaults to gradient, which
+    works on every model.
     """
     from .explainer import Explainer
 
     runtime.QUIET = quiet
+    given_method = click.get_current_context().get_parameter_source("method") != click.core.ParameterSource.DEFAULT
+    model_given = bool(paths) and Path(paths[0]).suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES
+    if not given_method and not model_given and not options:
+        method = DEFAULT_PICTURE_METHOD
     method = get_method(method).name  # Integrated-Gradients -> integrated_gradients
     get_method(method).resolve(options)  # fail on a bad option before loading anything
     if out is not None and out.suffix.lower() not in (".png",) + ARRAY_SUFFIXES:
@@ -274,9 +295,6 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
 
         if has_quantized(explainer.graph):
             click.echo(f"note: {CONVENTION}", err=True)
-    written = _write(out, attr, batch, layer or (wrt[0] if wrt and len(wrt) == 1 else next(iter(explainer.inputs))),
-                     cmap,
-                     pre.layout if pre is not None and layer is None else None)
     seed = None
     if target is not None and not isinstance(target, (int, list)):  # a position, region, mask...
         try:
@@ -284,7 +302,14 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
                                       target)
         except OnnxplainError:
             seed = None  # no score to print; the attribution itself was computed above
-    records = _records(batch.names, scores, target, attr, written, _labels(model, explainer), seed)
+    labels = _labels(model, explainer)
+    records = _records(batch.names, scores, target, attr, [None] * len(batch.names), labels, seed)
+    titles = [f"{model.stem}: {_what(r)}, {method}" for r in records]
+    look = dict(cmap=cmap, sign=sign, view=view, alpha=overlay_alpha, clip_percentile=clip, bar=not plain)
+    written = _write(out, attr, batch, layer or (wrt[0] if wrt and len(wrt) == 1 else next(iter(explainer.inputs))),
+                     pre.layout if pre is not None and layer is None else None, titles, look)
+    for r, f in zip(records, written):
+        r["file"] = f
     if as_json:
         click.echo(json.dumps(records, indent=2))
     for r in records if not as_json else []:
@@ -448,7 +473,17 @@ def _preprocess(explainer, preset, flags) -> Preprocess | None:
     return dataclasses.replace(base, **flags)
 
 
-def _write(out: Path, attr, batch, tensor, cmap, layout) -> list[str]:
+def _what(r) -> str:
+    """What a picture explains, for its title."""
+    if "value" in r:
+        return f"value {r['value']:.4g}"
+    t = r["target"]
+    if isinstance(t, int):
+        return f"class {_cls(t, r.get('target_label'))}"
+    return "the output" if t is None else str(t)
+
+
+def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None) -> list[str]:
     """Save the attribution; one PNG per sample. Returns the file written for each sample."""
     if out.suffix.lower() in ARRAY_SUFFIXES:
         if isinstance(attr, dict) or out.suffix.lower() == ".npz":
@@ -463,7 +498,9 @@ def _write(out: Path, attr, batch, tensor, cmap, layout) -> list[str]:
     for i in range(len(attr)):
         path = out if len(attr) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         image = batch.images[i] if batch.images else None
-        save_heatmap(path, attr[i], image=image, layout=layout, cmap=cmap)
+        look = dict(look or {})
+        title = titles[i] if titles and look.get("bar", True) else None
+        save_heatmap(path, attr[i], image=image, layout=layout, title=title, **look)
         files.append(str(path))
     return files
 

@@ -126,7 +126,7 @@ def test_explain_npz_and_json_summary_name_the_tensor_and_the_file(mlp, tmp_path
 
 def test_explain_png_input_writes_a_heatmap_png_of_the_model_image_size(tmp_path):
     out = tmp_path / "heat.png"
-    result = run("explain", TINY, photo(tmp_path), "--out", out)
+    result = run("explain", TINY, photo(tmp_path), "--out", out, "--plain")
     assert result.exit_code == 0, result.stderr
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (32, 32) and img.mode == "RGB"
@@ -147,8 +147,15 @@ def test_explain_with_no_arguments_explains_the_bundled_photo_as_a_cat(tmp_path)
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "cat" in proc.stdout and "(3, 224, 224)" in proc.stdout
+    # The first picture leads with the method of the best insertion - deletion on the photo.
+    assert "with lrp.epsilon_plus_flat" in proc.stdout
     with Image.open(tmp_path / "explanation.png") as img:
-        assert img.size == (224, 224)
+        assert img.size[1] > 224 and img.size[0] > img.size[1]  # a title above, a colour bar beside
+
+
+def test_a_model_given_keeps_gradient_as_the_default_method(tmp_path):
+    r = run("explain", TINY, photo(tmp_path), "-o", tmp_path / "e.png")
+    assert r.exit_code == 0 and "with gradient" in r.stdout
 
 
 def test_preprocessing_precedence_is_flags_then_preset_then_metadata():
@@ -520,3 +527,46 @@ def test_info_prints_the_providers_that_really_work():
     assert set(info["working_providers"]) <= set(info["installed_providers"])
     for p in set(info["installed_providers"]) - set(info["working_providers"]):
         assert info["problems"][p]  # why it does not work, e.g. a missing CUDA library
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _png(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).astype(int)
+
+
+def test_every_picture_has_a_title_and_a_colour_bar(tmp_path):
+    """Before: a bare 32x32 map with no colour bar and no legend."""
+    r = run("explain", TINY, photo(tmp_path), "-o", tmp_path / "e.png", "-t", "3")
+    assert r.exit_code == 0, r.output
+    pic = _png(tmp_path / "e.png")
+    assert pic.shape[0] >= 224 and pic.shape[1] > pic.shape[0]
+    assert (pic[:16] < 80).any()  # the title's text
+    # The bar: bwr's two ends, red at the top and blue at the bottom, in one column at the right.
+    right = pic[:, -80:]
+    red = (right[..., 0] > 200) & (right[..., 1] < 40) & (right[..., 2] < 40)
+    blue = (right[..., 2] > 200) & (right[..., 0] < 40) & (right[..., 1] < 40)
+    assert red.any() and blue.any()
+    assert np.nonzero(red)[0].mean() < np.nonzero(blue)[0].mean()
+
+
+def test_visual_options_sign_view_alpha_clip_change_the_picture(tmp_path):
+    x = photo(tmp_path)
+    base = ["explain", TINY, x, "-t", "3", "--plain"]
+    assert run(*base, "-o", tmp_path / "all.png").exit_code == 0
+    assert run(*base, "--sign", "positive", "--view", "heatmap", "-o", tmp_path / "pos.png").exit_code == 0
+    assert run(*base, "--view", "side-by-side", "-o", tmp_path / "sbs.png").exit_code == 0
+    assert run(*base, "--overlay-alpha", "0", "-o", tmp_path / "a0.png").exit_code == 0
+    assert run(*base, "--clip", "50", "-o", tmp_path / "c50.png", "--view", "heatmap").exit_code == 0
+    pos, sbs = _png(tmp_path / "pos.png"), _png(tmp_path / "sbs.png")
+    lut = __import__("onnxplain.visualize", fromlist=["colormap"]).colormap("inferno")
+    assert np.isin(pos.reshape(-1, 3) @ [65536, 256, 1], lut.astype(int) @ [65536, 256, 1]).all()  # sequential
+    assert sbs.shape[1] == 3 * 32 + 8
+    a0 = _png(tmp_path / "a0.png")
+    assert (a0[..., 0] == a0[..., 1]).all()  # alpha 0: only the grey photo
+    c50 = _png(tmp_path / "c50.png")
+    saturated = lambda p: ((p == [255, 0, 0]).all(-1) | (p == [0, 0, 255]).all(-1)).mean()  # noqa: E731
+    assert saturated(c50) > 0.4  # half of the pixels at or beyond the 50th percentile
+    assert run(*base, "--sign", "sideways", "-o", tmp_path / "x.png").exit_code == 2
