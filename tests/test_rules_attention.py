@@ -129,3 +129,38 @@ def test_float64_attention_with_nonpad_kv_seqlen_is_refused_with_a_typed_error()
     r = bc.check_node("Attention", ins, {"is_causal": 1, "_order": ["Q", "K", "V", "", "", "", "n"]},
                       consts={"n": np.array([3, 5], np.int64)}, opset=24)
     assert r.status == "refused" and "nonpad_kv_seqlen" in r.detail, (r.status, r.detail)
+
+
+@pytest.mark.parametrize("attrs,shape", [
+    ({}, (2, 3, 5, 8)),
+    ({"interleaved": 1, "rotary_embedding_dim": 4}, (2, 3, 5, 8)),
+    ({"num_heads": 3}, (2, 5, 3 * 8)),
+], ids=["4d", "interleaved_partial", "3d_heads"])
+def test_rotary_embedding_gradient_equals_finite_differences(attrs, shape):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape)
+    half = (attrs.get("rotary_embedding_dim") or 8) // 2
+    angles = rng.uniform(0, 3, size=(7, half))
+    consts = {"cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+              "pos": rng.integers(0, 7, size=(2, 5))}
+    _passes(bc.check_node("RotaryEmbedding", {"x": x.astype(np.float32)}, dict(attrs, _order=["x", "cos", "sin", "pos"]),
+                          consts=consts, opset=23))
+
+
+def test_attention_under_lrp_and_deeplift_is_refused_with_typed_errors():
+    # LRP rules inside the body meet Q.K^T, a product of two computed tensors; DeepLIFT
+    # cannot see the body's activations on the baseline.
+    from onnxplain.errors import ModelError, UnsupportedOperatorError
+
+    x = np.random.default_rng(6).normal(size=(2, 3, 4, 6)).astype(np.float32)
+    node = helper.make_node("Attention", ["x", "x", "x"], ["y"])
+    g = helper.make_graph([node], "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    m.ir_version = 10
+    e = Explainer(m, canonize=False)
+    seed = np.ones(x.shape, np.float32)
+    with pytest.raises(ModelError, match="MatMul"):
+        e.attribute(x, method="lrp_epsilon", target=seed, probability=True)
+    with pytest.raises(UnsupportedOperatorError, match="Attention"):
+        e.attribute(x, method="deeplift", target=seed, probability=True)
