@@ -87,6 +87,27 @@ def quantized_note(explainers) -> str | None:
     return CONVENTION if any(has_quantized(e.graph) for e in explainers) else None
 
 
+def _saturated(explainer, x, classes):
+    """Per sample, whether the explained class's score is a quantized value at a limit of its
+    integer range (the model's output is DequantizeLinear of it); None where it is not."""
+    from .rules.quantized import QRANGE
+
+    t = explainer.explained_tensor()
+    node = explainer.graph.producer.get(t)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    q = node.input[0]
+    qtype = explainer.graph.elem_type(node.input[2]) if len(node.input) > 2 and node.input[2] else \
+        explainer.graph.elem_type(q)
+    if qtype not in QRANGE:
+        return None
+    lo, hi = QRANGE[qtype]
+    forward = explainer.forward if hasattr(explainer, "forward") else None
+    values = forward(x, [q])[q] if forward else explainer._forward(explainer._feeds(x), [q])[q]
+    values = np.asarray(values).reshape(len(values), -1)
+    return [bool(values[i, int(c)] in (lo, hi)) for i, c in enumerate(classes)]
+
+
 def _signed(explainer, x, method, classes) -> np.ndarray:
     a = explainer.attribute(x, method=method, target=[int(c) for c in classes])
     if isinstance(a, dict):
@@ -169,6 +190,17 @@ def compare(reference, candidate, x, method: str = "auto", target=None, topk: fl
         qnote = quantized_note((reference, candidate))
         if qnote:
             note = f"{note}; {qnote}" if note else qnote
+        names = names or [str(i) for i in range(n)]
+        for side, e, grads in (("reference", reference, white["gradient"][0]),
+                               ("candidate", candidate, white["gradient"][1])):
+            zero = [i for i, row in enumerate(grads) if not np.any(row)]
+            saturated = _saturated(e, x, classes) if zero else None
+            flat = [names[i] for i in zero if saturated is not None and saturated[i]]
+            if flat:
+                # A score clipped at the top (or bottom) of its integer range cannot move: its
+                # straight-through gradient is 0, and the maps of those inputs say nothing.
+                note = (f"{note}; the {side}'s explained score is saturated at its quantization limit for "
+                        f"{', '.join(flat)} (gradient 0: calibrate the model on data like these inputs)")
     names = names or [str(i) for i in range(n)]
     records = []
     for i in range(n):

@@ -203,3 +203,27 @@ def test_agreement_numbers_of_identical_and_disjoint_maps():
     corner[:2, :2], other[6:, 6:] = 1.0, 1.0
     far = V.explanation_agreement(corner, other, topk=4 / 64)
     assert far["topk_overlap"] == 0.0 and far["iou"] == 0.0
+
+
+def test_a_quantized_copy_whose_score_saturates_is_named_in_the_note(models, tmp_path):
+    # Calibrated on inputs ten times smaller than those validated: the explained logits
+    # clip at the top of their integer range, where the straight-through gradient is 0.
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from onnxplain import Explainer
+
+    class Reader:
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.it = iter([{"x": rng.normal(scale=0.1, size=(1, 12)).astype(np.float32)} for _ in range(16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    d, _ = models
+    q = tmp_path / "mlp.narrow.onnx"
+    quantize_static(str(d / "mlp.onnx"), str(q), Reader(), quant_format=QuantFormat.QDQ)
+    x = np.random.default_rng(6).normal(size=(3, 12)).astype(np.float32)
+    records, method, note = V.compare(Explainer(str(d / "mlp.onnx")), Explainer(str(q)), x[:1])
+    assert method == "gradient" and "saturated at its quantization limit for 0" in note
+    assert records[0]["gradient_rank_corr"] == 0.0  # a zero map ranks nothing
