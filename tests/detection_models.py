@@ -48,12 +48,14 @@ class TinyYolo(nn.Module):
         return torch.cat([xy, wh, torch.sigmoid(y[:, 4:])], dim=1)
 
 
-def scenes(n: int, rng, objects=(1, 3), kinds=None):
+def scenes(n: int, rng, objects=(1, 3), kinds=None, noise=0.15):
     """n scenes (n, 3, 64, 64) float32 in [0, 1]: squares and circles of random colours on
     noise, not overlapping. Returns (images, boxes) with boxes[i] a list of
     (x1, y1, x2, y2, class) in pixels (x2, y2 exclusive). `kinds`: per scene the classes to
-    draw (overrides `objects`)."""
-    images = np.clip(rng.normal(0.5, 0.15, (n, 3, SIZE, SIZE)), 0, 1).astype(np.float32)
+    draw (overrides `objects`); `noise`: the noise's standard deviation, or a (low, high) range
+    to draw one per scene from."""
+    sigma = rng.uniform(*noise, (n, 1, 1, 1)) if isinstance(noise, tuple) else noise
+    images = np.clip(0.5 + sigma * rng.standard_normal((n, 3, SIZE, SIZE)), 0, 1).astype(np.float32)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     boxes = []
     for i in range(n):
