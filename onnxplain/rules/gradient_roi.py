@@ -335,3 +335,13 @@ def deform_conv(b, node, grads):
     if not targets:
         return [None] * len(node.input)
     return body_backward(b, node, grads, body, targets)
+
+
+def _deform_refuses(composite, *_node_and_graph) -> bool:
+    from .gradient_attention import _refuses
+
+    return _refuses(composite)
+
+
+# Read by the compiler's check of what a composite cannot explain (and so by `inspect`).
+deform_conv.refuses = _deform_refuses
