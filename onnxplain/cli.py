@@ -295,6 +295,12 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
 
         if has_quantized(explainer.graph):
             click.echo(f"note: {CONVENTION}", err=True)
+            if isinstance(attr, np.ndarray) and isinstance(explained_target, list):
+                from .validate import zero_gradient_note
+
+                why = zero_gradient_note(explainer, batch.batch, explained_target, attr, batch.names)
+                if why:
+                    click.echo(f"note: the model's {why}", err=True)
     seed = None
     if target is not None and not isinstance(target, (int, list)):  # a position, region, mask...
         try:

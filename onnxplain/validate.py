@@ -87,7 +87,7 @@ def quantized_note(explainers) -> str | None:
     return CONVENTION if any(has_quantized(e.graph) for e in explainers) else None
 
 
-def _saturated(explainer, x, classes):
+def saturated(explainer, x, classes):
     """Per sample, whether the explained class's score is a quantized value at a limit of its
     integer range (the model's output is DequantizeLinear of it); None where it is not."""
     from .rules.quantized import QRANGE
@@ -106,6 +106,28 @@ def _saturated(explainer, x, classes):
     values = forward(x, [q])[q] if forward else explainer._forward(explainer._feeds(x), [q])[q]
     values = np.asarray(values).reshape(len(values), -1)
     return [bool(values[i, int(c)] in (lo, hi)) for i, c in enumerate(classes)]
+
+
+def zero_gradient_note(explainer, x, classes, gradients, names) -> str | None:
+    """For a quantized model, why some inputs' gradients are all zero: the explained score
+    saturated at its integer limit, or values clipped to their ranges inside the model (the
+    straight-through gradient is 0 there); None where no gradient is zero or the model is
+    not quantized."""
+    if not quantized_note((explainer,)):
+        return None
+    zero = [i for i, row in enumerate(np.asarray(gradients).reshape(len(gradients), -1)) if not np.any(row)]
+    if not zero:
+        return None
+    flags = saturated(explainer, x, classes) or [False] * len(names)
+    top = [names[i] for i in zero if flags[i]]
+    inner = [names[i] for i in zero if not flags[i]]
+    parts = []
+    if top:
+        parts.append(f"explained score is saturated at its quantization limit for {', '.join(top)}")
+    if inner:
+        parts.append(f"gradient is 0 for {', '.join(inner)}: every path is clipped to a quantization range")
+    return "; ".join(parts) + " (values clipped to their integer range pass no gradient: calibrate the model " \
+        "on data like these inputs)"
 
 
 def _signed(explainer, x, method, classes) -> np.ndarray:
@@ -193,14 +215,9 @@ def compare(reference, candidate, x, method: str = "auto", target=None, topk: fl
         names = names or [str(i) for i in range(n)]
         for side, e, grads in (("reference", reference, white["gradient"][0]),
                                ("candidate", candidate, white["gradient"][1])):
-            zero = [i for i, row in enumerate(grads) if not np.any(row)]
-            saturated = _saturated(e, x, classes) if zero else None
-            flat = [names[i] for i in zero if saturated is not None and saturated[i]]
-            if flat:
-                # A score clipped at the top (or bottom) of its integer range cannot move: its
-                # straight-through gradient is 0, and the maps of those inputs say nothing.
-                note = (f"{note}; the {side}'s explained score is saturated at its quantization limit for "
-                        f"{', '.join(flat)} (gradient 0: calibrate the model on data like these inputs)")
+            why = zero_gradient_note(e, x, classes, grads, names)
+            if why:
+                note = f"{note}; the {side}'s {why}"
     names = names or [str(i) for i in range(n)]
     records = []
     for i in range(n):

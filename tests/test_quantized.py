@@ -1070,3 +1070,24 @@ def test_the_builder_records_the_convention_for_the_explainers_metadata(quantize
     finally:
         base.Builder.__init__ = real
     assert any(Q.CONVENTION in getattr(b, "conventions", ()) for b in seen)
+
+
+def test_cli_explain_names_inputs_whose_quantized_gradient_is_clipped_to_zero(quantized_zoo, tmp_path):
+    from click.testing import CliRunner
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from onnxplain import cli
+
+    shape, paths = quantized_zoo["mlp"]
+    narrow = tmp_path / "narrow.onnx"
+    reader = _RandomReader(shape)
+    reader._it = iter([{"input": d["input"] * 0.05} for d in reader._it])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(paths["float"]), str(narrow), reader, quant_format=QuantFormat.QDQ)
+    np.save(tmp_path / "x.npy", np.random.default_rng(31).normal(size=(1,) + shape).astype(np.float32))
+    r = CliRunner().invoke(cli.main, ["explain", str(narrow), str(tmp_path / "x.npy"), "--out", str(tmp_path / "a.npy")])
+    assert r.exit_code == 0, r.output
+    # here the hidden layers' ranges clip every path (the logit itself is inside its range)
+    assert "gradient is 0 for" in r.output and "clipped to a quantization range" in r.output
+    assert not np.any(np.load(tmp_path / "a.npy"))
