@@ -164,3 +164,16 @@ def test_attention_under_lrp_and_deeplift_is_refused_with_typed_errors():
         e.attribute(x, method="lrp_epsilon", target=seed, probability=True)
     with pytest.raises(UnsupportedOperatorError, match="Attention"):
         e.attribute(x, method="deeplift", target=seed, probability=True)
+
+
+def test_attention_through_the_explainer_with_a_symbolic_batch():
+    # The user's path: a model whose batch is symbolic, explained through Explainer.
+    from gradcheck import node_model
+
+    rng = np.random.default_rng(8)
+    feeds = {"Q": rng.normal(size=(3, 2, 4, 6)), "K": rng.normal(size=(3, 2, 5, 6)),
+             "V": rng.normal(size=(3, 2, 5, 7))}
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    m = node_model("Attention", feeds, {"is_causal": 1, "softcap": 4.0}, opset=23)
+    for wrt in feeds:
+        check_gradient(m, feeds, wrt=wrt)
