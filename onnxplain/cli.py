@@ -197,18 +197,20 @@ def main():
     \b
     Examples:
       onnxplain explain                                  # bundled EfficientNet on a cat photo
-      onnxplain explain models/tiny_cnn.onnx cat.jpg --method integrated_gradients --out ig.png
+      onnxplain explain models/tiny_cnn.onnx models/chelsea.png --method integrated_gradients --out ig.png
       onnxplain methods
       onnxplain inspect models/efficientnet_lite0.onnx
+      onnxplain info                                     # the providers that work here
     """
 
 
 @main.command(epilog="""\b
 Examples:
   onnxplain explain
-  onnxplain explain cat.jpg dog.jpg -m integrated_gradients -O n_steps=20 -o ig.png
-  onnxplain explain models/efficientnet_lite0.onnx cat.jpg --target 281 --layer /_swish_1/Clip_output_0
-  onnxplain explain models/tiny_cnn.onnx x.npy -m occlusion -O window=3,8,8 -o attribution.npz
+  onnxplain explain models/chelsea.png -m integrated_gradients -O n_steps=20 -o ig.png
+  onnxplain explain models/chelsea.png --view side-by-side --sign positive -o side.png
+  onnxplain explain models/efficientnet_lite0.onnx models/chelsea.png --target 281 --layer /_swish_1/Clip_output_0
+  onnxplain explain models/tiny_cnn.onnx models/chelsea.png -m occlusion -O window=3,8,8 -o attribution.npz
 
 Preprocessing of images: explicit flags > --preset > the model's metadata > the input shape.
 """)

@@ -311,9 +311,9 @@ def _explained(target) -> str:
 @click.command(epilog="""\b
 Examples:
   onnxplain evaluate                                   # bundled EfficientNet on its cat photo
-  onnxplain evaluate models/tiny_cnn.onnx images/ --methods gradient,occlusion \\
+  onnxplain evaluate models/tiny_cnn.onnx models/ --methods gradient,occlusion \\
       -O occlusion:window=8,8 --metrics deletion,insertion,selectivity --out results.json
-  onnxplain evaluate model.onnx photos/ --resume       # carry on after an interruption
+  onnxplain evaluate models/tiny_cnn.onnx models/ --out results.json --resume  # carry on
 
 \b
 Metrics (arrow: better direction): deletion (AUC, lower), insertion (AUC, higher),

@@ -29,8 +29,9 @@ def _classes(ctx, param, value):
 @click.command(epilog="""\b
 Examples:
   onnxplain factorize                                 # bundled EfficientNet on its cat photo
-  onnxplain factorize models/efficientnet_lite0.onnx cat.jpg --factors 3 --classes top100 -o f.png
-  onnxplain factorize MODEL photo.png --layer /_blocks.10/Add_output_0 --of activation --algo pca --json
+  onnxplain factorize models/efficientnet_lite0.onnx models/chelsea.png --factors 3 --classes top100 -o f.png
+  onnxplain factorize models/efficientnet_lite0.onnx models/chelsea.png --layer /_blocks.10/Add_output_0 \\
+      --of activation --algo pca --json
 
 The default layer is a mid-late block output: the last residual Add (or Concat) at the
 second-smallest spatial size of the network (14x14 in EfficientNet-Lite0).

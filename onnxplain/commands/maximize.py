@@ -17,7 +17,7 @@ from ..io import PRESETS
 Examples:
   onnxplain maximize --target 282 -o tiger_cat.png           # bundled EfficientNet
   onnxplain maximize models/tiny_cnn.onnx --neuron /relu1/Relu_output_0,3 -o neuron.png
-  onnxplain maximize MODEL --target 7 --generator gen.onnx -O n_iter=300 -O lr=0.1
+  onnxplain maximize models/mnist_cnn.onnx --target 7 -O n_iter=100 -O lr=0.1 -o seven.png
 
 Options (-O KEY=VALUE): n_iter=200 lr=0.05 l2=0.001 blur_every=4 blur_sigma=0.5 jitter=2 seed=0 clip=true.
 """)

@@ -36,7 +36,7 @@ Examples:
   onnxplain prune-study models/efficientnet_lite0.onnx models/chelsea.png \\
       --layer /_blocks.15/_project_conv/Conv_output_0 --box 60,40,160,140 --k 1,2,4,8,16 \\
       --out table.json --plot plot.png
-  onnxplain prune-study models/tiny_cnn.onnx x.npy --layer /relu2/Relu_output_0 --box 0,0,16,16 -t 3
+  onnxplain prune-study models/tiny_cnn.onnx models/chelsea.png --layer /relu2/Relu_output_0 --box 0,0,16,16 -t 3
 
 The box is in pixels of the model input (after resizing and cropping), x along the width,
 end-exclusive. Channels are ranked by their scores summed over the inputs and over the

@@ -61,8 +61,8 @@ def _input_picture(x, image, layout) -> np.ndarray:
 @click.command(epilog="""\b
 Examples:
   onnxplain report                                     # bundled EfficientNet and photo
-  onnxplain report models/tiny_cnn.onnx images/ --methods gradient,lrp.epsilon_plus -o report.html
-  onnxplain report model.onnx cat.png --metrics none  # heatmaps only
+  onnxplain report models/tiny_cnn.onnx models/ --methods gradient,lrp.epsilon_plus -o report.html
+  onnxplain report models/tiny_cnn.onnx models/chelsea.png --metrics none  # heatmaps only
 """)
 @click.argument("paths", nargs=-1, metavar="[MODEL] [INPUT|FOLDER]...")
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True, help="Methods to show, comma-separated.")

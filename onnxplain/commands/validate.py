@@ -28,10 +28,10 @@ def _fraction(ctx, param, value):
 
 @click.command(epilog="""\b
 Examples:
-  onnxplain validate model.onnx model.int8.onnx images/
-  onnxplain validate model.onnx model.int8.onnx images/ --min-rank-corr 0.7 --report validate.json
-  onnxplain validate model.onnx model.opt.onnx x.npy --thresholds gate.json --method integrated_gradients
-  onnxplain validate model.onnx cat.png --expect "region=40,30,200,190;min_share=0.5"
+  onnxplain validate models/tiny_cnn.onnx models/tiny_cnn.onnx models/  # a model and its copy
+  onnxplain validate models/tiny_cnn.onnx models/tiny_cnn.onnx models/ --min-rank-corr 0.7 --report validate.json
+  onnxplain validate models/tiny_cnn.onnx models/tiny_cnn.onnx models/chelsea.png --method integrated_gradients
+  onnxplain validate models/efficientnet_lite0.onnx models/chelsea.png --expect "region=20,20,200,200;min_share=0.5"
 
 \b
 Two models: predictions (top-1 agreement, largest probability difference) and
