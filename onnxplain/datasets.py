@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OptionError
-from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, Preprocess, load_array, prepare_images
+from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, Preprocess, _checked, prepare_images
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -131,7 +131,7 @@ def load_entry(entry: Entry, pre: Preprocess | None, rank: int | None = None):
         elif a.ndim == 0 or a.shape[0] != 1:
             raise InputError(f"{where} has shape {a.shape}: not one sample; give the row in a 'row' column "
                              "or pass the file as a shard")
-        out[k] = np.ascontiguousarray(a)
+        out[k] = np.ascontiguousarray(_checked(a, path, k))
     return out[None] if None in out else out
 
 
@@ -139,11 +139,36 @@ def load_entry(entry: Entry, pre: Preprocess | None, rank: int | None = None):
 def _array_file(path: str, mtime_ns: int, size: int):
     # The rows of a shard are read one by one by the worker threads; the file is read once
     # (the few most recent ones are kept), keyed by its mtime so a rewritten file is re-read.
-    return load_array(path)
+    return _raw_arrays(Path(path))
+
+
+def _raw_arrays(path: Path):
+    """A shard's arrays as `io.load_array` reads them (never pickles), but with its value
+    checks left to each row: one NaN row is that row's error, not the whole shard's."""
+    import zipfile
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):
+            return loaded
+        with loaded as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise InputError(f"{path} contains pickled Python objects, which onnxplain never loads; "
+                             "save plain numeric arrays") from None
+        raise InputError(f"cannot read {path} ({exc}); save it with numpy.save or numpy.savez") from None
+    except (OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        raise InputError(f"cannot read {path} ({type(exc).__name__}: {exc}); "
+                         "save it with numpy.save or numpy.savez") from None
+    if not arrays:
+        raise InputError(f"{path} holds no arrays; save at least one with numpy.savez")
+    return next(iter(arrays.values())) if len(arrays) == 1 else arrays
 
 
 def _shard_entries(path: Path, base: Path | None) -> list[Entry]:
-    loaded = load_array(path)
+    st = path.stat()
+    loaded = _array_file(str(path), st.st_mtime_ns, st.st_size)
     named = loaded if isinstance(loaded, dict) else {None: loaded}
     sizes = {a.shape[0] if a.ndim else None for a in named.values()}
     if len(sizes) != 1 or None in sizes:

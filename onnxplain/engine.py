@@ -1,0 +1,497 @@
+"""The dataset engine: explain a whole dataset, streaming, resumable.
+
+Worker threads decode and preprocess the next batches (a bounded queue: at most
+`prefetch` batches wait decoded) while onnxruntime explains the current one; each batch's
+attributions go to one shard `.npz` in the output folder and its records to the JSON-lines
+index `index.jsonl` (input id -> shard, row, target, predicted class, score, method,
+options, run key), in the dataset's order.
+
+Resumption: every record carries its input's run key (`onnxplain.runkey`: model bytes,
+method and resolved options, target, input bytes and preprocessing, layer, dtype,
+onnxplain version). A resumed run keeps the records whose key is the key asked now and
+explains only the rest. A shard is named by the keys of its rows and written under a
+temporary name then renamed, so writing it again (a retried batch, a crash between the
+shard and the index) gives the same file, and a shard already on disk is read back
+instead of recomputed: nothing is computed twice and no row is indexed twice.
+
+The Ray engine (`onnxplain.engine_ray`) runs the same batches through `explain_batch`
+and `write_shard`, so both give the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import Dataset, Item, input_rank, open_dataset, preprocess_for
+from .errors import InputError, OnnxplainError, OptionError
+
+INDEX = "index.jsonl"
+RUN = "run.json"
+ON_ERROR = ("skip", "stop")
+
+__all__ = ["Job", "Summary", "explain_dataset", "explain_batch", "write_shard", "read_index", "load_results"]
+
+
+@dataclasses.dataclass
+class Job:
+    """What is asked of every input: everything here (and the input) changes a result."""
+
+    method: str = "gradient"
+    options: dict = dataclasses.field(default_factory=dict)
+    target: object = None  # None: the dataset's target where it has one, else the predicted class
+    layer: str | None = None
+    output: object = None
+    float16: bool = False
+
+    def resolved(self) -> dict:
+        from .methods.base import get_method
+
+        return get_method(self.method).resolve(dict(self.options))
+
+    def key_parts(self, model_digest: str) -> dict:
+        from .runkey import target_text
+
+        target = None if self.target is None else target_text(self.target)
+        return {"model": model_digest, "method": self.method, "options": self.resolved(), "target": target,
+                "layer": self.layer, "output": None if self.output is None else str(self.output),
+                "dtype": "float16" if self.float16 else "float32"}
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did: inputs explained now, reused from an earlier run, failed; the batch
+    size used; the index and its records (dataset order)."""
+
+    explained: int
+    reused: int
+    failed: int
+    batch_size: int
+    index: Path
+    records: list
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.explained / self.seconds if self.seconds > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def stack_inputs(items) -> np.ndarray | dict:
+    first = items[0].inputs
+    if isinstance(first, dict):
+        return {k: np.concatenate([it.inputs[k] for it in items]) for k in first}
+    return np.concatenate([it.inputs for it in items])
+
+
+def explain_batch(explainer, items, job: Job) -> tuple[dict, list]:
+    """(arrays of the shard, one record per item) for loaded items explained together: the
+    explained tensor's values (predicted class and score), then the attribution for each
+    item's target (-t, else the dataset's, else the predicted class)."""
+    x = stack_inputs(items)
+    explained = explainer.explained_tensor(job.output)
+    scores = np.asarray(explainer.predict(x, explained))
+    n = len(items)
+    flat = scores.reshape(n, -1) if scores.ndim >= 1 and scores.shape[0] == n else None
+    predicted = flat.argmax(axis=1) if flat is not None else None
+    if job.target is not None:
+        target = job.target
+        classes = _classes(job.target, n)
+    elif predicted is not None:
+        classes = [it.target if it.target is not None else int(p) for it, p in zip(items, predicted)]
+        target = classes
+    elif any(it.target is not None for it in items):
+        raise InputError("the dataset gives targets but the explained output has no class per sample")
+    else:
+        target, classes = None, None
+    attr = explainer.attribute(x, method=job.method, target=target, layer=job.layer, output=job.output,
+                               **job.options)
+    named = attr if isinstance(attr, dict) else {"attribution": attr}
+    dtype = np.float16 if job.float16 else np.float32
+    arrays = {("attribution" if k == "attribution" else f"attribution/{k}"): np.ascontiguousarray(v, dtype=dtype)
+              for k, v in named.items()}
+    for k, v in arrays.items():
+        if v.shape[0] != n:
+            raise InputError(f"the attribution '{k}' has shape {v.shape}, not one row per input of the batch")
+    records = []
+    for i, it in enumerate(items):
+        c = classes[i] if classes is not None else None
+        score = float(flat[i, c]) if flat is not None and c is not None and 0 <= c < flat.shape[1] else None
+        records.append({"id": it.id, "input": it.entry.path, "row": i, "target": c,
+                        "predicted": int(predicted[i]) if predicted is not None else None, "score": score})
+    return arrays, records
+
+
+def _classes(target, n):
+    from .target import as_target
+
+    values = getattr(as_target(target), "values", None)
+    if values is None:
+        return None
+    values = list(values)
+    return values * n if len(values) == 1 else values
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def shard_name(keys) -> str:
+    """A shard's file name from its rows' keys: the same batch always gets the same name."""
+    return "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20] + ".npz"
+
+
+def write_shard(out: Path, name: str, arrays: dict, records: list) -> Path:
+    """Write a shard atomically: a temporary file renamed over its name (a crash leaves
+    either no shard or the whole shard). The records go inside too, so the index can be
+    rebuilt from the shards."""
+    out = Path(out)
+    path = out / name
+    tmp = out / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    payload = dict(arrays)
+    payload["records"] = np.array(json.dumps(records))
+    with tmp.open("wb") as fh:
+        np.savez(fh, **payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_shard_records(path: Path) -> list | None:
+    """The records stored in a shard, or None when it is missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["records"]))
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+
+
+def load_results(out, ids=None) -> dict:
+    """{id: attribution} from an output folder (for `ids`, else every explained input)."""
+    out = Path(out)
+    records = [r for r in read_index(out / INDEX) if r.get("shard")]
+    if ids is not None:
+        wanted = set(ids)
+        records = [r for r in records if r["id"] in wanted]
+    result, open_shards = {}, {}
+    for r in records:
+        z = open_shards.get(r["shard"])
+        if z is None:
+            z = open_shards[r["shard"]] = np.load(out / r["shard"], allow_pickle=False)
+        names = [k for k in z.files if k.startswith("attribution")]
+        result[r["id"]] = z["attribution"][r["row"]] if names == ["attribution"] else \
+            {k.split("/", 1)[-1]: z[k][r["row"]] for k in names}
+    for z in open_shards.values():
+        z.close()
+    return result
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+def read_index(path: Path) -> list:
+    """The records of an index; a last line cut short by an interrupt is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # written halfway when the run stopped: that batch is done again
+            raise InputError(f"{path} line {i + 1} is not JSON; remove the line or run without --resume") from None
+    return out
+
+
+def _write_index(path: Path, records) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+class _Index:
+    """The index file, appended one batch at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, records) -> None:
+        with self.path.open("a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
+            fh.flush()
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class Plan:
+    """A run laid out: the keyed entries still to do, in batches, and the records kept."""
+
+    dataset: Dataset
+    keys: dict  # id -> run key
+    kept: dict  # id -> record reused
+    batches: list  # lists of entries
+    batch_size: int
+    job: Job
+    out: Path
+    extra: dict  # method, options written into every record
+
+
+def plan_run(explainer, model, dataset: Dataset, out, job: Job, batch_size: int = 16, resume: bool = False,
+             workers: int = 4) -> Plan:
+    """Keys of every entry, what an earlier run already did (with `resume`), and the
+    batches of what is left (consecutive, at most `batch_size` and under the memory budget)."""
+    from .runkey import model_digest, run_key
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError(f"batch size must be a positive integer, got {batch_size!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = job.key_parts(model_digest(model))
+    pre = dataset.preprocess
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(lambda e: e.digest(pre), dataset.entries))
+    keys = {e.id: run_key(**parts, input=d, dataset_target=e.target) for e, d in zip(dataset.entries, digests)}
+    index = out / INDEX
+    kept = {}
+    if resume:
+        for r in read_index(index):
+            if keys.get(r.get("id")) == r.get("key") and (r.get("error") or (out / str(r.get("shard"))).is_file()):
+                kept[r["id"]] = r
+        # The index keeps only what this run stands by, in dataset order (a record with an
+        # old key, of other options, goes): a row is never listed twice.
+        _write_index(index, [kept[e.id] for e in dataset.entries if e.id in kept])
+    else:
+        for old in out.glob("shard-*.npz"):
+            old.unlink()
+        index.write_text("")
+    todo = [e for e in dataset.entries if e.id not in kept]
+    size = batch_size
+    if todo:
+        size = min(batch_size, rows_under_budget(explainer, dataset, todo, job))
+    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+    extra = {"method": job.method, "options": canonical_options(job)}
+    (out / RUN).write_text(json.dumps({"method": job.method, "options": extra["options"],
+                                       "target": parts["target"], "layer": job.layer, "dtype": parts["dtype"],
+                                       "model": parts["model"], "dataset": dataset.source,
+                                       "batch_size": size}, indent=1))
+    return Plan(dataset, keys, kept, batches, size, job, out, extra)
+
+
+def canonical_options(job: Job) -> dict:
+    from .runkey import canonical
+
+    return canonical(job.resolved())
+
+
+def rows_under_budget(explainer, dataset: Dataset, todo, job: Job) -> int:
+    """Rows of one batch such that one run of the model on it fits the Explainer's memory
+    budget (every intermediate tensor of every row at once, as `runtime.Session` counts
+    them); inputs the engine holds are at most `prefetch` such batches. The first
+    readable input gives the shapes."""
+    for e in todo[:16]:
+        item = dataset.load(e)
+        if item.error is None:
+            break
+    else:
+        return len(todo)  # nothing readable among the first: the batches only report errors
+    feeds = explainer.feeds(item.inputs)
+    rows = explainer.forward_session(feeds, [explainer.explained_tensor(job.output)])
+    return max(1, rows.rows_per_run())
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def process_batch(explainer, plan: Plan, items, on_error: str) -> list:
+    """Records of one batch of loaded items: its shard written (or found on disk from an
+    earlier try), inputs that failed to load or to explain recorded with their error."""
+    keys = [plan.keys[it.id] for it in items]
+    name = shard_name(keys)
+    path = plan.out / name
+    stored = read_shard_records(path) if path.is_file() else None
+    if stored is not None and all(plan.keys.get(r.get("id")) == r.get("key") for r in stored):
+        # Written by an earlier try of this very batch (a crash before its index lines, a
+        # retried Ray task): read back, not recomputed.
+        by_id = {r["id"]: r for r in stored}
+        return [by_id.get(it.id) or _error_record(it, plan, it.error) for it in items]
+    good = [it for it in items if it.error is None]
+    bad = {it.id: it.error for it in items if it.error is not None}
+    if bad and on_error == "stop":
+        first = next(iter(bad))
+        raise InputError(f"input {first}: {bad[first]}")
+    arrays, records = {}, []
+    if good:
+        try:
+            arrays, records = explain_batch(explainer, good, plan.job)
+        except OnnxplainError as exc:
+            if on_error == "stop" or len(good) == 1:
+                if on_error == "stop":
+                    raise
+                bad[good[0].id] = str(exc)
+                good = []
+            else:
+                # One input spoils the batch (a NaN, a wrong shape): the others are explained
+                # one by one, so the bad one is found and named.
+                return _one_by_one(explainer, plan, items, on_error)
+    for r in records:
+        r.update(plan.extra, shard=name, key=plan.keys[r["id"]])
+    if records:
+        write_shard(plan.out, name, arrays, records)
+    by_id = {r["id"]: r for r in records}
+    return [by_id.get(it.id) or _error_record(it, plan, bad.get(it.id)) for it in items]
+
+
+def _one_by_one(explainer, plan, items, on_error):
+    out = []
+    for it in items:
+        out += process_batch(explainer, plan, [it], on_error)
+    return out
+
+
+def _error_record(item: Item, plan: Plan, error) -> dict:
+    return {"id": item.id, "input": item.entry.path, "error": str(error), "shard": None,
+            "target": item.target, **plan.extra, "key": plan.keys[item.id]}
+
+
+class Progress:
+    """`done/total [rate inputs/s, ETA]` on stderr; silent unless stderr is a terminal."""
+
+    def __init__(self, total: int, label: str = "explaining", quiet: bool = False, stream=None):
+        self.stream = stream or sys.stderr
+        self.on = not quiet and total > 0 and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total, self.done, self.label = total, 0, label
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.on:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_text = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta == eta else "?"
+        self.stream.write(f"\r{self.label} {self.done}/{self.total} [{rate:.1f} inputs/s, ETA {eta_text}]  ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def explain_dataset(model, dataset, out, method: str = "gradient", target=None, options: dict | None = None,
+                    batch_size: int = 16, resume: bool = False, on_error: str = "skip", float16: bool = False,
+                    layer=None, output=None, preset: str | None = None, workers: int = 4, prefetch: int = 2,
+                    quiet: bool = False, explainer=None, providers=None, memory_budget: int | None = None) -> Summary:
+    """Explain every input of `dataset` (a Dataset, or anything `open_dataset` reads)
+    with `method`, streaming the attributions into shards in `out` and the records into
+    `out/index.jsonl`. `model` is a path or bytes (what the run key hashes); pass an
+    `explainer` built on it to reuse its compiled sessions. Returns a Summary."""
+    from .explainer import Explainer
+    from .methods.base import get_method
+
+    if on_error not in ON_ERROR:
+        raise OptionError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if not isinstance(prefetch, int) or prefetch < 1:
+        raise OptionError(f"prefetch must be a positive integer, got {prefetch!r}")
+    job = Job(get_method(method).name, dict(options or {}), target, layer, output, float16)
+    job.resolved()  # a bad option fails before any work
+    t0 = time.perf_counter()
+    explainer = explainer or Explainer(model, providers=providers, memory_budget=memory_budget)
+    dataset = as_dataset(dataset, explainer, preset)
+    plan = plan_run(explainer, model, dataset, out, job, batch_size, resume, workers)
+    index = _Index(plan.out / INDEX)
+    records = dict(plan.kept)
+    counts = {"explained": 0, "failed": 0}
+    bar = Progress(sum(len(b) for b in plan.batches), quiet=quiet)
+    try:
+        for items in _prefetched(dataset, plan.batches, workers, prefetch):
+            batch_records = process_batch(explainer, plan, items, on_error)
+            index.append(batch_records)
+            for r in batch_records:
+                records[r["id"]] = r
+                counts["failed" if r.get("error") else "explained"] += 1
+            bar.update(len(items))
+    finally:
+        bar.close()
+    ordered = [records[e.id] for e in dataset.entries if e.id in records]
+    return Summary(counts["explained"], len(plan.kept), counts["failed"], plan.batch_size, plan.out / INDEX, ordered,
+                   time.perf_counter() - t0)
+
+
+def as_dataset(dataset, explainer, preset=None) -> Dataset:
+    """A Dataset with this model's preprocessing (a path or list is opened first)."""
+    if not isinstance(dataset, Dataset):
+        dataset = open_dataset(dataset)
+    if dataset.preprocess is None or preset:
+        dataset = dataset.with_preprocess(preprocess_for(explainer, preset) if any(
+            e.kind == "image" for e in dataset.entries) else None, input_rank(explainer))
+    elif dataset.rank is None:
+        dataset = dataset.with_preprocess(dataset.preprocess, input_rank(explainer))
+    return dataset
+
+
+_DONE = object()
+
+
+def _prefetched(dataset: Dataset, batches, workers: int, prefetch: int):
+    """The batches' items, loaded by `workers` threads while the caller explains: at most
+    `prefetch` loaded batches wait in the queue (the memory the engine holds)."""
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for batch in batches:
+                    items = list(pool.map(dataset.load, batch))
+                    while not stop.is_set():
+                        try:
+                            q.put(items, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put(exc)
+            return
+        q.put(_DONE)
+
+    thread = threading.Thread(target=produce, name="onnxplain-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is _DONE:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
