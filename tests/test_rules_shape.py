@@ -516,3 +516,23 @@ def test_optional_get_element_of_a_tensor_passes_the_gradient_through():
     x = np.random.default_rng(0).normal(size=(3, 4))
     r = bc.check_node("OptionalGetElement", {"x": x}, opset=18)
     assert r.status == "passed", (r.status, r.detail)
+
+
+def test_slice_computed_at_run_time_in_float16_scatters_in_float32():
+    # onnxruntime's CPU scatter cannot add in float16; the gradient is the float32 one, cast.
+    x = rand(3, 7).astype(np.float16)
+    nodes = [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y0"])]
+    m = _runtime_model(nodes, {"x": (TensorProto.FLOAT16, ["N", 7]), "s": (I, [1]), "e": (I, [1]),
+                               "a": (I, [1]), "t": (I, [1])})
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    ex = compile_explainer(Graph(m), Composite("gradient"), ["x"], "y0")
+    for vi in ex.model.graph.input:
+        if vi.name == ex.seed:
+            vi.type.tensor_type.ClearField("shape")
+    sess = ort.InferenceSession(ex.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    seed = rand(3, 3, seed=1).astype(np.float16)
+    got = sess.run([ex.attributions["x"]], {"x": x, "s": ints(-1), "e": ints(0), "a": ints(1), "t": ints(-2),
+                                            ex.seed: seed})[0]
+    want = np.zeros((3, 7), np.float16)
+    want[:, [6, 4, 2]] = seed
+    np.testing.assert_array_equal(got, want)

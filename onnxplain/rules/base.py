@@ -212,8 +212,14 @@ class Builder:
         tensor shaped like forward tensor `like`."""
         flat = self.ints([-1])
         zeros = self.op("Reshape", self.zeros_like(like), flat)
+        half = self.graph.elem_type(like) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        if half:  # onnxruntime's CPU scatter cannot add in float16: add in float32
+            zeros = self.op("Cast", zeros, to=onnx.TensorProto.FLOAT)
+            g = self.op("Cast", g, to=onnx.TensorProto.FLOAT)
         out = self.op("ScatterElements", zeros, self.op("Reshape", positions, flat), self.op("Reshape", g, flat),
                       axis=0, reduction="add")
+        if half:
+            out = self.op("Cast", out, to=self.graph.elem_type(like))
         return self.reshape_like(out, like)
 
     def mul(self, a: str, b: str) -> str:
