@@ -190,3 +190,32 @@ def test_deform_conv_offset_gradient_at_whole_positions_is_the_derivative_from_a
     # Bilinear pieces are quadratic along v: Richardson's step removes the O(h) term.
     above = 2 * from_above(1e-2) - from_above(2e-2)
     np.testing.assert_allclose((got * v).sum(), above, rtol=5e-4)
+
+
+def test_tensor_scatter_in_float16_routes_the_gradient_exactly():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from onnxplain.compile import Composite, compile_explainer
+    from onnxplain.graph import Graph
+
+    node = helper.make_node("TensorScatter", ["past", "update", "w"], ["y"], mode="circular")
+    g = helper.make_graph([node], "ts", [helper.make_tensor_value_info("past", TensorProto.FLOAT16, [2, 4, 3]),
+                                         helper.make_tensor_value_info("update", TensorProto.FLOAT16, [2, 2, 3]),
+                                         helper.make_tensor_value_info("w", TensorProto.INT64, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 24)])
+    m.ir_version = 10
+    ex = compile_explainer(Graph(m), Composite("gradient"), ["past", "update"], "y")
+    sess = ort.InferenceSession(ex.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    seed = np.arange(24, dtype=np.float16).reshape(2, 4, 3)
+    feeds = {"past": np.zeros((2, 4, 3), np.float16), "update": np.zeros((2, 2, 3), np.float16),
+             "w": np.array([3, 1], np.int64), ex.seed: seed}
+    gp, gu = sess.run([ex.attributions["past"], ex.attributions["update"]], feeds)
+    # Batch 0 writes at 3 then (circularly) 0; batch 1 at 1 and 2.
+    np.testing.assert_array_equal(gu[0], seed[0, [3, 0]])
+    np.testing.assert_array_equal(gu[1], seed[1, [1, 2]])
+    kept = seed.copy()
+    kept[0, [3, 0]] = 0
+    kept[1, [1, 2]] = 0
+    np.testing.assert_array_equal(gp, kept)

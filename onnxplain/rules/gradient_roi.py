@@ -12,7 +12,7 @@ rules of those operators, which also gives the offset and mask gradients.
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, UnsupportedOperatorError
 from .base import attr, register
@@ -34,10 +34,15 @@ def tensor_scatter(b, node, grads):
     flat = b.ints([-1])
     slot = b.op("Where", b.op("Less", landed, b.const(np.array(0, np.int64), np.int64)), n, landed)
     room = b.op("Add", n, b.ints([1]))
-    zeros = b.op("ConstantOfShape", room, value=numpy_helper.from_array(np.zeros(1, b.np_dtype(update))))
-    spread = b.op("ScatterElements", zeros, b.op("Reshape", slot, flat), b.op("Reshape", g, flat),
+    half = b.graph.elem_type(update) in (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    work = np.float32 if half else b.np_dtype(update)  # onnxruntime cannot scatter-add in float16
+    zeros = b.op("ConstantOfShape", room, value=numpy_helper.from_array(np.zeros(1, work)))
+    spread = b.op("ScatterElements", zeros, b.op("Reshape", slot, flat),
+                  b.op("Reshape", b.op("Cast", g, to=TensorProto.FLOAT) if half else g, flat),
                   axis=0, reduction="add")
     g_update = b.reshape_like(b.op("Slice", spread, b.ints([0]), n, b.ints([0])), update)
+    if half:
+        g_update = b.op("Cast", g_update, to=b.graph.elem_type(update))
     return [g_past, g_update, None]
 
 
