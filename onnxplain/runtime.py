@@ -238,6 +238,14 @@ def progress(total: int, label: str | None):
         yield bar
 
 
+def steps(n: int, label: str | None):
+    """range(n) with a progress bar (as `progress`): for loops of many small runs."""
+    with progress(n, label) as bar:
+        for i in range(n):
+            yield i
+            bar.update(1)
+
+
 class Rows:
     """A session run on batch-first rows whatever the model's layout.
 

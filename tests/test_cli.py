@@ -570,3 +570,54 @@ def test_visual_options_sign_view_alpha_clip_change_the_picture(tmp_path):
     saturated = lambda p: ((p == [255, 0, 0]).all(-1) | (p == [0, 0, 255]).all(-1)).mean()  # noqa: E731
     assert saturated(c50) > 0.4  # half of the pixels at or beyond the 50th percentile
     assert run(*base, "--sign", "sideways", "-o", tmp_path / "x.png").exit_code == 2
+
+
+# ----------------------------------------------------------------------------- progress on a terminal
+
+
+def _on_a_terminal(args, cwd):
+    """stderr of the console script when stderr is a terminal (a pseudo-terminal here)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(SCRIPT), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_maximize_shows_a_progress_bar_on_a_terminal_only(tmp_path):
+    """Before: maximize ran its steps silently, even on a terminal."""
+    args = ["maximize", TINY, "--target", "3", "-O", "n_iter=30", "-o", tmp_path / "m.png"]
+    rc, err = _on_a_terminal(args, tmp_path)
+    assert rc == 0, err
+    assert "maximize" in err and "%" in err
+    rc, err = _on_a_terminal(args + ["--quiet"], tmp_path)
+    assert rc == 0 and "%" not in err
+    piped = _script(*args)
+    assert piped.returncode == 0 and "%" not in piped.stderr
+
+
+@pytest.mark.parametrize("lo, hi", [(-0.137, 1.0), (0.0, 1.0), (0.0, 1.734), (-2.5, 3.01), (0.0, 12.7)])
+def test_the_pruning_study_plot_has_round_ticks_spanning_its_values(lo, hi):
+    """Before: five ticks from np.linspace(lo, hi): -0.14, 0.15, 0.43, 0.72, 1.00."""
+    from onnxplain.commands.prune import round_ticks
+
+    ticks = round_ticks(lo, hi)
+    assert ticks[0] <= lo and ticks[-1] >= hi and 3 <= len(ticks) <= 12
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** np.floor(np.log10(step))
+    assert any(abs(mantissa - m) < 1e-9 for m in (1, 2, 2.5, 5)), step
+    np.testing.assert_allclose(np.diff(ticks), step)
+    assert all(abs(t / step - round(t / step)) < 1e-9 for t in ticks)

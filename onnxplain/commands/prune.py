@@ -123,6 +123,19 @@ def format_table(result: dict) -> str:
     return head + "\n" + _table(rows, ("ranking", "k", "inside", "/unpruned", "outside", "/unpruned", "pruned"))
 
 
+def round_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Ticks at a round step (1, 2, 2.5 or 5 times a power of ten) from a tick at or below
+    `lo` to one at or above `hi`: the axis spans exactly the ticks."""
+    import math
+
+    from ..report import _nice_ticks
+
+    inner = _nice_ticks(lo, hi, n)
+    step = inner[1] - inner[0] if len(inner) > 1 else 1.0
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, last + 1)]
+
+
 def draw_plot(result: dict, width: int = 640, height: int = 400) -> np.ndarray:
     """Attribution inside and outside the box, relative to the unpruned model, against k:
     one line per ranking and region, drawn with PIL."""
@@ -138,8 +151,8 @@ def draw_plot(result: dict, width: int = 640, height: int = 400) -> np.ndarray:
                                 for r in result["rows"] if r["ranking"] == ranking]
             series[(ranking, region)] = pts
     values = [v for pts in series.values() for _, v in pts]
-    lo, hi = min(min(values), 0.0), max(max(values), 1.0)
-    hi = hi if hi > lo else lo + 1.0
+    ticks = round_ticks(min(min(values), 0.0), max(max(values), 1.0))
+    lo, hi = ticks[0], ticks[-1]
     left, right, top, bottom = 60, width - 170, 30, height - 45
     img = Image.new("RGB", (width, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -150,10 +163,10 @@ def draw_plot(result: dict, width: int = 640, height: int = 400) -> np.ndarray:
         return x, y
 
     d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    for v in np.linspace(lo, hi, 5):
+    for v in ticks:
         _, y = px(0, v)
         d.line([left - 4, y, left, y], fill=(0, 0, 0))
-        d.text((5, y - 6), f"{v:.2f}", fill=(0, 0, 0), font=font)
+        d.text((5, y - 6), f"{v:.3g}", fill=(0, 0, 0), font=font)
     _, y0 = px(0, 0.0)
     d.line([left, y0, right, y0], fill=(200, 200, 200))
     for i, k in enumerate(ks):

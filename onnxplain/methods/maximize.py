@@ -87,6 +87,7 @@ def activation_maximization(explainer, target=None, output=None, probability: bo
     jitter, seed, neuron, generator, clip).
     """
     from ..io import Preprocess
+    from ..runtime import steps
 
     opts = OPTIONS.resolve(options)
     neuron = _option(_neuron, opts["neuron"], "neuron")
@@ -137,7 +138,7 @@ def activation_maximization(explainer, target=None, output=None, probability: bo
     low, high = (None, None) if bounds is None else (per_channel(bounds[0]), per_channel(bounds[1]))
     initial = step.score(x)
     scores, moved = [], False
-    for i in range(opts["n_iter"]):
+    for i in steps(opts["n_iter"], "maximize"):  # a progress bar on a terminal
         shift = tuple(rng.integers(-opts["jitter"], opts["jitter"] + 1, size=2)) if spatial and opts["jitter"] else (0, 0)
         rolled = np.roll(x, shift, axis=axes) if shift != (0, 0) else x
         score, grad = step(rolled)
