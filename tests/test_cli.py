@@ -341,7 +341,7 @@ _PHOTO = MODELS / "chelsea.png"
     (["prune-study", TINY, _PHOTO, "--layer", "x", "--box", "0,0,8,8", "--baseline", "x"], ["--baseline"]),
     (["prune-study", TINY, _PHOTO, "--layer", "x", "--box", "0,0,8,8", "-t", "pos:1:2"], ["takes a class"]),
     (["explain", TINY, _PHOTO, "-m", "integrated_gradients", "-O", "n_stepz=3"], ["its options: n_steps"]),
-    (["explain", TINY, _PHOTO, "-t", "box:1,2,3,4"], ["needs a detector", "not have yet"]),
+    (["explain", TINY, _PHOTO, "-t", "box:1,2,3,4"], ["no detector layout fits"]),
     (["export", TINY, "-m", "gradient", "-O", "x=1"], ["its options: none"]),
 ])
 def test_every_bad_option_of_every_command_exits_2_naming_the_valid_keys(args, words, tmp_path):
