@@ -243,8 +243,13 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--wrt", metavar="NAME[,NAME]", help="Attribute to these model inputs and hold the others fixed "
                                                     "(default: the batched float inputs).")
+@click.option("--decoder", type=click.Choice(["yolov8", "yolov5", "yolox", "ssd", "detr"]),
+              help="Detector output layout for detection:I / box: targets (default: read off the output shapes).")
+@click.option("--list-detections", is_flag=True, help="Print the detector's decoded detections (explains only "
+                                                      "with a detection:I or box: target).")
 def explain(paths, method, layer, output, probability, providers, memory_budget, target, options, out,
-            preset, size, mean, std, layout, bgr, cmap, sign, view, overlay_alpha, clip, plain, quiet, as_json, wrt):
+            preset, size, mean, std, layout, bgr, cmap, sign, view, overlay_alpha, clip, plain, quiet, as_json, wrt,
+            decoder, list_detections):
     """Explain a model's decision on images or arrays (.npy/.npz).
 
     With no MODEL, the bundled EfficientNet-Lite0 explains its bundled photo of a cat, by
@@ -281,6 +286,13 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     batch = load_inputs(inputs, pre, shapes[0] if len(shapes) == 1 else None)
     out = Path(out or ("explanation.png" if batch.images else "attribution.npy"))
 
+    from .detection import cli_target  # a detection decoded once (and listed), then explained
+
+    target = cli_target(explainer, batch.batch, target, decoder, list_detections, click.echo,
+                        _labels(model, explainer))
+    if target is None and list_detections:  # only the list was asked for
+        return
+    output = getattr(target, "output", None) or output
     # The scores of the tensor explained (a classifier's probabilities behind its integer
     # label and ZipMap, a regressor's value), not blindly the first output.
     scores = explainer.predict(batch.batch, explainer.explained_tensor(output, probability))
@@ -314,10 +326,18 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     records = _records(batch.names, scores, target, attr, [None] * len(batch.names), labels, seed)
     titles = [f"{model.stem}: {_what(r)}, {method}" for r in records]
     look = dict(cmap=cmap, sign=sign, view=view, alpha=overlay_alpha, clip_percentile=clip, bar=not plain)
+    from .dense_pictures import annotators  # the explained box or region drawn on the picture
+
     written = _write(out, attr, batch, layer or (wrt[0] if wrt and len(wrt) == 1 else next(iter(explainer.inputs))),
-                     pre.layout if pre is not None and layer is None else None, titles, look)
+                     pre.layout if pre is not None and layer is None else None, titles, look,
+                     annotators(explainer, batch.batch, target, output, probability, labels))
+    from .dense_pictures import time_plots
+
+    extra = time_plots(explainer, batch.batch, target, written, attr, output, probability)
     for r, f in zip(records, written):
         r["file"] = f
+    for r, f in zip(records, extra):
+        r["time_plot"] = f
     if as_json:
         click.echo(json.dumps(records, indent=2))
     for r in records if not as_json else []:
@@ -491,7 +511,7 @@ def _what(r) -> str:
     return "the output" if t is None else str(t)
 
 
-def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None) -> list[str]:
+def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annotators=None) -> list[str]:
     """Save the attribution; one PNG per sample. Returns the file written for each sample."""
     if out.suffix.lower() in ARRAY_SUFFIXES:
         if isinstance(attr, dict) or out.suffix.lower() == ".npz":
@@ -507,6 +527,8 @@ def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None) -> li
         path = out if len(attr) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         image = batch.images[i] if batch.images else None
         look = dict(look or {})
+        if annotators:
+            look["annotate"] = annotators[i]
         title = titles[i] if titles and look.get("bar", True) else None
         save_heatmap(path, attr[i], image=image, layout=layout, title=title, **look)
         files.append(str(path))

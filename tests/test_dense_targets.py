@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from detection_models import TinyCTC, TinyUNet
+from onnxplain import cli
 from onnxplain.explainer import Explainer
 
 RNG = np.random.default_rng(0)
@@ -81,3 +83,31 @@ def test_a_steps_target_without_class_explains_each_frames_predicted_class(ctc):
     got = Explainer(str(path)).attribute(x, target="steps:2-5")
     want = _autograd(net, x, lambda y: _frames(y, seq_first)[:, 2:6].gather(2, winners[..., None]).sum())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_explain_draws_a_time_plot_for_a_frame_target(ctc, tmp_path):
+    _net, x, path, _ = ctc
+    np.save(tmp_path / "x.npy", x[:1])
+    r = CliRunner().invoke(cli.main, ["explain", str(path), str(tmp_path / "x.npy"), "-t", "steps:3-5:1", "-o",
+                                      str(tmp_path / "a.png"), "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    plot = tmp_path / "a_time.png"
+    assert plot.is_file()
+    with Image.open(plot) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    assert (np.abs(rgb.astype(int) - (255, 235, 180)).sum(-1) == 0).any()  # the explained frames, shaded
+
+
+def test_explain_outlines_the_region_on_the_picture(unet, tmp_path):
+    _net, x, path = unet
+    Image.fromarray((x[0].transpose(1, 2, 0) * 255).astype(np.uint8)).resize((160, 160)).save(tmp_path / "in.png")
+    args = ["explain", str(path), str(tmp_path / "in.png"), "-t", "region:4,4,12,12:0", "--size", "16,16", "--mean",
+            "0,0,0", "--std", "1,1,1", "-q", "--plain"]
+    r = CliRunner().invoke(cli.main, args + ["-o", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "a.png") as img:
+        rgb = np.asarray(img.convert("RGB"))
+    green = np.all(rgb == (0, 255, 0), axis=-1)
+    scale = rgb.shape[0] / 16
+    rows = np.flatnonzero(green.any(axis=1))
+    assert green.any() and abs(rows.min() - 4 * scale) <= scale and abs(rows.max() - 12 * scale) <= scale

@@ -371,3 +371,37 @@ def test_nudenets_detection_is_decoded_as_nudenet_decodes_it_and_explained_insid
     energy = M.energy_in_box(e, blob, a, target="detection:0")
     assert energy.values[0] >= 2 * energy.extra["area_share"][0]
     assert M.pointing_game(e, blob, a, target="detection:0", tolerance=15).values[0] == 1.0
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_explain_lists_the_detections_and_draws_the_explained_box(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from onnxplain import cli
+
+    x, boxes = _square_scenes(1, seed=21)
+    Image.fromarray((x[0].transpose(1, 2, 0) * 255).astype(np.uint8)).resize((256, 256), Image.NEAREST).save(
+        tmp_path / "scene.png")
+    pre = ["--size", "64,64", "--mean", "0,0,0", "--std", "1,1,1"]
+    runner = CliRunner()
+    listed = runner.invoke(cli.main, ["explain", str(MODEL), str(tmp_path / "scene.png"), "--list-detections", "-q"]
+                           + pre)
+    assert listed.exit_code == 0, listed.output
+    assert "yolov8" in listed.output and "detection:0  class 0" in listed.output
+    assert not (tmp_path / "why.png").exists()
+    r = runner.invoke(cli.main, ["explain", str(MODEL), str(tmp_path / "scene.png"), "-t", "detection:0", "-m",
+                                 "lrp.epsilon_plus_flat", "-o", str(tmp_path / "why.png"), "-q", "--plain"] + pre)
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "why.png") as img:
+        rgb = np.asarray(img.convert("RGB"))
+    green = np.all(rgb == (0, 255, 0), axis=-1)
+    ys, xs = np.nonzero(green)
+    d = D.decode(D.find_layout({"output0": (6, 64)}), {"output0": Explainer(str(MODEL)).predict(x)[0]}, (64, 64))[0]
+    s = rgb.shape[0] / 64
+    assert abs(xs.min() / s - d.box[0]) < 1.5 and abs(ys.max() / s - d.box[3]) < 1.5
+    bad = runner.invoke(cli.main, ["explain", str(MODEL), str(tmp_path / "scene.png"), "-t", "3", "--decoder",
+                                   "yolov5"] + pre)
+    assert bad.exit_code == 2 and "--decoder" in bad.output
