@@ -250,8 +250,12 @@ def _groups_from(graph, x: str, members: list) -> list:
     outputs_of_graph = set(graph.outputs)
     result = []
     for region in merged:
-        region = _close(graph, region, by_name, upstream)
-        if region is None or len(region) > MAX_NODES:
+        closed = _close(graph, region, by_name, upstream)
+        if closed is None:
+            result += _from_escape(graph, region, members, order)
+            continue
+        region = closed
+        if len(region) > MAX_NODES:
             continue
         nodes = sorted((by_name[k] for k in region), key=lambda n: order[n.name])
         start, nodes = _fork(graph, x, nodes)
@@ -266,6 +270,27 @@ def _groups_from(graph, x: str, members: list) -> list:
         else:
             result.append(Group(_kind(graph, nodes, start, y), start, y, tuple(nodes)))
     return result
+
+
+def _from_escape(graph, region: set, members: list, order: dict) -> list:
+    """Groups of a region that does not close because a leading chain's output is read
+    outside it (a constant position embedding added before a LayerNorm whose input the
+    residual sum reads too): the groups rooted at that tensor instead."""
+    inside = [n for n in members if n.name in region]
+    names = {n.name for n in inside}
+    for n in sorted(inside, key=lambda n: -order[n.name]):
+        t = n.output[0]
+        if not any(c.name not in names for c in graph.consumers.get(t, [])):
+            continue
+        below, reach = [], {t}
+        for m in inside:
+            if order[m.name] > order[n.name] and any(i in reach for i in m.input):
+                below.append(m)
+                reach.update(o for o in m.output if o)
+        found = _groups_from(graph, t, below) if below else []
+        if found:
+            return found
+    return []
 
 
 def _fork(graph, x: str, nodes: list) -> tuple:

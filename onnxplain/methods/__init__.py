@@ -1,6 +1,7 @@
 """User-facing methods, registered by name (see `onnxplain methods`)."""
 
 from . import cam, conductance, drise, gradients, integrated, occlusion, perturbation, relevance, rise, smoothgrad, surrogate  # noqa: F401  (registration)
+from . import transformers  # noqa: F401  (registration)
 from .base import METHODS, Method, Option, get_method, register  # noqa: F401
 from ..errors import OptionError
 

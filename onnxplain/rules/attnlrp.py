@@ -1,0 +1,221 @@
+"""Relevance rules for transformers: AttnLRP (Achtibat et al., ICML 2024) and CP-LRP (Ali et
+al., ICML 2022), family "attnlrp".
+
+The quantity propagated is relevance. Every rule here is one of four forms:
+- linear in its dependent operands (linear layers, a product of two computed tensors, a
+  scaling): R_k = x_k * VJP_k(R / stabilise(y)) / N for the N operands that depend on the
+  attributed tensor -- the epsilon rule for one operand (a weight's bias absorbs its share,
+  as in lrp.epsilon), the uniform-then-epsilon rule for two (each operand gets half);
+- Softmax by its first-order Taylor decomposition at its input, R_x = x (R - s sum R);
+- LayerNorm/RMSNorm with the variance held constant: linear in x (the centring, then a
+  per-row scale), the epsilon rule on that linear map;
+- element-wise non-linearities by the identity rule (R_x = R), or with `activation=
+  "gradient"` by gradient x input, R_x = x f'(x) R / stabilise(f(x)).
+Index-moving operators (reshapes, slices, gathers, concatenation) move relevance with the
+elements (their gradient rule); residual sums are split in proportion (lrp.norm_rule).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from .. import groups
+from ..errors import ModelError
+from .base import attr, lookup, register
+from .lrp import EPSILON, divide, norm_rule, pool_norm, stabilise
+
+FAMILY = "attnlrp"
+
+# Element-wise functions of one tensor: the identity rule.
+NONLINEAR = (
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Swish", "Clip",
+)
+# Operators that only move, copy or select elements: relevance moves with them.
+MOVING = (
+    "Reshape", "Transpose", "Slice", "Gather", "GatherElements", "GatherND", "Concat", "Split", "Squeeze",
+    "Unsqueeze", "Expand", "Flatten", "Identity", "Dropout", "Cast", "Pad", "Tile", "Where", "MaxPool",
+    "ReduceMax", "GlobalMaxPool", "DepthToSpace", "SpaceToDepth", "CastLike",
+)
+PRODUCTS = ("MatMul", "Gemm", "Mul", "Div", "Einsum", "Conv", "ConvTranspose")
+SUMS = ("Add", "Sub", "Sum")
+POOLS = ("ReduceMean", "ReduceSum", "GlobalAveragePool", "AveragePool")
+
+
+_DATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _data(graph) -> set:
+    """Tensors computed from the model's data (its float inputs, its embedding outputs)."""
+    if graph not in _DATA:
+        from ..compile import _depends_on
+        from ..graph import find_embeddings
+
+        sources = [i for i in graph.inputs if graph.is_float(i)] + list(find_embeddings(graph))
+        _DATA[graph] = _depends_on(graph, sources)
+    return _DATA[graph]
+
+
+def dependent(b, node) -> list:
+    """Indices of the node's inputs that carry the data: computed from the attributed
+    tensor or from the model's data. A product's shares do not change with the tensor
+    attributed (a layer inside the model), and a mask computed from integer inputs alone
+    takes none."""
+    deps, data = b.depends, _data(b.graph)
+    return [k for k, i in enumerate(node.input)
+            if i and b.constant(i) is None and (not deps or i in deps or i in data)]
+
+
+def _gradient(b, node, s: str) -> list:
+    rule = lookup(node, "gradient")
+    if rule is None:
+        raise ModelError(f"no gradient rule for {node.op_type}: the relevance rules need it as the adjoint")
+    return list(rule(b, node, [s])) + [None] * len(node.input)
+
+
+def linear_rule(b, node, grads, epsilon: float = EPSILON, constant=(), **_):
+    """Epsilon rule on a map linear in each dependent operand (the others held fixed):
+    R_k = x_k * VJP_k(R / stabilise(y)) / N over the N dependent operands not in `constant`;
+    N = 2 is AttnLRP's uniform rule for a product of two computed tensors."""
+    idx = [k for k in dependent(b, node) if k not in constant]
+    if node.op_type == "Div" and 1 in idx:
+        raise ModelError(f"Div '{node.name}' divides by a tensor computed from the attributed one; the relevance "
+                         "rules for transformers handle such quotients inside a recognised group (a decomposed "
+                         "LayerNorm or activation) only: explain a layer after it (layer=) or use a gradient method")
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm") and idx not in ([0], []):
+        raise ModelError(f"{node.op_type} '{node.name}' has a computed weight; its relevance rule needs a constant one")
+    out = [None] * len(node.input)
+    if not idx:
+        return out
+    s = divide(b, grads[0], node.output[0], epsilon)
+    if len(idx) > 1:
+        s = b.mul(s, b.scalar_like(1.0 / len(idx), node.output[0]))
+    vjp = _gradient(b, node, s)
+    for k in idx:
+        if vjp[k] is not None:
+            out[k] = b.mul(node.input[k], vjp[k])
+    return out
+
+
+def softmax_rule(b, node, grads, **_):
+    """Taylor decomposition at the input: R_x = x * (R - s * sum R) over the softmax axes.
+    Masked scores (-inf) hold no relevance."""
+    x, s, r = node.input[0], node.output[0], grads[0]
+    rank = b.rank(x)
+    axis = int(attr(node, "axis", -1 if b.opset >= 13 else 1))
+    axis = axis % rank
+    # Before opset 13 softmax normalises over all axes from `axis` on.
+    axes = [axis] if b.opset >= 13 else list(range(axis, rank))
+    total = b.reduce_sum(r, axes, keepdims=True)
+    inner = b.op("Sub", r, b.mul(s, total))
+    finite = b.op("Where", b.op("IsInf", x), b.scalar_like(0.0, x), x)
+    return [b.mul(finite, inner)]
+
+
+def _centred_relevance(b, x: str, r_centred: str, centred: str, axes, epsilon: float) -> str:
+    """x * C^T (R / stabilise(x - mean)) with C the centring map over `axes` (C^T = C)."""
+    c = divide(b, r_centred, centred, epsilon)
+    return b.mul(x, b.op("Sub", c, b.reduce("ReduceMean", c, axes, keepdims=True)))
+
+
+def layernorm_rule(b, node, grads, epsilon: float = EPSILON, **_):
+    """LayerNormalization with the variance held constant: y = scale (x - mean) / sigma + B is
+    linear in x. The affine part keeps R (y - B) / y (the bias absorbs the rest, as the
+    epsilon rule), the per-row 1/sigma and the scale pass it, the centring takes the epsilon
+    rule."""
+    x, y, r = node.input[0], node.output[0], grads[0]
+    rank = b.rank(x)
+    axis = int(attr(node, "axis", -1)) % rank
+    axes = list(range(axis, rank))
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None:
+        r = b.mul(r, b.op("Div", b.op("Sub", y, bias), stabilise(b, y, epsilon)))
+    centred = b.op("Sub", x, b.reduce("ReduceMean", x, axes, keepdims=True))
+    return [_centred_relevance(b, x, r, centred, axes, epsilon)] + [None] * (len(node.input) - 1)
+
+
+def rmsnorm_rule(b, node, grads, **_):
+    """RMSNormalization with the mean square held constant: a per-row scale, R_x = R."""
+    return [grads[0]] + [None] * (len(node.input) - 1)
+
+
+def identity_rule(b, node, grads, **_):
+    """Element-wise non-linearity: relevance passes unchanged to its input."""
+    return [grads[0]] + [None] * (len(node.input) - 1)
+
+
+def group_rule(b, node, grads, group: groups.Group, epsilon: float = EPSILON, activation: str = "identity", **_):
+    """A decomposed activation or normalisation found by `onnxplain.groups`, as one node."""
+    r = grads[0]
+    if group.kind == "layernorm":
+        x = group.input
+        axes = [b.rank(x) - 1]
+        centred = b.op("Sub", x, b.reduce("ReduceMean", x, axes, keepdims=True))
+        return [_centred_relevance(b, x, r, centred, axes, epsilon)]
+    if group.kind == "rmsnorm":
+        return [r]
+    if not group.elementwise:
+        raise ModelError(f"the normalisation ending at '{group.output}' is neither a LayerNorm nor an RMSNorm")
+    if activation == "gradient":
+        from .deeplift import group_gradient
+
+        return [b.mul(group.input, group_gradient(b, group, divide(b, r, group.output, epsilon)))]
+    return [r]
+
+
+def activation_gradient(b, node, grads, epsilon: float = EPSILON, **_):
+    """Gradient x input through an element-wise function: R_x = x f'(x) R / stabilise(f(x))."""
+    s = divide(b, grads[0], node.output[0], epsilon)
+    g = _gradient(b, node, s)[0]
+    return [b.mul(node.input[0], g)] + [None] * (len(node.input) - 1)
+
+
+def no_relevance(b, node, grads, **_):
+    """A tensor held constant (CP-LRP's attention probabilities): nothing flows back."""
+    return [None] * len(node.input)
+
+
+register(*PRODUCTS, family=FAMILY)(linear_rule)
+register("Softmax", family=FAMILY)(softmax_rule)
+register("LayerNormalization", family=FAMILY)(layernorm_rule)
+register("RMSNormalization", "SimplifiedLayerNormalization", family=FAMILY)(rmsnorm_rule)
+register(*NONLINEAR, family=FAMILY)(identity_rule)
+register(*SUMS, family=FAMILY)(norm_rule)
+register(*POOLS, family=FAMILY)(pool_norm)
+
+
+def attention_probabilities(graph, name: str, depth: int = 8) -> str | None:
+    """The Softmax output that tensor `name` is (through reshapes, casts, dropout, masking
+    by a Where), or None."""
+    for _ in range(depth):
+        node = graph.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Softmax":
+            return node.output[0]
+        if node.op_type in ("Reshape", "Transpose", "Cast", "Dropout", "Identity", "Squeeze", "Unsqueeze", "Expand"):
+            name = node.input[0]
+        elif node.op_type == "Where":
+            computed = [i for i in node.input[1:] if graph.constant(i) is None]
+            if len(computed) != 1:
+                return None
+            name = computed[0]
+        else:
+            return None
+    return None
+
+
+def value_product(graph, node) -> int | None:
+    """For a MatMul of attention probabilities with values: the probabilities' index."""
+    if node.op_type != "MatMul":
+        return None
+    for k in (0, 1):
+        if attention_probabilities(graph, node.input[k]) is not None and graph.constant(node.input[1 - k]) is None:
+            return k
+    return None
+
+
+__all__ = ["FAMILY", "linear_rule", "softmax_rule", "layernorm_rule", "rmsnorm_rule", "identity_rule", "group_rule",
+           "activation_gradient", "no_relevance", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]

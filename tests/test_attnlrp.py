@@ -1,0 +1,129 @@
+"""AttnLRP and CP-LRP on small transformers exported by both torch.onnx paths (eager and
+SDPA attention, LayerNorm standard and decomposed), against the published rules written
+as torch autograd (tests/transformer_zoo.py), and their conservation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import transformer_zoo as tz
+from onnxplain import Explainer
+from onnxplain.graph import find_embeddings
+
+# (exporter, sdpa attention, opset): opset 14 TorchScript decomposes LayerNorm, TorchScript
+# decomposes GELU (Div/Erf/Add/Mul), dynamo emits Gelu and LayerNormalization.
+EXPORTS = [("torchscript", False, 17), ("torchscript", True, 17), ("torchscript", False, 14),
+           ("dynamo", False, 17), ("dynamo", True, 17)]
+TARGET = 1
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("transformers")
+    cache = {}
+
+    def get(exporter, sdpa, opset, zero_biases=False):
+        key = (exporter, sdpa, opset, zero_biases)
+        if key not in cache:
+            torch.manual_seed(0)
+            model = tz.TinyEncoder(sdpa=sdpa).eval()
+            if zero_biases:
+                model.zero_biases()
+            ids = model.example()
+            path = folder / f"enc_{exporter}_{sdpa}_{opset}_{zero_biases}.onnx"
+            tz.export(model, path, exporter, ids, opset)
+            cache[key] = (model, ids, Explainer(str(path)))
+        return cache[key]
+
+    return get
+
+
+def _close(ours, ref):
+    # Epsilon rules divide by sums that float32 rounds: compare on the scale of the map.
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=2e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("exporter,sdpa,opset", EXPORTS)
+def test_attnlrp_equals_torch_reference_of_the_published_rules(exported, exporter, sdpa, opset):
+    model, ids, ex = exported(exporter, sdpa, opset)
+    ours = ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET)
+    assert ours.shape == (2, tz.TinyEncoder.tokens, tz.TinyEncoder.d)  # at the embedding output
+    _close(ours, tz.relevance(model, ids, TARGET, tz.ATTNLRP).numpy())
+
+
+@pytest.mark.parametrize("exporter,sdpa,opset", EXPORTS)
+def test_cp_lrp_equals_torch_with_attention_and_layernorm_scale_detached(exported, exporter, sdpa, opset):
+    model, ids, ex = exported(exporter, sdpa, opset)
+    ours = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET)
+    _close(ours, tz.relevance(model, ids, TARGET, tz.CPLRP).numpy())
+
+
+@pytest.mark.parametrize("exporter,sdpa,opset", [EXPORTS[0], EXPORTS[2], EXPORTS[3]])
+def test_cp_lrp_with_gradient_activations_is_gradient_times_input_of_the_detached_model(exported, exporter, sdpa,
+                                                                                           opset):
+    model, ids, ex = exported(exporter, sdpa, opset)
+    ours = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, activation="gradient")
+    _close(ours, tz.relevance(model, ids, TARGET, tz.CPLRP_GRADIENT).numpy())
+
+
+def _logit(model, ids):
+    with torch.no_grad():
+        return model(ids)[:, TARGET].numpy()
+
+
+@pytest.mark.parametrize("opset", [17, 14])
+def test_cp_lrp_without_biases_conserves_the_logit(exported, opset):
+    model, ids, ex = exported("torchscript", False, opset, zero_biases=True)
+    for options in ({}, {"gamma": 0.25}):
+        total = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, **options).sum(axis=(1, 2))
+        np.testing.assert_allclose(total, _logit(model, ids), rtol=1e-4)
+
+
+def test_attnlrp_without_biases_conserves_the_logit_but_for_the_softmax_taylor_residuals(exported):
+    """Every AttnLRP rule conserves relevance without biases except the softmax's Taylor
+    decomposition at its input, whose residual (the relevance its output holds less what its
+    input gets) is the published rule's: the embedding's total is the logit less those."""
+    model, ids, ex = exported("torchscript", False, 17, zero_biases=True)
+    total = ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET).sum(axis=(1, 2))
+    softmaxes = [n for n in ex.graph.nodes if n.op_type == "Softmax"]
+    assert len(softmaxes) == 2
+    residual = 0.0
+    for node in softmaxes:
+        at = {t: ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET, layer=t)
+              for t in (node.input[0], node.output[0])}
+        residual = residual + at[node.output[0]].sum(axis=(1, 2, 3)) - at[node.input[0]].sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(total, _logit(model, ids) - residual, rtol=1e-4, atol=1e-5)
+    assert np.all(np.abs(residual) > 1e-3)  # the check is not vacuous
+
+
+def test_relevance_with_biases_stays_on_the_scale_of_the_logit(exported):
+    """The explosion of per-node LRP on transformers (totals of 1e2-1e10 for logits below 1)
+    is gone: the totals are those of the reference, on the logit's scale."""
+    model, ids, ex = exported("torchscript", False, 17)
+    logit = _logit(model, ids)
+    for method in ("lrp.attnlrp", "lrp.cp_lrp"):
+        total = ex.attribute(ids.numpy(), method=method, target=TARGET).sum(axis=(1, 2))
+        assert np.all(np.abs(total) < 2 * np.abs(logit) + 0.5), (method, total, logit)
+
+
+def test_attnlrp_explainer_exports_and_runs_alone(exported, tmp_path):
+    model, ids, ex = exported("dynamo", True, 17)
+    emb = find_embeddings(ex.graph)[0]
+    path = tmp_path / "attnlrp.onnx"
+    spec = ex.export(path, method="lrp.attnlrp", layer=emb)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    seed = np.zeros((2, tz.TinyEncoder.classes), np.float32)
+    seed[:, TARGET] = 1
+    out = sess.run([spec.attributions[emb]], {"input_ids": ids.numpy(), spec.seed: seed})[0]
+    _close(out, ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET))
+
+
+def test_attnlrp_on_a_vit_attributes_to_the_pixels(tmp_path):
+    model = tz.TinyViT().eval()
+    x = model.example()
+    ex = Explainer(str(tz.export(model, tmp_path / "vit.onnx", "torchscript", x)))
+    ours = ex.attribute(x.numpy(), method="lrp.attnlrp", target=0)
+    assert ours.shape == x.shape and np.all(np.isfinite(ours)) and np.abs(ours).max() > 0

@@ -1,0 +1,222 @@
+"""Small transformers written in plain torch, their ONNX exports, and reference relevance.
+
+`TinyEncoder`: token embedding (+ a learned position table) -> blocks of pre-LayerNorm
+multi-head self-attention (softmax, eager or torch's scaled_dot_product_attention) and a
+GELU MLP with residual sums -> final LayerNorm -> mean over tokens -> linear head.
+`TinyViT`: the same blocks on patch embeddings (a strided Conv) with a CLS token.
+
+The references are the published rules written as torch autograd: relevance is
+gradient x input on a copy of the forward pass in which the non-conservative parts are
+replaced by their rule (detach tricks), so that the chain rule applies the rule:
+- identity rule of f: x * (f(x) / x).detach()
+- LayerNorm with the variance held constant: (x - mean) / std.detach() * w + b
+- uniform rule of a product of two computed tensors: each operand's gradient halved
+- softmax: its gradient (R_x = x (R - s sum R) is gradient x input when R = s g)
+- CP-LRP: the attention probabilities detached
+Every linear layer's epsilon rule (epsilon -> 0) is then its plain gradient x input.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+class _Half(torch.autograd.Function):
+    """Identity forward; the gradient halved (the uniform rule's share of one operand)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 0.5
+
+
+def _identity_rule(x, y):
+    """y, with the gradient y / x: the identity rule of y = f(x) under gradient x input."""
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    return x * torch.where(x == 0, torch.zeros_like(y), y / safe).detach()
+
+
+# modes of the reference passes
+PLAIN, ATTNLRP, CPLRP, CPLRP_GRADIENT = "plain", "attnlrp", "cp_lrp", "cp_lrp_gradient"
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, sdpa=False):
+        super().__init__()
+        self.heads, self.sdpa = heads, sdpa
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.mode = PLAIN
+        self.probs = None  # the last attention probabilities (batch, heads, tokens, tokens)
+
+    def norm(self, ln, x):
+        if self.mode == PLAIN:
+            return ln(x)
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + ln.eps).detach() * ln.weight + ln.bias
+
+    def attention(self, x):
+        b, t, d = x.shape
+        h = self.heads
+        q, k, v = self.qkv(x).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if self.sdpa and self.mode == PLAIN:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            if self.mode == ATTNLRP:
+                scores = _Half.apply(q) @ _Half.apply(k.transpose(-2, -1)) / math.sqrt(d // h)
+            else:
+                scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)
+            probs = scores.softmax(-1)
+            self.probs = probs
+            if self.mode in (CPLRP, CPLRP_GRADIENT):
+                out = probs.detach() @ v
+            elif self.mode == ATTNLRP:
+                out = _Half.apply(probs) @ _Half.apply(v)
+            else:
+                out = probs @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def gelu(self, x):
+        y = F.gelu(x)
+        return _identity_rule(x, y) if self.mode in (ATTNLRP, CPLRP) else y
+
+    def forward(self, x):
+        x = x + self.attention(self.norm(self.ln1, x))
+        return x + self.fc2(self.gelu(self.fc1(self.norm(self.ln2, x))))
+
+
+class TinyEncoder(nn.Module):
+    """Token ids (batch, tokens) -> class logits."""
+
+    vocab, tokens, d, heads, classes = 20, 6, 16, 2, 3
+
+    def __init__(self, sdpa=False, blocks=2):
+        super().__init__()
+        self.embed = nn.Embedding(self.vocab, self.d)
+        self.pos = nn.Parameter(torch.randn(1, self.tokens, self.d) * 0.3)
+        self.blocks = nn.ModuleList(Block(self.d, self.heads, sdpa) for _ in range(blocks))
+        self.ln = nn.LayerNorm(self.d)
+        self.head = nn.Linear(self.d, self.classes)
+        self.randomise()
+
+    def randomise(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.2))
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.add_(1.0)
+        return self
+
+    def zero_biases(self):
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias") or name == "pos":
+                    p.zero_()
+        return self
+
+    def set_mode(self, mode):
+        for blk in self.blocks:
+            blk.mode = mode
+        self.mode = mode
+        return self
+
+    def from_embedding(self, e):
+        x = e + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        norm = self.blocks[0].norm if getattr(self, "mode", PLAIN) != PLAIN else (lambda ln, v: ln(v))
+        return self.head(norm(self.ln, x).mean(1))
+
+    def forward(self, ids):
+        return self.from_embedding(self.embed(ids))
+
+    def example(self, batch=2, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.vocab, (batch, self.tokens), generator=g)
+
+
+class TinyViT(nn.Module):
+    """Images (batch, 3, 16, 16) -> class logits through 4x4 patches and a CLS token."""
+
+    size, patch, d, heads, classes = 16, 4, 16, 2, 3
+
+    def __init__(self, sdpa=False, blocks=2):
+        super().__init__()
+        self.patches = nn.Conv2d(3, self.d, self.patch, stride=self.patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, self.d))
+        n = (self.size // self.patch) ** 2 + 1
+        self.pos = nn.Parameter(torch.randn(1, n, self.d) * 0.3)
+        self.blocks = nn.ModuleList(Block(self.d, self.heads, sdpa) for _ in range(blocks))
+        self.ln = nn.LayerNorm(self.d)
+        self.head = nn.Linear(self.d, self.classes)
+        TinyEncoder.randomise(self)
+
+    def forward(self, img):
+        p = self.patches(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(p.shape[0], -1, -1), p], 1) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x)[:, 0])
+
+    def example(self, batch=2, seed=1):
+        return torch.randn((batch, 3, self.size, self.size), generator=torch.Generator().manual_seed(seed))
+
+
+def export(model: nn.Module, path: Path, exporter: str, example, opset: int = 17) -> Path:
+    """ONNX export with a dynamic batch; token models take `input_ids`, images `pixels`.
+    TorchScript before opset 17 decomposes LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div)."""
+    name = "input_ids" if example.dtype == torch.int64 else "pixels"
+    for blk in model.blocks:
+        blk.mode = PLAIN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[name], output_names=["logits"],
+                              dynamic_shapes={list(model.forward.__code__.co_varnames)[1]: {0: torch.export.Dim("batch")}},
+                              verbose=False)
+        else:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[name],
+                              output_names=["logits"], dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def relevance(model: TinyEncoder, ids: torch.Tensor, target: int, mode: str) -> torch.Tensor:
+    """Reference relevance at the embedding output: gradient x input of the `mode` pass."""
+    model.set_mode(mode)
+    try:
+        e = model.embed(ids).detach().requires_grad_(True)
+        out = model.from_embedding(e)
+        out[:, target].sum().backward()
+        return (e * e.grad).detach()
+    finally:
+        model.set_mode(PLAIN)
+
+
+def attention_maps(model, x) -> list:
+    """The attention probabilities of each block on input x (eager softmax)."""
+    sdpa = [blk.sdpa for blk in model.blocks]
+    for blk in model.blocks:
+        blk.sdpa, blk.mode = False, PLAIN
+    try:
+        with torch.no_grad():
+            model(x)
+        return [blk.probs.numpy().copy() for blk in model.blocks]
+    finally:
+        for blk, s in zip(model.blocks, sdpa):
+            blk.sdpa = s
