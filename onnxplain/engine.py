@@ -433,9 +433,17 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
             bar.update(len(items))
     finally:
         bar.close()
-    ordered = [records[e.id] for e in dataset.entries if e.id in records]
+    ordered = finish_index(plan, records)
     return Summary(counts["explained"], len(plan.kept), counts["failed"], plan.batch_size, plan.out / INDEX, ordered,
                    time.perf_counter() - t0)
+
+
+def finish_index(plan: Plan, records: dict) -> list:
+    """The index of a finished run rewritten in the dataset's order (batches were appended
+    as they were done; a resumed run appends after what it kept). Returns the records."""
+    ordered = [records[e.id] for e in plan.dataset.entries if e.id in records]
+    _write_index(plan.out / INDEX, ordered)
+    return ordered
 
 
 def as_dataset(dataset, explainer, preset=None) -> Dataset:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import Dataset, Entry
-from .engine import INDEX, Job, Plan, Progress, Summary, _Index, as_dataset, plan_run, process_batch
-from .errors import InputError, OptionError
+from .engine import INDEX, Job, Plan, Progress, Summary, _Index, as_dataset, finish_index, plan_run, process_batch
+from .errors import OptionError
 
 # Test hook: an actor exits right after writing a shard (once: the file named here is made
 # first), as a worker killed mid-run would.
@@ -121,7 +121,7 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
     records = dict(plan.kept)
     counts = {"explained": 0, "failed": 0}
     if plan.batches:
-        ray = connect(address, num_cpus=workers)
+        ray = connect(address, num_cpus=workers * (threads or 1) if workers else None)
         resources = ray.cluster_resources()
         if num_gpus is None:
             num_gpus = 1 if resources.get("GPU", 0) >= 1 else 0
@@ -138,7 +138,7 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.enable_auto_log_stats = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         # Decoding takes no CPU slot of its own, so a pool as large as the cluster still
         # leaves room for it; Ray Data's backpressure bounds the decoded batches waiting.
@@ -173,7 +173,7 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
             raise
         finally:
             bar.close()
-    ordered = [records[e.id] for e in dataset.entries if e.id in records]
+    ordered = finish_index(plan, records)
     return Summary(counts["explained"], len(plan.kept), counts["failed"], plan.batch_size, plan.out / INDEX,
                    ordered, time.perf_counter() - t0)
 

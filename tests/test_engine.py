@@ -208,3 +208,34 @@ def test_the_cli_command_explains_a_folder_and_resumes(folder, tmp_path):
     assert r.exit_code == 0 and "0 explained, 10 kept" in r.output
     assert json.loads((out / "run.json").read_text())["options"]["window"] == [8, 8]
     assert len(open_dataset(folder)) == len(read_index(out / "index.jsonl"))
+
+
+def test_nothing_in_the_core_imports_ray_and_the_ray_engine_names_its_extra(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxplain, onnxplain.cli, onnxplain.engine, onnxplain.datasets; "
+            "print('ray' in sys.modules or 'pyarrow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+    from onnxplain.engine_ray import _ray
+    from onnxplain.errors import OptionError
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(OptionError, match=r"onnxplain\[ray\]"):
+        _ray()
+
+
+def test_a_grown_dataset_resumed_explains_only_the_new_inputs_and_indexes_in_dataset_order(folder, explainer,
+                                                                                            tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in (0, 2, 4):
+        (data / f"img{i}.png").write_bytes((folder / f"img0{i}.png").read_bytes())
+    explain_dataset(TINY, data, tmp_path / "out", batch_size=2, explainer=explainer)
+    for i in (1, 3):
+        (data / f"img{i}.png").write_bytes((folder / f"img0{i}.png").read_bytes())
+    c = Counting(explainer)
+    s = explain_dataset(TINY, data, tmp_path / "out", batch_size=2, resume=True, explainer=c)
+    assert (s.reused, s.explained, c.rows) == (3, 2, [2])
+    assert [r["id"] for r in read_index(tmp_path / "out" / "index.jsonl")] == [f"img{i}.png" for i in range(5)]
