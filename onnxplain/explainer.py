@@ -459,6 +459,12 @@ class Plan:
                 if not floats:
                     self._independent = True
                     return True
+                # An output whose size does not grow with the rows reduced over them (a
+                # Gemm with transA over the batch, graph pooling): rows are not samples.
+                sizes = [[self._probed_size(o, i) for i in range(2)] for o in floats]
+                if any(a is not None and a == b for a, b in sizes):
+                    self._independent = False
+                    return False
                 try:
                     self.forward(floats, self.fixed(feeds), 1).run(
                         {k: v[:1] for k, v in self.rows(feeds, 1).items()}, floats)
@@ -476,7 +482,8 @@ class Plan:
                 self._independent = False
                 return False
             self._independent = all(
-                np.allclose(alone[o][0], behind[o][1], rtol=1e-4, atol=1e-5 * (1 + np.abs(alone[o][0]).max()))
+                np.allclose(alone[o][0], behind[o][1], rtol=1e-4,
+                            atol=1e-5 * (1 + (np.abs(alone[o][0]).max() if alone[o][0].size else 0)))
                 for o in outs)
         return self._independent
 
@@ -528,6 +535,14 @@ class Plan:
         return ax
 
     PROBES = (7, 11)  # batch sizes unlikely to equal another dimension twice
+
+    def _probed_size(self, tensor: str, probe: int) -> int | None:
+        """A tensor's number of elements at probe batch size PROBES[probe], if inference tells."""
+        self._probed_axis(tensor)  # runs the probes
+        shape = self._probes[probe].get(tensor)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        return int(np.prod(shape))
 
     def _probed_axis(self, tensor: str) -> int | None:
         """Where the symbol is lost (a Reshape to (-1, C) has no symbolic answer), static

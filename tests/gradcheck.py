@@ -17,15 +17,18 @@ from onnxplain import Explainer
 
 
 def node_model(op_type, inputs: dict, attrs=None, consts: dict | None = None, n_outputs: int = 1,
-               opset: int = 17, domain: str = "") -> onnx.ModelProto:
-    """A one-node model. `inputs`: name -> example array (graph inputs, differentiated);
+               opset: int = 17, domain: str = "", fixed=()) -> onnx.ModelProto:
+    """A one-node model. `inputs`: name -> example array (graph inputs, differentiated,
+    batched along a first axis "N" -- except those named in `fixed`, declared with their
+    whole static shape: a fed weight or bias, shared by every sample);
     `consts`: name -> array (initializers). Input order is the node's: inputs, then consts,
     unless `order` is given in attrs as '_order'."""
     attrs = dict(attrs or {})
     order = attrs.pop("_order", list(inputs) + list(consts or {}))
     outs = [f"y{i}" for i in range(n_outputs)]
     node = helper.make_node(op_type, order, outs, domain=domain, **attrs)
-    g_in = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), ["N"] + list(v.shape[1:]))
+    g_in = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype),
+                                          list(v.shape) if k in fixed else ["N"] + list(v.shape[1:]))
             for k, v in inputs.items()]
     g_out = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs]
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (consts or {}).items()]
@@ -110,9 +113,13 @@ def check_gradient(model, feeds: dict, wrt: str | None = None, rtol=None, atol=N
     y = e.predict(feeds, output=out_name)
     seed = np.random.default_rng(seed_rng).normal(size=y.shape).astype(np.float32)
     attr = e.attribute(feeds if len(feeds) > 1 else next(iter(feeds.values())), method="gradient",
-                       target=seed, output=out_name, probability=True)
+                       target=seed, output=out_name, probability=True, wrt=wrt)
     wrt = wrt or e.float_inputs[0]
     got = attr[wrt] if isinstance(attr, dict) else attr
+    if got.shape == (len(y),) + feeds[wrt].shape and got.shape != feeds[wrt].shape:
+        # An input shared by every sample is attributed per sample: the batch's gradient
+        # is their sum.
+        got = got.sum(0)
     flat, num, double = numeric_gradient(model, feeds, wrt, seed, output=out_name, eps=eps)
     rtol = rtol if rtol is not None else (1e-4 if double else 3e-2)
     atol = atol if atol is not None else (1e-4 if double else 3e-2)

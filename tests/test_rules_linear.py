@@ -85,7 +85,8 @@ def _conv_model(case, op="Conv", weight_input=False, bias_input=False):
     if case["bias"]:
         (inputs if bias_input else consts)["b"] = bias
         order.append("b")
-    m = node_model(op, inputs, dict(case["attrs"], _order=order), consts=consts)
+    fixed = [k for k in ("w", "b") if k in inputs]  # fed, but shared by every sample
+    m = node_model(op, inputs, dict(case["attrs"], _order=order), consts=consts, fixed=fixed)
     return m, inputs
 
 
@@ -114,10 +115,8 @@ def test_stride_1_conv_input_gradient_is_a_forward_conv(name):
                                   "2d_same_lower_s2_odd_k2", "2d_rect", "1d_k3_d2_s3_asym_g2",
                                   "3d_k2_g2_same_upper"])
 def test_conv_weight_gradient(name):
-    # A non-constant weight has the batch as its first axis here (all inputs share it).
+    # A fed weight, shared by the samples of the batch.
     case = dict(CONV_CASES[name])
-    batch = case["w"][0]
-    case["x"] = (batch,) + case["x"][1:]
     case["bias"] = False
     m, feeds = _conv_model(case, weight_input=True)
     check_gradient(m, feeds, wrt="w", **LINEAR_TOL)
@@ -125,8 +124,8 @@ def test_conv_weight_gradient(name):
 
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
 def test_bias_gradient_is_the_sum_over_batch_and_positions(op):
-    # The bias is an input, so its one axis is the batch's: 3 channels, batch 3.
-    case = _conv_case(stride=2, pads=(1, 1), batch=3, cin=3, cout=3)
+    # A fed bias, shared by the samples of the batch.
+    case = _conv_case(stride=2, pads=(1, 1), batch=2, cin=3, cout=3)
     if op == "ConvTranspose":
         case["w"] = (3, 3, 3, 3)
     m, feeds = _conv_model(case, op=op, bias_input=True)

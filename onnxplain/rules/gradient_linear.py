@@ -41,6 +41,10 @@ def varies(b, name: str) -> bool:
     from constants only (DequantizeLinear, Transpose or Cast of an initializer) never
     receive a gradient, and onnxruntime runs every node of a graph, needed or not, so
     their (costly) gradients are not emitted at all."""
+    if b.depends:
+        # The compiler knows what depends on the attributed tensors: one lookup, where the
+        # walk below is quadratic over an unrolled loop's thousands of MatMuls.
+        return name in b.depends
     graph, todo, seen = b.graph, [name], set()
     inputs = set(graph.inputs)
     while todo:
