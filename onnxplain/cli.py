@@ -219,9 +219,12 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
 @click.option("-t", "--target", callback=_target, metavar="TARGET", help=TARGET_HELP)
 @click.option("-O", "--option", "options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
               help="Method option, repeatable; tuples are written 3,32,32.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write: .png heatmap, .npy or .npz array "
-                   "(default: explanation.png for images, attribution.npy for arrays).")
+@click.option("-o", "--out", metavar="FILE|DIR/",
+              help="Where to write: .png heatmap, .npy or .npz array (default: explanation.png for images, "
+                   "attribution.npy for arrays); DIR/ writes one file per input named after it "
+                   "(cat.png -> DIR/cat.gradient.png).")
+@click.option("--format", "out_format", type=click.Choice(["png", "npy"]),
+              help="With -o DIR/: pictures or arrays (default: png for images, npy for arrays).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="Image preprocessing preset.")
 @click.option("--size", callback=_size, metavar="H,W", help="Model input size of images.")
 @click.option("--mean", callback=_floats, metavar="A,B,C", help="Per-channel mean on 0..1 pixels.")
@@ -248,7 +251,7 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
 @click.option("--list-detections", is_flag=True, help="Print the detector's decoded detections (explains only "
                                                       "with a detection:I or box: target).")
 def explain(paths, method, layer, output, probability, providers, memory_budget, target, options, out,
-            preset, size, mean, std, layout, bgr, cmap, sign, view, overlay_alpha, clip, plain, quiet, as_json, wrt,
+            out_format, preset, size, mean, std, layout, bgr, cmap, sign, view, overlay_alpha, clip, plain, quiet, as_json, wrt,
             decoder, list_detections):
     """Explain a model's decision on images or arrays (.npy/.npz).
 
@@ -266,9 +269,18 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         method = DEFAULT_PICTURE_METHOD
     method = get_method(method).name  # Integrated-Gradients -> integrated_gradients
     get_method(method).resolve(options)  # fail on a bad option before loading anything
+    out_dir = None
+    if out is not None and (out.endswith(("/", os.sep)) or Path(out).is_dir()):
+        out_dir, out = Path(out), None
+    out = Path(out) if out is not None else None
     if out is not None and out.suffix.lower() not in (".png",) + ARRAY_SUFFIXES:
-        raise OptionError(f"cannot write '{out.name}': --out must end in .png, .npy or .npz")
+        raise OptionError(f"cannot write '{out.name}': --out must end in .png, .npy or .npz, or be a folder DIR/")
+    if out_format is not None and out_dir is None:
+        raise OptionError("--format chooses the files of -o DIR/; with -o FILE the suffix says it")
     model, inputs = _split_paths(paths)
+    from .commands.evaluate import input_files
+
+    inputs = input_files(inputs)  # folders and globs to their image/array files
     explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
     shapes = list(explainer.inputs.values())
     if not inputs:
@@ -284,6 +296,9 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         flags = dict(size=size, mean=mean, std=std, layout=layout, bgr=bgr or None)
         pre = _preprocess(explainer, preset, {k: v for k, v in flags.items() if v is not None})
     batch = load_inputs(inputs, pre, shapes[0] if len(shapes) == 1 else None)
+    if out_dir is not None:
+        suffix = "." + (out_format or ("png" if batch.images else "npy"))
+        out = out_dir / f"{{name}}.{method}{suffix}"  # per input: _write fills in each name
     out = Path(out or ("explanation.png" if batch.images else "attribution.npy"))
 
     from .detection import cli_target  # a detection decoded once (and listed), then explained
@@ -475,8 +490,11 @@ def export(model, method, layer, output, probability, providers, memory_budget, 
 
 def _split_paths(paths) -> tuple[Path, list[Path]]:
     """[MODEL] [INPUT]...: a first path that is not an image or array is the model."""
+    from .commands.evaluate import is_glob
+
     paths = [Path(p) for p in paths]
-    if paths and paths[0].suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES:
+    if paths and paths[0].suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES and not paths[0].is_dir() \
+            and not is_glob(paths[0]):
         return paths[0], paths[1:]
     return models_dir() / DEFAULT_MODEL, paths
 
@@ -513,6 +531,8 @@ def _what(r) -> str:
 
 def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annotators=None) -> list[str]:
     """Save the attribution; one PNG per sample. Returns the file written for each sample."""
+    if "{name}" in out.name:  # -o DIR/: one file per input, named after it
+        return _write_per_input(out, attr, batch, tensor, layout, titles, look)
     if out.suffix.lower() in ARRAY_SUFFIXES:
         if isinstance(attr, dict) or out.suffix.lower() == ".npz":
             attr = attr if isinstance(attr, dict) else {tensor: attr}
@@ -531,6 +551,30 @@ def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annot
             look["annotate"] = annotators[i]
         title = titles[i] if titles and look.get("bar", True) else None
         save_heatmap(path, attr[i], image=image, layout=layout, title=title, **look)
+        files.append(str(path))
+    return files
+
+
+def _write_per_input(pattern: Path, attr, batch, tensor, layout, titles, look) -> list[str]:
+    """DIR/NAME.METHOD.png (or .npy) for each input; a name met twice gets _2, _3..."""
+    seen, files = {}, []
+    for i, name in enumerate(batch.names):
+        seen[name] = seen.get(name, 0) + 1
+        stem = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        path = pattern.with_name(pattern.name.replace("{name}", stem))
+        if path.suffix == ".npy":
+            one = {k: v[i:i + 1] for k, v in attr.items()} if isinstance(attr, dict) else attr[i:i + 1]
+            path = path.with_suffix(".npz") if isinstance(one, dict) else path
+            files.append(str(save_array(path, one)))
+            continue
+        if isinstance(attr, dict):
+            raise OptionError(f"the model has several inputs ({', '.join(attr)}); use --format npy")
+        from .visualize import save_heatmap
+
+        look = dict(look or {})
+        title = titles[i] if titles and look.get("bar", True) else None
+        save_heatmap(path, attr[i], image=batch.images[i] if batch.images else None, layout=layout, title=title,
+                     **look)
         files.append(str(path))
     return files
 

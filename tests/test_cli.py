@@ -621,3 +621,48 @@ def test_the_pruning_study_plot_has_round_ticks_spanning_its_values(lo, hi):
     assert any(abs(mantissa - m) < 1e-9 for m in (1, 2, 2.5, 5)), step
     np.testing.assert_allclose(np.diff(ticks), step)
     assert all(abs(t / step - round(t / step)) < 1e-9 for t in ticks)
+
+
+# ----------------------------------------------------------------------------- folders, globs, -o DIR/
+
+
+def _photos(tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    img = Image.open(MODELS / "chelsea.png")
+    img.save(d / "cat.png")
+    img.transpose(Image.FLIP_LEFT_RIGHT).save(d / "tac.png")
+    img.rotate(90).save(d / "other.jpg")
+    return d
+
+
+def test_explain_takes_a_folder_and_names_outputs_after_the_inputs(tmp_path):
+    """Before: a folder was taken for the model; -o DIR/ was refused (not .png/.npy/.npz)."""
+    d = _photos(tmp_path)
+    r = run("explain", TINY, d, "-o", str(tmp_path / "out") + "/", "-t", "3", "--json")
+    assert r.exit_code == 0, r.output
+    records = json.loads(r.stdout)
+    assert sorted(Path(x["file"]).name for x in records) == ["cat.gradient.png", "other.gradient.png",
+                                                             "tac.gradient.png"]
+    assert all(Path(x["file"]).is_file() for x in records)
+    assert all(isinstance(x["score"], float) for x in records)
+
+
+def test_explain_takes_a_glob_and_writes_arrays_per_input_into_a_folder(tmp_path):
+    d = _photos(tmp_path)
+    r = run("explain", TINY, str(d / "*.png"), "-o", str(tmp_path / "arr") + "/", "--plain", "-t", "3",
+            "--format", "npy")
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in (tmp_path / "arr").iterdir())
+    assert files == ["cat.gradient.npy", "tac.gradient.npy"]
+    x, _ = onnxplain_load(d / "cat.png")
+    np.testing.assert_allclose(np.load(tmp_path / "arr" / "cat.gradient.npy"),
+                               Explainer(TINY).attribute(x, method="gradient", target=3), rtol=1e-5, atol=1e-9)
+    bad = run("explain", TINY, str(d / "*.bmp"), "-o", str(tmp_path / "x") + "/")
+    assert bad.exit_code == 2 and "matches no" in bad.stderr
+
+
+def onnxplain_load(path):
+    import onnxplain
+
+    return onnxplain.load_image(path, TINY)

@@ -39,16 +39,31 @@ def split_models(paths, at_most: int) -> tuple[list[Path], list[Path]]:
     paths = [Path(p) for p in paths]
     models = []
     for p in paths:
-        if len(models) == at_most or p.is_dir() or p.suffix.lower() in INPUT_SUFFIXES:
+        if len(models) == at_most or p.is_dir() or is_glob(p) or p.suffix.lower() in INPUT_SUFFIXES:
             break
         models.append(p)
     return models, paths[len(models):]
 
 
+def is_glob(p) -> bool:
+    """A pattern (cat*.png, photos/**/*.jpg) rather than a file that exists."""
+    return any(c in str(p) for c in "*?[") and not Path(p).exists()
+
+
 def input_files(paths) -> list[Path]:
-    """Files given, with folders expanded to their image/array files (sorted, not recursive)."""
+    """Files given, with folders expanded to their image/array files (sorted, not recursive)
+    and globs to the image/array files they match (sorted; ** recurses)."""
+    import glob
+
     out = []
     for p in paths:
+        if is_glob(p):
+            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True)
+                           if Path(f).is_file() and Path(f).suffix.lower() in INPUT_SUFFIXES)
+            if not found:
+                raise InputError(f"{p} matches no images or .npy/.npz files")
+            out += found
+            continue
         p = Path(p)
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES)
