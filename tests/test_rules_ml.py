@@ -215,14 +215,18 @@ def test_multiclass_svm_classifier_one_vs_one_decision_values(classification, ke
     check(model, x[:5], node.output[1])
 
 
-def test_multiclass_svm_one_vs_rest_scores_are_refused_while_shapes_are_unknown(classification):
+def test_multiclass_svm_one_vs_rest_scores(classification):
     # skl2onnx builds sklearn's one-vs-rest scores from the pairwise values with standard
-    # operators; onnx's shape inference does not type SVMClassifier's output, and the
-    # broadcasting rules after it need shapes: a typed error, never a silent zero.
+    # operators and ArrayFeatureExtractor: votes (piecewise constant) plus bounded
+    # confidences (differentiable).
     x, y = classification
-    model = convert(SVC().fit(x, y), x)
-    with pytest.raises(ModelError, match="broadcast|static width"):
-        gradient(model, x[:3], "probabilities")
+    x = x / 3
+    svc = SVC(kernel="rbf", gamma=0.3).fit(x, y)
+    model = convert(svc, x)
+    np.testing.assert_allclose(
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["probabilities"], {"X": x[:5]})[0], svc.decision_function(x[:5]), rtol=1e-4, atol=1e-5)
+    check(model, x[:5], "probabilities")
 
 
 def test_array_feature_extractor_adds_repeated_columns_back():
@@ -243,6 +247,22 @@ def test_array_feature_extractor_adds_repeated_columns_back():
         return out
 
     check(model, x, "Y", want)
+
+
+@pytest.mark.parametrize("make", ["LinearSVC", "RidgeClassifier"])
+def test_binary_linear_classifiers_read_through_array_feature_extractor(classification, make):
+    # skl2onnx: LinearClassifier scores [-d, d], then ArrayFeatureExtractor keeps d; the
+    # scores' width is not typed by onnx, so the column is scattered back at run time.
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.svm import LinearSVC
+
+    x, y = classification
+    est = (LinearSVC() if make == "LinearSVC" else RidgeClassifier()).fit(x, (y == 1).astype(int))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = skl2onnx.to_onnx(est, x[:1])
+    assert [n.op_type for n in model.graph.node] == ["LinearClassifier", "ArrayFeatureExtractor"]
+    check(model, x[:5], "probabilities", lambda seed: seed * est.coef_)
 
 
 def test_svm_classifier_with_platt_probabilities_is_refused_by_name(classification):

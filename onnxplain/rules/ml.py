@@ -229,14 +229,25 @@ def array_feature_extractor(b, node, grads):
     # Y = X[..., indices]: the gradient adds each selected column back where it came from.
     x, idx = node.input
     indices = b.constant(idx)
+    if indices is None:
+        raise ModelError(f"the gradient of ArrayFeatureExtractor '{node.name}' needs constant indices")
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     width = _width(b, x)
-    if indices is None or width is None:
-        raise ModelError(f"the gradient of ArrayFeatureExtractor '{node.name}' needs constant indices and the "
-                         "static width of its input")
-    indices = np.asarray(indices).reshape(-1)
-    onehot = np.zeros((len(indices), width), np.float32)
-    np.add.at(onehot, (np.arange(len(indices)), indices % width), 1.0)
-    return [_to_input(b, b.op("MatMul", grads[0], _c(b, onehot)), x), None]
+    if width is not None:
+        onehot = np.zeros((len(indices), width), np.float32)
+        np.add.at(onehot, (np.arange(len(indices)), indices % width), 1.0)
+        return [_to_input(b, b.op("MatMul", grads[0], _c(b, onehot)), x), None]
+    # X's width unknown (after another ai.onnx.ml operator, which onnx's shape inference
+    # does not type): scatter-add the columns into zeros shaped like X at run time.
+    if np.any(indices < 0):
+        raise ModelError(f"the gradient of ArrayFeatureExtractor '{node.name}' with negative indices needs the "
+                         f"static width of '{x}'")
+    g = grads[0]
+    where = b.op("Expand", b.const(indices, np.int64), b.shape_of(g))
+    zeros = b.op("ConstantOfShape", b.shape_of(x), value=__import__("onnx").numpy_helper.from_array(
+        np.zeros(1, np.float32)))
+    out = b.op("ScatterElements", zeros, where, g, axis=-1, reduction="add")
+    return [_to_input(b, out, x), None]
 
 
 @register("FeatureVectorizer", domain=ML)
