@@ -453,7 +453,8 @@ def inspect(model, as_json):
 @click.option("--input-shape", callback=_ints, metavar="N,C,H,W", help="Fix the input shape in the export.")
 @click.option("-O", "--option", "options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
               help="Method option, repeatable (e.g. rules=Conv:gamma,first:zbox for -m lrp; epsilon=0.25).")
-def export(model, method, layer, output, probability, providers, memory_budget, out, input_shape, options):
+@click.option("--json", "as_json", is_flag=True, help="Print what to feed and read as JSON.")
+def export(model, method, layer, output, probability, providers, memory_budget, out, input_shape, options, as_json):
     """Save a standalone explainer model that any onnxruntime can run."""
     from .explainer import Explainer
 
@@ -473,13 +474,22 @@ def export(model, method, layer, output, probability, providers, memory_budget, 
         return _shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                        for d in v.type.tensor_type.shape.dim])
 
-    click.echo(f"wrote {out} ({method}, attribution at {', '.join(spec.attributions)})")
     rows = [("feed", n, _dtype(g, n), shape(n, n), "model input") for n in g.inputs]
     rows.append(("feed", spec.seed, "float32", shape(spec.seed, spec.explained),
                  f"weights of '{spec.explained}' to explain (one-hot row = that class)"))
     rows += [("read", n, _dtype(g, n), shape(n, n), "model output") for n in spec.forward_outputs]
     rows += [("read", n, _dtype(g, t), shape(n, t), f"attribution at '{t}'")
              for t, n in spec.attributions.items()]
+    if as_json:
+        def dims(text):
+            return [int(d) if d.isdigit() else d for d in text.strip("(,)").replace(",)", ")").split(", ") if d]
+
+        click.echo(json.dumps({"file": str(out), "method": method, "attributions": dict(spec.attributions),
+                               **{kind: [{"name": r[1], "dtype": r[2], "shape": dims(r[3]), "meaning": r[4]}
+                                         for r in rows if r[0] == kind[:-1]] for kind in ("feeds", "reads")}},
+                              indent=2))
+        return
+    click.echo(f"wrote {out} ({method}, attribution at {', '.join(spec.attributions)})")
     click.echo(_table(rows, ("", "name", "dtype", "shape", "meaning")))
     feeds = ", ".join(f"'{n}': x" for n in g.inputs)
     click.echo(f"e.g. onnxruntime.InferenceSession('{out}').run(None, {{{feeds}, '{spec.seed}': seed}})")

@@ -666,3 +666,28 @@ def onnxplain_load(path):
     import onnxplain
 
     return onnxplain.load_image(path, TINY)
+
+
+# ----------------------------------------------------------------------------- --json everywhere
+
+
+def test_every_command_takes_json():
+    """Before: export, report and prune-study had no --json."""
+    for name, cmd in cli.main.commands.items():
+        if name in ("explain-dataset",):  # the datasets work's own command
+            continue
+        assert "as_json" in [p.name for p in cmd.params], name
+
+
+def test_export_report_and_prune_study_print_json(tmp_path):
+    e = json.loads(run("export", TINY, "-o", tmp_path / "e.onnx", "--json").stdout)
+    assert e["file"] == str(tmp_path / "e.onnx") and e["method"] == "gradient"
+    assert [f["name"] for f in e["feeds"]] == ["input", "onnxplain.seed"] and e["feeds"][0]["shape"][1:] == [3, 32, 32]
+    r = run("report", TINY, _PHOTO, "--methods", "gradient", "--metrics", "deletion", "-S", "deletion:steps=4",
+            "-o", tmp_path / "r.html", "-q", "--json")
+    rep = json.loads(r.stdout)
+    assert rep["file"] == str(tmp_path / "r.html") and isinstance(rep["table"]["gradient"]["deletion"], float)
+    p = run("prune-study", TINY, _PHOTO, "--layer", "/relu2/Relu_output_0", "--box", "0,0,16,16", "-t", "3",
+            "--k", "1,2", "--n-steps", "4", "--json")
+    res = json.loads(p.stdout)
+    assert res["layer"] == "/relu2/Relu_output_0" and len(res["rows"]) == 1 + 2 * 2  # unpruned, 2 rankings x 2 k

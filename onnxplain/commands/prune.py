@@ -69,8 +69,9 @@ layer's spatial axes.
 @click.option("--std", callback=_floats, metavar="A,B,C", help="Per-channel std on 0..1 pixels.")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="Image layout of the model input.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 def prune_study_command(model, inputs, layer, box, target, ks, n_steps, integration, baseline, output, probability,
-                        providers, memory_budget, out, plot, preset, size, mean, std, layout, quiet):
+                        providers, memory_budget, out, plot, preset, size, mean, std, layout, quiet, as_json):
     """Prune the channels behind a box (IPNA) or the whole input (conductance) and watch the
     integrated gradients inside and outside the box."""
     from ..explainer import Explainer
@@ -97,18 +98,20 @@ def prune_study_command(model, inputs, layer, box, target, ks, n_steps, integrat
     result = prune_study(explainer, batch.batch, layer, box, target=target, ks=ks, n_steps=n_steps,
                          integration=integration, baseline=base[0] if len(base) == 1 else np.asarray(base),
                          output=output, probability=probability)
-    click.echo(format_table(result))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if out is not None:
         try:
             out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise InputError(f"cannot write {out}: {exc.strerror}") from None
-        click.echo(f"wrote {out}")
+        if not as_json:
+            click.echo(f"wrote {out}")
     if plot is not None:
         from ..visualize import save_png
 
         save_png(plot, draw_plot(result))
-        click.echo(f"wrote {plot}")
+        if not as_json:
+            click.echo(f"wrote {plot}")
 
 
 def format_table(result: dict) -> str:

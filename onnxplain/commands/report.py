@@ -76,9 +76,10 @@ Examples:
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default="report.html",
               show_default=True, help="The HTML page to write.")
 @click.option("--title", default=None, help="Title of the page (default: the model's name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the file, methods, inputs and metric table as JSON.")
 @batch_options
 def report(paths, methods, metric_names, options, settings, target, out, title, preset, providers, memory_budget,
-           resume, quiet):
+           resume, quiet, as_json):
     """Write one self-contained HTML page comparing attribution methods on a model."""
     from ..explainer import Explainer
     from ..report import format_table, html_report, plot_curves, rank_methods
@@ -114,6 +115,7 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
 
     records = batch.run(process, "reporting")
     table = curves_png = None
+    values = {}
     if metric_names:
         values, curves = aggregate(records)
         table = format_table(values, rank_methods(values))
@@ -127,6 +129,13 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
                               "value per column is highlighted."] if metric_names else [])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"file": str(out), "model": str(model), "methods": methods,
+                               "inputs": [name for name, _ in inputs], "explained": target_text(target),
+                               "table": values}, indent=2))
+        return 0
     click.echo(f"wrote {out} ({len(methods)} method(s) x {len(inputs)} input(s)"
                + (f", metrics {', '.join(metric_names)})" if metric_names else ")"))
     return 0
