@@ -12,6 +12,9 @@ A `Layout` says which outputs hold the boxes and the scores and how (`LAYOUTS`):
   [0, 1]) and scores (anchors, C).
 - `detr`: class logits (queries, C + 1; the last is "no object") and boxes (queries, 4) as
   normalised centre x, centre y, width, height; the score is the softmax probability.
+- `nms`: detections already selected inside the graph, one output (K, 6) of rows x1, y1, x2,
+  y2, score, class (the export with NMS of YOLOv8, padded with zero rows); never read off
+  the shapes (a (K, 6) output is also a one-class YOLOv5): name it.
 
 Shapes are given per sample (the batch axis removed). `find_layout` reads the layout off
 the output shapes (names help tell DETR from SSD), `decode` applies the score threshold
@@ -28,7 +31,7 @@ import numpy as np
 
 from .errors import InputError, OptionError
 
-LAYOUTS = ("yolov8", "yolov5", "yolox", "ssd", "detr")
+LAYOUTS = ("yolov8", "yolov5", "yolox", "ssd", "detr", "nms")
 # The defaults of the detectors' own predict functions (YOLOv5/v8: conf 0.25; NMS IoU 0.45
 # as YOLOv5 and most deployments; DETR keeps queries above 0.5 in its demos, but the
 # threshold is one number for every layout here).
@@ -103,6 +106,12 @@ def find_layout(shapes: dict, decoder: str | None = None) -> Layout:
         kind = decoder or ("detr" if named_detr else "ssd")
         k = two_d[scores][1]
         return Layout(kind, scores, boxes, k - 1 if kind == "detr" else k)
+    if decoder == "nms":
+        rows = [(k, v) for k, v in two_d.items() if v[1] == 6]
+        if not rows:
+            raise InputError(f"decoder 'nms' needs an output (K, 6) of rows x1, y1, x2, y2, score, class; the "
+                             f"model's float outputs are {_shapes_text(shapes)}")
+        return Layout("nms", rows[0][0], rows[0][0], 0)
     if decoder in ("detr", "ssd"):
         raise InputError(f"decoder '{decoder}' needs two outputs, boxes (N, 4) and scores (N, C), one row per "
                          f"anchor or query; the model's float outputs are {_shapes_text(shapes)}")
@@ -160,6 +169,9 @@ def candidates(layout: Layout, outputs: dict, image_size) -> tuple:
     """Every anchor/query of one sample: boxes (A, 4) x1y1x2y2 in pixels, class scores
     (A, C), objectness (A,) or None, and the score (A, C) a detection is ranked by."""
     h, w = image_size
+    if layout.kind == "nms":  # one score per row: its class's
+        rows = np.asarray(outputs[layout.scores], dtype=np.float64).reshape(-1, 6)
+        return rows[:, :4], rows[:, 4:5], None, rows[:, 4:5]
     if layout.kind in ("yolov8", "yolov5", "yolox"):
         rows = _yolo_rows(layout, outputs[layout.scores])
         xywh = rows[:, :4].copy()
@@ -216,6 +228,11 @@ def decode(layout: Layout, outputs: dict, image_size, score_threshold: float = S
     """The detections of one sample (outputs: name -> that sample's array), best first:
     each anchor's best class above the threshold, then NMS per class (not for DETR)."""
     boxes, cls, obj, score = candidates(layout, outputs, image_size)
+    if layout.kind == "nms":
+        labels = np.asarray(outputs[layout.scores], dtype=np.float64).reshape(-1, 6)[:, 5]
+        keep = [int(i) for i in np.argsort(-score[:, 0], kind="stable") if score[i, 0] >= score_threshold]
+        return [Detection(tuple(float(v) for v in boxes[i]), int(round(labels[i])), float(score[i, 0]), i,
+                          cls[i].copy()) for i in keep[:max_detections]]
     best = score.argmax(1)
     top = score[np.arange(len(score)), best]
     idx = np.flatnonzero(top >= score_threshold)
@@ -239,6 +256,9 @@ def seed(layout: Layout, det: Detection, outputs: dict) -> np.ndarray:
     so gradients are exactly those of the product."""
     out = np.asarray(outputs[layout.scores])
     s = np.zeros(out.shape, np.float32)
+    if layout.kind == "nms":
+        s.reshape(-1, 6)[det.index, 4] = 1.0
+        return s
     if layout.kind in ("yolov8", "yolov5", "yolox"):
         rows = np.zeros(_yolo_rows(layout, out).shape, np.float32)
         if layout.has_objectness:
@@ -261,6 +281,8 @@ def explained_score(layout: Layout) -> str:
                 "start from seed . output = 2 x score")
     if layout.kind == "detr":
         return "the class logit (the detection's score is the softmax of the query's logits)"
+    if layout.kind == "nms":
+        return "the score the graph's NMS kept (gradients through NMS are those of the selected score)"
     return "the class score"
 
 
@@ -306,6 +328,10 @@ def from_seed(layout: Layout, seed_sample: np.ndarray) -> tuple[int, int]:
         rows = _yolo_rows(layout, s)
         first = 5 if layout.has_objectness else 4
         hits = np.argwhere(rows[:, first:] != 0)
+        anchors = np.unique(np.argwhere(rows != 0)[:, 0])
+    elif layout.kind == "nms":
+        rows = s.reshape(-1, 6)
+        hits = np.argwhere(rows[:, 4:5] != 0)
         anchors = np.unique(np.argwhere(rows != 0)[:, 0])
     else:
         rows = s.reshape(-1, s.shape[-1])

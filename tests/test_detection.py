@@ -405,3 +405,103 @@ def test_explain_lists_the_detections_and_draws_the_explained_box(tmp_path):
     bad = runner.invoke(cli.main, ["explain", str(MODEL), str(tmp_path / "scene.png"), "-t", "3", "--decoder",
                                    "yolov5"] + pre)
     assert bad.exit_code == 2 and "--decoder" in bad.output
+
+
+# ----------------------------------------------------------------------------- NMS inside the graph
+
+
+def _with_nms(path, k=20, per_class=10, iou=D.IOU_THRESHOLD, score=D.SCORE_THRESHOLD):
+    """The tiny detector (batch 1) followed by onnx NonMaxSuppression, per class, as an
+    export with NMS writes it: one output (1, k, 6) of rows x1, y1, x2, y2, score, class,
+    padded with zero rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    g.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    c = lambda name, v, dt=np.int64: g.initializer.append(numpy_helper.from_array(np.asarray(v, dt), name))  # noqa: E731
+    c("n_xywh", [0]), c("n_4", [4]), c("n_6", [6]), c("n_ax1", [1]), c("n_0", [0]), c("n_2", [2])
+    c("n_max", [per_class]), c("n_iou", [iou], np.float32), c("n_score", [score], np.float32)
+    c("n_half", 0.5, np.float32), c("n_a", [64]), c("n_k", [k]), c("n_col1", [1]), c("n_flat", [-1])
+    c("n_axes0", [0])
+    nodes = [
+        helper.make_node("Slice", ["output0", "n_xywh", "n_4", "n_ax1"], ["xywh_c"]),
+        helper.make_node("Transpose", ["xywh_c"], ["xywh"], perm=[0, 2, 1]),  # (1, A, 4)
+        helper.make_node("Slice", ["output0", "n_4", "n_6", "n_ax1"], ["cls"]),  # (1, C, A)
+        helper.make_node("NonMaxSuppression", ["xywh", "cls", "n_max", "n_iou", "n_score"], ["sel"],
+                         center_point_box=1),
+        helper.make_node("Gather", ["sel", "n_col1"], ["sel_c"], axis=1),
+        helper.make_node("Gather", ["sel", "n_2"], ["sel_b"], axis=1),
+        helper.make_node("Squeeze", ["sel_c", "n_col1"], ["ci"]),
+        helper.make_node("Squeeze", ["sel_b", "n_col1"], ["bi"]),
+        helper.make_node("Squeeze", ["xywh", "n_axes0"], ["xywh0"]),  # (A, 4)
+        helper.make_node("Slice", ["xywh0", "n_0", "n_2", "n_col1"], ["cxy"]),
+        helper.make_node("Slice", ["xywh0", "n_2", "n_4", "n_col1"], ["wh"]),
+        helper.make_node("Mul", ["wh", "n_half"], ["half"]),
+        helper.make_node("Sub", ["cxy", "half"], ["x1y1"]),
+        helper.make_node("Add", ["cxy", "half"], ["x2y2"]),
+        helper.make_node("Concat", ["x1y1", "x2y2"], ["xyxy"], axis=1),
+        helper.make_node("Gather", ["xyxy", "bi"], ["boxes"], axis=0),  # (S, 4)
+        helper.make_node("Mul", ["ci", "n_a"], ["ca"]),
+        helper.make_node("Add", ["ca", "bi"], ["flat_i"]),
+        helper.make_node("Reshape", ["cls", "n_flat"], ["cls_flat"]),
+        helper.make_node("Gather", ["cls_flat", "flat_i"], ["sc"], axis=0),
+        helper.make_node("Unsqueeze", ["sc", "n_col1"], ["sc1"]),
+        helper.make_node("Cast", ["ci"], ["cf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["cf", "n_col1"], ["cf1"]),
+        helper.make_node("Concat", ["boxes", "sc1", "cf1"], ["rows"], axis=1),  # (S, 6)
+        helper.make_node("Shape", ["rows"], ["rs"]),
+        helper.make_node("Slice", ["rs", "n_0", "n_col1"], ["s_n"]),
+        helper.make_node("Sub", ["n_k", "s_n"], ["pad_n"]),
+        helper.make_node("Concat", ["n_0", "n_0", "pad_n", "n_0"], ["pads"], axis=0),
+        helper.make_node("Pad", ["rows", "pads"], ["padded"]),
+        helper.make_node("Unsqueeze", ["padded", "n_axes0"], ["detections"]),
+    ]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("detections", TensorProto.FLOAT, [1, k, 6]))
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def nms_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nms") / "tiny_yolo_nms.onnx"
+    onnx.save(_with_nms(MODEL), str(path))
+    return path
+
+
+def test_detections_selected_inside_the_graph_are_read_as_they_are(explainer, nms_model):
+    x, _ = _square_scenes(3, seed=31)
+    e = Explainer(str(nms_model))
+    lay = D.find_layout({"detections": (20, 6)}, "nms")
+    raw = D.find_layout({"output0": (6, 64)})
+    for i in range(3):
+        got = D.decode(lay, {"detections": e.predict(x[i:i + 1])[0]}, (64, 64))
+        want = D.decode(raw, {"output0": explainer.predict(x[i:i + 1])[0]}, (64, 64))
+        # onnx NMS keeps every class above the threshold at an anchor (multi-label), the
+        # decoder each anchor's best class: the decoder's detections are among the graph's
+        for d in want:
+            same = [g for g in got if g.cls == d.cls and np.allclose(g.box, d.box, atol=1e-4)]
+            assert len(same) == 1 and same[0].score == pytest.approx(d.score, rel=1e-6), (d, got)
+        assert got[0].box == pytest.approx(want[0].box, abs=1e-4)
+
+
+def test_d_rise_on_a_detector_with_nms_in_its_graph_equals_the_equations_on_its_rows(nms_model):
+    x, _ = _square_scenes(1, seed=3)
+    n_masks, cells = 30, 8
+    e = Explainer(str(nms_model))
+    sal = e.attribute(x, method="d_rise", target="detection:0@nms", n_masks=n_masks, cells=cells, seed=5)
+    masks = MaskSampler(x.shape, n_masks, cells, 0.5, np.random.default_rng(5)).masks(np.arange(n_masks))
+    sess = ort.InferenceSession(str(nms_model), providers=["CPUExecutionProvider"])
+    rows = sess.run(None, {"images": x})[0][0]
+    t = rows[np.argmax(rows[:, 4])]
+    want = np.zeros(masks.shape[1:])
+    for m in masks:
+        best = 0.0
+        for r in sess.run(None, {"images": (x * m[None, None]).astype(np.float32)})[0][0]:
+            if r[4] <= 0 or round(r[5]) != round(t[5]):
+                continue
+            best = max(best, float(D.iou(t[:4], [r[:4]])[0]) * r[4])
+        want += best * m
+    np.testing.assert_allclose(sal[0, 0], want / n_masks, rtol=1e-5, atol=1e-7)

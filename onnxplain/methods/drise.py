@@ -7,6 +7,8 @@ decoder reads them (`onnxplain.detection`), and the mask's weight is the best ma
 
     w_i = max_j IoU(L_t, L_j) * cos(P_t, P_j) * O_j      (O_j = 1 where the layout has no objectness)
 
+A detector that runs NMS inside its graph (`decoder=nms`: rows x1, y1, x2, y2, score,
+class) has no class-score vectors: there the similarity is IoU x [same class] x score_j.
 The saliency is sum_i w_i M_i / n_masks (with `center`, sum_i (w_i - mean_i w_i) M_i / n_masks:
 a pixel whose masking does not change the weights then scores about 0, so the map's positive
 part shows what the detection needs). The proposals are every anchor or query before the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import detection as D
+from ..errors import InputError, OptionError
 from .base import Option, positive, register
 from .blackbox import baselines, float_inputs, sample_feeds, spread
 from .rise import MaskSampler
@@ -62,14 +65,19 @@ def d_rise(ctx, n_masks, cells, p_keep, baseline, seed, center, decoder, proposa
     n = ctx.n
     outs = [o for o in ctx.graph.outputs if ctx.graph.is_float(o)]
     original = ctx.forward(outs)
-    layout = D.find_layout({o: v.shape[1:] for o, v in original.items()}, None if decoder == "auto" else decoder)
+    layout = _layout(ctx, {o: v.shape[1:] for o, v in original.items()}, decoder)
     size = D.image_size(x.shape)
     # The explained detection of each sample, from its seed and the original outputs.
     targets = []
     for s in range(n):
         index, cls = D.from_seed(layout, ctx.seed[s])
-        boxes, scores, _obj, _rank = D.candidates(layout, {o: v[s] for o, v in original.items()}, size)
-        targets.append((boxes[index], scores[index]))
+        sample = {o: v[s] for o, v in original.items()}
+        boxes, scores, _obj, _rank = D.candidates(layout, sample, size)
+        if layout.kind == "nms":  # (score, class label) of the selected row
+            label = np.asarray(sample[layout.scores], dtype=np.float64).reshape(-1, 6)[index, 5]
+            targets.append((boxes[index], np.array([scores[index, 0], label])))
+        else:
+            targets.append((boxes[index], scores[index]))
     rng = np.random.default_rng(seed)
     sampler = MaskSampler(x.shape, n_masks, cells, p_keep, rng)
     saliency = np.zeros((n,) + sampler.dims, dtype=np.float64)
@@ -102,10 +110,36 @@ def d_rise(ctx, n_masks, cells, p_keep, baseline, seed, center, decoder, proposa
     return {k: spread(saliency, x.shape, sampler.channel)}
 
 
+def _layout(ctx, shapes, decoder):
+    """The layout named, or read off the shapes; a (K, 6) output is also tried as rows
+    selected by NMS in the graph, where the seed (a score column alone) says so."""
+    if decoder != "auto":
+        return D.find_layout(shapes, decoder)
+    first = D.find_layout(shapes)
+    try:
+        for s in range(ctx.n):
+            D.from_seed(first, ctx.seed[s])
+        return first
+    except OptionError:
+        try:
+            nms = D.find_layout(shapes, "nms")
+            for s in range(ctx.n):
+                D.from_seed(nms, ctx.seed[s])
+            return nms
+        except (OptionError, InputError):
+            pass
+        raise
+
+
 def mask_weight(layout, outputs, size, target, proposals="all") -> float:
     """max_j of the similarity of the target (box, class scores) to one masked image's
     proposals (0 where it has none)."""
     box, class_scores = target
+    if layout.kind == "nms":  # selected in the graph: a class label and its score per row
+        rows = np.asarray(outputs[layout.scores], dtype=np.float64).reshape(-1, 6)
+        same = np.round(rows[:, 5]) == round(float(class_scores[1]))
+        s = D.iou(box, rows[:, :4]) * same * rows[:, 4]
+        return float(s.max(initial=0.0))
     if proposals == "all":
         boxes, scores, obj, _rank = D.candidates(layout, outputs, size)
     else:
