@@ -352,3 +352,30 @@ def test_a_graph_model_whose_nodes_and_edges_differ_in_number_is_one_sample():
     got = e.attribute(feeds, target=np.array([[0, 1, 0]], np.float32))
     counts = np.bincount(edges[0], minlength=4).astype(np.float32)
     np.testing.assert_allclose(got, counts[:, None] * W[:, 1][None], rtol=1e-5)
+
+
+def test_a_rule_that_needs_every_shape_static_gets_the_batch_fixed_too(monkeypatch):
+    # A rule that refuses a symbolic batch (as a quantized pool with auto_pad does on shapes
+    # it cannot read) is compiled again with every dimension static, sample by sample.
+    from onnxplain import explainer as ex
+    from onnxplain.errors import ModelError
+
+    real = ex.compile_explainer
+    calls = []
+
+    def picky(graph, *args, **kwargs):
+        static = all(isinstance(d, int) for d in graph.shape(graph.inputs[0]))
+        calls.append(static)
+        if not static:
+            raise ModelError("this rule needs the static shape of its input")
+        return real(graph, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "compile_explainer", picky)
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Tanh", ["z"], ["y"])],
+               [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], [("w", W)])
+    x = RNG.normal(size=(3, 4)).astype(np.float32)
+    got = Explainer(m).attribute(x, target=[0, 1, 2])
+    z = x @ W
+    want = W.T[[0, 1, 2]] * (1 - np.tanh(z[np.arange(3), [0, 1, 2]]) ** 2)[:, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert calls == [False, True]
