@@ -131,3 +131,26 @@ class TinyCTC(nn.Module):
         h = torch.relu(self.conv(x)).transpose(1, 2)
         y = self.fc(self.rnn(h)[0])
         return y.transpose(0, 1) if self.sequence_first else y
+
+
+class Relayout(nn.Module):
+    """The tiny detector's answer in another detector's raw layout, for decoding and seeding
+    tests end to end: `yolov5` (batch, anchors, 5 + C) with an objectness (the mean class
+    score), `ssd` boxes (batch, anchors, 4) normalised corners + scores (batch, anchors, C),
+    `detr` logits (batch, anchors, C + 1) + normalised centre boxes (batch, anchors, 4)."""
+
+    def __init__(self, net: TinyYolo, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x):
+        y = self.net(x)  # (N, 4 + C, A)
+        xywh, cls = y[:, :4].transpose(1, 2), y[:, 4:].transpose(1, 2)
+        if self.kind == "yolov5":
+            obj = cls.mean(dim=2, keepdim=True)
+            return torch.cat([xywh, obj, cls], dim=2)
+        if self.kind == "ssd":
+            xy, wh = xywh[..., :2], xywh[..., 2:]
+            return torch.cat([xy - wh / 2, xy + wh / 2], dim=2) / SIZE, cls
+        logits = torch.cat([torch.logit(cls.clamp(1e-4, 1 - 1e-4)), torch.zeros_like(cls[..., :1])], dim=2)
+        return logits, xywh / SIZE

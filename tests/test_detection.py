@@ -20,7 +20,7 @@ from onnxplain import metrics as M
 from onnxplain.errors import InputError, OptionError
 from onnxplain.explainer import Explainer
 from onnxplain.methods.rise import MaskSampler
-from onnxplain.target import parse_target
+from onnxplain.target import parse_target, resolve_target
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "tiny_yolo.onnx"
@@ -505,3 +505,50 @@ def test_d_rise_on_a_detector_with_nms_in_its_graph_equals_the_equations_on_its_
             best = max(best, float(D.iou(t[:4], [r[:4]])[0]) * r[4])
         want += best * m
     np.testing.assert_allclose(sal[0, 0], want / n_masks, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- other layouts, end to end
+
+_RELAYOUT = {"yolov5": (["output0"], "yolov5"), "ssd": (["boxes", "scores"], "ssd"),
+             "detr": (["pred_logits", "pred_boxes"], "detr")}
+
+
+@pytest.fixture(scope="module", params=sorted(_RELAYOUT))
+def relayout(request, torch_model, tmp_path_factory):
+    from detection_models import Relayout
+
+    names, kind = _RELAYOUT[request.param]
+    net = Relayout(torch_model, request.param).eval()
+    x, _ = _square_scenes(2, seed=41)
+    path = tmp_path_factory.mktemp("layout") / f"{request.param}.onnx"
+    torch.onnx.export(net, (torch.from_numpy(x),), str(path), input_names=["images"], output_names=names,
+                      dynamic_axes={"images": {0: "n"}, **{k: {0: "n"} for k in names}}, opset_version=17,
+                      dynamo=False)
+    return net, path, kind, x
+
+
+def test_each_layouts_detection_is_explained_as_the_gradient_of_its_score(relayout):
+    """YOLOv5: of objectness x class (the seed is the product's derivative); SSD: of the
+    class score on the second output; DETR: of the class logit."""
+    net, path, kind, x = relayout
+    e = Explainer(str(path))
+    target, _output = resolve_target(e, e.feeds(x), "detection:0")
+    assert target.layout.kind == kind
+    grads = e.attribute(x, method="gradient", target="detection:0")
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out = net(xt)
+    total = 0
+    for i, d in enumerate(target.chosen):
+        if kind == "yolov5":
+            total = total + out[i, d.index, 4] * out[i, d.index, 5 + d.cls]
+            assert d.score == pytest.approx(float(out[i, d.index, 4] * out[i, d.index, 5 + d.cls]), rel=1e-5)
+        elif kind == "ssd":
+            total = total + out[1][i, d.index, d.cls]
+        else:
+            total = total + out[0][i, d.index, d.cls]
+    total.backward()
+    np.testing.assert_allclose(grads, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+    # the metrics score the detection itself (the product where there is one) on perturbed rows
+    scorer = M.Scorer(e, x, "detection:0", probability=False)
+    np.testing.assert_allclose(scorer.original, [d.score if kind != "detr" else float(out[0][i, d.index, d.cls])
+                                                 for i, d in enumerate(target.chosen)], rtol=1e-5)
