@@ -22,6 +22,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -208,15 +209,26 @@ def relevance(model: TinyEncoder, ids: torch.Tensor, target: int, mode: str) -> 
         model.set_mode(PLAIN)
 
 
-def attention_maps(model, x) -> list:
-    """The attention probabilities of each block on input x (eager softmax)."""
+def attention_maps(model, x, target=None, mode=PLAIN) -> tuple:
+    """The attention probabilities of each block on input x (eager softmax), and with a
+    target their gradients of that logit in the `mode` pass (PLAIN: the true gradient;
+    ATTNLRP: the modified one, whose product with the map is its relevance)."""
     sdpa = [blk.sdpa for blk in model.blocks]
     for blk in model.blocks:
-        blk.sdpa, blk.mode = False, PLAIN
+        blk.sdpa, blk.mode = False, mode
+    if hasattr(model, "set_mode"):
+        model.mode = mode
     try:
-        with torch.no_grad():
-            model(x)
-        return [blk.probs.numpy().copy() for blk in model.blocks]
+        with torch.set_grad_enabled(target is not None):
+            out = model(x)
+        probs = [blk.probs for blk in model.blocks]
+        if target is None:
+            return [p.detach().numpy().astype(np.float64) for p in probs], None
+        grads = torch.autograd.grad(out[:, target].sum(), probs)
+        return ([p.detach().numpy().astype(np.float64) for p in probs],
+                [g.numpy().astype(np.float64) for g in grads])
     finally:
         for blk, s in zip(model.blocks, sdpa):
-            blk.sdpa = s
+            blk.sdpa, blk.mode = s, PLAIN
+        if hasattr(model, "set_mode"):
+            model.mode = PLAIN

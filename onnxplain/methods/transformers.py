@@ -120,3 +120,153 @@ def attnlrp(ctx, epsilon, activation):
           composite=cp_lrp_composite)
 def cp_lrp(ctx, epsilon, gamma, activation):
     return ctx.backward(cp_lrp_composite(epsilon, gamma, activation))[0]
+
+
+# ----------------------------------------------------------------------------- attention maps
+def attention_maps(graph) -> list:
+    """The attention probabilities of the model, layer by layer: each Softmax output that a
+    MatMul multiplies with a computed value tensor (eager and SDPA exports alike)."""
+    found = []
+    for node in graph.nodes:
+        k = rules.value_product(graph, node)
+        if k is None:
+            continue
+        probs = rules.attention_probabilities(graph, node.input[k])
+        if probs not in found:
+            found.append(probs)
+    if not found:
+        raise ModelError("no attention maps found: attention explanations need a Softmax whose output a MatMul "
+                         "multiplies with the values (per head)")
+    return found
+
+
+def _maps(ctx, values: dict, names: list) -> list:
+    out = []
+    for t in names:
+        a = np.asarray(values[t], dtype=np.float64)
+        if a.ndim == 3:
+            a = a[:, None]  # one head
+        if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
+            raise ModelError(f"attention map '{t}' has shape {a.shape[1:]} per sample; attention explanations need "
+                             "(heads, tokens, tokens)")
+        out.append(a)
+    if len({a.shape[-1] for a in out}) != 1:
+        raise ModelError("the attention maps differ in their number of tokens; they cannot be rolled out")
+    return out
+
+
+def _fuse(a: np.ndarray, how: str) -> np.ndarray:
+    return {"mean": np.mean, "max": np.max, "min": np.min}[how](a, axis=1)
+
+
+def rollout(maps: list, head_fusion: str = "mean") -> np.ndarray:
+    """Abnar & Zuidema: the product over layers of 0.5 A + 0.5 I (heads fused, rows
+    renormalised), first layer rightmost."""
+    n, t = maps[0].shape[0], maps[0].shape[-1]
+    out = np.broadcast_to(np.eye(t), (n, t, t)).copy()
+    for a in maps:
+        a = 0.5 * _fuse(a, head_fusion) + 0.5 * np.eye(t)
+        a = a / a.sum(-1, keepdims=True)
+        out = a @ out
+    return out
+
+
+def relevance_rollout(terms: list) -> np.ndarray:
+    """Chefer et al.: R = I; for each layer R += mean_heads(term+) R, the term of a layer
+    (batch, heads, tokens, tokens) being dA * A (generic attention) or dA * R_A."""
+    n, t = terms[0].shape[0], terms[0].shape[-1]
+    out = np.broadcast_to(np.eye(t), (n, t, t)).copy()
+    for term in terms:
+        out = out + np.maximum(term, 0.0).mean(axis=1) @ out
+    return out
+
+
+def _scores(ctx, matrix: np.ndarray, query, upsample: bool, interpolation: str) -> dict:
+    """The query row of a (batch, tokens, tokens) matrix: per-token scores keyed by the id
+    input for a token model; for an image model the CLS row's patch part on the patch grid,
+    upsampled to the image, keyed by the image input, (batch, 1, H, W)."""
+    from .blackbox import layout
+    from .cam import resize
+
+    t = matrix.shape[-1]
+    row = matrix.mean(axis=1) if query == "mean" else matrix[:, int(query)]
+    images = [n for n in ctx.inputs if len(ctx.feeds[n].shape) == 4]
+    if images:
+        name = images[0]
+        side = int(round(np.sqrt(t - 1)))
+        if side * side != t - 1:
+            raise ModelError(f"{t} tokens are not a CLS token and a square grid of patches")
+        grid = row[:, 1:].reshape(-1, side, side)
+        channel, spatial = layout(ctx.feeds[name].shape)
+        if not upsample:
+            return {name: grid[:, None].astype(np.float32)}
+        size = tuple(ctx.feeds[name].shape[a] for a in spatial)
+        return {name: np.expand_dims(resize(grid, size, interpolation), channel or 1).astype(np.float32)}
+    ids = [n for n in ctx.feeds if ctx.feeds[n].ndim == 2 and ctx.feeds[n].shape[1] == t
+           and ctx.feeds[n].dtype.kind in "iu"]
+    name = ids[0] if ids else ctx.wrt[0]
+    return {name: row.astype(np.float32)}
+
+
+def _map_values(ctx):
+    names = attention_maps(ctx.graph)
+    return names, _maps(ctx, ctx.forward(names), names)
+
+
+QUERY = Option("query", "0", str, "the query token whose row is read: an index (0: the CLS token), or mean")
+UPSAMPLE = Option("upsample", True, bool, "for an image model, upsample the patch grid to the image")
+INTERPOLATION = Option("interpolation", "bilinear", str, "upsampling", choices=("bilinear", "nearest"))
+
+
+def _check_query(q):
+    if q == "mean":
+        return None
+    try:
+        int(q)
+    except ValueError:
+        return "must be a token index or 'mean'"
+    return None
+
+
+QUERY.check = _check_query
+
+
+@register("attention_rollout", "attention rollout: the product over layers of the head-averaged attention plus "
+          "the identity (residual); the query token's row as per-token scores, or for a ViT the CLS row on the "
+          "patch grid upsampled to the image",
+          options=[Option("head_fusion", "mean", str, "how heads are fused", choices=("mean", "max", "min")),
+                   QUERY, UPSAMPLE, INTERPOLATION],
+          reference="Abnar & Zuidema, ACL 2020")
+def attention_rollout(ctx, head_fusion, query, upsample, interpolation):
+    _, maps = _map_values(ctx)
+    return _scores(ctx, rollout(maps, head_fusion), query, upsample, interpolation)
+
+
+def _map_gradients(ctx, names, composite):
+    values = ctx.with_wrt(names).backward(composite)[0]
+    return _maps(ctx, values, names)
+
+
+@register("generic_attention", "gradient-weighted attention rolled out: R += mean_heads((dA * A)+) R over layers, "
+          "the gradient of the target at each attention map",
+          options=[QUERY, UPSAMPLE, INTERPOLATION], reference="Chefer et al., ICCV 2021 (generic attention)")
+def generic_attention(ctx, query, upsample, interpolation):
+    from .gradients import GRADIENT
+
+    names, maps = _map_values(ctx)
+    grads = _map_gradients(ctx, names, GRADIENT)
+    return _scores(ctx, relevance_rollout([g * a for g, a in zip(grads, maps)]), query, upsample, interpolation)
+
+
+@register("transformer_attribution", "relevance-weighted attention rolled out: R += mean_heads((dA * R_A)+) R over "
+          "layers, R_A the AttnLRP relevance of each attention map",
+          options=[EPSILON, QUERY, UPSAMPLE, INTERPOLATION],
+          reference="Chefer et al., CVPR 2021 (transformer attribution)")
+def transformer_attribution(ctx, epsilon, query, upsample, interpolation):
+    from .gradients import GRADIENT
+
+    names, maps = _map_values(ctx)
+    grads = _map_gradients(ctx, names, GRADIENT)
+    relevance = _map_gradients(ctx, names, attnlrp_composite(epsilon))
+    terms = [g * r for g, r in zip(grads, relevance)]
+    return _scores(ctx, relevance_rollout(terms), query, upsample, interpolation)
