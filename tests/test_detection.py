@@ -552,3 +552,21 @@ def test_each_layouts_detection_is_explained_as_the_gradient_of_its_score(relayo
     scorer = M.Scorer(e, x, "detection:0", probability=False)
     np.testing.assert_allclose(scorer.original, [d.score if kind != "detr" else float(out[0][i, d.index, d.cls])
                                                  for i, d in enumerate(target.chosen)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "guided_backprop", "deeplift",
+                                    "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1_flat", "excitation_backprop",
+                                    "contrastive_excitation_backprop", "grad_cam_pp", "layer_cam", "score_cam"])
+def test_every_white_box_family_explains_a_detection_as_its_seed(explainer, method):
+    """A detection target is the one-hot seed of its class score at its anchor, whatever the
+    method (gradient family, LRP composites, excitation backprop, the CAM family)."""
+    x, _ = _square_scenes(2, seed=3)
+    target, _ = resolve_target(explainer, explainer.feeds(x), "detection:0")
+    seed = np.zeros((2, 6, 64), np.float32)
+    for i, d in enumerate(target.chosen):
+        seed[i, 4 + d.cls, d.index] = 1.0
+    opts = {"layer": _last_feature_map()} if "cam" in method else {}
+    a = explainer.attribute(x, method=method, target="detection:0", **opts)
+    b = explainer.attribute(x, method=method, target=seed, **opts)
+    assert np.all(np.isfinite(a)) and np.any(a != 0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
