@@ -401,12 +401,41 @@ def excitation_backprop(ctx, stabilizer):
     return ctx.backward(excitation_composite(False, stabilizer))[0]
 
 
+def _contrastive_composite(stabilizer=1e-6, saliency_layer=None):
+    if saliency_layer is not None:
+        raise OptionError("saliency_layer reads the map at a layer and upsamples it, which an exported graph "
+                          "does not do: export without it and read the attribution at that layer (--layer)")
+    return excitation_composite(True, stabilizer)
+
+
 @register("contrastive_excitation_backprop", "excitation backprop of the target minus that of its dual "
-          "(negated output weights), formed at the layer below the explained neuron",
-          options=[STABILIZER], reference="Zhang et al. 2016",
-          composite=lambda stabilizer=1e-6: excitation_composite(True, stabilizer))
-def contrastive_excitation_backprop(ctx, stabilizer):
-    return ctx.backward(excitation_composite(True, stabilizer, ctx.explained))[0]
+          "(negated output weights), formed at the layer below the explained neuron; saliency_layer= reads "
+          "it at a mid layer, summed over channels and upsampled to the input (the paper's maps)",
+          options=[STABILIZER, Option("saliency_layer", None, str, "a 4-D tensor to read the map at (TorchRay's "
+                                      "saliency_layer; `onnxplain inspect` lists them); default: the input")],
+          reference="Zhang et al. 2016; TorchRay contrastive_excitation_backprop",
+          composite=_contrastive_composite)
+def contrastive_excitation_backprop(ctx, stabilizer, saliency_layer=None):
+    composite = excitation_composite(True, stabilizer, ctx.explained)
+    if saliency_layer is None:
+        return ctx.backward(composite)[0]
+    # Excitation backprop carries relevance linearly (z+ shares of fixed activations), so the
+    # target-minus-dual difference formed below the explained neuron equals the one TorchRay
+    # forms at a deeper contrast_layer: only where the map is read changes it.
+    layer_shape = ctx.shape(saliency_layer) if saliency_layer in ctx.graph.tensor_names() else None
+    inputs = {t: ctx.feeds[t].shape for t in ctx.wrt if t in ctx.feeds}
+    if layer_shape is None or len(layer_shape) != 4 or not inputs or any(len(s) != 4 for s in inputs.values()):
+        raise OptionError(f"saliency_layer '{saliency_layer}' must be a 4-D (batch, channels, H, W) tensor of a "
+                          "model with (batch, channels, H, W) inputs; `onnxplain inspect MODEL` lists the layers")
+    at = ctx.with_wrt([saliency_layer]).backward(composite)[0][saliency_layer]
+    summed = np.asarray(at, np.float32).sum(axis=1)
+    from PIL import Image
+
+    out = {}
+    for t, shape in inputs.items():
+        h, w = shape[2], shape[3]
+        out[t] = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.BILINEAR)) for m in summed])[:, None]
+    return out
 
 
 # ----------------------------------------------------------------------------- DeepLIFT
