@@ -1,6 +1,8 @@
 """The README's pictures of dense targets: docs/detection.png (the tiny detector's explained
-box), docs/region.png (a region of a U-Net's map) and docs/time_steps.png (frames of a
-sequence output).
+box), docs/region.png (a region of a U-Net's map), docs/time_steps.png (frames of a
+sequence output) and, where the nudenet 3.4.2 and scikit-image 0.26.0 wheels are cached
+(benchmarks/corpus.py, models/export_models.py), docs/detection_nudenet.png: `onnxplain
+explain` on NudeNet's YOLOv8 320n.onnx and scikit-image's astronaut photo.
 
     .venv-ci/bin/python docs/make_dense_figures.py
 """
@@ -104,8 +106,36 @@ def time_figure(path):
     P.sequence_picture(path, y, parse_target("steps:20-24:2"), a)
 
 
+def nudenet_figure(path):
+    import tempfile
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_detection import _cached_wheel
+
+    nude, ski = _cached_wheel("nudenet-3.4.2-*.whl"), _cached_wheel("scikit_image-0.26.0-*.whl")
+    if nude is None or ski is None:
+        print("nudenet or scikit-image wheel not cached: docs/detection_nudenet.png not made")
+        return
+    tmp = Path(tempfile.mkdtemp())
+    with zipfile.ZipFile(nude) as z:
+        z.extract("nudenet/320n.onnx", tmp)
+    with zipfile.ZipFile(ski) as z:
+        z.extract("skimage/data/astronaut.png", tmp)
+    args = ["explain", str(tmp / "nudenet" / "320n.onnx"), str(tmp / "skimage" / "data" / "astronaut.png"), "-t",
+            "detection:0", "-m", "lrp.epsilon_plus_flat", "--size", "320,320", "--mean", "0,0,0", "--std", "1,1,1",
+            "-o", str(path), "-q"]
+    r = CliRunner().invoke(cli.main, args)
+    assert r.exit_code == 0, r.output
+
+
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     detection_figure(here / "detection.png")
     region_figure(here / "region.png")
     time_figure(here / "time_steps.png")
+    nudenet_figure(here / "detection_nudenet.png")

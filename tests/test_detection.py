@@ -570,3 +570,23 @@ def test_every_white_box_family_explains_a_detection_as_its_seed(explainer, meth
     b = explainer.attribute(x, method=method, target=seed, **opts)
     assert np.all(np.isfinite(a)) and np.any(a != 0)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_and_report_take_a_detection_target(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    x, _ = _square_scenes(2, seed=51)
+    np.save(tmp_path / "x.npy", x)
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["evaluate", str(MODEL), str(tmp_path / "x.npy"), "-t", "detection:0", "--methods",
+                                 "input_x_gradient", "--metrics", "energy_in_box,pointing_game,deletion", "-S",
+                                 "deletion:steps=4", "-o", str(tmp_path / "e.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "energy_in_box" in r.output and "explained: detection:0" in r.output
+    r = runner.invoke(cli.main, ["report", str(MODEL), str(tmp_path / "x.npy"), "-t", "detection:0", "--methods",
+                                 "input_x_gradient", "--metrics", "energy_in_box", "-o", str(tmp_path / "r.html"),
+                                 "-q"])
+    assert r.exit_code == 0, r.output
+    assert "energy_in_box" in (tmp_path / "r.html").read_text()
