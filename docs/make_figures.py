@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxplain import Explainer
 from onnxplain.io import Preprocess, prepare_images
-from onnxplain.visualize import grid, heatmap, reduce_channels, save_png
+from onnxplain.visualize import colorbar, grid, heatmap, picture, reduce_channels, save_png
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
@@ -26,7 +26,7 @@ PHOTO = ROOT / "models" / "chelsea.png"
 FIGURES = {
     "gradients.png": [
         ("gradient", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 32}),
-        ("smoothgrad", {"n_samples": 50, "stdev": 0.3}), ("guided_backprop", {"clip_as_relu": True}),
+        ("smoothgrad", {"n_samples": 50}, "absolute"), ("guided_backprop", {"clip_as_relu": True}),
         ("deconvnet", {"clip_as_relu": True}),
     ],
     "relevance.png": [
@@ -36,28 +36,53 @@ FIGURES = {
 }
 
 
+def _legend(height: int) -> np.ndarray:
+    """The two colour bars of a grid: signed maps (bwr) and non-negative ones (inferno), each
+    map scaled by its own top value."""
+    half = (height - 8) // 2
+    signed = colorbar(half, "bwr", True, -1.0, 1.0, "signed: red for, blue against")
+    positive = colorbar(half, "inferno", False, 0.0, 1.0, "non-negative")
+    w = max(signed.shape[1], positive.shape[1])
+    pad = lambda b: np.pad(b, ((0, 0), (0, w - b.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
+    return np.concatenate([pad(signed), np.full((height - 2 * half, w, 3), 255, np.uint8), pad(positive)])
+
+
+def _with_legend(pic: np.ndarray) -> np.ndarray:
+    legend = _legend(pic.shape[0] - 8)
+    legend = np.pad(legend, ((4, 4), (0, 6), (0, 0)), constant_values=255)
+    return np.concatenate([pic, legend], axis=1)
+
+
 def main(names=None) -> None:
     e = Explainer(MODEL)
     pre = Preprocess.from_metadata(json.loads(e.metadata["onnxplain.preprocess"]))
     x, images = prepare_images([PHOTO], pre)
     labels = (ROOT / "models" / "imagenet_classes.txt").read_text().splitlines()
     target = int(e.predict(x).argmax(1)[0])
+    if not names or "quickstart.png" in names:
+        # What `onnxplain explain` with no arguments writes.
+        a = e.attribute(x, method="lrp.epsilon_plus_flat", target=target)
+        save_png(ROOT / "docs" / "quickstart.png", picture(
+            a[0], image=images[0], title=f"efficientnet_lite0: class {target} ({labels[target]}), "
+                                          "lrp.epsilon_plus_flat"))
+        print("wrote", ROOT / "docs" / "quickstart.png")
     for fname, methods in FIGURES.items():
         if names and fname not in names:
             continue
         tiles, titles = [images[0]], [f"input: {labels[target]}"]
-        for method, opts in methods:
+        for method, opts, *how in methods:
             t0 = time.perf_counter()
             try:
                 a = e.attribute(x, method=method, target=target, **opts)
             except Exception as exc:  # a method not available yet is left out, loudly
                 print(f"{method}: skipped ({exc})", file=sys.stderr)
                 continue
-            heat = reduce_channels(a[0], layout="nchw")
+            heat = reduce_channels(a[0], layout="nchw", how="abs_max" if how else "sum")
             tiles.append(heatmap(heat))
-            titles.append(method)
+            # SmoothGrad as its paper draws it: |gradient|, max over channels.
+            titles.append(f"{method} (|max|)" if how else method)
             print(f"{method}: {time.perf_counter() - t0:.2f} s")
-        save_png(ROOT / "docs" / fname, grid(tiles, titles, ncols=4))
+        save_png(ROOT / "docs" / fname, _with_legend(grid(tiles, titles, ncols=4)))
         print("wrote", ROOT / "docs" / fname)
 
 
