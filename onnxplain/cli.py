@@ -353,6 +353,8 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         r["file"] = f
     for r, f in zip(records, extra):
         r["time_plot"] = f
+    for r, d in zip(records, getattr(target, "chosen", None) or []):  # the detection's own score
+        r["score"], r["detection"] = d.score, d.as_dict()
     if as_json:
         click.echo(json.dumps(records, indent=2))
     for r in records if not as_json else []:

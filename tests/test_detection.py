@@ -6,6 +6,7 @@ where their relevance lies."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -402,6 +403,10 @@ def test_explain_lists_the_detections_and_draws_the_explained_box(tmp_path):
     d = D.decode(D.find_layout({"output0": (6, 64)}), {"output0": Explainer(str(MODEL)).predict(x)[0]}, (64, 64))[0]
     s = rgb.shape[0] / 64
     assert abs(xs.min() / s - d.box[0]) < 1.5 and abs(ys.max() / s - d.box[3]) < 1.5
+    js = runner.invoke(cli.main, ["explain", str(MODEL), str(tmp_path / "scene.png"), "-t", "detection:0", "-o",
+                                  str(tmp_path / "a.npy"), "-q", "--json"] + pre)
+    rec = json.loads(js.output)[0]
+    assert rec["score"] == pytest.approx(d.score, rel=1e-5) and rec["detection"]["index"] == d.index
     bad = runner.invoke(cli.main, ["explain", str(MODEL), str(tmp_path / "scene.png"), "-t", "3", "--decoder",
                                    "yolov5"] + pre)
     assert bad.exit_code == 2 and "--decoder" in bad.output
