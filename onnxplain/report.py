@@ -198,7 +198,7 @@ td,th{padding:4px 10px;border-bottom:1px solid #e6e6e6;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}
 td.best{font-weight:bold;background:#e8f4e8}
 .grid td{text-align:center;vertical-align:top;border:none;padding:3px}
-.grid img{width:150px;height:150px;image-rendering:auto;display:block}
+.grid img{width:224px;height:auto;image-rendering:auto;display:block}
 .grid th{background:none;font-weight:600;font-size:12px}
 .grid .row{text-align:right;font-size:12px;font-weight:600;white-space:nowrap;vertical-align:middle}
 .note{font-size:12px;color:#666;max-width:900px}

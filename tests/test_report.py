@@ -86,6 +86,20 @@ def test_report_is_one_self_contained_page(page):
     assert "deletion ↓" in text and "lrp.epsilon_plus" in text
 
 
+def test_report_thumbnails_are_at_least_224_pixels_and_say_what_the_colours_mean(page):
+    """Before: 224 px pictures shown at 150 px, and no word on the colours."""
+    import base64
+    import io
+
+    text = page.read_text()
+    width = re.search(r"\.grid img\{width:(\d+)px", text)
+    assert width and int(width.group(1)) >= 224
+    for uri in re.findall(r"src='data:image/png;base64,([^']+)' *>", text)[:6]:
+        with Image.open(io.BytesIO(base64.b64decode(uri))) as img:
+            assert max(img.size) >= 224
+    assert "red for the class, blue against" in text
+
+
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="chromium is not installed at /usr/bin/chromium "
                     "(.ci/run installs it with apt-get); the screenshot test needs it")
 def test_report_renders_in_headless_chromium(page, tmp_path):

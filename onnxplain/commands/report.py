@@ -17,6 +17,10 @@ from .evaluate import (DEFAULT_METHODS, Batch, aggregate, batch_options, check_t
 
 __all__ = ["COMMANDS"]
 THUMB = 224  # side of a grid picture, pixels
+COLOURS = ("Colours: a signed map (gradients, LRP with negative relevance) is red for the class, blue against "
+           "(bwr, zero is no colour); a non-negative map (CAM, RISE, excitation backprop) runs from dark (low) to "
+           "bright yellow (high) (inferno); each map is scaled by its own 99.5th percentile and drawn over a grey "
+           "copy of the photo, in proportion to its value.")
 
 
 def _picture(attr, image, layout, symmetric=None) -> np.ndarray:
@@ -31,7 +35,9 @@ def _picture(attr, image, layout, symmetric=None) -> np.ndarray:
     else:
         a2d = reduce_channels(a, layout=layout)
     if image is not None:
-        pic = overlay(image, a2d, alpha=0.6, symmetric=symmetric)
+        # On a faded grey copy of the photo: sparse pixel-level relevance (gradients) is
+        # invisible against the colours of a photo.
+        pic = overlay(image, a2d, alpha=0.8, symmetric=symmetric, background="gray")
     else:
         pic = heatmap(a2d, symmetric=symmetric)
     h, w = pic.shape[:2]
@@ -124,9 +130,10 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
             f"methods: {', '.join(methods)}", f"explained: {target_text(target)}",
             f"written {datetime.datetime.now():%Y-%m-%d %H:%M} by onnxplain"]
     page = html_report(title or f"onnxplain report: {model.name}", meta, inputs, grid, table, curves_png,
-                       notes=["Metrics: deletion/insertion AUC (Petsiuk et al. 2018), selectivity = AOPC of region "
-                              "perturbation (Samek et al. 2017); arrows give the better direction; the best "
-                              "value per column is highlighted."] if metric_names else [])
+                       notes=[COLOURS] + (["Metrics: deletion/insertion AUC (Petsiuk et al. 2018), selectivity = "
+                                           "AOPC of region perturbation (Samek et al. 2017); arrows give the better "
+                                           "direction; the best value per column is highlighted."]
+                                          if metric_names else []))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     if as_json:
