@@ -24,13 +24,15 @@ Forms (`FORMS` is the one-line summary errors show):
   forward pass decodes the outputs (`onnxplain.detection`: layout read off the output
   shapes unless DECODER names it, score threshold, NMS), then the target is the seed of
   that detection's score on the scores output (`resolve_target`, before any explainer run).
-- `text:` is parsed and refused: it needs a tokenizer and a sentence encoder's reference
-  embedding, which do not exist yet.
+- `text:"REFERENCE"`: for a sentence encoder, dot(emb(text), emb(REFERENCE)) with the
+  model's pooling (`TextTarget`); resolved to a seed by `onnxplain.text`, which has the
+  tokenizer (`explain_text`, the CLI's --text/--tokenizer).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -499,10 +501,31 @@ def resolve_target(explainer, feeds, target, output=None):
 PREDICTED = _Predicted()
 
 # Forms another issue will bring: parsed, then refused with what they need.
-_NOT_YET = {
-    "text": (r"(\".*\"|'.*'|.+)", 'text:"..."', "a sentence encoder, its tokenizer and the reference text's "
-             "embedding"),
-}
+_NOT_YET: dict = {}
+
+
+class TextTarget(Target):
+    """`text:"REFERENCE"`: why the explained text's embedding is close to REFERENCE's, the
+    score dot(emb(text), emb(REFERENCE)). Its seed needs the tokenizer and the model, so
+    `onnxplain.text.text_target_seed` forms it; on a bare tensor shape it is an error."""
+
+    def __init__(self, reference: str):
+        self.reference = reference
+        self.text = "text:" + json.dumps(reference)
+
+    def seed(self, shape, batch_axis=0, output=None):
+        raise OptionError(f"target '{self.text}' compares sentence embeddings: it needs the tokenizer to embed the "
+                          "reference text; explain text with onnxplain.text.explain_text(explainer, tokenizer, text, "
+                          "target=...) or the CLI's --text/--tokenizer")
+
+
+def _parse_text(rest: str, raw: str) -> TextTarget:
+    rest = rest.strip()
+    if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "\"'":
+        rest = rest[1:-1]
+    if not rest.strip():
+        raise OptionError(f"target '{raw}' is not text:\"REFERENCE\" (a reference sentence, e.g. text:\"a great film\")")
+    return TextTarget(rest)
 
 
 def parse_target(text: str) -> Target:
@@ -521,6 +544,8 @@ def parse_target(text: str) -> Target:
         return _Seed(load_array(raw), name=f"seed:{raw}:{_file_digest(raw)}")
     if kind in ("detection", "box"):
         return _parse_detection(kind, rest.strip(), raw)
+    if kind == "text":
+        return _parse_text(rest, raw)
     if kind in _NOT_YET:
         pattern, spelling, needs = _NOT_YET[kind]
         if not re.fullmatch(pattern, rest.strip()):

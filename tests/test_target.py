@@ -280,12 +280,11 @@ def test_a_misspelt_target_is_an_option_error_naming_the_form(text, match):
         parse_target(text)
 
 
-@pytest.mark.parametrize("text, needs", [
-    ('text:"a great film"', "sentence encoder"),
-])
-def test_text_targets_are_parsed_and_refused_as_not_available_yet(text, needs):
-    with pytest.raises(OptionError, match=f"needs .*{needs}.*not have yet"):
-        parse_target(text)
+def test_a_text_target_is_parsed_and_its_seed_on_a_bare_shape_asks_for_the_tokenizer():
+    t = parse_target('text:"a great film"')
+    assert t.reference == "a great film" and t == parse_target("text:a great film")
+    with pytest.raises(OptionError, match="needs the tokenizer"):
+        t.seed((N, 7, 8))
 
 
 def test_a_malformed_box_is_a_syntax_error_not_a_promise():
