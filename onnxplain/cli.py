@@ -291,6 +291,10 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     bundled = [str(p) for p in (model, inputs[0]) if p.parent == models_dir() and str(p) not in paths]
     if bundled and not quiet:
         click.echo(f"using the bundled {' and '.join(bundled)}", err=True)
+    group = _group_size(explainer, memory_budget)
+    one_array_file = out is not None and out.suffix.lower() in ARRAY_SUFFIXES  # needs every sample at once
+    if not _GROUP and len(inputs) > group and not one_array_file:
+        return _explain_in_groups(click.get_current_context(), model, inputs, group, method, as_json)
     pre = None
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in inputs):
         flags = dict(size=size, mean=mean, std=std, layout=layout, bgr=bgr or None)
@@ -355,10 +359,40 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         r["time_plot"] = f
     for r, d in zip(records, getattr(target, "chosen", None) or []):  # the detection's own score
         r["score"], r["detection"] = d.score, d.as_dict()
-    if as_json:
+    if as_json and _GROUP:
+        _GROUP["records"] += records  # printed once, after the last group
+    elif as_json:
         click.echo(json.dumps(records, indent=2))
     for r in records if not as_json else []:
         click.echo(_line(r, method))
+
+
+# While explain runs a long list of inputs group by group: the index of the group's first
+# sample (output numbering) and the records gathered for --json.
+_GROUP: dict = {}
+
+
+def _group_size(explainer, memory_budget) -> int:
+    """Inputs explained at once: the batch, its attribution and pictures held together
+    stay within a quarter of the memory budget (runs inside are chunked by the budget too)."""
+    per_sample = 0
+    for shape in explainer.inputs.values():
+        per_sample += 4 * int(np.prod([d for d in (shape or ())[1:] if isinstance(d, int)] or [1]))
+    budget = memory_budget or runtime.DEFAULT_MEMORY_BUDGET
+    return max(1, budget // (4 * 4 * max(per_sample, 1)))
+
+
+def _explain_in_groups(ctx, model, inputs, group, method, as_json):
+    _GROUP.update(offset=0, records=[])
+    try:
+        for start in range(0, len(inputs), group):
+            _GROUP["offset"] = start
+            params = dict(ctx.params, paths=(str(model), *map(str, inputs[start:start + group])), method=method)
+            ctx.invoke(explain, **params)
+        if as_json:
+            click.echo(json.dumps(_GROUP["records"], indent=2))
+    finally:
+        _GROUP.clear()
 
 
 @main.command(epilog="\b\nExamples:\n  onnxplain methods\n  onnxplain methods --json | jq '.[].name'")
@@ -556,7 +590,8 @@ def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annot
 
     files = []
     for i in range(len(attr)):
-        path = out if len(attr) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        k = i + _GROUP.get("offset", 0)  # numbered across the groups of a long list of inputs
+        path = out if len(attr) == 1 and not _GROUP else out.with_name(f"{out.stem}_{k}{out.suffix}")
         image = batch.images[i] if batch.images else None
         look = dict(look or {})
         if annotators:

@@ -691,3 +691,29 @@ def test_export_report_and_prune_study_print_json(tmp_path):
             "--k", "1,2", "--n-steps", "4", "--json")
     res = json.loads(p.stdout)
     assert res["layer"] == "/relu2/Relu_output_0" and len(res["rows"]) == 1 + 2 * 2  # unpruned, 2 rankings x 2 k
+
+
+def test_a_long_list_of_inputs_is_explained_in_groups_under_the_memory_budget(tmp_path, monkeypatch):
+    """Before: every input was loaded into one batch, whatever the budget."""
+    d = _photos(tmp_path)
+    sizes = []
+    original = Explainer.attribute
+
+    def counting(self, x, *a, **k):
+        sizes.append(len(x))
+        return original(self, x, *a, **k)
+
+    monkeypatch.setattr(Explainer, "attribute", counting)
+    # tiny_cnn's input is 3x32x32 float32 = 12 KiB a sample: 200 KB fits one sample per group.
+    r = run("explain", TINY, d, "-t", "3", "--memory-budget", "200KB", "-o", tmp_path / "e.png", "--json", "--plain")
+    assert r.exit_code == 0, r.output
+    assert sizes == [1, 1, 1]
+    records = json.loads(r.stdout)
+    assert [Path(x["file"]).name for x in records] == ["e_0.png", "e_1.png", "e_2.png"]
+    assert [x["sample"] for x in records] == ["cat", "other", "tac"]
+    sizes.clear()
+    whole = run("explain", TINY, d, "-t", "3", "-o", tmp_path / "all.png", "--json", "--plain")
+    assert whole.exit_code == 0 and sizes == [3]
+    for a, b in zip(records, json.loads(whole.stdout)):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-6)
+        np.testing.assert_array_equal(_png(a["file"]), _png(tmp_path / Path(b["file"]).name))
