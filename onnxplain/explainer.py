@@ -294,6 +294,10 @@ class Explainer:
         feeds = self._feeds(x)
         # A detection is decoded here (one forward pass) into the seed of its scores output.
         target, output = resolve_target(self, feeds, target, output)
+        if layer is None and getattr(target, "chosen", None) and m.run.__module__.endswith(".cam"):
+            from .detection import default_cam_layer
+
+            layer = default_cam_layer(self, feeds, target)  # the feature map at the detection's scale
         explained = self.explained_tensor(output, probability)
         tensors = self.attributed(layer, wrt, feeds, black_box=m.kind == "black-box")
         # The predicted class (target None) is found lazily: a single-pass method forms it
