@@ -367,3 +367,67 @@ def cli_target(explainer, x, target, decoder=None, listing=False, echo=print, la
         if not isinstance(target, _Detect):
             return None
     return t.resolve(explainer, feeds)
+
+
+def anchor_grid(layout: Layout, anchors: int, index: int, image_size) -> tuple[int, int] | None:
+    """(grid height, grid width) of the scale whose cells hold anchor `index` of a YOLO-style
+    output, its anchors laid out scale by scale (strides 8, 16, 32[, 64], 1 or 3 anchors a
+    cell; or one scale of any stride); None where no such layout counts `anchors`."""
+    if layout.kind not in ("yolov8", "yolov5", "yolox"):
+        return None
+    h, w = image_size
+    layouts = [(8, 16, 32), (8, 16, 32, 64)] + [(s,) for s in (4, 8, 16, 32, 64)]
+    for strides in layouts:
+        for per_cell in (1, 3):
+            sizes = [(-(-h // s), -(-w // s)) for s in strides]
+            blocks = [per_cell * gh * gw for gh, gw in sizes]
+            if sum(blocks) == anchors:
+                start = 0
+                for size, block in zip(sizes, blocks):
+                    if index < start + block:
+                        return size
+                    start += block
+    return None
+
+
+def cam_layer(graph, explained: str, grid) -> str | None:
+    """The feature map at a detection's scale: among the float (N, C, gh, gw) tensors the
+    explained output depends on, the last one several Convs read (a neck output feeding the
+    box and class branches), else the last one a Conv reads."""
+    if grid is None:
+        return None
+    need, stack = set(), [explained]
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        node = graph.producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    at_scale = []
+    for node in graph.nodes:
+        for o in node.output:
+            shape = graph.shape(o) or ()
+            if o in need and graph.is_float(o) and len(shape) == 4 and tuple(shape[2:]) == tuple(grid):
+                at_scale.append(o)
+    convs_reading = lambda t: [n for n in graph.consumers.get(t, []) if n.op_type == "Conv"]  # noqa: E731
+    shared = [t for t in at_scale if len(convs_reading(t)) > 1]
+    convs = [t for t in at_scale if any(n.op_type == "Conv" for n in graph.consumers.get(t, []))]
+    return (shared or convs or [None])[-1]
+
+
+def default_cam_layer(explainer, feeds, target) -> str | None:
+    """The CAM layer of a resolved detection target: the feature map of the scale whose
+    anchor produced the (first sample's) detection; None where it cannot be told."""
+    layout, det = target.layout, target.chosen[0]
+    graph = explainer.plan(feeds).graph
+    shape = graph.shape(layout.scores)
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    per_anchor = layout.classes + (5 if layout.has_objectness else 4)
+    anchors = int(np.prod([d for i, d in enumerate(shape) if i != (explainer.plan(feeds).axis(layout.scores) or 0)]))
+    grids = {anchor_grid(layout, anchors // per_anchor, d.index, target.image_size) for d in target.chosen}
+    if len(grids) != 1:  # samples at different scales: one layer cannot serve them
+        return None
+    return cam_layer(graph, layout.scores, grids.pop())

@@ -595,3 +595,38 @@ def test_evaluate_and_report_take_a_detection_target(tmp_path):
                                  "-q"])
     assert r.exit_code == 0, r.output
     assert "energy_in_box" in (tmp_path / "r.html").read_text()
+
+
+# ----------------------------------------------------------------------------- Grad-CAM's layer
+
+
+def test_the_anchor_tells_the_scale_of_a_yolo_output():
+    v8 = D.Layout("yolov8", "o", "o", 80, True)
+    assert D.anchor_grid(v8, 8400, 0, (640, 640)) == (80, 80)
+    assert D.anchor_grid(v8, 8400, 6400, (640, 640)) == (40, 40)
+    assert D.anchor_grid(v8, 8400, 8399, (640, 640)) == (20, 20)
+    v5 = D.Layout("yolov5", "o", "o", 80)
+    assert D.anchor_grid(v5, 25200, 3 * 6400, (640, 640)) == (40, 40)  # three anchors a cell
+    assert D.anchor_grid(v8, 64, 10, (64, 64)) == (8, 8)  # the tiny detector's one scale
+    assert D.anchor_grid(v8, 65, 10, (64, 64)) is None
+
+
+def test_grad_cam_on_a_detection_defaults_to_the_feature_map_of_its_scale(explainer):
+    x, _ = _square_scenes(2, seed=3)
+    for method in ("grad_cam", "layer_cam"):
+        a = explainer.attribute(x, method=method, target="detection:0")
+        b = explainer.attribute(x, method=method, target="detection:0", layer=_last_feature_map())
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_cam_on_nudenets_face_uses_the_neck_output_of_its_scale_and_lands_in_the_box(nudenet):
+    _module, path, (blob, *_rest) = nudenet
+    e = Explainer(str(path))
+    target, _ = resolve_target(e, e.feeds(blob), "detection:0")
+    layer = D.default_cam_layer(e, e.feeds(blob), target)
+    graph = e.plan(e.feeds(blob)).graph
+    assert tuple(graph.shape(layer)[2:]) == D.anchor_grid(target.layout, 2100, target.chosen[0].index, (320, 320))
+    assert sum(n.op_type == "Conv" for n in graph.consumers[layer]) >= 2  # the box and class branches
+    a = e.attribute(blob, method="grad_cam", target="detection:0")
+    assert M.energy_in_box(e, blob, a, target="detection:0").values[0] >= 0.5
+    assert M.pointing_game(e, blob, a, target="detection:0").values[0] == 1.0
