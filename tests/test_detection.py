@@ -221,8 +221,7 @@ _SHORT = "energy-in-box below the issue's 0.5 on the tiny detector (see the meas
 def test_a_square_boxs_explanation_puts_positive_relevance_inside_it(explainer, method):
     x, boxes = _square_scenes()
     # D-RISE's masked parts fade to the noise's mean grey: black patches are objects to this detector
-    opts = {"grad_cam": {"layer": _last_feature_map()},
-            "d_rise": {"n_masks": 500, "cells": 8, "center": True, "baseline": 0.5}}
+    opts = {"d_rise": {"n_masks": 500, "cells": 8, "center": True, "baseline": 0.5}}
     energy, area, hits = [], [], []
     for i in range(len(x)):
         target = "box:{},{},{},{}:0".format(*boxes[i][0][:4])
