@@ -386,6 +386,9 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
         "composite": composite.key(), "method": method, "times_input": times_input,
         "seed": None if predicted_seed else SEED, "predicted": predicted, "explained": explained,
         "attributions": attributions, "activations": activations_out,
+        # Conventions the rules followed where the model is not differentiable as it stands
+        # (quantized operators: straight-through rounding), stated to whoever reads it.
+        "conventions": sorted(getattr(b, "conventions", None) or ()),
     }
     helper.set_model_props(model, {META_KEY: json.dumps(info)})
     try:

@@ -20,6 +20,8 @@ from .runtime import Rows, Session
 from .target import as_target, resolve_target
 
 LOOK_THROUGH = ("Softmax", "LogSoftmax")
+# Operators whose result depends on the whole batch they run on (one quantization scale).
+BATCH_STATISTICS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
 # Operators that only move elements: a Softmax behind them still ends the model.
 RELAYOUT = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -135,6 +137,11 @@ class Explainer:
             return self._specialized.get(("whole",) + whole, None)
         plan = self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
         if plan.n(feeds) > 1 and plan.declared_static is None and not plan.rows_independent(feeds):
+            if any(n.op_type in BATCH_STATISTICS for n in self.graph.nodes):
+                # Dynamic quantization takes one scale per run: each sample is explained as
+                # it is run alone (as deployed at batch 1), not coupled to the others.
+                plan.declared_static = 1
+                return plan
             # What looked like a batch is a sequence the model runs through (a state carried
             # from row to row): the whole input is one sample.
             return self._specialized.get(("whole",) + whole,

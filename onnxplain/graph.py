@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
+from . import contrib_types
 from .errors import InputError, ModelError
 
 # Backward rules use operators in their opset-17 form or later (ScatterElements with
@@ -63,6 +64,7 @@ def read_model(source, *, convert: bool = True) -> onnx.ModelProto:
     if len(model.graph.node) == 0:
         _fail("the model graph has no nodes")
     _list_ir3_initializers(model)
+    _sort_nodes(model)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, Exception) as exc:  # checker raises several types
@@ -71,6 +73,21 @@ def read_model(source, *, convert: bool = True) -> onnx.ModelProto:
     if convert:
         model = _convert_opset(model)
     return model
+
+
+def _sort_nodes(model: onnx.ModelProto) -> None:
+    """Put the nodes in topological order, as the IR requires and onnxruntime does not
+    (its float16 converter writes them out of order)."""
+    try:
+        ordered = _toposort(model.graph)
+    except ModelError:
+        return  # the checker names what is wrong
+    if [tuple(n.output) for n in ordered] != [tuple(n.output) for n in model.graph.node]:
+        copies = [onnx.NodeProto() for _ in ordered]
+        for c, n in zip(copies, ordered):
+            c.CopyFrom(n)
+        del model.graph.node[:]
+        model.graph.node.extend(copies)
 
 
 def _list_ir3_initializers(model: onnx.ModelProto) -> None:
@@ -191,6 +208,9 @@ def infer_types(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
             saved[i] = t.raw_data
             t.ClearField("raw_data")
     try:
+        # Operators of other domains (onnxruntime's quantized ones, ai.onnx.ml) get their
+        # output types first, so that the standard nodes after them are typed too.
+        contrib_types.annotate(model, infer=lambda m: shape_inference.infer_shapes(m, **kwargs))
         return shape_inference.infer_shapes(model, **kwargs)
     finally:
         for i, data in saved.items():
@@ -369,6 +389,8 @@ class Graph:
         for vi in model.graph.output:
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")
+        contrib_types.annotate(model, infer=lambda m: shape_inference.infer_shapes(m, strict_mode=False,
+                                                                                  data_prop=True))
         inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         return {vi.name: tensor_shape(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
                 if vi.type.HasField("tensor_type")}

@@ -29,12 +29,6 @@ KNOWN_FAILURES = {
     # 3x3 map with pads 1); off the kinks and from above at them the gradient is checked in
     # tests/test_rules_roi.py.
     "test_basic_deform_conv_with_padding": "samples on bilinear kinks; the corpus's kink test does not bracket them",
-    "test_dequantizelinear": "quantized rules (in progress): zero gradient through DequantizeLinear",
-    "test_dequantizelinear_axis": "quantized rules (in progress): zero gradient through DequantizeLinear",
-    "test_dequantizelinear_uint16": "quantized rules (in progress): zero gradient through DequantizeLinear",
-    "test_dequantizelinear_int16": "quantized rules (in progress): zero gradient through DequantizeLinear",
-    "test_dynamicquantizelinear": "quantized rules (in progress): zero gradient",
-    "test_dynamicquantizelinear_max_adjusted": "quantized rules (in progress): zero gradient",
     "test_rnn_seq_length": "RNN rule (in progress): float32 mismatch",
 }
 

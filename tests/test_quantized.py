@@ -1098,3 +1098,14 @@ def test_cli_explain_names_inputs_whose_quantized_gradient_is_clipped_to_zero(qu
     # here the hidden layers' ranges clip every path (the logit itself is inside its range)
     assert "gradient is 0 for" in r.output and "clipped to a quantization range" in r.output
     assert not np.any(np.load(tmp_path / "a.npy"))
+
+
+def test_an_exported_explainer_of_a_quantized_model_states_the_convention(quantized_zoo, tmp_path):
+    from onnxplain import Explainer
+    from onnxplain.explainer import explainer_metadata
+
+    shape, paths = quantized_zoo["mlp"]
+    spec = Explainer(str(paths["qdq"])).export(tmp_path / "e.onnx", method="gradient")
+    assert Q.CONVENTION in explainer_metadata(spec.model)["conventions"]
+    float_spec = Explainer(str(paths["float"])).export(tmp_path / "f.onnx", method="gradient")
+    assert explainer_metadata(float_spec.model)["conventions"] == []

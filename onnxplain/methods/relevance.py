@@ -173,11 +173,11 @@ class RuleComposite(Composite):
     # --- the rule ------------------------------------------------------------------------
     def rule(self, node, graph):
         spec = self.spec(node, graph)
-        fn = lookup(node.op_type, _family(spec))
+        fn = lookup(node, _family(spec))
         if fn is None:
             if spec in ("pass", "norm") or node.name not in self.nodes and node.op_type not in self.ops:
                 # Kinds without an LRP rule of their own keep their gradient.
-                return lookup(node.op_type, "gradient")
+                return lookup(node, "gradient")
             raise OptionError(f"rule '{spec}' does not apply to {node.op_type} node '{node.name}'")
         return _bind(fn, self.rule_params(spec))
 
@@ -459,14 +459,14 @@ class DeepLiftComposite(Composite):
             return functools.partial(deeplift_rules.group_rule, group=group, reference=self.reference)
         if group is not None:
             return functools.partial(deeplift_rules.group_gradient_rule, group=group)
-        fn = lookup(node.op_type, "deeplift")
+        fn = lookup(node, "deeplift")
         if fn is not None:
             return functools.partial(fn, reference=self.reference)
         index = groups.single_input(graph, node)
-        if index is not None and not groups.is_affine(graph, node, index) and lookup(node.op_type, "gradient"):
+        if index is not None and not groups.is_affine(graph, node, index) and lookup(node, "gradient"):
             # Any other element-wise nonlinearity (Erf, Exp, Pow(x, 3), Mish, c / x, ...).
             return functools.partial(deeplift_rules.elementwise, reference=self.reference, index=index)
-        return lookup(node.op_type, "gradient")
+        return lookup(node, "gradient")
 
     def key(self) -> str:
         return "deeplift:" + self.reference.key()
