@@ -4,6 +4,8 @@ as torch autograd (tests/transformer_zoo.py), and their conservation."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,10 +15,13 @@ import transformer_zoo as tz
 from onnxplain import Explainer
 from onnxplain.graph import find_embeddings
 
-# (exporter, sdpa attention, opset): opset 14 TorchScript decomposes LayerNorm, TorchScript
-# decomposes GELU (Div/Erf/Add/Mul), dynamo emits Gelu and LayerNormalization.
-EXPORTS = [("torchscript", False, 17), ("torchscript", True, 17), ("torchscript", False, 14),
-           ("dynamo", False, 17), ("dynamo", True, 17)]
+# (exporter, sdpa attention, opset, gated): opset 14 TorchScript decomposes LayerNorm,
+# TorchScript decomposes GELU (Div/Erf/Add/Mul), dynamo emits Gelu and LayerNormalization;
+# gated: LLaMA's blocks, RMSNorm (decomposed) and a SiLU-gated MLP (a product of two
+# computed tensors).
+EXPORTS = [("torchscript", False, 17, False), ("torchscript", True, 17, False), ("torchscript", False, 14, False),
+           ("dynamo", False, 17, False), ("dynamo", True, 17, False), ("torchscript", False, 17, True),
+           ("dynamo", True, 17, True)]
 TARGET = 1
 
 
@@ -25,15 +30,15 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("transformers")
     cache = {}
 
-    def get(exporter, sdpa, opset, zero_biases=False):
-        key = (exporter, sdpa, opset, zero_biases)
+    def get(exporter, sdpa, opset, gated=False, zero_biases=False):
+        key = (exporter, sdpa, opset, gated, zero_biases)
         if key not in cache:
             torch.manual_seed(0)
-            model = tz.TinyEncoder(sdpa=sdpa).eval()
+            model = tz.TinyEncoder(sdpa=sdpa, gated=gated).eval()
             if zero_biases:
                 model.zero_biases()
             ids = model.example()
-            path = folder / f"enc_{exporter}_{sdpa}_{opset}_{zero_biases}.onnx"
+            path = folder / f"enc_{exporter}_{sdpa}_{opset}_{gated}_{zero_biases}.onnx"
             tz.export(model, path, exporter, ids, opset)
             cache[key] = (model, ids, Explainer(str(path)))
         return cache[key]
@@ -46,25 +51,25 @@ def _close(ours, ref):
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=2e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("exporter,sdpa,opset", EXPORTS)
-def test_attnlrp_equals_torch_reference_of_the_published_rules(exported, exporter, sdpa, opset):
-    model, ids, ex = exported(exporter, sdpa, opset)
+@pytest.mark.parametrize("exporter,sdpa,opset,gated", EXPORTS)
+def test_attnlrp_equals_torch_reference_of_the_published_rules(exported, exporter, sdpa, opset, gated):
+    model, ids, ex = exported(exporter, sdpa, opset, gated)
     ours = ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET)
     assert ours.shape == (2, tz.TinyEncoder.tokens, tz.TinyEncoder.d)  # at the embedding output
     _close(ours, tz.relevance(model, ids, TARGET, tz.ATTNLRP).numpy())
 
 
-@pytest.mark.parametrize("exporter,sdpa,opset", EXPORTS)
-def test_cp_lrp_equals_torch_with_attention_and_layernorm_scale_detached(exported, exporter, sdpa, opset):
-    model, ids, ex = exported(exporter, sdpa, opset)
+@pytest.mark.parametrize("exporter,sdpa,opset,gated", EXPORTS)
+def test_cp_lrp_equals_torch_with_attention_and_layernorm_scale_detached(exported, exporter, sdpa, opset, gated):
+    model, ids, ex = exported(exporter, sdpa, opset, gated)
     ours = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET)
     _close(ours, tz.relevance(model, ids, TARGET, tz.CPLRP).numpy())
 
 
-@pytest.mark.parametrize("exporter,sdpa,opset", [EXPORTS[0], EXPORTS[2], EXPORTS[3]])
+@pytest.mark.parametrize("exporter,sdpa,opset,gated", [EXPORTS[0], EXPORTS[2], EXPORTS[3], EXPORTS[5]])
 def test_cp_lrp_with_gradient_activations_is_gradient_times_input_of_the_detached_model(exported, exporter, sdpa,
-                                                                                           opset):
-    model, ids, ex = exported(exporter, sdpa, opset)
+                                                                                           opset, gated):
+    model, ids, ex = exported(exporter, sdpa, opset, gated)
     ours = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, activation="gradient")
     _close(ours, tz.relevance(model, ids, TARGET, tz.CPLRP_GRADIENT).numpy())
 
@@ -74,9 +79,9 @@ def _logit(model, ids):
         return model(ids)[:, TARGET].numpy()
 
 
-@pytest.mark.parametrize("opset", [17, 14])
-def test_cp_lrp_without_biases_conserves_the_logit(exported, opset):
-    model, ids, ex = exported("torchscript", False, opset, zero_biases=True)
+@pytest.mark.parametrize("opset,gated", [(17, False), (14, False), (17, True)])
+def test_cp_lrp_without_biases_conserves_the_logit(exported, opset, gated):
+    model, ids, ex = exported("torchscript", False, opset, gated, zero_biases=True)
     for options in ({}, {"gamma": 0.25}):
         total = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, **options).sum(axis=(1, 2))
         np.testing.assert_allclose(total, _logit(model, ids), rtol=1e-4)
@@ -127,3 +132,63 @@ def test_attnlrp_on_a_vit_attributes_to_the_pixels(tmp_path):
     ex = Explainer(str(tz.export(model, tmp_path / "vit.onnx", "torchscript", x)))
     ours = ex.attribute(x.numpy(), method="lrp.attnlrp", target=0)
     assert ours.shape == x.shape and np.all(np.isfinite(ours)) and np.abs(ours).max() > 0
+
+
+# ----------------------------------------------------------------------------- transformers' BERT and GPT-2
+def _hf(kind, tmp_path, attn):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=16, num_labels=3)
+        model = transformers.BertForSequenceClassification(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+        model = transformers.GPT2LMHeadModel(cfg)
+    model.eval().set_attn_implementation(attn)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # padding: with GPT-2's causal mask, whole rows of the attention are masked
+    path = tmp_path / f"{kind}_{attn}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits().eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    ex = Explainer(str(path))
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    out = ex.predict(feeds)
+    seed = np.zeros_like(out)
+    if kind == "bert":
+        seed[:, TARGET] = 1
+        logit = out[:, TARGET]
+    else:
+        seed[:, -1, 5] = 1  # the next-token logit of token 5 at the last position
+        logit = out[:, -1, 5]
+    return ex, feeds, seed, logit
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_transformers_models_cp_lrp_conserves_the_logit_at_the_embedding_sum(tmp_path, kind):
+    """Random-initialised BERT and GPT-2 (zero biases, as transformers initialises them):
+    CP-LRP's relevance at the sum of word, position (and type) embeddings is the logit;
+    the word embeddings hold their share of it. AttnLRP agrees between eager and SDPA
+    exports of the same weights (different graphs: masking by Add or Where, NaN rows)."""
+    results = {}
+    for attn in ("eager", "sdpa"):
+        ex, feeds, seed, logit = _hf(kind, tmp_path, attn)
+        embedding_sum = [n for n in ex.graph.nodes if n.op_type == "LayerNormalization"][0].input[0]
+        cp = ex.attribute(feeds, method="lrp.cp_lrp", target=seed, layer=embedding_sum)
+        np.testing.assert_allclose(cp.sum(axis=(1, 2)), logit, rtol=2e-3, atol=1e-6)
+        words = ex.attribute(feeds, method="lrp.attnlrp", target=seed)
+        assert words.shape == (2, 8, 32) and np.all(np.isfinite(words))
+        results[attn] = words
+    _close(results["sdpa"], results["eager"])

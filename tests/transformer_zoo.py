@@ -52,18 +52,31 @@ def _identity_rule(x, y):
 PLAIN, ATTNLRP, CPLRP, CPLRP_GRADIENT = "plain", "attnlrp", "cp_lrp", "cp_lrp_gradient"
 
 
-class Block(nn.Module):
-    def __init__(self, d, heads, sdpa=False):
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
         super().__init__()
-        self.heads, self.sdpa = heads, sdpa
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+
+class Block(nn.Module):
+    """Pre-norm attention block; gated=True is LLaMA's: RMSNorm and a SiLU-gated MLP."""
+
+    def __init__(self, d, heads, sdpa=False, gated=False):
+        super().__init__()
+        self.heads, self.sdpa, self.gated = heads, sdpa, gated
+        norm = RMSNorm if gated else nn.LayerNorm
+        self.ln1, self.ln2 = norm(d), norm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.fc3 = nn.Linear(d, 2 * d) if gated else None
         self.mode = PLAIN
         self.probs = None  # the last attention probabilities (batch, heads, tokens, tokens)
 
     def norm(self, ln, x):
+        if isinstance(ln, RMSNorm):
+            rms = torch.sqrt((x * x).mean(-1, keepdim=True) + ln.eps)
+            return x / (rms if self.mode == PLAIN else rms.detach()) * ln.weight
         if self.mode == PLAIN:
             return ln(x)
         mean = x.mean(-1, keepdim=True)
@@ -92,12 +105,19 @@ class Block(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
     def gelu(self, x):
-        y = F.gelu(x)
+        y = F.silu(x) if self.gated else F.gelu(x)
         return _identity_rule(x, y) if self.mode in (ATTNLRP, CPLRP) else y
+
+    def mlp(self, x):
+        h = self.gelu(self.fc1(x))
+        if self.gated:
+            g = self.fc3(x)
+            h = _Half.apply(h) * _Half.apply(g) if self.mode in (ATTNLRP, CPLRP, CPLRP_GRADIENT) else h * g
+        return self.fc2(h)
 
     def forward(self, x):
         x = x + self.attention(self.norm(self.ln1, x))
-        return x + self.fc2(self.gelu(self.fc1(self.norm(self.ln2, x))))
+        return x + self.mlp(self.norm(self.ln2, x))
 
 
 class TinyEncoder(nn.Module):
@@ -105,12 +125,12 @@ class TinyEncoder(nn.Module):
 
     vocab, tokens, d, heads, classes = 20, 6, 16, 2, 3
 
-    def __init__(self, sdpa=False, blocks=2):
+    def __init__(self, sdpa=False, blocks=2, gated=False):
         super().__init__()
         self.embed = nn.Embedding(self.vocab, self.d)
         self.pos = nn.Parameter(torch.randn(1, self.tokens, self.d) * 0.3)
-        self.blocks = nn.ModuleList(Block(self.d, self.heads, sdpa) for _ in range(blocks))
-        self.ln = nn.LayerNorm(self.d)
+        self.blocks = nn.ModuleList(Block(self.d, self.heads, sdpa, gated) for _ in range(blocks))
+        self.ln = RMSNorm(self.d) if gated else nn.LayerNorm(self.d)
         self.head = nn.Linear(self.d, self.classes)
         self.randomise()
 
@@ -120,7 +140,7 @@ class TinyEncoder(nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.2))
             for m in self.modules():
-                if isinstance(m, nn.LayerNorm):
+                if isinstance(m, (nn.LayerNorm, RMSNorm)):
                     m.weight.add_(1.0)
         return self
 
@@ -141,8 +161,7 @@ class TinyEncoder(nn.Module):
         x = e + self.pos
         for blk in self.blocks:
             x = blk(x)
-        norm = self.blocks[0].norm if getattr(self, "mode", PLAIN) != PLAIN else (lambda ln, v: ln(v))
-        return self.head(norm(self.ln, x).mean(1))
+        return self.head(self.blocks[0].norm(self.ln, x).mean(1))
 
     def forward(self, ids):
         return self.from_embedding(self.embed(ids))

@@ -132,6 +132,11 @@ def attention_maps(graph) -> list:
         if k is None:
             continue
         probs = rules.attention_probabilities(graph, node.input[k])
+        shape = graph.shape(node.input[k])
+        if shape is not None and len(shape) == 4:
+            # As the value product reads them: after the Where that zeroes a fully masked
+            # (NaN) row of an SDPA export.
+            probs = node.input[k]
         if probs not in found:
             found.append(probs)
     if not found:

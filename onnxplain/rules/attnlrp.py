@@ -109,6 +109,8 @@ def softmax_rule(b, node, grads, **_):
     # Before opset 13 softmax normalises over all axes from `axis` on.
     axes = [axis] if b.opset >= 13 else list(range(axis, rank))
     total = b.reduce_sum(r, axes, keepdims=True)
+    # A fully masked row is NaN (SDPA exports then zero it by a Where): it holds no relevance.
+    s = b.op("Where", b.op("IsNaN", s), b.scalar_like(0.0, s), s)
     inner = b.op("Sub", r, b.mul(s, total))
     finite = b.op("Where", b.op("IsInf", x), b.scalar_like(0.0, x), x)
     return [b.mul(finite, inner)]
