@@ -121,7 +121,8 @@ def _missing(graph: Graph, composite: Composite, nodes, dep) -> set:
             missing |= _missing_in_body(graph, composite, body, dep, with_inputs=True)
             continue
         rule = composite.rule(n, graph)
-        if rule is None or getattr(rule, "refuses", lambda c, n, g: False)(composite, n, graph):
+        if rule is None or getattr(rule, "refuses", lambda c, n, g: False)(composite, n, graph) \
+                or not getattr(rule, "applies_to", lambda c: True)(composite):
             missing.add(n.op_type)
         if rule is not None:
             for body in subgraphs(n):

@@ -1109,3 +1109,15 @@ def test_an_exported_explainer_of_a_quantized_model_states_the_convention(quanti
     assert Q.CONVENTION in explainer_metadata(spec.model)["conventions"]
     float_spec = Explainer(str(paths["float"])).export(tmp_path / "f.onnx", method="gradient")
     assert explainer_metadata(float_spec.model)["conventions"] == []
+
+
+def test_inspect_reports_quantized_operators_missing_for_relevance_composites(quantized_zoo):
+    from onnxplain import Explainer
+    from onnxplain.compile import unsupported
+    from onnxplain.methods import gradients, relevance
+
+    _, paths = quantized_zoo["mlp"]
+    e = Explainer(str(paths["dynamic"]))
+    lrp_missing = unsupported(e.graph, relevance.zennit_composite("lrp.epsilon"), e.float_inputs, e.explained_tensor())
+    assert "MatMulInteger" in lrp_missing or "DynamicQuantizeMatMul" in lrp_missing
+    assert unsupported(e.graph, gradients.GRADIENT, e.float_inputs, e.explained_tensor()) == []
