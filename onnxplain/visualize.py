@@ -113,6 +113,12 @@ def _channel_last(shape) -> bool:
 
 def _scale(attr2d, symmetric, clip_percentile):
     """Map an (H,W) attribution to [0, 1] colormap positions, plus |relevance| in [0, 1]."""
+    t, mag, symmetric, _ = _scaled(attr2d, symmetric, clip_percentile)
+    return t, mag, symmetric
+
+
+def _scaled(attr2d, symmetric, clip_percentile):
+    """_scale, and the values at the colormap's bottom and top."""
     a = np.asarray(attr2d, dtype=np.float64)
     if a.ndim != 2:
         raise InputError(f"a heatmap needs an (H,W) map, got shape {a.shape}; use reduce_channels first")
@@ -128,8 +134,7 @@ def _scale(attr2d, symmetric, clip_percentile):
     if symmetric:
         top = _positive_or(np.percentile(np.abs(a), q), np.abs(a).max())
         mag = np.clip(np.abs(a) / top, 0.0, 1.0)
-        _scale.last_range = (-top, top)
-        return np.clip(a / top, -1.0, 1.0) * 0.5 + 0.5, mag, True
+        return np.clip(a / top, -1.0, 1.0) * 0.5 + 0.5, mag, True, (-top, top)
     hi = float(np.percentile(a, q))
     # A non-negative map far from zero everywhere (RISE's mean scores, Score-CAM) is drawn
     # over its range: on [0, max] it would be one colour.
@@ -137,14 +142,12 @@ def _scale(attr2d, symmetric, clip_percentile):
     lo = 0.0 if a.min() >= 0 and not offset else float(np.percentile(a, 100.0 - q))
     span = _positive_or(hi - lo, a.max() - lo)
     t = np.clip((a - lo) / span, 0.0, 1.0)
-    _scale.last_range = (lo, lo + span)
-    return t, t, False
+    return t, t, False, (lo, lo + span)
 
 
 def scale_range(attr2d, symmetric: bool | None = None, clip_percentile: float | None = 99.5):
     """(value at the colormap's bottom, value at its top, symmetric) as heatmap draws the map."""
-    _, _, symmetric = _scale(attr2d, symmetric, clip_percentile)
-    lo, hi = _scale.last_range
+    _, _, symmetric, (lo, hi) = _scaled(attr2d, symmetric, clip_percentile)
     return lo, hi, symmetric
 
 
