@@ -321,6 +321,20 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         # model once more to find it (a terminal softmax keeps the logits' argmax).
         explained_target = [int(c) for c in np.asarray(scores).argmax(axis=1)]
     wrt = [w.strip() for w in wrt.split(",") if w.strip()] if wrt else None
+    if method == "contrastive_excitation_backprop" and "saliency_layer" not in options and layer is None \
+            and wrt is None:
+        # The CLI's picture is the paper's: the contrast read at a mid layer (the Python
+        # default, the map at the input, is the convention tested against the dual model).
+        from .factorize import default_layer
+
+        try:
+            options["saliency_layer"] = default_layer(explainer)
+        except OptionError:
+            pass
+        else:
+            if not quiet:
+                click.echo(f"note: contrastive excitation backprop read at -O saliency_layer={options['saliency_layer']} "
+                           "(-O saliency_layer= for the input)", err=True)
     attr = explainer.attribute(batch.batch, method=method, target=explained_target, layer=layer, output=output,
                                probability=probability, wrt=wrt, **options)
     if not quiet and get_method(method).kind == "white-box":

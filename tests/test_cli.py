@@ -717,3 +717,22 @@ def test_a_long_list_of_inputs_is_explained_in_groups_under_the_memory_budget(tm
     for a, b in zip(records, json.loads(whole.stdout)):
         assert a["score"] == pytest.approx(b["score"], rel=1e-6)
         np.testing.assert_array_equal(_png(a["file"]), _png(tmp_path / Path(b["file"]).name))
+
+
+def test_contrastive_excitation_backprop_from_the_cli_reads_its_map_at_a_mid_layer(tmp_path):
+    """The CLI's picture shows what the method is for (the paper's mid-layer map); the
+    Python default, tested against the dual model, stays the map at the input."""
+    r = run("explain", TINY, photo(tmp_path), "-m", "contrastive_excitation_backprop", "-t", "3",
+            "-o", tmp_path / "c.npy")
+    assert r.exit_code == 0, r.output
+    assert "saliency_layer=/relu1/Relu_output_0" in r.stderr
+    a = np.load(tmp_path / "c.npy")
+    assert a.shape == (1, 1, 32, 32)
+    x, _ = onnxplain_load(photo(tmp_path))
+    expected = Explainer(TINY).attribute(x, method="contrastive_excitation_backprop", target=3,
+                                         saliency_layer="/relu1/Relu_output_0")
+    np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-12)
+    at_input = run("explain", TINY, photo(tmp_path), "-m", "contrastive_excitation_backprop", "-t", "3",
+                   "-O", "saliency_layer=", "-o", tmp_path / "i.npy")
+    assert at_input.exit_code == 0, at_input.output
+    assert np.load(tmp_path / "i.npy").shape == (1, 3, 32, 32)

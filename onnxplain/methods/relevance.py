@@ -402,7 +402,7 @@ def excitation_backprop(ctx, stabilizer):
 
 
 def _contrastive_composite(stabilizer=1e-6, saliency_layer=None):
-    if saliency_layer is not None:
+    if saliency_layer:
         raise OptionError("saliency_layer reads the map at a layer and upsamples it, which an exported graph "
                           "does not do: export without it and read the attribution at that layer (--layer)")
     return excitation_composite(True, stabilizer)
@@ -417,7 +417,7 @@ def _contrastive_composite(stabilizer=1e-6, saliency_layer=None):
           composite=_contrastive_composite)
 def contrastive_excitation_backprop(ctx, stabilizer, saliency_layer=None):
     composite = excitation_composite(True, stabilizer, ctx.explained)
-    if saliency_layer is None:
+    if not saliency_layer:  # None, or '' from the CLI: the map at the input
         return ctx.backward(composite)[0]
     # Excitation backprop carries relevance linearly (z+ shares of fixed activations), so the
     # target-minus-dual difference formed below the explained neuron equals the one TorchRay
