@@ -124,3 +124,18 @@ def test_a_model_without_attention_is_refused_by_name(tmp_path):
     ex = Explainer(str(zoo.export(zoo.MLP().eval(), tmp_path / "mlp.onnx", "torchscript")))
     with pytest.raises(ModelError, match="no attention maps"):
         ex.attribute(np.zeros((1, 12), np.float32), method="attention_rollout")
+
+
+@pytest.mark.parametrize("method", ["attention_rollout", "generic_attention", "transformer_attribution"])
+def test_gpt2_eager_and_sdpa_exports_give_the_same_scores_with_padding(tmp_path, method):
+    """A padded GPT-2 batch masks whole attention rows: the SDPA export's softmax gives NaN
+    there and zeroes it by a Where (eager attention: a uniform row); the maps are read after
+    it, as the values see them. The last token attends to no padding: its row agrees."""
+    pytest.importorskip("transformers")
+    scores = {}
+    for attn in ("eager", "sdpa"):
+        ex, feeds, seed, _ = tz.hf_model("gpt2", tmp_path / f"gpt2_{attn}.onnx", attn)
+        assert len(attention_maps(ex.graph)) == 2
+        scores[attn] = ex.attribute(feeds, method=method, target=seed, query="-1")
+        assert scores[attn].shape == (2, 8) and np.all(np.isfinite(scores[attn]))
+    np.testing.assert_allclose(scores["sdpa"], scores["eager"], rtol=1e-3, atol=1e-5)

@@ -4,8 +4,6 @@ as torch autograd (tests/transformer_zoo.py), and their conservation."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -136,44 +134,8 @@ def test_attnlrp_on_a_vit_attributes_to_the_pixels(tmp_path):
 
 # ----------------------------------------------------------------------------- transformers' BERT and GPT-2
 def _hf(kind, tmp_path, attn):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=16, num_labels=3)
-        model = transformers.BertForSequenceClassification(cfg)
-    else:
-        cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)
-        model = transformers.GPT2LMHeadModel(cfg)
-    model.eval().set_attn_implementation(attn)
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # padding: with GPT-2's causal mask, whole rows of the attention are masked
-    path = tmp_path / f"{kind}_{attn}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits().eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"])
-    ex = Explainer(str(path))
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    out = ex.predict(feeds)
-    seed = np.zeros_like(out)
-    if kind == "bert":
-        seed[:, TARGET] = 1
-        logit = out[:, TARGET]
-    else:
-        seed[:, -1, 5] = 1  # the next-token logit of token 5 at the last position
-        logit = out[:, -1, 5]
-    return ex, feeds, seed, logit
+    pytest.importorskip("transformers")
+    return tz.hf_model(kind, tmp_path / f"{kind}_{attn}.onnx", attn, TARGET)
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

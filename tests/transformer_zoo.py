@@ -251,3 +251,50 @@ def attention_maps(model, x, target=None, mode=PLAIN) -> tuple:
             blk.sdpa, blk.mode = s, PLAIN
         if hasattr(model, "set_mode"):
             model.mode = PLAIN
+
+
+def hf_model(kind, path, attn, target=1):
+    """A random-initialised transformers BERT classifier or GPT-2 LM (tiny configs, nothing
+    downloaded) with `attn` attention, exported by TorchScript on a padded batch:
+    (Explainer, feeds, seed, explained logit), the seed at `target` (BERT) or at the next
+    token 5 of the last position (GPT-2)."""
+    import transformers
+
+    from onnxplain import Explainer
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=16, num_labels=3)
+        model = transformers.BertForSequenceClassification(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+        model = transformers.GPT2LMHeadModel(cfg)
+    model.eval().set_attn_implementation(attn)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # padding: with GPT-2's causal mask, whole rows of the attention are masked
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits().eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    ex = Explainer(str(path))
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    out = ex.predict(feeds)
+    seed = np.zeros_like(out)
+    if kind == "bert":
+        seed[:, target] = 1
+        logit = out[:, target]
+    else:
+        seed[:, -1, 5] = 1  # the next-token logit of token 5 at the last position
+        logit = out[:, -1, 5]
+    return ex, feeds, seed, logit
