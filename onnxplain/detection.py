@@ -431,3 +431,34 @@ def default_cam_layer(explainer, feeds, target) -> str | None:
     if len(grids) != 1:  # samples at different scales: one layer cannot serve them
         return None
     return cam_layer(graph, layout.scores, grids.pop())
+
+
+def target(index: int | None = None, box=None, cls: int | None = None, decoder: str | None = None,
+           score_threshold: float = SCORE_THRESHOLD, iou_threshold: float = IOU_THRESHOLD):
+    """A detection target with the decoding settings spelled out (Python `target=`): the
+    `index`-th detection by score, or the one best matching `box` (of class `cls`)."""
+    from .target import _Detect
+
+    if (index is None) == (box is None):
+        raise OptionError("give a detection's index or a box (x1, y1, x2, y2), not both and not neither")
+    if decoder is not None and decoder.lower() not in LAYOUTS:
+        raise OptionError(f"unknown decoder '{decoder}'; choose from {', '.join(LAYOUTS)}")
+    decoder = None if decoder is None else decoder.lower()
+    suffix = (f"@{decoder}" if decoder else "") + (
+        "" if (score_threshold, iou_threshold) == (SCORE_THRESHOLD, IOU_THRESHOLD)
+        else f";score>={score_threshold:g};iou<={iou_threshold:g}")
+    if index is not None:
+        return _Detect(f"detection:{int(index)}{suffix}", index=int(index), decoder=decoder,
+                       score_threshold=score_threshold, iou_threshold=iou_threshold)
+    box = tuple(float(v) for v in box)
+    text = "box:" + ",".join(f"{v:g}" for v in box) + ("" if cls is None else f":{int(cls)}") + suffix
+    return _Detect(text, box=box, cls=cls, decoder=decoder, score_threshold=score_threshold,
+                   iou_threshold=iou_threshold)
+
+
+def detections(explainer, x, decoder: str | None = None, score_threshold: float = SCORE_THRESHOLD,
+               iou_threshold: float = IOU_THRESHOLD) -> list[list[Detection]]:
+    """Every sample's detections, best first, decoded as `detection:I` targets decode them
+    (one forward pass); `detection:I` explains detections(...)[sample][I]."""
+    t = target(index=0, decoder=decoder, score_threshold=score_threshold, iou_threshold=iou_threshold)
+    return t.detections(explainer, explainer.feeds(x))[1]

@@ -629,3 +629,21 @@ def test_grad_cam_on_nudenets_face_uses_the_neck_output_of_its_scale_and_lands_i
     a = e.attribute(blob, method="grad_cam", target="detection:0")
     assert M.energy_in_box(e, blob, a, target="detection:0").values[0] >= 0.5
     assert M.pointing_game(e, blob, a, target="detection:0").values[0] == 1.0
+
+
+def test_python_lists_detections_and_takes_decoding_settings(explainer):
+    x, _ = _square_scenes(2, seed=61)
+    found = D.detections(explainer, x)
+    assert len(found) == 2 and all(len(f) >= 2 for f in found)
+    cut = found[0][-1].score + 1e-6  # drops at least sample 0's weakest detection
+    strict = D.detections(explainer, x, score_threshold=cut)
+    assert all(d.score >= cut for f in strict for d in f) and len(strict[0]) < len(found[0])
+    last = len(strict[0]) - 1
+    t = D.target(index=last, score_threshold=cut)
+    assert t.text.startswith(f"detection:{last};score>=")
+    a = explainer.attribute(x[:1], target=t)
+    b = explainer.attribute(x[:1], target="box:" + ",".join(f"{v:.3f}" for v in strict[0][last].box) +
+                            f":{strict[0][last].cls}")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(OptionError, match="not both"):
+        D.target(index=0, box=(0, 0, 1, 1))
