@@ -187,12 +187,14 @@ class TinyViT(nn.Module):
         self.head = nn.Linear(self.d, self.classes)
         TinyEncoder.randomise(self)
 
+    set_mode = TinyEncoder.set_mode
+
     def forward(self, img):
         p = self.patches(img).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(p.shape[0], -1, -1), p], 1) + self.pos
         for blk in self.blocks:
             x = blk(x)
-        return self.head(self.ln(x)[:, 0])
+        return self.head(self.blocks[0].norm(self.ln, x)[:, 0])
 
     def example(self, batch=2, seed=1):
         return torch.randn((batch, 3, self.size, self.size), generator=torch.Generator().manual_seed(seed))
@@ -224,6 +226,17 @@ def relevance(model: TinyEncoder, ids: torch.Tensor, target: int, mode: str) -> 
         out = model.from_embedding(e)
         out[:, target].sum().backward()
         return (e * e.grad).detach()
+    finally:
+        model.set_mode(PLAIN)
+
+
+def input_relevance(model, x: torch.Tensor, target: int, mode: str) -> torch.Tensor:
+    """Reference relevance at a float input (a ViT's pixels): gradient x input of `mode`."""
+    model.set_mode(mode)
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        model(x)[:, target].sum().backward()
+        return (x * x.grad).detach()
     finally:
         model.set_mode(PLAIN)
 
