@@ -92,7 +92,17 @@ def encode(tokenizer, text: str, text_pair: str | None = None) -> Encoded:
     tok = load_tokenizer(tokenizer)
     if not isinstance(text, str) or not text.strip():
         raise InputError("the text to explain is empty")
-    enc = tok.encode(text, text_pair) if text_pair is not None else tok.encode(text)
+    # A tokenizer.json saved for serving often pads to a fixed length (128 for MiniLM):
+    # padding tokens would be explained too, so the text is encoded unpadded.
+    padding = tok.padding
+    if padding:
+        tok.no_padding()
+    try:
+        enc = tok.encode(text, text_pair) if text_pair is not None else tok.encode(text)
+    finally:
+        if padding:
+            tok.enable_padding(**{k: v for k, v in padding.items() if k in (
+                "direction", "pad_id", "pad_type_id", "pad_token", "length", "pad_to_multiple_of")})
     if not enc.ids:
         raise InputError(f"the tokenizer gives no tokens for {text!r}")
     return Encoded(text, text_pair, np.asarray(enc.ids, np.int64), np.asarray(enc.attention_mask, np.int64),
