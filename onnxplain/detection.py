@@ -9,7 +9,8 @@ A `Layout` says which outputs hold the boxes and the scores and how (`LAYOUTS`):
 - `yolox`: as yolov5, with YOLOX's raw boxes: centre offsets from the cell and log sizes at
   strides 8, 16 and 32 (what its export writes unless told to decode in the graph).
 - `ssd`: two outputs, boxes (anchors, 4) as x1, y1, x2, y2 (in pixels, or normalised to
-  [0, 1]) and scores (anchors, C).
+  [0, 1]) and scores (anchors, C); scores that sum to 1 over the classes (a softmax) hold
+  a background class in column 0, which is never a detection.
 - `detr`: class logits (queries, C + 1; the last is "no object") and boxes (queries, 4) as
   normalised centre x, centre y, width, height; the score is the softmax probability.
 - `nms`: detections already selected inside the graph, one output (K, 6) of rows x1, y1, x2,
@@ -96,9 +97,12 @@ def find_layout(shapes: dict, decoder: str | None = None) -> Layout:
         decoder = decoder.lower()
         if decoder not in LAYOUTS:
             raise OptionError(f"unknown decoder '{decoder}'; choose from {', '.join(LAYOUTS)}")
-    two_d = {k: tuple(int(d) for d in v) for k, v in shapes.items() if len([d for d in v if d != 1]) == 2
-             or len(v) == 2}
-    two_d = {k: tuple(d for d in v if d != 1) if len(v) != 2 else v for k, v in two_d.items()}
+    two_d = {}  # the outputs that are one matrix per sample, size-1 axes aside
+    for k, v in shapes.items():
+        v = tuple(int(d) for d in v)
+        squeezed = v if len(v) == 2 else tuple(d for d in v if d != 1)
+        if len(squeezed) == 2:
+            two_d[k] = squeezed
     pairs = _pairs(two_d)
     if decoder in (None, "detr", "ssd") and pairs:
         boxes, scores = pairs[0]
@@ -120,7 +124,8 @@ def find_layout(shapes: dict, decoder: str | None = None) -> Layout:
         raise InputError("no detector layout fits the model's float outputs "
                          f"{_shapes_text(shapes)}: the decoders read {', '.join(LAYOUTS)} "
                          "(one (anchors, 4+C[+1]) output or its transpose, or boxes + scores outputs); "
-                         "outputs that already went through NMS are not decoded here")
+                         "for rows already selected by NMS in the graph (x1, y1, x2, y2, score, class) name "
+                         "decoder nms")
     name, (a, b) = singles[0]
     transposed = a < b  # (4 + C, anchors): YOLOv8's own export
     k = a if transposed else b
@@ -195,6 +200,11 @@ def candidates(layout: Layout, outputs: dict, image_size) -> tuple:
         return boxes, prob, None, prob
     if np.abs(boxes).max(initial=0.0) <= 1.5:  # normalised corners
         boxes = boxes * np.array([w, h, w, h], dtype=np.float64)
+    if scores.shape[1] > 1 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+        # A softmax over the classes of every anchor includes a background class (column 0,
+        # as torchvision's and TensorFlow's SSDs): it is never a detection.
+        scores = scores.copy()
+        scores[:, 0] = 0.0
     return boxes, scores, None, scores
 
 

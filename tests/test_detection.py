@@ -647,3 +647,12 @@ def test_python_lists_detections_and_takes_decoding_settings(explainer):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(OptionError, match="not both"):
         D.target(index=0, box=(0, 0, 1, 1))
+
+
+def test_ssd_softmax_scores_hold_a_background_column_that_is_never_a_detection():
+    boxes = np.array([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.9, 0.7], [0.0, 0.0, 0.2, 0.2]])
+    scores = np.array([[0.9, 0.06, 0.04], [0.2, 0.3, 0.5], [0.55, 0.4, 0.05]])  # rows sum to 1
+    lay = D.find_layout({"boxes": (3, 4), "scores": (3, 3)})
+    dets = D.decode(lay, {"boxes": boxes, "scores": scores}, (100, 100))
+    assert [(d.index, d.cls) for d in dets] == [(1, 2), (2, 1)]  # anchor 0: background; 2: class 1 at 0.4
+    assert dets[0].score == pytest.approx(0.5)
