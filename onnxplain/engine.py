@@ -53,6 +53,7 @@ class Job:
     layer: str | None = None
     output: object = None
     float16: bool = False
+    scores: bool = True  # the predicted class and score in the index (one forward pass a batch)
 
     def resolved(self) -> dict:
         from .methods.base import get_method
@@ -65,7 +66,7 @@ class Job:
         target = None if self.target is None else target_text(self.target)
         return {"model": model_digest, "method": self.method, "options": self.resolved(), "target": target,
                 "layer": self.layer, "output": None if self.output is None else str(self.output),
-                "dtype": "float16" if self.float16 else "float32"}
+                "dtype": "float16" if self.float16 else "float32", "scores": self.scores}
 
 
 @dataclasses.dataclass
@@ -101,18 +102,26 @@ def explain_batch(explainer, items, job: Job) -> tuple[dict, list]:
     explained tensor's values (predicted class and score), then the attribution for each
     item's target (-t, else the dataset's, else the predicted class)."""
     x = stack_inputs(items)
-    explained = explainer.explained_tensor(job.output)
-    scores = np.asarray(explainer.predict(x, explained))
     n = len(items)
-    flat = scores.reshape(n, -1) if scores.ndim >= 1 and scores.shape[0] == n else None
-    predicted = flat.argmax(axis=1) if flat is not None else None
+    given = [it.target is not None for it in items]
+    # Without scores the forward pass is needed only to fill the predicted class in beside
+    # the dataset's targets; else the explainer finds the predicted class itself (inside its
+    # graph for single-pass methods: the model runs once).
+    flat = predicted = None
+    if job.scores or (job.target is None and any(given) and not all(given)):
+        scores = np.asarray(explainer.predict(x, explainer.explained_tensor(job.output)))
+        flat = scores.reshape(n, -1) if scores.ndim >= 1 and scores.shape[0] == n else None
+        predicted = flat.argmax(axis=1) if flat is not None else None
     if job.target is not None:
         target = job.target
         classes = _classes(job.target, n)
     elif predicted is not None:
         classes = [it.target if it.target is not None else int(p) for it, p in zip(items, predicted)]
         target = classes
-    elif any(it.target is not None for it in items):
+    elif all(given) and any(given):
+        classes = [it.target for it in items]
+        target = classes
+    elif any(given):
         raise InputError("the dataset gives targets but the explained output has no class per sample")
     else:
         target, classes = None, None
@@ -128,7 +137,8 @@ def explain_batch(explainer, items, job: Job) -> tuple[dict, list]:
     records = []
     for i, it in enumerate(items):
         c = classes[i] if classes is not None else None
-        score = float(flat[i, c]) if flat is not None and c is not None and 0 <= c < flat.shape[1] else None
+        score = float(flat[i, c]) if job.scores and flat is not None and c is not None and 0 <= c < flat.shape[1] \
+            else None
         records.append({"id": it.id, "input": it.entry.path, "row": i, "target": c,
                         "predicted": int(predicted[i]) if predicted is not None else None, "score": score})
     return arrays, records
@@ -163,8 +173,8 @@ def write_shard(out: Path, name: str, arrays: dict, records: list) -> Path:
     payload["records"] = np.array(json.dumps(records))
     with tmp.open("wb") as fh:
         np.savez(fh, **payload)
-        fh.flush()
-        os.fsync(fh.fileno())
+    # The rename makes the shard whole or absent for any interrupt of the process (not
+    # for a power loss: no fsync, which costs more than a small shard's write).
     os.replace(tmp, path)
     return path
 
@@ -271,6 +281,8 @@ def plan_run(explainer, model, dataset: Dataset, out, job: Job, batch_size: int 
         digests = list(pool.map(lambda e: e.digest(pre), dataset.entries))
     keys = {e.id: run_key(**parts, input=d, dataset_target=e.target) for e, d in zip(dataset.entries, digests)}
     index = out / INDEX
+    for stale in out.glob(".shard-*.tmp"):
+        stale.unlink()  # a shard write an interrupt cut short: never renamed, never indexed
     kept = {}
     if resume:
         for r in read_index(index):
@@ -401,11 +413,14 @@ class Progress:
 def explain_dataset(model, dataset, out, method: str = "gradient", target=None, options: dict | None = None,
                     batch_size: int = 16, resume: bool = False, on_error: str = "skip", float16: bool = False,
                     layer=None, output=None, preset: str | None = None, workers: int = 4, prefetch: int = 2,
-                    quiet: bool = False, explainer=None, providers=None, memory_budget: int | None = None) -> Summary:
+                    quiet: bool = False, explainer=None, providers=None, memory_budget: int | None = None,
+                    scores: bool = True) -> Summary:
     """Explain every input of `dataset` (a Dataset, or anything `open_dataset` reads)
     with `method`, streaming the attributions into shards in `out` and the records into
     `out/index.jsonl`. `model` is a path or bytes (what the run key hashes); pass an
-    `explainer` built on it to reuse its compiled sessions. Returns a Summary."""
+    `explainer` built on it to reuse its compiled sessions. `scores=False` leaves the
+    predicted class and score out of the index (and spares a forward pass a batch).
+    Returns a Summary."""
     from .explainer import Explainer
     from .methods.base import get_method
 
@@ -413,7 +428,7 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
         raise OptionError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if not isinstance(prefetch, int) or prefetch < 1:
         raise OptionError(f"prefetch must be a positive integer, got {prefetch!r}")
-    job = Job(get_method(method).name, dict(options or {}), target, layer, output, float16)
+    job = Job(get_method(method).name, dict(options or {}), target, layer, output, float16, scores)
     job.resolved()  # a bad option fails before any work
     t0 = time.perf_counter()
     explainer = explainer or Explainer(model, providers=providers, memory_budget=memory_budget)

@@ -16,6 +16,7 @@ never written twice under another name, and the driver indexes each batch once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -101,7 +102,7 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
                         layer=None, output=None, preset: str | None = None, workers: int | None = None,
                         threads: int | None = 1, num_gpus: float | None = None, address: str | None = None,
                         quiet: bool = False, providers=None, memory_budget: int | None = None,
-                        ray_remote_args: dict | None = None) -> Summary:
+                        ray_remote_args: dict | None = None, scores: bool = True) -> Summary:
     """`engine.explain_dataset` on Ray Data: `workers` actors (default: the cluster's
     CPUs, or its GPUs), each running onnxruntime with `threads` intra-op threads and
     `num_gpus` GPUs (default: 1 where the cluster has GPUs). Returns a Summary."""
@@ -112,7 +113,7 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     ray = _ray()
-    job = Job(get_method(method).name, dict(options or {}), target, layer, output, float16)
+    job = Job(get_method(method).name, dict(options or {}), target, layer, output, float16, scores)
     job.resolved()
     t0 = time.perf_counter()
     driver = Explainer(model, providers=providers, memory_budget=memory_budget)
@@ -131,15 +132,8 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
         model_bytes = Path(model).read_bytes() if isinstance(model, (str, os.PathLike)) else bytes(model)
         rows = [{"batch": i, "keys": json.dumps({e.id: plan.keys[e.id] for e in b}),
                  "entries": json.dumps([dataclasses.asdict(e) for e in b])} for i, b in enumerate(plan.batches)]
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # the index in the dataset's order
-        # Our progress bar says how far the run is; Ray Data's own bars and logs would
-        # print over it.
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.enable_auto_log_stats = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        with _context(ray):  # a Dataset keeps the context it was made in
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         # Decoding takes no CPU slot of its own, so a pool as large as the cluster still
         # leaves room for it; Ray Data's backpressure bounds the decoded batches waiting.
         ds = ds.map(_decode, fn_kwargs={"pre": dataset.preprocess, "rank": dataset.rank}, num_cpus=0,
@@ -176,6 +170,23 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
     ordered = finish_index(plan, records)
     return Summary(counts["explained"], len(plan.kept), counts["failed"], plan.batch_size, plan.out / INDEX,
                    ordered, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _context(ray):
+    """Ray Data settings of this run, the caller's restored afterwards: the index in the
+    dataset's order; no bars or logs of Ray Data's own over our progress bar."""
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+             ctx.enable_auto_log_stats)
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = ctx.print_on_execution_start = ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+         ctx.enable_auto_log_stats) = saved
 
 
 def _user_error(exc):

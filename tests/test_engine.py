@@ -239,3 +239,23 @@ def test_a_grown_dataset_resumed_explains_only_the_new_inputs_and_indexes_in_dat
     s = explain_dataset(TINY, data, tmp_path / "out", batch_size=2, resume=True, explainer=c)
     assert (s.reused, s.explained, c.rows) == (3, 2, [2])
     assert [r["id"] for r in read_index(tmp_path / "out" / "index.jsonl")] == [f"img{i}.png" for i in range(5)]
+
+
+def test_without_scores_no_forward_pass_is_added_and_the_attributions_are_the_same(folder, explainer, tmp_path):
+    class NoPredict(Counting):
+        def predict(self, *a, **k):
+            raise AssertionError("no forward pass of its own is run without scores")
+
+    with_scores = explain_dataset(TINY, folder, tmp_path / "a", batch_size=4, explainer=explainer)
+    s = explain_dataset(TINY, folder, tmp_path / "b", batch_size=4, explainer=NoPredict(explainer), scores=False)
+    assert all(r["predicted"] is None and r["score"] is None for r in s.records)
+    a, b = load_results(tmp_path / "a"), load_results(tmp_path / "b")
+    assert all(np.allclose(a[k], b[k], rtol=1e-6, atol=1e-8) for k in a)
+    assert with_scores.records[0]["key"] != s.records[0]["key"]
+
+
+def test_a_shard_write_cut_short_leaves_no_file_behind_after_the_next_run(folder, explainer, tmp_path):
+    explain_dataset(TINY, folder, tmp_path, batch_size=4, explainer=explainer)
+    (tmp_path / ".shard-0123.npz.77.88.tmp").write_bytes(b"half a shard")
+    explain_dataset(TINY, folder, tmp_path, batch_size=4, resume=True, explainer=explainer)
+    assert not list(tmp_path.glob(".*.tmp"))

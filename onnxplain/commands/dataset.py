@@ -43,6 +43,8 @@ method, options, key; or its error) and the shards shard-*.npz (array 'attributi
 @click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip", show_default=True,
               help="An unreadable input: record its error and go on, or stop the run.")
 @click.option("--float16", is_flag=True, help="Store attributions as float16 (half the disk).")
+@click.option("--no-scores", is_flag=True, help="Leave the predicted class and score out of the index (spares "
+                                                "one forward pass a batch).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="This machine (streaming threads), or Ray Data (pip install 'onnxplain[ray]').")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
@@ -54,7 +56,7 @@ method, options, key; or its error) and the shards shard-*.npz (array 'attributi
 @click.option("--memory-budget", callback=_bytes, metavar="SIZE", help="Memory one batched run may use.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def explain_dataset(model, dataset, method, target, options, layer, out, batch_size, resume, on_error, float16,
-                    engine, address, workers, preset, providers, memory_budget, quiet):
+                    no_scores, engine, address, workers, preset, providers, memory_budget, quiet):
     """Explain every input of DATASET with MODEL, streaming results into OUT."""
     runtime.QUIET = quiet
     if isinstance(target, list):
@@ -62,7 +64,7 @@ def explain_dataset(model, dataset, method, target, options, layer, out, batch_s
                           "manifest's 'target' column")
     common = dict(method=method, target=target, options=options, batch_size=batch_size, resume=resume,
                   on_error=on_error, float16=float16, layer=layer, preset=preset, quiet=quiet,
-                  providers=providers, memory_budget=memory_budget)
+                  providers=providers, memory_budget=memory_budget, scores=not no_scores)
     if engine == "ray":
         from ..engine_ray import explain_dataset_ray
 
