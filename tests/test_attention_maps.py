@@ -100,6 +100,20 @@ def test_transformer_attribution_equals_numpy_on_torch_attnlrp_relevance(exporte
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
 
+def test_attention_products_as_einsum_are_found(tmp_path):
+    model = tz.TinyEncoder().eval()
+    for blk in model.blocks:
+        blk.einsum = True
+    x = model.example()
+    ex = Explainer(str(tz.export(model, tmp_path / "einsum.onnx", "torchscript", x)))
+    maps, grads = tz.attention_maps(model, x, TARGET)
+    np.testing.assert_allclose(ex.attribute(x.numpy(), method="attention_rollout"), numpy_rollout(maps)[:, 0],
+                               rtol=1e-4, atol=1e-6)
+    ref = numpy_chefer([g * a for g, a in zip(grads, maps)])[:, 0]
+    np.testing.assert_allclose(ex.attribute(x.numpy(), method="generic_attention", target=TARGET), ref, rtol=1e-3,
+                               atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("exporter,sdpa", [EXPORTS[0], EXPORTS[3]])
 @pytest.mark.parametrize("method", ["attention_rollout", "generic_attention"])
 def test_vit_cls_row_maps_onto_the_patch_grid_and_upsamples_to_the_image(exported, exporter, sdpa, method):

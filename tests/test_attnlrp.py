@@ -73,6 +73,19 @@ def test_cp_lrp_with_gradient_activations_is_gradient_times_input_of_the_detache
     _close(ours, tz.relevance(model, ids, TARGET, tz.CPLRP_GRADIENT).numpy())
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_attention_as_einsum_takes_the_same_rules(tmp_path, exporter):
+    torch.manual_seed(0)
+    model = tz.TinyEncoder().eval()
+    for blk in model.blocks:
+        blk.einsum = True
+    ids = model.example()
+    ex = Explainer(str(tz.export(model, tmp_path / "einsum.onnx", exporter, ids)))
+    assert sum(n.op_type == "Einsum" for n in ex.graph.nodes) == 4
+    for method, mode in (("lrp.attnlrp", tz.ATTNLRP), ("lrp.cp_lrp", tz.CPLRP)):
+        _close(ex.attribute(ids.numpy(), method=method, target=TARGET), tz.relevance(model, ids, TARGET, mode).numpy())
+
+
 def _logit(model, ids):
     with torch.no_grad():
         return model(ids)[:, TARGET].numpy()

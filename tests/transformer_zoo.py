@@ -71,6 +71,7 @@ class Block(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
         self.fc3 = nn.Linear(d, 2 * d) if gated else None
         self.mode = PLAIN
+        self.einsum = False  # attention products as torch.einsum (exported as Einsum)
         self.probs = None  # the last attention probabilities (batch, heads, tokens, tokens)
 
     def norm(self, ln, x):
@@ -90,18 +91,23 @@ class Block(nn.Module):
         if self.sdpa and self.mode == PLAIN:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            if self.mode == ATTNLRP:
-                scores = _Half.apply(q) @ _Half.apply(k.transpose(-2, -1)) / math.sqrt(d // h)
+            if self.einsum:
+                qk, av = (lambda a, b: torch.einsum("bhqd,bhkd->bhqk", a, b)), \
+                    (lambda a, b: torch.einsum("bhqk,bhkd->bhqd", a, b))
             else:
-                scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)
+                qk, av = (lambda a, b: a @ b.transpose(-2, -1)), (lambda a, b: a @ b)
+            if self.mode == ATTNLRP:
+                scores = qk(_Half.apply(q), _Half.apply(k)) / math.sqrt(d // h)
+            else:
+                scores = qk(q, k) / math.sqrt(d // h)
             probs = scores.softmax(-1)
             self.probs = probs
             if self.mode in (CPLRP, CPLRP_GRADIENT):
-                out = probs.detach() @ v
+                out = av(probs.detach(), v)
             elif self.mode == ATTNLRP:
-                out = _Half.apply(probs) @ _Half.apply(v)
+                out = av(_Half.apply(probs), _Half.apply(v))
             else:
-                out = probs @ v
+                out = av(probs, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
     def gelu(self, x):

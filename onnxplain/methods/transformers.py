@@ -56,10 +56,13 @@ class TransformerComposite(Composite):
             return rules.no_relevance  # the attention probabilities are constants
         if op in lrp.LINEAR and self.gamma and _constant_weight(graph, node):
             return functools.partial(lrp.gamma_rule, gamma=self.gamma, epsilon=eps)
-        if op == "MatMul" and self.cp:
-            k = rules.value_product(graph, node)
-            if k is not None:
-                return functools.partial(rules.linear_rule, epsilon=eps, constant=(k,))
+        if op in ("MatMul", "Einsum", "Mul") and self.cp:
+            # Attention probabilities are constants: a product with them is linear in the
+            # other operand (the values), which keeps all the relevance.
+            held = tuple(k for k, i in enumerate(node.input)
+                         if i and graph.constant(i) is None and rules.attention_probabilities(graph, i) is not None)
+            if held:
+                return functools.partial(rules.linear_rule, epsilon=eps, constant=held)
         fn = lookup(node, rules.FAMILY)
         return None if fn is None else _with_epsilon(fn, eps)
 

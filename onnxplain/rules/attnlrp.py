@@ -210,8 +210,9 @@ def attention_probabilities(graph, name: str, depth: int = 8) -> str | None:
 
 
 def value_product(graph, node) -> int | None:
-    """For a MatMul of attention probabilities with values: the probabilities' index."""
-    if node.op_type != "MatMul":
+    """For a MatMul (or two-operand Einsum) of attention probabilities with values: the
+    probabilities' index."""
+    if node.op_type not in ("MatMul", "Einsum") or len(node.input) != 2:
         return None
     for k in (0, 1):
         if attention_probabilities(graph, node.input[k]) is not None and graph.constant(node.input[1 - k]) is None:
