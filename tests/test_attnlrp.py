@@ -58,6 +58,16 @@ def test_attnlrp_equals_torch_reference_of_the_published_rules(exported, exporte
     _close(ours, tz.relevance(model, ids, TARGET, tz.ATTNLRP).numpy())
 
 
+@pytest.mark.parametrize("exporter,sdpa,opset,gated", [EXPORTS[0], EXPORTS[2], EXPORTS[4], EXPORTS[6]])
+def test_attnlrp_equals_lxt_explicit_rules_on_the_same_model(exported, exporter, sdpa, opset, gated):
+    """lxt's own explicit AttnLRP functions (linear_epsilon, softmax, matmul, layer_norm,
+    rms_norm_identity, add2, mul2, mean) on the same weights; GELU/SiLU by the identity."""
+    pytest.importorskip("lxt.explicit.functional")
+    model, ids, ex = exported(exporter, sdpa, opset, gated)
+    ours = ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET)
+    _close(ours, tz.relevance(model, ids, TARGET, tz.LXT).numpy())
+
+
 @pytest.mark.parametrize("exporter,sdpa,opset,gated", EXPORTS)
 def test_cp_lrp_equals_torch_with_attention_and_layernorm_scale_detached(exported, exporter, sdpa, opset, gated):
     model, ids, ex = exported(exporter, sdpa, opset, gated)

@@ -50,6 +50,30 @@ def _identity_rule(x, y):
 
 # modes of the reference passes
 PLAIN, ATTNLRP, CPLRP, CPLRP_GRADIENT = "plain", "attnlrp", "cp_lrp", "cp_lrp_gradient"
+# lxt's explicit AttnLRP rules (lxt.explicit.functional): the backward pass carries relevance.
+LXT = "lxt"
+
+
+def _lxt():
+    import lxt.explicit.functional as lf
+
+    return lf
+
+
+class _Identity(torch.autograd.Function):
+    """An element-wise function under explicit relevance: the identity rule."""
+
+    @staticmethod
+    def forward(ctx, x, f):
+        return f(x)
+
+    @staticmethod
+    def backward(ctx, r):
+        return r, None
+
+
+def _linear(layer, x, mode):
+    return _lxt().linear_epsilon(x, layer.weight, layer.bias) if mode == LXT else layer(x)
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +99,10 @@ class Block(nn.Module):
         self.probs = None  # the last attention probabilities (batch, heads, tokens, tokens)
 
     def norm(self, ln, x):
+        if self.mode == LXT:
+            if isinstance(ln, RMSNorm):
+                return _lxt().rms_norm_identity(x, ln.weight, ln.eps)
+            return _lxt().layer_norm(x, ln.weight, ln.bias, ln.eps)
         if isinstance(ln, RMSNorm):
             rms = torch.sqrt((x * x).mean(-1, keepdim=True) + ln.eps)
             return x / (rms if self.mode == PLAIN else rms.detach()) * ln.weight
@@ -87,7 +115,12 @@ class Block(nn.Module):
     def attention(self, x):
         b, t, d = x.shape
         h = self.heads
-        q, k, v = self.qkv(x).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = _linear(self.qkv, x, self.mode).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if self.mode == LXT:
+            lf = _lxt()
+            self.probs = lf.softmax(lf.matmul(q, k.transpose(-2, -1)), -1, temperature=math.sqrt(d // h))
+            out = lf.matmul(self.probs, v)
+            return lf.linear_epsilon(out.transpose(1, 2).reshape(b, t, d), self.proj.weight, self.proj.bias)
         if self.sdpa and self.mode == PLAIN:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -111,19 +144,26 @@ class Block(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
     def gelu(self, x):
-        y = F.silu(x) if self.gated else F.gelu(x)
+        f = F.silu if self.gated else F.gelu
+        if self.mode == LXT:
+            return _Identity.apply(x, f)
+        y = f(x)
         return _identity_rule(x, y) if self.mode in (ATTNLRP, CPLRP) else y
 
     def mlp(self, x):
-        h = self.gelu(self.fc1(x))
+        h = self.gelu(_linear(self.fc1, x, self.mode))
         if self.gated:
-            g = self.fc3(x)
-            h = _Half.apply(h) * _Half.apply(g) if self.mode in (ATTNLRP, CPLRP, CPLRP_GRADIENT) else h * g
-        return self.fc2(h)
+            g = _linear(self.fc3, x, self.mode)
+            if self.mode == LXT:
+                h = _lxt().mul2(h, g)
+            else:
+                h = _Half.apply(h) * _Half.apply(g) if self.mode in (ATTNLRP, CPLRP, CPLRP_GRADIENT) else h * g
+        return _linear(self.fc2, h, self.mode)
 
     def forward(self, x):
-        x = x + self.attention(self.norm(self.ln1, x))
-        return x + self.mlp(self.norm(self.ln2, x))
+        add = _lxt().add2 if self.mode == LXT else torch.add
+        x = add(x, self.attention(self.norm(self.ln1, x)))
+        return add(x, self.mlp(self.norm(self.ln2, x)))
 
 
 class TinyEncoder(nn.Module):
@@ -164,6 +204,13 @@ class TinyEncoder(nn.Module):
         return self
 
     def from_embedding(self, e):
+        if getattr(self, "mode", PLAIN) == LXT:
+            lf = _lxt()
+            x = lf.add2(e, self.pos.expand_as(e))
+            for blk in self.blocks:
+                x = blk(x)
+            return lf.linear_epsilon(lf.mean(self.blocks[0].norm(self.ln, x), 1, False), self.head.weight,
+                                     self.head.bias)
         x = e + self.pos
         for blk in self.blocks:
             x = blk(x)
@@ -230,6 +277,11 @@ def relevance(model: TinyEncoder, ids: torch.Tensor, target: int, mode: str) -> 
     try:
         e = model.embed(ids).detach().requires_grad_(True)
         out = model.from_embedding(e)
+        if mode == LXT:  # explicit relevance, starting at the logit
+            seed = torch.zeros_like(out)
+            seed[:, target] = out[:, target].detach()
+            out.backward(seed)
+            return e.grad.detach()
         out[:, target].sum().backward()
         return (e * e.grad).detach()
     finally:
