@@ -17,7 +17,7 @@ from .errors import InputError, ModelError, OnnxplainError, OptionError, Unsuppo
 from .graph import Graph, read_model
 from .methods.base import Context, get_method
 from .runtime import Rows, Session
-from .target import as_target, resolve_target
+from .target import _Classes, _Predicted, as_target, resolve_target
 
 LOOK_THROUGH = ("Softmax", "LogSoftmax")
 # Operators whose result depends on the whole batch they run on (one quantization scale).
@@ -145,7 +145,8 @@ class Explainer:
             # What looked like a batch is a sequence the model runs through (a state carried
             # from row to row): the whole input is one sample.
             return self._specialized.get(("whole",) + whole,
-                                         lambda: (Plan(self, feeds, {k: None for k in axes}, None), 1))
+                                         lambda: (Plan(self, feeds, {k: None for k in axes}, None,
+                                                       whole=plan.n(feeds)), 1))
         return plan
 
     def _graph_for(self, feeds) -> Graph:
@@ -246,6 +247,16 @@ class Explainer:
         tensor's own layout (stacked per sample for a tensor without a batch axis). Only a
         predicted class runs the model (once)."""
         t = as_target(target)
+        plan = self.plan(feeds)
+        shape = plan.graph.shape(explained)
+        if plan.whole and isinstance(t, (_Classes, _Predicted)) and shape and shape[0] == plan.whole:
+            # The model looked batched, but its rows are one sample (a sequence the model
+            # runs through, a graph's nodes): a class per "sample" would silently explain
+            # something else than the reader of the output expects.
+            raise OptionError(
+                f"the rows of the input are not separate samples for this model (they interact: a sequence, a "
+                f"graph, a reduction over them), so target '{t.text}' has no per-sample meaning on "
+                f"'{explained}'; give a seed array shaped like the output, or step:T / steps:T0-T1 for frames")
         logical = self._explained_shape(feeds, explained)
         b = self.plan(feeds).axis(explained) or 0
         physical = logical[1:b + 1] + logical[:1] + logical[b + 1:]
@@ -405,8 +416,10 @@ class Plan:
     samples per run (the model's own batch size, else 1: sample by sample).
     """
 
-    def __init__(self, explainer: "Explainer", feeds: dict, axes: dict, static: int | None):
+    def __init__(self, explainer: "Explainer", feeds: dict, axes: dict, static: int | None, whole: int = 0):
         self.explainer = explainer
+        # The input is one sample: its `whole` rows interact (see Explainer.plan).
+        self.whole = whole
         self.input_axes = axes
         self.declared_static = static
         self.shapes = {k: v.shape for k, v in feeds.items()}

@@ -409,3 +409,14 @@ def test_a_dynamically_quantized_model_explains_each_sample_as_run_alone():
         together = e.attribute(x, target=[0, 1, 2])
         alone = np.concatenate([Explainer(dst).attribute(x[i:i + 1], target=[c]) for i, c in enumerate([0, 1, 2])])
     np.testing.assert_allclose(together, alone, rtol=1e-6)
+
+
+def test_a_class_target_on_rows_that_are_not_samples_is_an_error_not_another_score():
+    m = _model([helper.make_node("CumSum", ["x", "ax"], ["c"]), helper.make_node("ReduceSum", ["c", "one"], ["y"],
+                                                                                  keepdims=0)],
+               [_vi("x", ["T", 4])], [_vi("y", ["T"])], [("ax", np.array(0)), ("one", np.array([1]))])
+    e = Explainer(m)
+    x = RNG.normal(size=(5, 4)).astype(np.float32)
+    with pytest.raises(OptionError, match="not separate samples"):
+        e.attribute(x, target=0)  # "one score per sample" would silently be step 0 alone
+    np.testing.assert_allclose(e.attribute(x, target=np.ones(5, np.float32)), np.tile(np.arange(5, 0, -1)[:, None], 4))
