@@ -566,7 +566,7 @@ h1 {{ font-size: 1.3em; }}
 .tok, .word {{ padding: 0.15em 0.3em; margin: 0 0.08em; border-radius: 0.25em; }}
 .special {{ font-style: italic; color: #666; outline: 1px dashed #aaa; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
-th {{ text-align: left; padding-right: 1em; color: #555; font-weight: normal; }}
+th {{ text-align: left; padding-right: 1em; color: #555; font-weight: normal; white-space: nowrap; vertical-align: top; }}
 .legend span {{ padding: 0.1em 0.5em; border-radius: 0.25em; }}
 ol li {{ margin: 0.3em 0; font-size: 1.1em; }}
 </style></head><body>

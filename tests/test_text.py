@@ -371,3 +371,23 @@ def test_a_missing_tokenizer_and_an_unknown_reduction_are_clear_errors(setup, tm
         T.load_tokenizer(tmp_path / "nope.json")
     with pytest.raises(OptionError, match="sum or l2"):
         T.explain_text(models["classifier"][1], tok, SENTENCE, reduce="mean")
+
+
+def test_the_explain_text_command_writes_the_page_and_prints_the_tokens(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxplain.cli import main
+
+    tok, _, folder = setup
+    out = tmp_path / "why.json"
+    res = CliRunner().invoke(main, ["explain-text", str(folder / "encoder.onnx"), "--text", SENTENCE,
+                                    "-t", 'text:"a great film"', "-m", "integrated_gradients", "-O", "n_steps=8",
+                                    "--tokenizer", str(tok), "--no-color", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "[CLS](" in res.output and "dot product" in res.output and f"wrote {out}" in res.output
+    d = json.loads(out.read_text())
+    assert d["method"] == "integrated_gradients" and d["target"] == 'text:"a great film"'
+    assert len(d["tokens"]) == 8 and d["tokens"][0]["special"]
+    bad = CliRunner().invoke(main, ["explain-text", str(folder / "encoder.onnx"), "--text", SENTENCE,
+                                    "--tokenizer", str(tok), "-o", str(tmp_path / "x.png")])
+    assert bad.exit_code != 0 and ".html" in bad.output
