@@ -132,6 +132,15 @@ def test_vit_cls_row_maps_onto_the_patch_grid_and_upsamples_to_the_image(exporte
     np.testing.assert_allclose(fine, up, rtol=1e-3, atol=1e-5 * np.abs(up).max())
 
 
+def test_attention_inside_the_attention_operator_is_refused_with_what_to_do(tmp_path):
+    model = tz.TinyEncoder(sdpa=True).eval()
+    x = model.example()
+    ex = Explainer(str(tz.export(model, tmp_path / "attention23.onnx", "dynamo", x, opset=23)))
+    assert any(n.op_type == "Attention" for n in ex.graph.nodes)
+    with pytest.raises(ModelError, match="inside Attention operators.*opset before 23"):
+        ex.attribute(x.numpy(), method="generic_attention", target=TARGET)
+
+
 def test_a_model_without_attention_is_refused_by_name(tmp_path):
     import zoo
 

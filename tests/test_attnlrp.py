@@ -16,10 +16,11 @@ from onnxplain.graph import find_embeddings
 # (exporter, sdpa attention, opset, gated): opset 14 TorchScript decomposes LayerNorm,
 # TorchScript decomposes GELU (Div/Erf/Add/Mul), dynamo emits Gelu and LayerNormalization;
 # gated: LLaMA's blocks, RMSNorm (decomposed) and a SiLU-gated MLP (a product of two
-# computed tensors).
+# computed tensors); dynamo at opset 23: SDPA as the `Attention` operator, whose function
+# body the rules propagate through.
 EXPORTS = [("torchscript", False, 17, False), ("torchscript", True, 17, False), ("torchscript", False, 14, False),
            ("dynamo", False, 17, False), ("dynamo", True, 17, False), ("torchscript", False, 17, True),
-           ("dynamo", True, 17, True)]
+           ("dynamo", True, 17, True), ("dynamo", True, 23, False)]
 TARGET = 1
 
 
@@ -53,6 +54,7 @@ def _close(ours, ref, atol=2e-4):
 @pytest.mark.parametrize("exporter,sdpa,opset,gated", EXPORTS)
 def test_attnlrp_equals_torch_reference_of_the_published_rules(exported, exporter, sdpa, opset, gated):
     model, ids, ex = exported(exporter, sdpa, opset, gated)
+    assert (opset == 23) == any(n.op_type == "Attention" for n in ex.graph.nodes)
     ours = ex.attribute(ids.numpy(), method="lrp.attnlrp", target=TARGET)
     assert ours.shape == (2, tz.TinyEncoder.tokens, tz.TinyEncoder.d)  # at the embedding output
     _close(ours, tz.relevance(model, ids, TARGET, tz.ATTNLRP).numpy())

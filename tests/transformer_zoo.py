@@ -255,14 +255,18 @@ class TinyViT(nn.Module):
 
 def export(model: nn.Module, path: Path, exporter: str, example, opset: int = 17) -> Path:
     """ONNX export with a dynamic batch; token models take `input_ids`, images `pixels`.
-    TorchScript before opset 17 decomposes LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div)."""
+    TorchScript before opset 17 decomposes LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div); dynamo
+    at opset 23 writes SDPA as the `Attention` operator."""
     name = "input_ids" if example.dtype == torch.int64 else "pixels"
     for blk in model.blocks:
         blk.mode = PLAIN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
+            # dynamo: its own opset unless a later one is asked for (23: SDPA as `Attention`)
+            extra = {"opset_version": opset} if opset > 20 else {}
             torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[name], output_names=["logits"],
+                              **extra,
                               dynamic_shapes={list(model.forward.__code__.co_varnames)[1]: {0: torch.export.Dim("batch")}},
                               verbose=False)
         else:

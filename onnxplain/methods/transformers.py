@@ -52,6 +52,10 @@ class TransformerComposite(Composite):
             return rules.identity_rule
         if op in rules.MOVING:
             return lookup(node, "gradient")
+        if op in ("Attention", "RotaryEmbedding"):
+            # Defined by a function body, whose nodes these same rules propagate through
+            # (rules/gradient_attention.function_backward runs the composite on it).
+            return lookup(node, "gradient")
         if op == "Softmax" and self.cp:
             return rules.no_relevance  # the attention probabilities are constants
         if op in lrp.LINEAR and self.gamma and _constant_weight(graph, node):
@@ -143,8 +147,11 @@ def attention_maps(graph) -> list:
         if probs not in found:
             found.append(probs)
     if not found:
+        inside = sorted({n.op_type for n in graph.nodes if n.op_type in ("Attention", "MultiHeadAttention")})
+        hint = (f"; this model computes attention inside {', '.join(inside)} operators, whose probabilities are "
+                "no tensor of the graph: export it with an opset before 23 (or eager attention)") if inside else ""
         raise ModelError("no attention maps found: attention explanations need a Softmax whose output a MatMul "
-                         "multiplies with the values (per head)")
+                         "multiplies with the values (per head)" + hint)
     return found
 
 

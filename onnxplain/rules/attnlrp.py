@@ -200,10 +200,11 @@ def attention_probabilities(graph, name: str, depth: int = 8) -> str | None:
         if node.op_type in ("Reshape", "Transpose", "Cast", "Dropout", "Identity", "Squeeze", "Unsqueeze", "Expand"):
             name = node.input[0]
         elif node.op_type == "Where":
-            computed = [i for i in node.input[1:] if graph.constant(i) is None]
-            if len(computed) != 1:
-                return None
-            name = computed[0]
+            # A mask's Where (zeroing fully masked rows): the branch that is the softmax.
+            found = [attention_probabilities(graph, i, depth - 1) for i in node.input[1:]
+                     if graph.constant(i) is None]
+            found = [f for f in found if f is not None]
+            return found[0] if len(found) == 1 else None
         else:
             return None
     return None
