@@ -29,7 +29,11 @@ import numpy as np
 
 from .datasets import Dataset, Entry
 from .engine import INDEX, Job, Plan, Progress, Summary, _Index, as_dataset, finish_index, plan_run, process_batch
-from .errors import OptionError
+from . import errors as _errors
+from .errors import OnnxplainError, OptionError
+
+_STOP_TYPES = {name: getattr(_errors, name) for name in dir(_errors)
+               if isinstance(getattr(_errors, name), type) and issubclass(getattr(_errors, name), OnnxplainError)}
 
 # Test hook: an actor exits right after writing a shard (once: the file named here is made
 # first), as a worker killed mid-run would.
@@ -88,7 +92,14 @@ class _Explain:
         for b, keys, payload in zip(batch["batch"], batch["keys"], batch["items"]):
             items = pickle.loads(payload)
             plan = Plan(None, json.loads(keys), {}, [], len(items), self.job, self.out, self.extra)
-            records = process_batch(self.explainer, plan, items, self.on_error)
+            try:
+                records = process_batch(self.explainer, plan, items, self.on_error)
+            except OnnxplainError as exc:
+                # on_error='stop': the error goes back as an answer, so the driver raises it
+                # as it is, not wrapped in Ray's exceptions (which it could not tell apart
+                # from a lost worker).
+                out.append(json.dumps({"stop": str(exc), "type": type(exc).__name__}))
+                continue
             crash = os.environ.get(CRASH_ENV)
             if crash and not os.path.exists(crash):
                 Path(crash).write_text(str(os.getpid()))
@@ -155,6 +166,8 @@ def explain_dataset_ray(model, dataset, out, method: str = "gradient", target=No
                     continue  # a batch Ray gave back twice is indexed once
                 seen.add(int(row["batch"]))
                 batch_records = json.loads(row["records"])
+                if isinstance(batch_records, dict):
+                    raise _STOP_TYPES.get(batch_records["type"], OnnxplainError)(batch_records["stop"])
                 index.append(batch_records)
                 for r in batch_records:
                     records[r["id"]] = r

@@ -103,3 +103,16 @@ def test_a_run_interrupted_locally_resumes_on_ray_and_a_corrupt_file_is_recorded
     assert [r["id"] for r in index] == [f"p{i:02d}.png" for i in range(N)] + ["p99.png"]
     assert "cannot read image" in index[-1]["error"]
     assert same_results(local, tmp_path / "out")
+
+
+def test_on_error_stop_ends_a_ray_run_with_the_inputs_own_error(folder, tmp_path):
+    from onnxplain.errors import InputError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(folder.iterdir())[:4]:
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "q.png").write_bytes(b"not a picture")
+    with pytest.raises(InputError, match="q.png"):
+        explain_dataset_ray(TINY, data, tmp_path / "out", batch_size=4, workers=1, on_error="stop", quiet=True)
+    assert [r["id"] for r in read_index(tmp_path / "out" / "index.jsonl")] == [f"p{i:02d}.png" for i in range(4)]
