@@ -391,3 +391,14 @@ def test_the_explain_text_command_writes_the_page_and_prints_the_tokens(setup, t
     bad = CliRunner().invoke(main, ["explain-text", str(folder / "encoder.onnx"), "--text", SENTENCE,
                                     "--tokenizer", str(tok), "-o", str(tmp_path / "x.png")])
     assert bad.exit_code != 0 and ".html" in bad.output
+
+
+def test_a_text_pair_is_explained_with_type_ids_one_and_its_words_read_from_the_pair(setup):
+    tok, models, _ = setup
+    model, ex = models["classifier"]
+    r = T.explain_text(ex, tok, SENTENCE, "a great film", method="gradient", target=1)
+    enc = T.encode(tok, SENTENCE, "a great film")
+    x, g = _torch_grad_at_embedding(model, enc, 1)
+    np.testing.assert_allclose(r.scores, (x * g).sum(-1), rtol=1e-4, atol=1e-6)
+    assert [w for w, _, _ in r.words][-4:] == ["a", "great", "film", "[SEP]"]
+    assert r.sequence_ids[-2] == 1 and r.to_dict()["text_pair"] == "a great film"
