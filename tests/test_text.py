@@ -402,3 +402,33 @@ def test_a_text_pair_is_explained_with_type_ids_one_and_its_words_read_from_the_
     np.testing.assert_allclose(r.scores, (x * g).sum(-1), rtol=1e-4, atol=1e-6)
     assert [w for w, _, _ in r.words][-4:] == ["a", "great", "film", "[SEP]"]
     assert r.sequence_ids[-2] == 1 and r.to_dict()["text_pair"] == "a great film"
+
+
+class PositionNet(TextNet):
+    """TextNet taking its position ids as a fourth input (as many BERT exports do)."""
+
+    def forward(self, input_ids, attention_mask, token_type_ids, position_ids):
+        h = self.ln(self.word_emb(input_ids) + self.pos_emb(position_ids) + self.type_emb(token_type_ids))
+        m = attention_mask[:, :, None].float()
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+def test_position_ids_are_filled_when_the_model_takes_them(setup, tmp_path):
+    tok = setup[0]
+    model = PositionNet().eval()
+    ids = torch.tensor([[CLS, 5, 6, SEP]])
+    names = ["input_ids", "attention_mask", "token_type_ids", "position_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids), torch.arange(4)[None]),
+                          str(tmp_path / "pos.onnx"), dynamo=False, opset_version=17, input_names=names,
+                          output_names=["out"], dynamic_axes={n: {0: "batch", 1: "tokens"} for n in names})
+    ex = Explainer(str(tmp_path / "pos.onnx"))
+    enc = T.encode(tok, SENTENCE)
+    feeds = T.model_feeds(ex, enc)
+    np.testing.assert_array_equal(feeds["position_ids"], np.arange(len(enc))[None])
+    r = T.explain_text(ex, tok, SENTENCE, method="gradient", target=0)
+    e = model.word_emb(torch.tensor(enc.ids[None])).detach().requires_grad_(True)
+    h = model.ln(e + model.pos_emb(torch.arange(len(enc))[None]) + model.type_emb(torch.zeros_like(e[..., 0]).long()))
+    model.out(h.mean(1))[0, 0].backward()
+    np.testing.assert_allclose(r.scores, (e.detach() * e.grad).sum(-1).numpy()[0], rtol=1e-4, atol=1e-6)
