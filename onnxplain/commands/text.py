@@ -59,20 +59,32 @@ def explain_text_command(model, method, layer, output, probability, providers, m
     The tokenizer fills the model's inputs by name (input_ids, attention_mask,
     token_type_ids, position ids); white-box methods attribute to the word embedding.
     """
+    run_text(model, method, layer, output, probability, providers, memory_budget, text, text_pair, tokenizer,
+             target, reduce, words, baseline_id, pooling, options, out, color, quiet, as_json)
+
+
+def run_text(model, method, layer, output, probability, providers, memory_budget, text, text_pair, tokenizer,
+             target, reduce="sum", words=False, baseline_id=None, pooling="mean", options=None, out=None,
+             color=None, quiet=False, as_json=False):
+    """explain-text's work, also behind `explain --text` (the same options)."""
     from ..errors import OptionError
     from ..explainer import Explainer
     from ..methods.base import get_method
     from ..text import explain_text, render
 
     runtime.QUIET = quiet
+    options = dict(options or {})
+    if text is None or tokenizer is None:
+        raise OptionError("explaining text needs both --text and --tokenizer (the model's tokenizer.json)")
     if layer is not None:
-        raise OptionError("explain-text attributes to the word embedding (found in the model); --layer is not taken")
+        raise OptionError("text is attributed at the word embedding (found in the model); --layer is not taken")
     m = get_method(method)
     m.resolve(options)  # a bad option fails before the model loads
+    out = Path(out) if out is not None else None
     if out is not None and out.suffix.lower() not in OUT_SUFFIXES:
         raise OptionError(f"cannot write '{out.name}': --out must end in {', '.join(OUT_SUFFIXES)}")
     ex = Explainer(model, providers=providers, memory_budget=memory_budget)
-    result = explain_text(ex, tokenizer, text, text_pair, method=m.name, target=target, reduce=reduce,
+    result = explain_text(ex, tokenizer, text, text_pair, method=m.name, target=target, reduce=reduce or "sum",
                           words=words, baseline_id=baseline_id, output=output, probability=probability,
                           pooling=pooling, **options)
     if out is not None:
@@ -82,10 +94,11 @@ def explain_text_command(model, method, layer, output, probability, providers, m
         if out is not None:
             d["file"] = str(out)
         click.echo(json.dumps(d, indent=2))
-        return
+        return result
     click.echo(render(result, color=color))
     if out is not None:
         click.echo(f"wrote {out}")
+    return result
 
 
 COMMANDS = [explain_text_command]
