@@ -28,11 +28,11 @@ Reductions (--reduce), token score from the (tokens, hidden) attribution at the 
 Black-box methods (occlusion, feature_ablation, kernel_shap, lime) replace tokens (--words:
 whole words) by the PAD id (--baseline-id); special tokens are never replaced.
 """)
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @model_options
 @click.option("--text", "text", required=True, help="The text to explain.")
 @click.option("--text-pair", help="A second text (sentence-pair models: type ids 1).")
-@click.option("--tokenizer", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--tokenizer", required=True, type=click.Path(path_type=Path),
               help="The model's tokenizer.json (or the folder holding it); read offline.")
 @click.option("-t", "--target", callback=_target, metavar="TARGET",
               help='What to explain: a class (3), pred (default), text:"REFERENCE" (a sentence encoder: the dot '
