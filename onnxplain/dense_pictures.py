@@ -140,8 +140,6 @@ def _panel(img, size):
 def _in_panel(draw):
     """An annotator drawing on the overlay panel only, whatever the view."""
     def annotate(img, draw=draw):
-        from PIL import Image
-
         off, pw = _panel(img, draw.size)
         panel = draw(img.crop((off, 0, off + pw, img.height)))
         out = img.copy()

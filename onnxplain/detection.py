@@ -429,8 +429,8 @@ def cam_layer(graph, explained: str, grid) -> str | None:
 
 def default_cam_layer(explainer, feeds, target) -> str | None:
     """The CAM layer of a resolved detection target: the feature map of the scale whose
-    anchor produced the (first sample's) detection; None where it cannot be told."""
-    layout, det = target.layout, target.chosen[0]
+    anchor produced the samples' detections; None where it cannot be told (or they differ)."""
+    layout = target.layout
     graph = explainer.plan(feeds).graph
     shape = graph.shape(layout.scores)
     if shape is None or not all(isinstance(d, int) for d in shape[1:]):

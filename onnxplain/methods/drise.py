@@ -70,7 +70,7 @@ def d_rise(ctx, n_masks, cells, p_keep, baseline, seed, center, decoder, proposa
     # The explained detection of each sample, from its seed and the original outputs.
     targets = []
     for s in range(n):
-        index, cls = D.from_seed(layout, ctx.seed[s])
+        index, _cls = D.from_seed(layout, ctx.seed[s])
         sample = {o: v[s] for o, v in original.items()}
         boxes, scores, _obj, _rank = D.candidates(layout, sample, size)
         if layout.kind == "nms":  # (score, class label) of the selected row
