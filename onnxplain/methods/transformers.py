@@ -26,6 +26,10 @@ from .base import Option, non_negative, register
 class TransformerComposite(Composite):
     """AttnLRP (cp=False) or CP-LRP (cp=True) rules for every operator of a transformer.
 
+    CP-LRP holds the attention probabilities constant in the products that read them, so
+    no relevance reaches their Softmax from there; a Softmax read otherwise (no attention)
+    takes AttnLRP's Taylor rule rather than silently stopping the relevance.
+
     epsilon: the stabiliser; gamma: CP-LRP's gamma rule on the linear layers with a constant
     weight (0: the epsilon rule); activation: "identity" (the relevance of an element-wise
     non-linearity passes unchanged) or "gradient" (gradient x input through it)."""
@@ -56,8 +60,6 @@ class TransformerComposite(Composite):
             # Defined by a function body, whose nodes these same rules propagate through
             # (rules/gradient_attention.function_backward runs the composite on it).
             return lookup(node, "gradient")
-        if op == "Softmax" and self.cp:
-            return rules.no_relevance  # the attention probabilities are constants
         if op in lrp.LINEAR and self.gamma and _constant_weight(graph, node):
             return functools.partial(lrp.gamma_rule, gamma=self.gamma, epsilon=eps)
         if op in ("MatMul", "Einsum", "Mul") and self.cp:

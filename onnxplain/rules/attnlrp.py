@@ -174,11 +174,6 @@ def activation_gradient(b, node, grads, epsilon: float = EPSILON, **_):
     return [b.mul(node.input[0], g)] + [None] * (len(node.input) - 1)
 
 
-def no_relevance(b, node, grads, **_):
-    """A tensor held constant (CP-LRP's attention probabilities): nothing flows back."""
-    return [None] * len(node.input)
-
-
 register(*PRODUCTS, family=FAMILY)(linear_rule)
 register("Softmax", family=FAMILY)(softmax_rule)
 register("LayerNormalization", family=FAMILY)(layernorm_rule)
@@ -222,4 +217,4 @@ def value_product(graph, node) -> int | None:
 
 
 __all__ = ["FAMILY", "linear_rule", "softmax_rule", "layernorm_rule", "rmsnorm_rule", "identity_rule", "group_rule",
-           "activation_gradient", "no_relevance", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]
+           "activation_gradient", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]
