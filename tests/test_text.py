@@ -432,3 +432,27 @@ def test_position_ids_are_filled_when_the_model_takes_them(setup, tmp_path):
     h = model.ln(e + model.pos_emb(torch.arange(len(enc))[None]) + model.type_emb(torch.zeros_like(e[..., 0]).long()))
     model.out(h.mean(1))[0, 0].backward()
     np.testing.assert_allclose(r.scores, (e.detach() * e.grad).sum(-1).numpy()[0], rtol=1e-4, atol=1e-6)
+
+
+class UnitNet(TextNet):
+    """A sentence encoder whose output is the L2-normalised mean-pooled embedding (batch, hidden)."""
+
+    def __init__(self):
+        super().__init__(encoder=True)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        h = super().forward(input_ids, attention_mask, token_type_ids)
+        m = attention_mask[:, :, None].float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def test_a_text_target_on_unit_norm_embeddings_says_the_dot_product_is_the_cosine(setup, tmp_path):
+    tok = setup[0]
+    model = UnitNet().eval()
+    ex = Explainer(str(export(model, tmp_path / "unit.onnx")))
+    r = T.explain_text(ex, tok, SENTENCE, method="gradient", target="text:a great film")
+    assert "= the cosine" in r.score_kind
+    with torch.no_grad():
+        a = model(*_torch_inputs(T.encode(tok, SENTENCE)))[0].numpy()
+        b = model(*_torch_inputs(T.encode(tok, "a great film")))[0].numpy()
+    assert r.explained_score == pytest.approx(float(a @ b), rel=1e-5)
