@@ -221,6 +221,8 @@ def _scores(ctx, matrix: np.ndarray, query, upsample: bool, interpolation: str) 
         return {name: np.expand_dims(resize(grid, size, interpolation), channel or 1).astype(np.float32)}
     ids = [n for n in ctx.feeds if ctx.feeds[n].ndim == 2 and ctx.feeds[n].shape[1] == t
            and ctx.feeds[n].dtype.kind in "iu"]
+    # The ids an embedding table is indexed by, before masks and segment ids.
+    ids.sort(key=lambda n: not any(c.op_type == "Gather" and n in c.input[1:] for c in ctx.graph.consumers.get(n, [])))
     name = ids[0] if ids else ctx.wrt[0]
     return {name: row.astype(np.float32)}
 
