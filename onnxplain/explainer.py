@@ -199,11 +199,26 @@ class Explainer:
         feeds = self._feeds(x)
         name = self._output_name(output)
         plan = self.plan(feeds)
-        if plan.axis(name) is None:
-            # No axis of it is provably the batch: the model's answer as it gives it.
+
+        def as_given():
+            # The model's answer as it gives it, in one run.
             return self._session(("predict", name) + plan.key, lambda: _with_outputs(plan.graph, [name])).run(
                 feeds, [name])[name]
-        return plan.physical(name, self._forward(feeds, [name])[name])
+
+        if plan.axis(name) is None or plan.n(feeds) == 1:  # no axis provably the batch, or one run
+            try:
+                return as_given()
+            except InputError:
+                if plan.n(feeds) == 1:
+                    raise
+            # The model runs one sample at a time only: its answers, stacked per sample.
+            return self._forward(feeds, [name])[name]
+        try:
+            return plan.physical(name, self._forward(feeds, [name])[name])
+        except ModelError:
+            # The axis read off the file did not hold on the run (an output called
+            # 'batch_size' that counts frames): the model's answer as it gives it.
+            return as_given()
 
     def _output_name(self, output) -> str:
         outs = self.graph.outputs
@@ -440,6 +455,8 @@ class Plan:
         self._probes = None
         self._independent = None
         self._runtime_axes: dict = {}
+        self._guessed: set = set()  # axes read off declared names: checked by one run
+        self._refuted: set = set()  # ... and found wrong
         # The batch's names in the model file, for outputs that inference cannot type
         # (operators of other domains) but the file declares.
         declared = {k: explainer.graph.shape(k) for k in axes}
@@ -521,23 +538,32 @@ class Plan:
         """For a model that fixes its batch size, tensors whose shape inference cannot
         tell (an ai.onnx.ml Normalizer's output) are run once: a first axis of the batch's
         size is their batch axis (and every later run checks it)."""
-        if self.declared_static is None:
+        tensors = [t for t in tensors if t not in self.input_axes and t not in self._runtime_axes]
+        unknown = [t for t in tensors if self.declared_static is not None and self.axis(t) is None
+                   and self.graph.shape(t) is None]
+        # Axes read off the file's declared names alone are checked once too: a file may
+        # call an axis 'batch_size' that counts frames.
+        guessed = [t for t in tensors if self.axis(t) is not None and t in self._guessed]
+        if not unknown and not guessed:
             return
-        unknown = [t for t in tensors if t not in self.input_axes and t not in self._runtime_axes
-                   and self.axis(t) is None and self.graph.shape(t) is None]
-        if not unknown:
-            return
-        out = self.explainer._session(("shapes", tuple(unknown)) + self.key,
-                                      lambda: _with_outputs(self.graph, unknown)).run(feeds, unknown)
+        run = unknown + guessed
+        out = self.explainer._session(("shapes", tuple(run)) + self.key,
+                                      lambda: _with_outputs(self.graph, run)).run(feeds, run)
         n = self.n(feeds)
         for t in unknown:
             self._runtime_axes[t] = 0 if out[t].ndim and out[t].shape[0] == n else None
+        for t in guessed:
+            ax = self.axis(t)
+            if out[t].ndim <= ax or out[t].shape[ax] != n:
+                self._refuted.add(t)
 
     def axis(self, tensor: str) -> int | None:
         if tensor in self.input_axes:
             return self.input_axes[tensor]
         if self._runtime_axes.get(tensor) is not None:
             return self._runtime_axes[tensor]
+        if tensor in self._refuted or self.graph.shape(tensor) == ():
+            return None
         ax = self.graph.batch_axis(tensor)
         if ax is None:
             ax = self._probed_axis(tensor)
@@ -547,6 +573,8 @@ class Plan:
             shape = self.graph.shape(tensor) or self.explainer.graph.shape(tensor)
             if shape and shape[0] == self.declared_static:
                 return 0
+        if ax is None and self._probes_say_unbatched(tensor):
+            return None
         if ax is None and self.graph.shape(tensor) is None and tensor in self.graph.outputs:
             # Inference cannot type it (an operator of another domain): the file's declared
             # shape says, by the batch's name or a free first axis; every run checks it
@@ -556,9 +584,19 @@ class Plan:
             if not hits and declared and not isinstance(declared[0], int):
                 hits = [0]
             ax = hits[0] if len(hits) == 1 else None
+            if ax is not None:
+                self._guessed.add(tensor)
         return ax
 
     PROBES = (7, 11)  # batch sizes unlikely to equal another dimension twice
+
+    def _probes_say_unbatched(self, tensor: str) -> bool:
+        """Whether static inference at both probe batch sizes gives the tensor one and the
+        same static shape: then it does not carry the batch, whatever the file calls its
+        axes (an output declared 'batch_size' that counts frames)."""
+        self._probed_axis(tensor)  # runs the probes
+        a, b = (p.get(tensor) for p in self._probes)
+        return a is not None and a == b and all(isinstance(d, int) for d in a)
 
     def _probed_size(self, tensor: str, probe: int) -> int | None:
         """A tensor's number of elements at probe batch size PROBES[probe], if inference tells."""
@@ -645,7 +683,15 @@ class Plan:
         key = ("forward", tuple(tensors), static) + self.key
         session = e._session(key, lambda: _with_outputs(graph, tensors))
         names = {**{k: k for k in self.shapes}, **{t: t for t in tensors}}
-        return Rows(session, self.axes_for(names), fixed, static)
+        return Rows(session, self.axes_for(names), fixed, static, ranks={t: r for t in tensors
+                                                                        if (r := self.rank(t)) is not None})
+
+    def rank(self, tensor: str) -> int | None:
+        """A tensor's rank for these inputs, from inference or the probes."""
+        shape = self.graph.shape(tensor)
+        if shape is None and self._probes is not None:
+            shape = self._probes[0].get(tensor)
+        return None if shape is None else len(shape)
 
     def compiled(self, composite, wrt: tuple, explained: str, method: str, predicted_seed: bool = False,
                  static: int | None = None):

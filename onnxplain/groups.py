@@ -497,7 +497,10 @@ def _evaluate(graph, nodes: list, x: str, grid: np.ndarray) -> dict | None:
                 axes = _reduce_axes(graph, n)
                 if axes is None:
                     return None
-                out = np.mean(args[0], axis=tuple(axes), keepdims=bool(_keepdims(n)))
+                try:  # the grid has fewer axes than the tensor: then no kind is named
+                    out = np.mean(args[0], axis=tuple(axes), keepdims=bool(_keepdims(n)))
+                except (ValueError, np.exceptions.AxisError):
+                    return None
             elif op in _NUMPY and not n.attribute and len(args) <= (3 if op == "Where" else 2):
                 try:
                     out = _NUMPY[op](*args)

@@ -257,9 +257,13 @@ class Rows:
     every run has the shape the model was compiled for. `fixed` inputs are fed as they are.
     """
 
-    def __init__(self, session: Session, axes: dict, fixed: dict | None = None, static: int | None = None):
+    def __init__(self, session: Session, axes: dict, fixed: dict | None = None, static: int | None = None,
+                 ranks: dict | None = None):
         self.session = session
         self.axes = axes
+        # Ranks inference gives the outputs: a run of one row whose output lost its batch
+        # axis (a Squeeze without axes squeezes a batch of 1) gets it back.
+        self.ranks = ranks or {}
         self.fixed = dict(fixed or {})
         self.static = static
         self.model = session.model
@@ -280,15 +284,42 @@ class Rows:
         return np.moveaxis(a, ax, 0) if ax else a
 
     def run(self, feeds: dict, outputs) -> dict:
-        """One run of at most rows_per_run() batch-first rows."""
+        """One run of at most rows_per_run() batch-first rows. A model that takes one row
+        only without saying so (a state input fixed at batch 1) is run row by row."""
+        n = next(iter(feeds.values())).shape[0] if feeds else 1
+        if n > 1 and not self.static and not getattr(self, "_one_by_one", False):
+            try:
+                return self._run(feeds, outputs)
+            except InputError:
+                self._one_by_one = True
+        if n > 1 and getattr(self, "_one_by_one", False):
+            parts = [self._run({k: v[i:i + 1] for k, v in feeds.items()}, outputs) for i in range(n)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._run(feeds, outputs)
+
+    def _run(self, feeds: dict, outputs) -> dict:
         n = next(iter(feeds.values())).shape[0] if feeds else 1
         rows = n
         if self.static and n < self.static:  # pad to the compiled batch; the pad is dropped
             pad = self.static - n
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
         phys = {k: self._physical(k, v) for k, v in feeds.items()}
+        for k, v in phys.items():
+            # A fed tensor of one row whose batch axis the model squeezed away (the seed
+            # of an output a Squeeze without axes made rank-deficient at batch 1).
+            ax = self.axes.get(k, 0)
+            if max(n, self.static or 0) == 1 and ax is not None and k in self.ranks and v.ndim == self.ranks[k] + 1:
+                phys[k] = np.squeeze(v, ax)
         phys.update(self.fixed)
         out = self.session.run(phys, outputs)
+        ran = max(rows, self.static or 0)
+        for k, v in out.items():
+            ax = self.axes.get(k, 0)
+            if ran == 1 and ax is not None and k in self.ranks and np.ndim(v) == self.ranks[k] - 1 and ax <= np.ndim(v):
+                out[k] = np.expand_dims(v, ax)
+        bad = [k for k, v in out.items() if np.ndim(v) == 0 and self.axes.get(k, 0) is not None]
+        if bad:
+            raise ModelError(f"tensor '{bad[0]}' came out as a scalar: it has no batch axis to read rows from")
         logical = {k: self._logical(k, v) for k, v in out.items()}
         for k, v in logical.items():
             # A batch axis read off shape inference, checked on every run: never rows of

@@ -420,3 +420,37 @@ def test_a_class_target_on_rows_that_are_not_samples_is_an_error_not_another_sco
     with pytest.raises(OptionError, match="not separate samples"):
         e.attribute(x, target=0)  # "one score per sample" would silently be step 0 alone
     np.testing.assert_allclose(e.attribute(x, target=np.ones(5, np.float32)), np.tile(np.arange(5, 0, -1)[:, None], 4))
+
+
+def _squeezing_model():
+    # y = Squeeze(x @ W): a Squeeze without axes also squeezes a batch of 1 away.
+    return _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Squeeze", ["z"], ["y"])],
+                  [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], [("w", W)])
+
+
+def test_an_output_whose_batch_of_one_is_squeezed_away_is_explained():
+    e = Explainer(_squeezing_model())
+    x = RNG.normal(size=(1, 4)).astype(np.float32)
+    assert e.predict(x).shape == (3,)  # as onnxruntime gives it
+    np.testing.assert_allclose(e.attribute(x, target=np.array([0, 1, 0], np.float32)), W[:, 1][None], rtol=1e-6)
+    occ = e.attribute(x, method="occlusion", target=np.array([0, 1, 0], np.float32), window=(1,))
+    np.testing.assert_allclose(occ, x * W[:, 1][None], rtol=1e-5)
+    np.testing.assert_allclose(e.attribute(RNG.normal(size=(2, 4)).astype(np.float32), target=1),
+                               np.tile(W[:, 1], (2, 1)), rtol=1e-6)
+
+
+def test_a_model_that_takes_one_row_without_saying_so_is_run_row_by_row():
+    # Concat with a fixed (1, 3) input along axis 1 holds only for a batch of 1.
+    h = np.ones((1, 3), np.float32)
+    m = _model([helper.make_node("Concat", ["x", "h"], ["c"], axis=1), helper.make_node("MatMul", ["c", "v"], ["y"])],
+               [_vi("x", ["N", 3]), _vi("h", [1, 3])], [_vi("y", ["N", 2])],
+               [("v", RNG.normal(size=(6, 2)).astype(np.float32))])
+    e = Explainer(m)
+    x = RNG.normal(size=(3, 3)).astype(np.float32)
+    v = numpy_helper.to_array(m.graph.initializer[0])
+    # No axis of y is provably the batch (inference meets N and 1 at the Concat): one answer
+    # per sample, stacked, each as the model gives it for one row.
+    np.testing.assert_allclose(e.predict({"x": x, "h": h}),
+                               (np.concatenate([x, np.ones((3, 3))], 1) @ v)[:, None], rtol=1e-5)
+    occ = e.attribute({"x": x, "h": h}, method="occlusion", target=0, window=(1,))
+    np.testing.assert_allclose(occ, x * v[:3, 0][None], rtol=1e-4, atol=1e-6)

@@ -250,7 +250,12 @@ class Context:
             axes[spec.predicted] = 0
         axes.update({k: self.plan.axis(k) for k in self.plan.input_axes})
         static = getattr(spec, "static", None) or self.static
-        return Rows(session, axes, self.fixed, static)
+        ranks = {}
+        if spec.seed is not None:  # the rank the explainer declares for its seed
+            seed_vi = next((vi for vi in spec.model.graph.input if vi.name == spec.seed), None)
+            if seed_vi is not None and seed_vi.type.tensor_type.HasField("shape"):
+                ranks[spec.seed] = len(seed_vi.type.tensor_type.shape.dim)
+        return Rows(session, axes, self.fixed, static, ranks=ranks)
 
     # --- seeds ----------------------------------------------------------------------------
     @property
