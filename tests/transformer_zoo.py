@@ -4,6 +4,8 @@
 multi-head self-attention (softmax, eager or torch's scaled_dot_product_attention) and a
 GELU MLP with residual sums -> final LayerNorm -> mean over tokens -> linear head.
 `TinyViT`: the same blocks on patch embeddings (a strided Conv) with a CLS token.
+`gated=True`: LLaMA's blocks (RMSNorm, a SiLU-gated MLP); `Block.einsum`: attention
+products written as torch.einsum. `hf_model`: random BERT/GPT-2 from transformers configs.
 
 The references are the published rules written as torch autograd: relevance is
 gradient x input on a copy of the forward pass in which the non-conservative parts are
@@ -14,6 +16,8 @@ replaced by their rule (detach tricks), so that the chain rule applies the rule:
 - softmax: its gradient (R_x = x (R - s sum R) is gradient x input when R = s g)
 - CP-LRP: the attention probabilities detached
 Every linear layer's epsilon rule (epsilon -> 0) is then its plain gradient x input.
+Mode LXT instead runs lxt's explicit AttnLRP functions (lxt.explicit.functional), whose
+backward pass carries relevance itself, seeded with the logit.
 """
 
 from __future__ import annotations
