@@ -195,3 +195,91 @@ def test_transformers_models_cp_lrp_conserves_the_logit_at_the_embedding_sum(tmp
         assert words.shape == (2, 8, 32) and np.all(np.isfinite(words))
         results[attn] = words
     _close(results["sdpa"], results["eager"])
+
+
+# ----------------------------------------------------------------------------- single operators vs numpy
+def _one_node(tmp_path, op, inputs, attrs=None, inits=(), opset=23, out_shape=None):
+    """A model of one node; the seed R0 is given so that the relevance entering the node is
+    R0 * y (the relevance starts at the explained value times the seed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = [f"x{k}" for k in range(len(inputs))]
+    node = helper.make_node(op, names + [n for n, _ in inits], ["y"], **(attrs or {}))
+    g = helper.make_graph([node], "m", [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape)
+                                        for n, a in zip(names, inputs)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          initializer=[numpy_helper.from_array(v, n) for n, v in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return Explainer(m), dict(zip(names, inputs))
+
+
+def test_softmax_rule_is_the_taylor_decomposition_at_the_input_and_masked_scores_hold_none(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    mask = np.zeros((1, 3, 5), np.float32)
+    mask[0, 1, 2] = -np.inf  # an additive attention mask
+    # A scaling after the softmax, so that it is no terminal softmax (which is looked through).
+    nodes = [helper.make_node("Add", ["x", "mask"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+             helper.make_node("Mul", ["p", "c"], ["y"])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+                          initializer=[numpy_helper.from_array(mask, "mask"),
+                                       numpy_helper.from_array(np.array(1.5, np.float32), "c")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    z = x + mask
+    s = np.exp(z - z.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    r = seed * 1.5 * s  # the relevance of p: the scaling passes it
+    ref = np.where(np.isinf(z), 0.0, z) * (r - s * r.sum(-1, keepdims=True))  # at z; x holds it (mask 0 or -inf)
+    ours = Explainer(m).attribute(x, method="lrp.attnlrp", target=seed)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
+    assert ours[0, 1, 2] == 0.0
+
+
+def test_layernorm_rule_is_the_epsilon_rule_of_the_map_with_the_variance_held_constant(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    scale = rng.normal(size=(3, 4)).astype(np.float32)
+    bias = rng.normal(size=(3, 4)).astype(np.float32)
+    ex, feeds = _one_node(tmp_path, "LayerNormalization", [x], {"axis": -2, "epsilon": 1e-5},
+                          inits=[("scale", scale), ("bias", bias)], out_shape=[2, 3, 4])
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    mean = x.mean((1, 2), keepdims=True)
+    sigma = np.sqrt(((x - mean) ** 2).mean((1, 2), keepdims=True) + 1e-5)
+    y = scale * (x - mean) / sigma + bias
+    s = seed * y / y  # R / y
+    # x * A^T s with A = diag(scale / sigma) (I - 11^T / N): the epsilon rule of that linear map
+    c = scale * s / sigma
+    ref = x * (c - c.mean((1, 2), keepdims=True))
+    np.testing.assert_allclose(ex.attribute(feeds, method="lrp.attnlrp", target=seed), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_operator_passes_relevance(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    scale = rng.normal(size=(4,)).astype(np.float32)
+    ex, feeds = _one_node(tmp_path, "RMSNormalization", [x], {"axis": -1}, inits=[("scale", scale)],
+                          out_shape=[2, 3, 4])
+    seed = rng.normal(size=x.shape).astype(np.float32)
+    y = ex.predict(feeds)
+    np.testing.assert_allclose(ex.attribute(feeds, method="lrp.attnlrp", target=seed), seed * y, rtol=1e-5, atol=1e-6)
+
+
+def test_product_of_two_computed_tensors_gives_each_operand_half_by_the_epsilon_rule(tmp_path):
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    b = rng.normal(size=(2, 4, 5)).astype(np.float32)
+    ex, feeds = _one_node(tmp_path, "MatMul", [a, b], out_shape=[2, 3, 5])
+    seed = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    y = a @ b
+    s = seed * y / y / 2
+    ours = ex.attribute(feeds, method="lrp.attnlrp", target=seed)
+    np.testing.assert_allclose(ours["x0"], a * (s @ b.transpose(0, 2, 1)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours["x1"], b * (a.transpose(0, 2, 1) @ s), rtol=1e-4, atol=1e-5)
+    total = ours["x0"].sum((1, 2)) + ours["x1"].sum((1, 2))
+    np.testing.assert_allclose(total, (seed * y).sum((1, 2)), rtol=1e-4)
