@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OptionError
-from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, Preprocess, _checked, prepare_images
+from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, Preprocess, _checked, load_array, prepare_images
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -143,27 +143,9 @@ def _array_file(path: str, mtime_ns: int, size: int):
 
 
 def _raw_arrays(path: Path):
-    """A shard's arrays as `io.load_array` reads them (never pickles), but with its value
-    checks left to each row: one NaN row is that row's error, not the whole shard's."""
-    import zipfile
-
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not hasattr(loaded, "files"):
-            return loaded
-        with loaded as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise InputError(f"{path} contains pickled Python objects, which onnxplain never loads; "
-                             "save plain numeric arrays") from None
-        raise InputError(f"cannot read {path} ({exc}); save it with numpy.save or numpy.savez") from None
-    except (OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
-        raise InputError(f"cannot read {path} ({type(exc).__name__}: {exc}); "
-                         "save it with numpy.save or numpy.savez") from None
-    if not arrays:
-        raise InputError(f"{path} holds no arrays; save at least one with numpy.savez")
-    return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    """A shard's arrays as `io.load_array` reads them (never pickles), with the value checks
+    left to each row: one NaN row is that row's error, not the whole shard's."""
+    return load_array(path, check=False)
 
 
 def _shard_entries(path: Path, base: Path | None) -> list[Entry]:

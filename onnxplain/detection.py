@@ -406,15 +406,9 @@ def cam_layer(graph, explained: str, grid) -> str | None:
     box and class branches), else the last one a Conv reads."""
     if grid is None:
         return None
-    need, stack = set(), [explained]
-    while stack:
-        t = stack.pop()
-        if t in need:
-            continue
-        need.add(t)
-        node = graph.producer.get(t)
-        if node is not None:
-            stack.extend(i for i in node.input if i)
+    from .compile import _ancestors
+
+    need = _ancestors(graph, explained)  # through If/Loop bodies' reads too
     at_scale = []
     for node in graph.nodes:
         for o in node.output:

@@ -259,8 +259,10 @@ def prepare_images(paths, pre: Preprocess) -> tuple[np.ndarray, list[np.ndarray]
     return np.ascontiguousarray(np.stack(samples), dtype=np.float32), display
 
 
-def load_array(path, key=None):
-    """A .npy array, or a .npz file's single array / dict of named arrays (``key`` picks one)."""
+def load_array(path, key=None, check: bool = True):
+    """A .npy array, or a .npz file's single array / dict of named arrays (``key`` picks one).
+    Never a pickle. With ``check`` false the values are not checked (NaN, dtype): a dataset
+    shard checks them row by row, so that one bad row is that row's error only."""
     path = Path(path)
     if path.suffix.lower() not in ARRAY_SUFFIXES:
         raise InputError(f"{path} is not a .npy or .npz file; save the input with numpy.save or numpy.savez")
@@ -272,14 +274,14 @@ def load_array(path, key=None):
         if not hasattr(loaded, "files"):
             if key is not None:
                 raise InputError(f"{path} holds one unnamed array; a key applies only to .npz files")
-            return _checked(loaded, path)
+            return _checked(loaded, path) if check else loaded
         with loaded as npz:
             names = list(npz.files)
             if key is not None:
                 if key not in names:
                     raise InputError(f"{path} has no array '{key}'; it holds: {', '.join(names) or 'nothing'}")
                 names = [key]
-            arrays = {name: _checked(npz[name], path, name) for name in names}
+            arrays = {name: _checked(npz[name], path, name) if check else npz[name] for name in names}
     except ValueError as exc:
         # numpy names allow_pickle both for object arrays and for pickles renamed .npy/.npz.
         if "pickle" in str(exc):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError, OptionError
+from ..compile import _ancestors
 from .base import Option, positive, register
 from .gradients import GRADIENT
 
@@ -126,17 +127,6 @@ def token_inputs(graph, layer: str | None = None) -> dict:
     return found
 
 
-def _ancestors(graph, tensor: str) -> set:
-    need, stack = set(), [tensor]
-    while stack:
-        t = stack.pop()
-        if t in need:
-            continue
-        need.add(t)
-        node = graph.producer.get(t)
-        if node is not None:
-            stack.extend(i for i in node.input if i)
-    return need
 
 
 def check_layer_options(ctx, baseline_ids, keep_ids, layer_baseline) -> None:
