@@ -407,7 +407,9 @@ class Explainer:
         explained = self.explained_tensor(output, probability)
         graph = self.graph if input_shape is None else self.graph.specialize(
             {self.graph.inputs[0]: tuple(input_shape)})
-        wrt = [layer] if layer else self.float_inputs
+        # What attribute() attributes to by default: the batched float inputs, else a token
+        # model's embedding outputs (an explainer with no attribution output is refused).
+        wrt = self.attributed(layer)
         acts = [t for t in wrt if t not in graph.inputs]
         spec = compile_explainer(graph, composite, wrt, explained, activations=acts, method=method,
                                  times_input=times_input)

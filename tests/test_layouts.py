@@ -454,3 +454,17 @@ def test_a_model_that_takes_one_row_without_saying_so_is_run_row_by_row():
                                (np.concatenate([x, np.ones((3, 3))], 1) @ v)[:, None], rtol=1e-5)
     occ = e.attribute({"x": x, "h": h}, method="occlusion", target=0, window=(1,))
     np.testing.assert_allclose(occ, x * v[:3, 0][None], rtol=1e-4, atol=1e-6)
+
+
+def test_exporting_a_token_model_attributes_at_its_embedding_output(tmp_path):
+    import onnxruntime as ort
+
+    from onnxplain.compile import SEED
+
+    m, table = _byte_model()
+    spec = Explainer(m).export(tmp_path / "e.onnx", method="input_x_gradient")
+    assert list(spec.attributions) == ["e"]  # the Gather of the byte table
+    ids = RNG.integers(0, 256, size=(2, 6)).astype(np.int32)
+    seed = np.tile(np.array([[0, 1, 0]], np.float32), (2, 1))
+    out = ort.InferenceSession(str(tmp_path / "e.onnx")).run([spec.attributions["e"]], {"bytes": ids, SEED: seed})[0]
+    np.testing.assert_allclose(out, Explainer(m).attribute(ids, method="input_x_gradient", target=1), rtol=1e-6)

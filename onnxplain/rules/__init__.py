@@ -12,5 +12,6 @@ from . import gradient_math  # noqa: F401
 from . import deeplift, excitation, lrp, modified  # noqa: F401
 from . import recurrent, recurrent_lrp  # noqa: F401
 from . import control  # noqa: F401
+from . import attnlrp  # noqa: F401
 from . import ml, quantized  # noqa: F401
 from .base import RULES, Builder, lookup, register  # noqa: F401
