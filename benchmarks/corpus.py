@@ -561,7 +561,9 @@ def _seed_and_target(ref_out: np.ndarray, rng, moved: np.ndarray | None = None):
         seed[:, c] = 1.0
         return seed, [c] * y.shape[0]
     if y.ndim >= 1 and y.size == y.shape[0]:
-        return np.ones(y.shape), 0
+        # One score per row: explained as the seed itself (the same as class 0 of each
+        # sample where the rows are samples, and right where they are one sequence).
+        return np.ones(y.shape), np.ones(y.shape, np.float32)
     # A few random elements: a seed over every element of a large output sums thousands
     # of float32 terms, whose rounding swamps a finite difference.
     # Elements the input moves most (`moved`: how far each changed under a small random
