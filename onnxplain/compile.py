@@ -318,7 +318,16 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     dep = _depends_on(graph, wrt)
     missing = sorted(_missing(graph, composite, nodes, dep))
     if missing:
-        raise UnsupportedOperatorError(missing, method or composite.name)
+        err = UnsupportedOperatorError(missing, method or composite.name)
+        quantized = sorted({n.op_type for n in nodes if (r := composite.rule(n, graph)) is not None
+                            and not getattr(r, "applies_to", lambda c: True)(composite)})
+        if quantized:  # say why: the rules exist, for other methods
+            err.args = (f"method '{method or composite.name}' is not defined on quantized operator(s) "
+                        f"{', '.join(quantized)}: the straight-through convention serves gradient methods (gradient, "
+                        "input_x_gradient, integrated_gradients, smoothgrad, guided_backprop, ...); use one of them "
+                        f"or a black-box method" + (f"; no rule either for {', '.join(o for o in missing if o not in quantized)}"
+                                                     if set(missing) - set(quantized) else ""),)
+        raise err
 
     b = Builder(graph)
     b.composite = composite

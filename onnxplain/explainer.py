@@ -138,9 +138,9 @@ class Explainer:
         plan = self._specialized.get(key, lambda: (Plan(self, feeds, axes, static), 1))
         if plan.n(feeds) > 1 and plan.declared_static is None and not plan.rows_independent(feeds):
             if any(n.op_type in BATCH_STATISTICS for n in self.graph.nodes):
-                # Dynamic quantization takes one scale per run: each sample is explained as
-                # it is run alone (as deployed at batch 1), not coupled to the others.
-                plan.declared_static = 1
+                # Dynamic quantization takes one scale per run: the rows are still samples,
+                # coupled only through that scale; the batch is explained as it runs.
+                plan._independent = True
                 return plan
             # What looked like a batch is a sequence the model runs through (a state carried
             # from row to row): the whole input is one sample.

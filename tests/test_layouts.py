@@ -389,7 +389,9 @@ def test_a_model_whose_nodes_are_out_of_order_loads():
     np.testing.assert_allclose(Explainer(m).predict(x), np.tanh(x @ W), rtol=1e-5)
 
 
-def test_a_dynamically_quantized_model_explains_each_sample_as_run_alone():
+def test_a_dynamically_quantized_batch_is_explained_as_it_runs_with_a_target_per_sample():
+    # One activation scale per run couples the rows a little; they are still samples (one
+    # class per sample works), explained as the batch ran, not as a single sequence.
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import tempfile, os  # noqa: E401
@@ -407,8 +409,12 @@ def test_a_dynamically_quantized_model_explains_each_sample_as_run_alone():
         x = RNG.normal(size=(3, 4)).astype(np.float32)
         x[2] *= 20  # a large sample changes the batch's one activation scale
         together = e.attribute(x, target=[0, 1, 2])
-        alone = np.concatenate([Explainer(dst).attribute(x[i:i + 1], target=[c]) for i, c in enumerate([0, 1, 2])])
-    np.testing.assert_allclose(together, alone, rtol=1e-6)
+        assert together.shape == (3, 4) and np.all(np.isfinite(together))
+        assert not e.plan(e.feeds(x)).whole
+        # Close to the float model's gradient (the straight-through convention).
+        relu = (x @ w > 0).astype(np.float32)
+        want = np.stack([(relu[i] * v[:, c]) @ w.T for i, c in enumerate([0, 1, 2])])
+        assert np.corrcoef(together.ravel(), want.ravel())[0, 1] > 0.9
 
 
 def test_a_class_target_on_rows_that_are_not_samples_is_an_error_not_another_score():
