@@ -250,9 +250,14 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
               help="Detector output layout for detection:I / box: targets (default: read off the output shapes).")
 @click.option("--list-detections", is_flag=True, help="Print the detector's decoded detections (explains only "
                                                       "with a detection:I or box: target).")
+@click.option("--text", help="Explain a token model on this text, per token (with --tokenizer; as explain-text).")
+@click.option("--text-pair", help="A second text for sentence-pair models (with --text).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="The model's tokenizer.json (with --text).")
+@click.option("--reduce", type=click.Choice(["sum", "l2"]), help="Token score over the hidden axis (with --text; "
+                                                                  "default sum; see explain-text --help).")
 def explain(paths, method, layer, output, probability, providers, memory_budget, target, options, out,
             out_format, preset, size, mean, std, layout, bgr, cmap, sign, view, overlay_alpha, clip, plain, quiet, as_json, wrt,
-            decoder, list_detections):
+            decoder, list_detections, text=None, text_pair=None, tokenizer=None, reduce=None):
     """Explain a model's decision on images or arrays (.npy/.npz).
 
     With no MODEL, the bundled EfficientNet-Lite0 explains its bundled photo of a cat, by
@@ -263,6 +268,14 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
     from .explainer import Explainer
 
     runtime.QUIET = quiet
+    if text is not None or text_pair is not None or tokenizer is not None or reduce is not None:
+        from .commands.text import run_text  # text in, tokens out (onnxplain.text)
+
+        if len(paths) != 1:
+            raise OptionError("with --text, give the model alone (the text is the input)")
+        run_text(Path(paths[0]), method, layer, output, probability, providers, memory_budget, text, text_pair,
+                 tokenizer, target, reduce, options=options, out=out, quiet=quiet, as_json=as_json)
+        return
     given_method = click.get_current_context().get_parameter_source("method") != click.core.ParameterSource.DEFAULT
     model_given = bool(paths) and Path(paths[0]).suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES
     if not given_method and not model_given and not options:

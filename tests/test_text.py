@@ -456,3 +456,17 @@ def test_a_text_target_on_unit_norm_embeddings_says_the_dot_product_is_the_cosin
         a = model(*_torch_inputs(T.encode(tok, SENTENCE)))[0].numpy()
         b = model(*_torch_inputs(T.encode(tok, "a great film")))[0].numpy()
     assert r.explained_score == pytest.approx(float(a @ b), rel=1e-5)
+
+
+def test_explain_with_text_passes_through_to_the_token_explanation(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxplain.cli import main
+
+    tok, _, folder = setup
+    out = tmp_path / "why.html"
+    res = CliRunner().invoke(main, ["explain", str(folder / "encoder.onnx"), "--text", SENTENCE, "-t",
+                                    'text:"a great film"', "-m", "integrated_gradients", "-O", "n_steps=8",
+                                    "--tokenizer", str(tok), "--reduce", "l2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "reduction l2" in res.output and out.is_file() and 'data-score="' in out.read_text()
