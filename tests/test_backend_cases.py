@@ -29,7 +29,8 @@ KNOWN_FAILURES = {
     # 3x3 map with pads 1); off the kinks and from above at them the gradient is checked in
     # tests/test_rules_roi.py.
     "test_basic_deform_conv_with_padding": "samples on bilinear kinks; the corpus's kink test does not bracket them",
-    "test_rnn_seq_length": "RNN rule (in progress): float32 mismatch",
+    "test_rnn_seq_length": "float32 rounding of 1 - y^2 in a saturated tanh (0.17 of a 1e-6 gradient; the rule is "
+                           "3.8e-8 off a float64 reference in tests/test_rules_recurrent.py)",
 }
 
 # The rules this corpus was written with: each must pass at least one of its cases.
