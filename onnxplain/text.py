@@ -173,23 +173,11 @@ def model_feeds(explainer, enc: Encoded) -> dict:
 
 def word_embedding(explainer, ids_input: str) -> str:
     """The output of the Gather that looks the token ids up in the largest constant table."""
-    from .methods.integrated import INDEX_PRESERVING
+    from .methods.integrated import embedding_lookups
 
-    g = explainer.graph
-    best, rows = None, -1
-    stack, seen = [ids_input], set()
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        for c in g.consumers.get(t, []):
-            if c.op_type in INDEX_PRESERVING and c.input[0] == t:
-                stack.extend(o for o in c.output if o)
-            elif c.op_type == "Gather" and len(c.input) > 1 and c.input[1] == t:
-                table = g.constant(c.input[0])
-                if table is not None and table.dtype.kind == "f" and table.ndim == 2 and table.shape[0] > rows:
-                    best, rows = c.output[0], table.shape[0]
+    lookups = embedding_lookups(explainer.graph, ids_input)
+    # The first of the largest tables, as a walk that keeps a strictly larger one would.
+    best = max(lookups, key=lambda lr: lr[1])[0] if lookups else None
     if best is None:
         raise ModelError(f"no embedding lookup (a Gather from a constant 2-D float table) reads '{ids_input}': "
                          "white-box methods need one; use a black-box method (feature_ablation, kernel_shap, ...)")

@@ -100,27 +100,35 @@ LAYER_BASELINE = Option("layer_baseline", None, "array", "with layer=: the basel
 LAYER_OPTIONS = [BASELINE_IDS, KEEP_IDS, LAYER_BASELINE]
 
 
+def embedding_lookups(graph, ids: str) -> list[tuple[str, int]]:
+    """(Gather output, table rows) for each Gather that looks integer input `ids` up in a
+    constant 2-D float table, through casts and reshapes."""
+    found, stack, seen = [], [ids], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for c in graph.consumers.get(t, []):
+            if c.op_type in INDEX_PRESERVING and c.input[0] == t:
+                stack.extend(o for o in c.output if o)
+            elif c.op_type == "Gather" and len(c.input) > 1 and c.input[1] == t:
+                table = graph.constant(c.input[0])
+                if table is not None and table.dtype.kind == "f" and table.ndim == 2:
+                    found.append((c.output[0], table.shape[0]))
+    return found
+
+
 def token_inputs(graph, layer: str | None = None) -> dict:
     """{integer input: rows of the embedding table it indexes} for the integer inputs that
     index a constant float table with a Gather (through casts and reshapes), those the layer
     depends on when one is given."""
     found = {}
     for name in graph.inputs:
-        if graph.is_float(name):
-            continue
-        stack, seen = [name], set()
-        while stack:
-            t = stack.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            for c in graph.consumers.get(t, []):
-                if c.op_type in INDEX_PRESERVING and c.input[0] == t:
-                    stack.extend(o for o in c.output if o)
-                elif c.op_type == "Gather" and len(c.input) > 1 and c.input[1] == t:
-                    table = graph.constant(c.input[0])
-                    if table is not None and table.dtype.kind == "f" and table.ndim == 2:
-                        found[name] = max(found.get(name, 0), table.shape[0])
+        if not graph.is_float(name):
+            lookups = embedding_lookups(graph, name)
+            if lookups:
+                found[name] = max(rows for _, rows in lookups)
     if layer is not None:
         above = _ancestors(graph, layer)
         found = {k: v for k, v in found.items() if k in above}
