@@ -5,6 +5,10 @@ attention maps found in the graph.
 An attention map is the output of a Softmax that a MatMul multiplies with the value
 tensor (through reshapes, casts, dropout or a mask's Where), per head: eager attention
 and SDPA exports both have one per layer, shaped (batch, heads, queries, keys).
+
+The attention methods explain one row of a token-mixing matrix: the CLS token's, as the
+papers do; for a ViT without a CLS token (a mean-pooled head) the mean of the rows, the
+same reading carried over to a head on the mean of the tokens (explained_row).
 """
 
 from __future__ import annotations
@@ -198,27 +202,53 @@ def relevance_rollout(terms: list) -> np.ndarray:
     return out
 
 
+def patch_grid(tokens: int, size: tuple) -> tuple:
+    """(prefix, rows, cols) of a ViT's token sequence on an image of `size` (H, W): one CLS
+    token before a rows x cols grid of patches of the image's aspect (prefix 1), or the grid
+    alone (prefix 0: a ViT without a CLS token, whose head averages the tokens, as DeiT-style
+    GAP heads and many timm models do). The two cannot both fit: grids of one aspect hold
+    h*w*k^2 patches (h:w the reduced aspect), and no two of those differ by one."""
+    h, w = size
+    for prefix in (1, 0):
+        n = tokens - prefix
+        rows = int(round(np.sqrt(n * h / w))) if n > 0 else 0
+        if rows and n % rows == 0 and rows * w == (n // rows) * h:
+            return prefix, rows, n // rows
+    raise ModelError(f"{tokens} tokens are neither a CLS token and a grid of patches of the image's aspect "
+                     f"({h}x{w}) nor such a grid alone; a ViT with more prefix tokens (distillation or register "
+                     "tokens) is not supported")
+
+
+def explained_row(matrix: np.ndarray, query) -> np.ndarray:
+    """The row of a (batch, tokens, tokens) token-mixing matrix R (R[i, j]: how much input
+    token j makes up output token i) that the explained output reads: row `query`, or with
+    "mean" the mean over rows. The mean is the published methods' reading of a head on the
+    CLS token carried over to a head on the mean of the tokens: that head reads
+    (1/T) sum_i x_i, a linear reading, so its row of R is (1/T) sum_i R[i, :]."""
+    return matrix.mean(axis=1) if query == "mean" else matrix[:, int(query)]
+
+
 def _scores(ctx, matrix: np.ndarray, query, upsample: bool, interpolation: str) -> dict:
-    """The query row of a (batch, tokens, tokens) matrix: per-token scores keyed by the id
-    input for a token model; for an image model the CLS row's patch part on the patch grid,
-    upsampled to the image, keyed by the image input, (batch, 1, H, W)."""
+    """The explained row of a (batch, tokens, tokens) matrix: per-token scores keyed by the
+    id input for a token model; for an image model the row's patch part on the patch grid,
+    upsampled to the image, keyed by the image input, (batch, 1, H, W). query "auto" is the
+    CLS token (0), or for a ViT without one the mean over the token rows."""
     from .blackbox import layout
     from .cam import resize
 
     t = matrix.shape[-1]
-    row = matrix.mean(axis=1) if query == "mean" else matrix[:, int(query)]
     images = [n for n in ctx.inputs if len(ctx.feeds[n].shape) == 4]
     if images:
         name = images[0]
-        side = int(round(np.sqrt(t - 1)))
-        if side * side != t - 1:
-            raise ModelError(f"{t} tokens are not a CLS token and a square grid of patches")
-        grid = row[:, 1:].reshape(-1, side, side)
         channel, spatial = layout(ctx.feeds[name].shape)
+        size = tuple(ctx.feeds[name].shape[a] for a in spatial)
+        prefix, rows, cols = patch_grid(t, size)
+        row = explained_row(matrix, ("0" if prefix else "mean") if query == "auto" else query)
+        grid = row[:, prefix:].reshape(-1, rows, cols)
         if not upsample:
             return {name: grid[:, None].astype(np.float32)}
-        size = tuple(ctx.feeds[name].shape[a] for a in spatial)
         return {name: np.expand_dims(resize(grid, size, interpolation), channel or 1).astype(np.float32)}
+    row = explained_row(matrix, "0" if query == "auto" else query)
     ids = [n for n in ctx.feeds if ctx.feeds[n].ndim == 2 and ctx.feeds[n].shape[1] == t
            and ctx.feeds[n].dtype.kind in "iu"]
     # The ids an embedding table is indexed by, before masks and segment ids.
@@ -232,13 +262,15 @@ def _map_values(ctx):
     return names, _maps(ctx, ctx.forward(names), names)
 
 
-QUERY = Option("query", "0", str, "the query token whose row is read: an index (0: the CLS token), or mean")
+QUERY = Option("query", "auto", str, "the query token whose row is read: an index (0: the CLS token), mean (the "
+               "mean over token rows), or auto: 0, but mean for a ViT without a CLS token (a square grid of patch "
+               "tokens, mean-pooled)")
 UPSAMPLE = Option("upsample", True, bool, "for an image model, upsample the patch grid to the image")
 INTERPOLATION = Option("interpolation", "bilinear", str, "upsampling", choices=("bilinear", "nearest"))
 
 
 def _check_query(q):
-    if q == "mean":
+    if q in ("mean", "auto"):
         return None
     try:
         int(q)
@@ -251,8 +283,8 @@ QUERY.check = _check_query
 
 
 @register("attention_rollout", "attention rollout: the product over layers of the head-averaged attention plus "
-          "the identity (residual); the query token's row as per-token scores, or for a ViT the CLS row on the "
-          "patch grid upsampled to the image",
+          "the identity (residual); the query token's row as per-token scores, or for a ViT the CLS row (the mean "
+          "row without a CLS token) on the patch grid upsampled to the image",
           options=[Option("head_fusion", "mean", str, "how heads are fused", choices=("mean", "max", "min")),
                    QUERY, UPSAMPLE, INTERPOLATION],
           reference="Abnar & Zuidema, ACL 2020")
