@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__, runtime
 from .errors import InputError, OnnxplainError, OptionError
-from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, LAYOUTS, Preprocess, load_inputs, save_array
+from .io import ARRAY_SUFFIXES, LAYOUTS, Preprocess, save_array
 from .io import PRESETS
 from .methods.base import METHODS, get_method
 from .visualize import DIVERGING, SEQUENTIAL, SIGNS, VIEWS
@@ -277,7 +277,9 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
                  tokenizer, target, reduce, options=options, out=out, quiet=quiet, as_json=as_json)
         return
     given_method = click.get_current_context().get_parameter_source("method") != click.core.ParameterSource.DEFAULT
-    model_given = bool(paths) and Path(paths[0]).suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES
+    from .datasets import is_source
+
+    model_given = bool(paths) and not is_source(paths[0])
     if not given_method and not model_given and not options:
         method = DEFAULT_PICTURE_METHOD
     method = get_method(method).name  # Integrated-Gradients -> integrated_gradients
@@ -290,49 +292,35 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         raise OptionError(f"cannot write '{out.name}': --out must end in .png, .npy or .npz, or be a folder DIR/")
     if out_format is not None and out_dir is None:
         raise OptionError("--format chooses the files of -o DIR/; with -o FILE the suffix says it")
-    model, inputs = _split_paths(paths)
-    from .commands.evaluate import input_files
-
-    inputs = input_files(inputs)  # folders and globs to their image/array files
+    model, sources = _split_paths(paths)
     explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
     shapes = list(explainer.inputs.values())
-    if not inputs:
+    if not sources:
         if len(shapes) != 1 or len(shapes[0] or ()) != 4:
             raise InputError(f"no INPUT given: pass .npy/.npz arrays shaped like the model's inputs "
                              f"{', '.join(f'{k} {_shape(v)}' for k, v in explainer.inputs.items())}")
-        inputs = [models_dir() / DEFAULT_PHOTO]
-    bundled = [str(p) for p in (model, inputs[0]) if p.parent == models_dir() and str(p) not in paths]
+        sources = [models_dir() / DEFAULT_PHOTO]
+    bundled = [str(p) for p in (model, sources[0]) if Path(p).parent == models_dir() and str(p) not in paths]
     if bundled and not quiet:
         click.echo(f"using the bundled {' and '.join(bundled)}", err=True)
-    group = _group_size(explainer, memory_budget)
-    one_array_file = out is not None and out.suffix.lower() in ARRAY_SUFFIXES  # needs every sample at once
-    if not _GROUP and len(inputs) > group and not one_array_file:
-        return _explain_in_groups(click.get_current_context(), model, inputs, group, method, as_json)
+    from .datasets import batches, check_present, for_model, input_rank, load_samples, open_inputs, samples_per_group
+
+    # One reader for every command (onnxplain.datasets): folders, globs, shards, manifests.
+    dataset = open_inputs(sources, rank=input_rank(explainer))
     pre = None
-    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in inputs):
+    if any(e.kind == "image" for e in dataset.entries):
         flags = dict(size=size, mean=mean, std=std, layout=layout, bgr=bgr or None)
         pre = _preprocess(explainer, preset, {k: v for k, v in flags.items() if v is not None})
-    batch = load_inputs(inputs, pre, shapes[0] if len(shapes) == 1 else None)
+    dataset = for_model(dataset, explainer, pre)
+    check_present(dataset)
+    pre = dataset.preprocess
+    one_array_file = out is not None and out.suffix.lower() in ARRAY_SUFFIXES  # needs every sample at once
+    group = len(dataset) if one_array_file else samples_per_group(explainer)
+    pictures = dataset.entries[0].kind == "image"
     if out_dir is not None:
-        suffix = "." + (out_format or ("png" if batch.images else "npy"))
+        suffix = "." + (out_format or ("png" if pictures else "npy"))
         out = out_dir / f"{{name}}.{method}{suffix}"  # per input: _write fills in each name
-    out = Path(out or ("explanation.png" if batch.images else "attribution.npy"))
-
-    from .detection import cli_target  # a detection decoded once (and listed), then explained
-
-    target = cli_target(explainer, batch.batch, target, decoder, list_detections, click.echo,
-                        _labels(model, explainer))
-    if target is None and list_detections:  # only the list was asked for
-        return
-    output = getattr(target, "output", None) or output
-    # The scores of the tensor explained (a classifier's probabilities behind its integer
-    # label and ZipMap, a regressor's value), not blindly the first output.
-    scores = explainer.predict(batch.batch, explainer.explained_tensor(output, probability))
-    explained_target = target
-    if target is None and np.ndim(scores) == 2:
-        # The predicted class from the scores just computed: attribute() need not run the
-        # model once more to find it (a terminal softmax keeps the logits' argmax).
-        explained_target = [int(c) for c in np.asarray(scores).argmax(axis=1)]
+    out = Path(out or ("explanation.png" if pictures else "attribution.npy"))
     wrt = [w.strip() for w in wrt.split(",") if w.strip()] if wrt else None
     if method == "contrastive_excitation_backprop" and "saliency_layer" not in options and layer is None \
             and wrt is None:
@@ -348,6 +336,64 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
             if not quiet:
                 click.echo(f"note: contrastive excitation backprop read at -O saliency_layer={options['saliency_layer']} "
                            "(-O saliency_layer= for the input)", err=True)
+    from .runkey import canonical
+
+    # The record of each input is the dataset engine's index record (id, input, target,
+    # predicted, score, method, options) with what explain adds (its file, labels, shape).
+    shown_options = canonical(get_method(method).resolve(dict(options)))
+    labels = _labels(model, explainer)
+    look = dict(cmap=cmap, sign=sign, view=view, alpha=overlay_alpha, clip_percentile=clip, bar=not plain)
+    written_names: dict = {}  # -o DIR/: names met so far, across the groups
+    everything, noted = [], False
+    for offset, entries in _offsets(batches(dataset.entries, group)):
+        batch = load_samples(dataset, entries, display=True)
+        records = _explain_group(explainer, model, batch, target, decoder, list_detections, output, probability,
+                                 method, layer, wrt, options, quiet or noted, labels, out, pre, look, offset,
+                                 len(dataset) > 1, written_names)
+        if records is None:  # only the detections' list was asked for
+            return
+        noted = True
+        for r, e in zip(records, batch.entries):
+            r.update(id=e.id, input=e.path, method=method, options=shown_options)
+        everything += records
+        for r in records if not as_json else []:
+            click.echo(_line(r, method))
+    if as_json:
+        click.echo(json.dumps([{"id": r.pop("id"), "input": r.pop("input"), **r} for r in everything], indent=2))
+
+
+def _offsets(groups):
+    offset = 0
+    for g in groups:
+        yield offset, g
+        offset += len(g)
+
+
+def _explain_group(explainer, model, batch, target, decoder, list_detections, output, probability, method, layer,
+                   wrt, options, quiet, labels, out, pre, look, offset, numbered, written_names):
+    """Explain one group of loaded inputs and write its files; their records (None where
+    only the detections' list was asked for)."""
+    from .detection import cli_target  # a detection decoded once (and listed), then explained
+
+    target = cli_target(explainer, batch.batch, target, decoder, list_detections, click.echo, labels)
+    if target is None and list_detections:  # only the list was asked for
+        return None
+    output = getattr(target, "output", None) or output
+    # The scores of the tensor explained (a classifier's probabilities behind its integer
+    # label and ZipMap, a regressor's value), not blindly the first output.
+    scores = explainer.predict(batch.batch, explainer.explained_tensor(output, probability))
+    target = batch.target(target)  # a manifest's target column where -t gives none
+    explained_target = target
+    if isinstance(target, list) and any(c is None for c in target):
+        if np.ndim(scores) != 2:
+            raise InputError("the dataset gives targets for some inputs only, and the explained output has no "
+                             "class per sample to explain the others with; give every input a target")
+        target = [int(p) if c is None else c for c, p in zip(target, np.asarray(scores).argmax(axis=1))]
+        explained_target = target
+    elif target is None and np.ndim(scores) == 2:
+        # The predicted class from the scores just computed: attribute() need not run the
+        # model once more to find it (a terminal softmax keeps the logits' argmax).
+        explained_target = [int(c) for c in np.asarray(scores).argmax(axis=1)]
     attr = explainer.attribute(batch.batch, method=method, target=explained_target, layer=layer, output=output,
                                probability=probability, wrt=wrt, **options)
     if not quiet and get_method(method).kind == "white-box":
@@ -368,15 +414,14 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
                                       target)
         except OnnxplainError:
             seed = None  # no score to print; the attribution itself was computed above
-    labels = _labels(model, explainer)
     records = _records(batch.names, scores, target, attr, [None] * len(batch.names), labels, seed)
     titles = [f"{model.stem}: {_what(r)}, {method}" for r in records]
-    look = dict(cmap=cmap, sign=sign, view=view, alpha=overlay_alpha, clip_percentile=clip, bar=not plain)
     from .dense_pictures import annotators  # the explained box or region drawn on the picture
 
     written = _write(out, attr, batch, layer or (wrt[0] if wrt and len(wrt) == 1 else next(iter(explainer.inputs))),
                      pre.layout if pre is not None and layer is None else None, titles, look,
-                     annotators(explainer, batch.batch, target, output, probability, labels))
+                     annotators(explainer, batch.batch, target, output, probability, labels),
+                     offset=offset, numbered=numbered, seen=written_names)
     from .dense_pictures import time_plots
 
     extra = time_plots(explainer, batch.batch, target, written, attr, output, probability)
@@ -386,41 +431,7 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
         r["time_plot"] = f
     for r, d in zip(records, getattr(target, "chosen", None) or []):  # the detection's own score
         r["score"], r["detection"] = d.score, d.as_dict()
-    if as_json and _GROUP:
-        _GROUP["records"] += records  # printed once, after the last group
-    elif as_json:
-        click.echo(json.dumps(records, indent=2))
-    for r in records if not as_json else []:
-        click.echo(_line(r, method))
-
-
-# While explain runs a long list of inputs group by group: the index of the group's first
-# sample (output numbering) and the records gathered for --json.
-_GROUP: dict = {}
-
-
-def _group_size(explainer, memory_budget) -> int:
-    """Inputs explained at once: the batch, its attribution and pictures held together
-    stay within a quarter of the memory budget (runs inside are chunked by the budget too)."""
-    per_sample = 0
-    for shape in explainer.inputs.values():
-        per_sample += 4 * int(np.prod([d for d in (shape or ())[1:] if isinstance(d, int)] or [1]))
-    budget = memory_budget or runtime.DEFAULT_MEMORY_BUDGET
-    return max(1, budget // (4 * 4 * max(per_sample, 1)))
-
-
-def _explain_in_groups(ctx, model, inputs, group, method, as_json):
-    _GROUP.update(offset=0, records=[])
-    try:
-        for start in range(0, len(inputs), group):
-            _GROUP["offset"] = start
-            params = dict(ctx.params, paths=(str(model), *map(str, inputs[start:start + group])), method=method)
-            ctx.invoke(explain, **params)
-        if as_json:
-            click.echo(json.dumps(_GROUP["records"], indent=2))
-    finally:
-        _GROUP.clear()
-
+    return records
 
 @main.command(epilog="\b\nExamples:\n  onnxplain methods\n  onnxplain methods --json | jq '.[].name'")
 @click.option("--json", "as_json", is_flag=True, help="Print the methods as JSON.")
@@ -562,12 +573,12 @@ def export(model, method, layer, output, probability, providers, memory_budget, 
 
 
 def _split_paths(paths) -> tuple[Path, list[Path]]:
-    """[MODEL] [INPUT]...: a first path that is not an image or array is the model."""
-    from .commands.evaluate import is_glob
+    """[MODEL] [INPUT]...: a first path that names no inputs (no image, shard, manifest,
+    folder or glob) is the model."""
+    from .datasets import is_source
 
     paths = [Path(p) for p in paths]
-    if paths and paths[0].suffix.lower() not in IMAGE_SUFFIXES + ARRAY_SUFFIXES and not paths[0].is_dir() \
-            and not is_glob(paths[0]):
+    if paths and not is_source(paths[0]):
         return paths[0], paths[1:]
     return models_dir() / DEFAULT_MODEL, paths
 
@@ -602,10 +613,12 @@ def _what(r) -> str:
     return "the output" if t is None else str(t)
 
 
-def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annotators=None) -> list[str]:
-    """Save the attribution; one PNG per sample. Returns the file written for each sample."""
+def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annotators=None, offset: int = 0,
+           numbered: bool | None = None, seen: dict | None = None) -> list[str]:
+    """Save the attribution; one PNG per sample (FILE_k.png, k counted from `offset`,
+    when `numbered`: several inputs in all). Returns the file written for each sample."""
     if "{name}" in out.name:  # -o DIR/: one file per input, named after it
-        return _write_per_input(out, attr, batch, tensor, layout, titles, look)
+        return _write_per_input(out, attr, batch, tensor, layout, titles, look, seen)
     if out.suffix.lower() in ARRAY_SUFFIXES:
         if isinstance(attr, dict) or out.suffix.lower() == ".npz":
             attr = attr if isinstance(attr, dict) else {tensor: attr}
@@ -616,9 +629,10 @@ def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annot
     from .visualize import save_heatmap
 
     files = []
+    numbered = len(attr) > 1 if numbered is None else numbered
     for i in range(len(attr)):
-        k = i + _GROUP.get("offset", 0)  # numbered across the groups of a long list of inputs
-        path = out if len(attr) == 1 and not _GROUP else out.with_name(f"{out.stem}_{k}{out.suffix}")
+        k = i + offset  # numbered across the groups of a long list of inputs
+        path = out.with_name(f"{out.stem}_{k}{out.suffix}") if numbered else out
         image = batch.images[i] if batch.images else None
         look = dict(look or {})
         if annotators:
@@ -629,13 +643,18 @@ def _write(out: Path, attr, batch, tensor, layout, titles=None, look=None, annot
     return files
 
 
-def _write_per_input(pattern: Path, attr, batch, tensor, layout, titles, look) -> list[str]:
-    """DIR/NAME.METHOD.png (or .npy) for each input; a name met twice gets _2, _3..."""
-    seen, files = {}, []
+def _write_per_input(pattern: Path, attr, batch, tensor, layout, titles, look, seen=None) -> list[str]:
+    """DIR/NAME.METHOD.png (or .npy) for each input, NAME its path under the folder given
+    without the suffix, a file's stem, a manifest's id or a shard's stem_row; a name met
+    twice (in `seen`, kept across groups) gets _2, _3..."""
+    seen = {} if seen is None else seen
+    files = []
     for i, name in enumerate(batch.names):
+        name = _safe_name(name)
         seen[name] = seen.get(name, 0) + 1
         stem = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        path = pattern.with_name(pattern.name.replace("{name}", stem))
+        path = pattern.parent / pattern.name.replace("{name}", stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npy":
             one = {k: v[i:i + 1] for k, v in attr.items()} if isinstance(attr, dict) else attr[i:i + 1]
             path = path.with_suffix(".npz") if isinstance(one, dict) else path
@@ -651,6 +670,13 @@ def _write_per_input(pattern: Path, attr, batch, tensor, layout, titles, look) -
                      **look)
         files.append(str(path))
     return files
+
+
+def _safe_name(name: str) -> str:
+    """A sample's name as a relative path inside the output folder: its folders kept, no
+    '..', no absolute path, characters a file name cannot hold replaced."""
+    parts = [re.sub(r"[^\w.+=@,-]", "_", p) for p in re.split(r"[/\\]", str(name)) if p not in ("", ".", "..")]
+    return "/".join(parts) or "input"
 
 
 def _labels(model: Path, explainer) -> list[str] | None:

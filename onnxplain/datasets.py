@@ -34,13 +34,19 @@ __all__ = ["Entry", "Item", "Dataset", "open_dataset", "preprocess_for"]
 class Entry:
     """Where one sample lives: an image file, or row `row` of an array file (the whole
     file, one sample, when `row` is None). `target` is the class it is explained for, when
-    the dataset says so."""
+    the dataset says so; `name` what outputs made from it are called (the file's stem,
+    its path under the folder without the suffix, a manifest's id, `stem_row` for rows)."""
 
     id: str
     kind: str  # "image" or "array"
     path: str
     row: int | None = None
     target: int | None = None
+    name: str | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else self.id
 
     def digest(self, pre: Preprocess | None) -> dict:
         """What identifies this sample's input for a run key: the file's bytes, the row,
@@ -65,6 +71,7 @@ class Item:
     entry: Entry
     inputs: np.ndarray | dict | None
     error: str | None = None
+    image: np.ndarray | None = None  # uint8 HxWx3 at model resolution, when asked for (pictures)
 
     @property
     def id(self) -> str:
@@ -99,19 +106,29 @@ class Dataset:
     def with_preprocess(self, pre: Preprocess | None, rank: int | None = None) -> "Dataset":
         return Dataset(self.entries, pre, rank if rank is not None else self.rank, self.source)
 
-    def load(self, entry: Entry) -> Item:
-        """The item of one entry; a file that cannot be read gives an item with its error."""
+    def load(self, entry: Entry, display: bool = False) -> Item:
+        """The item of one entry; a file that cannot be read gives an item with its error.
+        With `display`, an image's item also holds the picture the model sees."""
         try:
-            return Item(entry, load_entry(entry, self.preprocess, self.rank))
+            inputs, image = _load(entry, self.preprocess, self.rank)
         except InputError as exc:
             return Item(entry, None, str(exc))
+        return Item(entry, inputs, image=image if display else None)
+
+    def missing(self) -> list[Entry]:
+        """Entries whose file is not there (a stat each: checked before any work)."""
+        return [e for e in self.entries if not os.path.isfile(e.path)]
 
 
 def load_entry(entry: Entry, pre: Preprocess | None, rank: int | None = None):
     """An entry's model inputs with a batch axis of one (InputError when unreadable)."""
+    return _load(entry, pre, rank)[0]
+
+
+def _load(entry: Entry, pre: Preprocess | None, rank: int | None = None):
     if entry.kind == "image":
-        batch, _display = prepare_images([entry.path], pre if pre is not None else Preprocess())
-        return batch
+        batch, display = prepare_images([entry.path], pre if pre is not None else Preprocess())
+        return batch, display[0]
     path = Path(entry.path)
     try:
         st = path.stat()
@@ -132,7 +149,7 @@ def load_entry(entry: Entry, pre: Preprocess | None, rank: int | None = None):
             raise InputError(f"{where} has shape {a.shape}: not one sample; give the row in a 'row' column "
                              "or pass the file as a shard")
         out[k] = np.ascontiguousarray(_checked(a, path, k))
-    return out[None] if None in out else out
+    return (out[None] if None in out else out), None
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,17 +165,32 @@ def _raw_arrays(path: Path):
     return load_array(path, check=False)
 
 
-def _shard_entries(path: Path, base: Path | None) -> list[Entry]:
-    st = path.stat()
-    loaded = _array_file(str(path), st.st_mtime_ns, st.st_size)
+def _shard_entries(path: Path, base: Path | None, rank: int | None = None) -> list[Entry]:
+    try:
+        st = path.stat()
+        loaded = _array_file(str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        raise InputError(f"array file not found: {path}; check the path") from None
     named = loaded if isinstance(loaded, dict) else {None: loaded}
+    name = _rel(path, base)
+    stem = _stem(name, base)
+    if rank is not None and all(a.ndim == rank - 1 for a in named.values()):
+        # One sample saved without its batch axis (the model input's rank less one).
+        return [Entry(name, "array", str(path), None, name=stem)]
     sizes = {a.shape[0] if a.ndim else None for a in named.values()}
     if len(sizes) != 1 or None in sizes:
         raise InputError(f"{path}: a shard's arrays need one common first (batch) axis, got shapes "
                          f"{[a.shape for a in named.values()]}")
     n = sizes.pop()
-    name = _rel(path, base)
-    return [Entry(f"{name}:{r}", "array", str(path), r) for r in range(n)]
+    return [Entry(f"{name}:{r}", "array", str(path), r, name=stem if n == 1 else f"{stem}_{r}") for r in range(n)]
+
+
+def _stem(rel: str, base: Path | None) -> str:
+    """An output name: the path under the folder without its suffix, or a file's stem."""
+    p = Path(rel)
+    if base is None or p.is_absolute() or ".." in p.parts:
+        return p.stem
+    return p.with_suffix("").as_posix()
 
 
 def _rel(path: Path, base: Path | None) -> str:
@@ -170,16 +202,16 @@ def _rel(path: Path, base: Path | None) -> str:
     return path.as_posix()
 
 
-def _files_dataset(files, base: Path | None, source: str) -> list[Entry]:
+def _files_dataset(files, base: Path | None, source: str, rank: int | None = None) -> list[Entry]:
     files = [Path(f) for f in files]
     kinds = {"image" if f.suffix.lower() in IMAGE_SUFFIXES else "array" for f in files}
     if len(kinds) > 1:
         raise InputError(f"{source} mixes images and .npy/.npz shards; give one kind per dataset")
     if kinds == {"image"}:
-        return [Entry(_rel(f, base), "image", str(f)) for f in files]
+        return [Entry(_rel(f, base), "image", str(f), name=_stem(_rel(f, base), base)) for f in files]
     out = []
     for f in files:
-        out += _shard_entries(f, base)
+        out += _shard_entries(f, base, rank)
     return out
 
 
@@ -220,8 +252,11 @@ def _table_entries(rows, base: Path, source: str, path_column: str, target_colum
         r = None if r in (None, "") or (isinstance(r, float) and np.isnan(r)) else int(r)
         target = _target_value(row.get(target_column), where) if target_column else None
         ident = row.get(id_column) if id_column else None
-        ident = str(ident) if ident not in (None, "") else (rel if r is None else f"{rel}:{r}")
-        out.append(Entry(ident, kind, str(p), r, target))
+        given = ident not in (None, "")
+        ident = str(ident) if given else (rel if r is None else f"{rel}:{r}")
+        stem = _stem(rel, base)
+        name = ident if given else (stem if r is None else f"{stem}_{r}")
+        out.append(Entry(ident, kind, str(p), r, target, name=name))
     return out
 
 
@@ -267,7 +302,7 @@ def open_dataset(source, preprocess: Preprocess | None = None, rank: int | None 
         files = [Path(f) for f in source]
         if not files:
             raise InputError("no input files given")
-        return Dataset(_files_dataset(_checked_files(files, "the files given"), None, "the files given"),
+        return Dataset(_files_dataset(_checked_files(files, "the files given"), None, "the files given", rank),
                        preprocess, rank, "the files given")
     text = os.fspath(source)
     p = Path(text)
@@ -276,7 +311,7 @@ def open_dataset(source, preprocess: Preprocess | None = None, rank: int | None 
                        key=lambda f: f.relative_to(p).as_posix())
         if not found:
             raise InputError(f"folder {p} holds no images or .npy/.npz files")
-        return Dataset(_files_dataset(found, p, f"folder {p}"), preprocess, rank, str(p))
+        return Dataset(_files_dataset(found, p, f"folder {p}", rank), preprocess, rank, str(p))
     if glob.has_magic(text):
         found = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
         found = [f for f in found if f.suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES]
@@ -284,7 +319,7 @@ def open_dataset(source, preprocess: Preprocess | None = None, rank: int | None 
             raise InputError(f"the pattern {text} matches no images or .npy/.npz files")
         base = Path(text.split("*")[0].split("?")[0].split("[")[0] or ".")
         base = base if base.is_dir() else base.parent
-        return Dataset(_files_dataset(found, base, f"pattern {text}"), preprocess, rank, text)
+        return Dataset(_files_dataset(found, base, f"pattern {text}", rank), preprocess, rank, text)
     suffix = p.suffix.lower()
     if suffix in MANIFEST_SUFFIXES + PARQUET_SUFFIXES:
         if not p.is_file():
@@ -296,7 +331,7 @@ def open_dataset(source, preprocess: Preprocess | None = None, rank: int | None 
         return Dataset(_table_entries(rows, p.parent, str(p), path_column, target_column, id_column),
                        preprocess, rank, str(p))
     if suffix in IMAGE_SUFFIXES + ARRAY_SUFFIXES:
-        return Dataset(_files_dataset(_checked_files([p], str(p)), p.parent, str(p)), preprocess, rank, str(p))
+        return Dataset(_files_dataset(_checked_files([p], str(p)), p.parent, str(p), rank), preprocess, rank, str(p))
     raise InputError(f"{text} is not a folder, a glob, an image, a .npy/.npz shard, a manifest "
                      f"({', '.join(MANIFEST_SUFFIXES)}) or a Parquet table; check the path")
 
@@ -329,3 +364,166 @@ def preprocess_for(explainer, preset: str | None = None) -> Preprocess | None:
 def input_rank(explainer) -> int | None:
     shapes = list(explainer.inputs.values())
     return len(shapes[0]) if len(shapes) == 1 and shapes[0] is not None else None
+
+
+# ----------------------------------------------------------------------------- what the commands read
+
+SOURCE_SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + MANIFEST_SUFFIXES + PARQUET_SUFFIXES
+
+
+def is_glob(p) -> bool:
+    """A pattern (cat*.png, photos/**/*.jpg) rather than a file that exists."""
+    return glob.has_magic(os.fspath(p)) and not Path(p).exists()
+
+
+def is_source(p) -> bool:
+    """Whether a command-line path names inputs (a folder, a glob, an image, a shard, a
+    manifest or a Parquet table) rather than a model."""
+    return Path(p).is_dir() or is_glob(p) or Path(p).suffix.lower() in SOURCE_SUFFIXES
+
+
+def open_inputs(sources, preprocess: Preprocess | None = None, rank: int | None = None) -> Dataset:
+    """One dataset of the inputs a command is given: any mix of what `open_dataset` reads.
+    Files named one by one keep their paths as ids (names: their stems); one folder, glob
+    or manifest keeps its own ids; with several sources every id is the input's path
+    (`path:row` for a shard's row), except the ids a manifest gives."""
+    sources = [os.fspath(s) for s in sources]
+    if not sources:
+        raise InputError("no inputs given; pass images, .npy/.npz shards, a folder, a glob or a manifest")
+    plain = [not Path(s).is_dir() and not is_glob(s) and Path(s).suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES
+             for s in sources]
+    if all(plain):
+        return open_dataset(sources, preprocess, rank)
+    if len(sources) == 1:
+        return open_dataset(sources[0], preprocess, rank)
+    entries = []
+    for s, is_file in zip(sources, plain):
+        ds = open_dataset([s] if is_file else s, None, rank)
+        table = Path(s).suffix.lower() in MANIFEST_SUFFIXES + PARQUET_SUFFIXES
+        for e in ds.entries:
+            if not table:
+                ident = Path(e.path).as_posix() + ("" if e.row is None else f":{e.row}")
+                e = dataclasses.replace(e, id=ident)
+            entries.append(e)
+    if len({e.kind for e in entries}) > 1:
+        raise InputError("the inputs mix images and .npy/.npz arrays; give one kind per run")
+    return Dataset(entries, preprocess, rank, " ".join(sources))
+
+
+def fit_preprocess(pre: Preprocess | None, input_shape) -> Preprocess:
+    """The preprocessing images get for a model input of this shape, as `io.load_inputs`
+    fits it: read off the shape where none is given, else made to fit it."""
+    if pre is None:
+        return Preprocess.infer(input_shape) if input_shape is not None else Preprocess()
+    return pre.for_input(input_shape) if input_shape is not None else pre
+
+
+def for_model(dataset: Dataset, explainer, pre: Preprocess | None) -> Dataset:
+    """The dataset with the preprocessing `pre` fitted to the model's input (images only)
+    and the model input's rank (a sample saved without its batch axis gets it)."""
+    shapes = list(explainer.inputs.values())
+    shape = shapes[0] if len(shapes) == 1 else None
+    if any(e.kind == "image" for e in dataset.entries):
+        pre = fit_preprocess(pre, shape)
+    else:
+        pre = None
+    return dataset.with_preprocess(pre, input_rank(explainer))
+
+
+def check_present(dataset: Dataset) -> None:
+    """InputError naming the inputs whose file is not there (before any work is done)."""
+    gone = dataset.missing()
+    if gone:
+        listed = ", ".join(f"{e.path}" + (f" (id {e.id})" if e.id != Path(e.path).as_posix() else "")
+                           for e in gone[:3])
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        where = f" listed in {dataset.source}" if Path(dataset.source).suffix.lower() in \
+            MANIFEST_SUFFIXES + PARQUET_SUFFIXES else ""
+        raise InputError(f"input file not found: {listed}{more}{where}; check the path(s)")
+
+
+@dataclasses.dataclass
+class Samples:
+    """Loaded entries as one batch, as `io.Inputs` holds files: `batch` (an array, or a
+    dict name -> array), `images` (the pictures the model sees, for image inputs), `names`
+    (what outputs are called), and the entries themselves (ids, paths, targets)."""
+
+    entries: list
+    batch: np.ndarray | dict
+    images: list | None
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries]
+
+    @property
+    def targets(self) -> list:
+        return [e.target for e in self.entries]
+
+    def target(self, given=None):
+        """What to explain: `given` (-t) where there is one; else the dataset's targets (a
+        class per sample, None for a sample without: its predicted class, filled in by
+        the caller); else None (the predicted classes)."""
+        if given is not None or all(t is None for t in self.targets):
+            return given
+        return self.targets
+
+
+def load_samples(dataset: Dataset, entries, display: bool = False) -> Samples:
+    """The entries loaded and stacked into one batch; InputError for the first that cannot
+    be read (the commands without --on-error stop there, exit 2)."""
+    items = [dataset.load(e, display) for e in entries]
+    for it in items:
+        if it.error is not None:
+            raise InputError(it.error if it.id in it.error or it.entry.path in it.error
+                             else f"input {it.id}: {it.error}")
+    first = items[0].inputs
+    try:
+        if isinstance(first, dict):
+            if any(not isinstance(it.inputs, dict) or set(it.inputs) != set(first) for it in items):
+                raise InputError("array files hold different input names; give every file the same names")
+            batch = {k: np.concatenate([it.inputs[k] for it in items]) for k in first}
+        else:
+            batch = np.concatenate([it.inputs for it in items])
+    except ValueError:
+        shapes = sorted({str(np.shape(it.inputs) if not isinstance(it.inputs, dict) else
+                             {k: v.shape for k, v in it.inputs.items()}) for it in items})
+        if items[0].entry.kind == "image":
+            raise InputError("images have different sizes and cannot form one batch; give the preprocessing a "
+                             "size (e.g. --preset imagenet or --size H,W)") from None
+        raise InputError(f"inputs have shapes that do not stack into one batch: {', '.join(shapes)}") from None
+    images = [it.image for it in items] if all(it.image is not None for it in items) else None
+    return Samples(list(entries), batch, images, [e.label for e in entries])
+
+
+def samples_per_group(explainer) -> int:
+    """Inputs held at once by a command: the batch, its attribution and pictures together
+    stay within a quarter of the memory budget (runs inside are chunked by the budget too)."""
+    from . import runtime
+
+    per_sample = 0
+    for shape in explainer.inputs.values():
+        per_sample += 4 * int(np.prod([d for d in (shape or ())[1:] if isinstance(d, int)] or [1]))
+    budget = getattr(explainer, "memory_budget", None) or runtime.DEFAULT_MEMORY_BUDGET
+    return max(1, budget // (4 * 4 * max(per_sample, 1)))
+
+
+def batches(entries, size: int, by_file: bool = False) -> list[list]:
+    """Consecutive entries in batches of at most `size`. With `by_file`, a batch holds the
+    rows of one array file (an image, or a whole-file sample, alone): one record per
+    input file, as the commands that log per file keep them."""
+    out, current = [], []
+    for e in entries:
+        same_file = current and e.kind == "array" and current[-1].kind == "array" and \
+            current[-1].path == e.path and current[-1].row is not None and e.row is not None
+        if current and (len(current) >= size or (by_file and not same_file)):
+            out.append(current)
+            current = []
+        current.append(e)
+    if current:
+        out.append(current)
+    return out
