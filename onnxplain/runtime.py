@@ -140,13 +140,53 @@ def resolve_providers(providers=None) -> list[str]:
     return list(kept)
 
 
+def gpu_free_bytes() -> int | None:
+    """Free memory of the current CUDA device (cudaMemGetInfo), or None where the CUDA
+    runtime library cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    names = [n for n in (ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12",
+                         "libcudart.so.13", "libcudart.so.11.0") if n]
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        with contextlib.suppress(Exception):
+            if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+                return int(free.value)
+        return None
+    return None
+
+
+# Share of a GPU's free memory that batches may take when no budget was given: onnxruntime's
+# arena, the explainer's weights and other processes need the rest.
+GPU_BUDGET_SHARE = 0.5
+
+
+class OutOfMemory(InputError):
+    """A run the device had no memory for: `chunked` retries it in smaller chunks."""
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("failed to allocate", "out of memory", "bad_alloc", "cudaerrormemoryallocation"))
+
+
 class Session:
-    """One onnxruntime session on a model, with row-chunked execution."""
+    """One onnxruntime session on a model, with row-chunked execution.
+
+    `device` is where the session's tensors live ("cuda" when CUDA runs it, else "cpu").
+    On a GPU the batch size adapts to the device's free memory (unless a budget was given),
+    and a chunk that does not fit is halved and retried."""
 
     def __init__(self, model: onnx.ModelProto, providers=None, memory_budget: int | None = None):
         ort = _ort()
         self.model = model
         self.providers = resolve_providers(providers)
+        self._budget_given = bool(memory_budget) or "ONNXPLAIN_MEMORY_BUDGET" in os.environ
         self.memory_budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -163,6 +203,12 @@ class Session:
         self.fixed_batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._row_bytes = None
+        used = self.session.get_providers()
+        self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        if self.device == "cuda" and not self._budget_given:
+            free = gpu_free_bytes()
+            if free:
+                self.memory_budget = max(self.memory_budget, int(free * GPU_BUDGET_SHARE))
 
     def run(self, feeds: dict, outputs=None) -> dict:
         outputs = list(outputs or self.output_names)
@@ -170,9 +216,36 @@ class Session:
         try:
             values = self.session.run(outputs, feeds)
         except Exception as exc:
+            if _out_of_memory(exc):
+                raise OutOfMemory(f"out of memory: {str(exc).strip().splitlines()[0]}") from None
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime failed to run the model on this input: {msg}") from None
         return dict(zip(outputs, values))
+
+    # --- tensors kept on the device ---------------------------------------------------------
+    def on_device(self, a: np.ndarray):
+        """An onnxruntime value on this session's device: bound to runs without a copy."""
+        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+
+    def run_bound(self, resident: dict, feeds: dict, outputs) -> dict:
+        """One run with I/O binding: `resident` are values already on the device (from
+        `on_device`), bound as they are; `feeds` are host arrays copied in; the outputs are
+        made on the device and copied back once."""
+        binding = self.session.io_binding()
+        for k, v in resident.items():
+            binding.bind_ortvalue_input(k, v)
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for o in outputs:
+            binding.bind_output(o, self.device)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            if _out_of_memory(exc):
+                raise OutOfMemory(f"out of memory: {str(exc).strip().splitlines()[0]}") from None
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"onnxruntime failed to run the model on this input: {msg}") from None
+        return dict(zip(outputs, binding.copy_outputs_to_cpu()))
 
     def row_bytes(self) -> int:
         """Upper bound of the memory one batch row needs: all intermediate tensors at once."""
@@ -188,13 +261,30 @@ class Session:
 
     def run_rows(self, total: int, make_feeds, outputs, label: str | None = None, cap: int | None = None):
         """Yield (start, stop, outputs) for row chunks [start, stop) covering `total` rows."""
-        step = self.rows_per_run(cap)
-        with progress(total, label) as bar:
-            for start in range(0, total, step):
-                stop = min(total, start + step)
-                out = self.run(make_feeds(start, stop), outputs)
-                yield start, stop, out
-                bar.update(stop - start)
+        yield from chunked(self, total, lambda s, e: self.run(make_feeds(s, e), outputs), label, cap)
+
+
+def chunked(runner, total: int, run_chunk, label, cap):
+    """(start, stop, run_chunk(start, stop)) over `total` rows, `runner.rows_per_run(cap)` at
+    a time. A chunk the device has no memory for is halved and retried (a fixed batch size
+    cannot be), and later chunks keep the smaller size."""
+    step = runner.rows_per_run(cap)
+    fixed = bool(getattr(runner, "static", None) or getattr(runner, "fixed_batch", None))
+    with progress(total, label) as bar:
+        start = 0
+        while start < total:
+            stop = min(total, start + step)
+            try:
+                out = run_chunk(start, stop)
+            except OutOfMemory as exc:
+                if fixed or stop - start == 1:
+                    raise OutOfMemory(f"{stop - start} row(s) at once do not fit ({exc}); give a smaller memory "
+                                      "budget (memory_budget=, ONNXPLAIN_MEMORY_BUDGET) or a smaller input") from None
+                step = max(1, (stop - start) // 2)
+                continue
+            yield start, stop, out
+            bar.update(stop - start)
+            start = stop
 
 
 def estimate_row_bytes(model: onnx.ModelProto) -> int:
@@ -290,6 +380,8 @@ class Rows:
         if n > 1 and not self.static and not getattr(self, "_one_by_one", False):
             try:
                 return self._run(feeds, outputs)
+            except OutOfMemory:
+                raise  # smaller chunks, not row by row (see `chunked`)
             except InputError:
                 self._one_by_one = True
         if n > 1 and getattr(self, "_one_by_one", False):
@@ -331,9 +423,4 @@ class Rows:
         return {k: v[:rows] for k, v in logical.items()}
 
     def run_rows(self, total: int, make_feeds, outputs, label: str | None = None, cap: int | None = None):
-        step = self.rows_per_run(cap)
-        with progress(total, label) as bar:
-            for start in range(0, total, step):
-                stop = min(total, start + step)
-                yield start, stop, self.run(make_feeds(start, stop), outputs)
-                bar.update(stop - start)
+        yield from chunked(self, total, lambda s, e: self.run(make_feeds(s, e), outputs), label, cap)

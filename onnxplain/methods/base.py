@@ -352,6 +352,51 @@ class Context:
         spec, rows = self.compiled(composite)
         self.backward_rows_with(spec, rows, total, make_rows, consume, label)
 
+    def backward_resident(self, composite, moved: dict, total: int, chunk_rows, times_input: bool = False,
+                          squares: bool = False, label: str | None = None):
+        """Per-sample sums of attributions over `total` rows built on the device (see
+        onnxplain.resident): moved = {input: (A, B)} batch-first arrays, row j of input k is
+        A[ia_j] + alpha_j B[ib_j]; chunk_rows(start, stop) -> (ia, ib, alpha, W). Returns
+        ({wrt: S1}, {wrt: S2}) shaped (n, ...), or None where the plain path must run (no
+        device to keep state on, a layer, a layout that is not batch first, a fixed batch)."""
+        from .. import resident
+        from ..runtime import Session
+
+        if self.layer is not None or any(t not in moved for t in self.wrt):
+            return None
+        spec, rows = self.compiled(composite)
+        if not resident.wanted(rows.session) or spec.predicted or rows.static or spec.seed is None:
+            return None
+        held = [k for k in self.feeds if k not in moved]
+        names = list(self.feeds) + [spec.seed] + list(spec.attributions.values())
+        if any(rows.axes.get(k, 0) != 0 for k in names):
+            return None
+        if spec.seed in rows.ranks and self.seed.ndim != rows.ranks[spec.seed]:
+            return None  # a batch of one the model squeezes away (Rows re-expands it)
+        key = ("resident", composite.key(), tuple(self.wrt), self.explained, self.plan.key, tuple(moved),
+               times_input, squares)
+        e = self.explainer
+
+        def make():
+            model = resident.compose(spec, list(moved), held, times_input, squares)
+            program = resident.Program(spec, Session(model, e.providers, e.memory_budget), list(moved), held,
+                                       times_input, squares)
+            return program, 2 * model.ByteSize()
+
+        program = e._cache.get(key, make)
+        arrays = {}
+        for k, (a, b) in moved.items():
+            arrays[resident.P + k + "/A"], arrays[resident.P + k + "/B"] = a, b
+        for k in held:
+            arrays[resident.P + k + "/A"] = self.feeds[k]
+        arrays[resident.P + spec.seed + "/A"] = self.seed.astype(np.float32, copy=False)
+        arrays.update({k: v for k, v in self.fixed.items() if k in program.session.input_names})
+        s1, s2 = program.run(arrays, total, chunk_rows, rows.rows_per_run(), label)
+        shape = {t: moved[t][0].shape for t in self.wrt}
+        s1 = {t: _finite(s1[t], self.method).reshape(shape[t]) for t in self.wrt}
+        s2 = {t: _finite(s2[t], self.method).reshape(shape[t]) for t in s2 if t in shape}
+        return s1, s2
+
     def _run(self, spec, session, feeds, seed, predicted=None):
         total = next(iter(feeds.values())).shape[0] if feeds else self.n
         attrs = {t: [] for t in spec.attributions}

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import InputError, OptionError
 from ..compile import _ancestors
 from .base import Option, positive, register
+from ..resident import onehot_weights
 from .gradients import GRADIENT
 
 RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -302,5 +303,16 @@ def integrated_gradients(ctx, n_steps, integration, baseline, baseline_ids=None,
     act_b = ctx.activations({**ctx.feeds, **base})
     if all(np.array_equal(act_x[t], act_b[t]) for t in ctx.wrt):
         check_moved(ctx, ctx.wrt[0], act_x[ctx.wrt[0]], act_b[ctx.wrt[0]], {})
-    ctx.backward_rows(GRADIENT, n_steps * n, rows, consume, label="integrated gradients")
+
+    def device_rows(start, stop):  # the same rows, built on the device: base + alpha (x - base)
+        idx = np.arange(start, stop)
+        step, sample = idx // n, idx % n
+        return sample, sample, alphas[step], onehot_weights(sample, n, weights[step])
+
+    moved = {k: (base[k], x[k] - base[k]) for k in inputs}
+    sums = ctx.backward_resident(GRADIENT, moved, n_steps * n, device_rows, label="integrated gradients")
+    if sums is not None:
+        total = sums[0]
+    else:
+        ctx.backward_rows(GRADIENT, n_steps * n, rows, consume, label="integrated gradients")
     return {t: (total[t] * (act_x[t] - act_b[t])).astype(np.float32) for t in ctx.wrt}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OptionError
+from ..resident import onehot_weights
 from .base import Option, non_negative, positive, register
 from .gradients import DECONVNET, GRADIENT, GUIDED
 
@@ -78,7 +79,18 @@ def _smooth(ctx, kind, n_samples, noise_level, stdev, base, seed, noise):
             np.add.at(s1[t], sample, a)
             np.add.at(s2[t], sample, a * a)
 
-    ctx.backward_rows(composite, n_samples * n, rows, consume, label=kind)
+    def device_rows(start, stop):  # the same rows, built on the device: x + noise[draw, sample]
+        idx = np.arange(start, stop)
+        sample = idx % n
+        return sample, idx, np.ones(len(idx), np.float32), onehot_weights(sample, n)
+
+    moved = {k: (ctx.feeds[k], noise[k].reshape((-1,) + ctx.feeds[k].shape[1:])) for k in inputs}
+    sums = ctx.backward_resident(composite, moved, n_samples * n, device_rows, times_input=times_input,
+                                 squares=True, label=kind)
+    if sums is not None:
+        s1, s2 = sums
+    else:
+        ctx.backward_rows(composite, n_samples * n, rows, consume, label=kind)
     out = {}
     for t in ctx.wrt:
         mean, sq = s1[t] / n_samples, s2[t] / n_samples
