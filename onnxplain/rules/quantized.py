@@ -112,9 +112,52 @@ def _check_integer_consumers(b, node):
                             and graph.elem_type(o) not in _FLOAT)
 
 
+# Relevance (LRP composites, deep Taylor, excitation backprop) through a static QDQ model: the
+# weights' DequantizeLinear of a constant is folded at load (canonize), and every other
+# QuantizeLinear / DequantizeLinear with constant scale and zero point hands its relevance
+# unchanged to its data input, as LRP's Pass rule does for an activation. A Q -> DQ pair
+# is then the identity for relevance (the straight-through estimator); its clipping acts
+# as the ReLU it replaces, which Pass serves too. Rounding moves the activations the rules
+# read by at most half a step, the quantization error.
+RELEVANCE_CONVENTION = ("quantized operators explained by the straight-through convention for relevance: weights "
+                        "dequantized, each QuantizeLinear/DequantizeLinear passing relevance unchanged")
+RELEVANCE_PASS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def is_relevance(comp) -> bool:
+    """A relevance composite: one without gradient fallback families (RuleComposite, the
+    transformer composites); their pass-through of Q/DQ is `relevance_pass`."""
+    return comp is not None and not tuple(getattr(comp, "families", ("gradient",)))
+
+
+def _static_params(graph, node) -> bool:
+    return all(not name or graph.constant(name) is not None for name in node.input[1:3])
+
+
+def relevance_pass(b, node, grads):
+    """Relevance of a QuantizeLinear / DequantizeLinear output to its data input, unchanged
+    (float32 on integer tensors, the data input's type on float ones)."""
+    def kind(name):  # the type of a relevance of tensor `name`
+        t = _elem(b, name)
+        return t if t in _FLOAT else F32
+
+    r, want = grads[0], kind(node.input[0])
+    if kind(node.output[0]) != want:
+        r = b.op("Cast", r, to=want)
+    return [r] + [None] * (len(node.input) - 1)
+
+
 def _gradient_methods_only(rule):
     def guarded(b, node, grads):
         comp = getattr(b, "composite", None)
+        if is_relevance(comp) and node.op_type in RELEVANCE_PASS and node.domain in ("", "ai.onnx"):
+            if not _static_params(b.graph, node):
+                raise ModelError(f"method '{comp.name}': {node.op_type} '{node.name}' has a scale or zero point "
+                                 "computed at run time; relevance passes only through static quantization")
+            if getattr(b, "conventions", None) is None:
+                b.conventions = set()
+            b.conventions.add(RELEVANCE_CONVENTION)
+            return relevance_pass(b, node, grads)
         if comp is not None and not applies_to(comp):
             raise ModelError(f"method '{comp.name}' is not defined on quantized operator {node.op_type} "
                              f"('{node.name}'): the straight-through convention serves gradient methods "
@@ -130,6 +173,17 @@ def _gradient_methods_only(rule):
     guarded.__name__, guarded.__doc__, guarded.__wrapped__ = rule.__name__, rule.__doc__, rule
     # For the compiler's and `inspect`'s check of what a composite lacks (see applies_to).
     guarded.applies_to = applies_to
+    return guarded
+
+
+def _passes_relevance(guarded):
+    """`guarded` (a Q or DQ rule) also serving relevance composites, where its scale and
+    zero point are constants: the compiler and `inspect` see it through these hooks."""
+    guarded.applies_to = lambda comp: applies_to(comp) or is_relevance(comp)
+    guarded.refuses = lambda comp, node, graph: is_relevance(comp) and not _static_params(graph, node)
+    guarded.describe = lambda comp, node, graph: (
+        "relevance passed unchanged (straight-through; weights dequantized)" if is_relevance(comp)
+        else "straight-through gradient (weights dequantized, zero where clipped)" if applies_to(comp) else None)
     return guarded
 
 
@@ -446,6 +500,7 @@ def _param_gradient(b, t: str, p: str, like: str, axis: int, block: int, what: s
     return b.reduce_sum(t, [i for i in range(rank) if i != ax], keepdims=False)
 
 
+@_passes_relevance
 @register("QuantizeLinear")
 def quantize_linear(b, node, grads):
     # y = saturate(round(x / s) + z): d/dx = 1 / s where x / s + z is inside the range.
@@ -471,6 +526,7 @@ def quantize_linear(b, node, grads):
     return [gx, gs, gz][: len(node.input)]
 
 
+@_passes_relevance
 @register("DequantizeLinear")
 def dequantize_linear(b, node, grads):
     # x = s * (q - z): d/dq = s, and for a run-time scale or zero point (the outputs of

@@ -1,0 +1,200 @@
+"""Relevance methods (every LRP composite, deep Taylor, excitation backprop) on static QDQ
+models, by the straight-through convention: the weights' DequantizeLinear of a constant is a
+constant (the dequantized weight), each activation QuantizeLinear -> DequantizeLinear pair
+passes relevance unchanged. The QDQ model's relevance then differs from its float model's
+by the quantization of the activations only, and is conserved as the float model's is.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxplain import Explainer
+from onnxplain.errors import ModelError
+from onnxplain.explainer import explainer_metadata
+from onnxplain.methods.relevance import ZENNIT
+from onnxplain.rules import quantized as Q
+
+torch = pytest.importorskip("torch")
+quantization = pytest.importorskip("onnxruntime.quantization")
+
+SHAPE = (3, 10, 10)
+RELEVANCE_METHODS = list(ZENNIT) + ["deep_taylor", "excitation_backprop", "contrastive_excitation_backprop"]
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, 8, 3)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+class _Reader:
+    def __init__(self, n=24):
+        rng = np.random.default_rng(0)
+        self._it = iter([{"input": rng.normal(size=(1,) + SHAPE).astype(np.float32)} for _ in range(n)])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{"float", "qdq", "qdq_per_channel"} -> path: one small CNN and its static QDQ
+    quantizations by onnxruntime's quantizer (per tensor, and per output channel)."""
+    d = tmp_path_factory.mktemp("lrp_quantized")
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    paths = {"float": d / "float.onnx"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, *SHAPE),), str(paths["float"]), dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
+        for per_channel in (False, True):
+            key = "qdq_per_channel" if per_channel else "qdq"
+            paths[key] = d / f"{key}.onnx"
+            quantization.quantize_static(str(paths["float"]), str(paths[key]), _Reader(),
+                                         quant_format=quantization.QuantFormat.QDQ, per_channel=per_channel)
+    return paths
+
+
+def _x(seed=1, n=3):
+    # Inside the calibrated range, so that no logit is saturated by the output's quantizer.
+    return np.random.default_rng(seed).normal(scale=0.7, size=(n,) + SHAPE).astype(np.float32)
+
+
+def _logit_seed(e, x, cls=2):
+    logits = e.predict(x)
+    seed = np.zeros_like(logits)
+    seed[:, cls] = logits[:, cls]
+    return seed
+
+
+def test_the_qdq_model_has_quantized_activations_and_folded_weights(models):
+    # What the convention rests on: after loading, the weights' DequantizeLinear of a
+    # constant is a constant, and the Q/DQ pairs left are the activations'.
+    for key in ("qdq", "qdq_per_channel"):
+        raw = onnx.load(str(models[key]))
+        assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") for n in raw.graph.node) >= 3
+        g = Explainer(str(models[key])).graph
+        for n in g.nodes:
+            if n.op_type in ("Conv", "Gemm"):
+                assert g.constant(n.input[1]) is not None, n.name
+        assert sum(n.op_type == "QuantizeLinear" for n in g.nodes) >= 3
+
+
+@pytest.mark.parametrize("key", ["qdq", "qdq_per_channel"])
+@pytest.mark.parametrize("method", RELEVANCE_METHODS)
+def test_relevance_of_a_qdq_model_is_close_to_the_float_models(models, key, method):
+    x = _x()
+    ef, eq = Explainer(str(models["float"])), Explainer(str(models[key]))
+    rf = ef.attribute(x, method=method, target=2).reshape(len(x), -1).astype(np.float64)
+    rq = eq.attribute(x, method=method, target=2).reshape(len(x), -1).astype(np.float64)
+    assert np.all(np.isfinite(rq)) and np.all(np.abs(rq).sum(1) > 0)
+    rel = np.linalg.norm(rq - rf, axis=1) / np.linalg.norm(rf, axis=1)
+    corr = np.array([np.corrcoef(a, b)[0, 1] for a, b in zip(rq, rf)])
+    # Measured on 3 inputs (logits' relative error 0.013-0.021): z+-based composites, deep
+    # Taylor and excitation backprop 0.01-0.07, correlation >= 0.999; lrp.epsilon (which on a
+    # ReLU net is input x gradient, as sensitive to rounding) 0.18-0.31, correlation >= 0.95,
+    # where the straight-through input x gradient itself is 0.08-0.26 from the float model's.
+    max_rel, min_corr = (0.4, 0.94) if method == "lrp.epsilon" else (0.15, 0.99)
+    assert np.all(rel < max_rel) and np.all(corr > min_corr), (rel, corr)
+
+
+@pytest.mark.parametrize("key", ["float", "qdq", "qdq_per_channel"])
+@pytest.mark.parametrize("method", list(ZENNIT))
+def test_lrp_without_biases_sums_to_the_explained_logit_on_float_and_qdq_models(models, key, method):
+    e = Explainer(str(models[key]))
+    x = _x(2)
+    seed = _logit_seed(e, x)
+    r = e.attribute(x, method=method, target=seed, bias=False, epsilon=1e-9, stabilizer=1e-9)
+    # LRP-0 in the first layer of the per-tensor QDQ model meets a unit whose bias-free
+    # pre-activation cancels on the input's quantization grid (|W x| = 4e-9 in float64): its
+    # relevance (0.8% of one sample's) is lost to float32 rounding, not to the convention.
+    rtol = 1e-2 if method == "lrp.epsilon" else 1e-3
+    np.testing.assert_allclose(r.reshape(len(x), -1).sum(1), seed.sum(1), rtol=rtol)
+
+
+@pytest.mark.parametrize("key", ["float", "qdq", "qdq_per_channel"])
+def test_excitation_backprop_of_a_qdq_model_sums_to_one_as_the_float_models(models, key):
+    r = Explainer(str(models[key])).attribute(_x(3), method="excitation_backprop", target=1)
+    assert np.all(r >= -1e-7)
+    np.testing.assert_allclose(r.reshape(len(r), -1).sum(1), 1.0, rtol=1e-4)
+
+
+def test_the_relevance_explainer_of_a_qdq_model_states_the_convention(models, tmp_path):
+    spec = Explainer(str(models["qdq"])).export(tmp_path / "e.onnx", method="lrp.epsilon_plus")
+    conventions = explainer_metadata(spec.model)["conventions"]
+    assert conventions == [Q.RELEVANCE_CONVENTION]
+    float_spec = Explainer(str(models["float"])).export(tmp_path / "f.onnx", method="lrp.epsilon_plus")
+    assert explainer_metadata(float_spec.model)["conventions"] == []
+
+
+def test_deeplift_on_a_qdq_model_is_still_refused_by_name(models):
+    with pytest.raises(ModelError, match="quantized operator"):
+        Explainer(str(models["qdq"])).attribute(_x(4, 1), method="deeplift", target=1)
+
+
+# ----------------------------------------------------------------------------- per-axis activations
+def _per_axis_model(runtime_scale=False):
+    """x (N, 4) -> Gemm -> QuantizeLinear/DequantizeLinear per axis 1 (one scale per unit,
+    uint8 from 0: the ReLU it replaces) -> Gemm -> y (N, 2); and its float model with Relu."""
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(size=(4, 3)).astype(np.float32)
+    w2 = rng.normal(size=(3, 2)).astype(np.float32)
+    scale = np.array([0.02, 0.03, 0.05], np.float32)
+    zp = np.zeros(3, np.uint8)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(zp, "zp")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])]
+    if runtime_scale:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [3]))
+    else:
+        inits.append(numpy_helper.from_array(scale, "s"))
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])]
+    q = helper.make_graph([helper.make_node("Gemm", ["x", "w1"], ["h"]),
+                           helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["hq"], axis=1),
+                           helper.make_node("DequantizeLinear", ["hq", "s", "zp"], ["hd"], axis=1),
+                           helper.make_node("Gemm", ["hd", "w2"], ["y"])], "qdq", inputs, out, inits)
+    f = helper.make_graph([helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["hd"]),
+                           helper.make_node("Gemm", ["hd", "w2"], ["y"])], "float", inputs[:1], out,
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    mk = lambda g: helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # noqa: E731
+    return mk(q), mk(f), scale
+
+
+def test_a_per_axis_activation_qdq_pair_passes_relevance_as_the_relu_it_replaces():
+    qm, fm, scale = _per_axis_model()
+    # Inputs whose hidden units lie on the quantization grid: then the two models agree exactly.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(4, 4)).astype(np.float32)
+    eq, ef = Explainer(qm), Explainer(fm)
+    np.testing.assert_allclose(eq.predict(x), ef.predict(x), atol=0.1)
+    for method in ("lrp.epsilon", "lrp.epsilon_alpha2_beta1", "excitation_backprop"):
+        rq = eq.attribute(x, method=method, target=0)
+        rf = ef.attribute(x, method=method, target=0)
+        np.testing.assert_allclose(rq, rf, rtol=0.1, atol=0.05 * np.abs(rf).max(), err_msg=method)
+    seed = np.zeros((4, 2), np.float32)
+    seed[:, 1] = eq.predict(x)[:, 1]
+    r = eq.attribute(x, method="lrp.epsilon", target=seed, epsilon=1e-9, bias=False)
+    np.testing.assert_allclose(r.sum(1), seed.sum(1), rtol=1e-4)
+
+
+def test_a_qdq_pair_with_a_scale_fed_at_run_time_is_refused_for_relevance():
+    qm, _, scale = _per_axis_model(runtime_scale=True)
+    e = Explainer(qm)
+    x = np.ones((1, 4), np.float32)
+    with pytest.raises(ModelError, match="QuantizeLinear|DequantizeLinear"):
+        e.attribute({"x": x, "s": scale}, method="lrp.epsilon", target=0)
