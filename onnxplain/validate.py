@@ -224,6 +224,7 @@ def compare(reference, candidate, x, method: str = "auto", target=None, topk: fl
         r = {"sample": names[i], "target": int(classes[i]),
              "reference_top1": int(lr[i].argmax()), "candidate_top1": int(lc[i].argmax()),
              "top1_agree": bool(lr[i].argmax() == lc[i].argmax()),
+             "reference_score": float(lr[i, int(classes[i])]), "candidate_score": float(lc[i, int(classes[i])]),
              "prob_diff": float(np.abs(pr[i] - pc[i]).max())}
         r.update(explanation_agreement(ma[i], mb[i], topk, region))
         for wm, (ga, gb) in white.items():
@@ -363,5 +364,6 @@ def check(explainer, x, expectations: list[dict], method: str = "auto", target=N
             share = float(m[i][inside].sum() / total) if total > 0 else 0.0
             ok = share >= exp.get("min_share", 0.0) and share <= exp.get("max_share", 1.0)
             records.append({"sample": names[i], "target": int(classes[i]), "predicted": int(predicted[i]),
+                            "score": float(logits[i, int(classes[i])]),
                             "expectation": {k: v for k, v in exp.items()}, "share": share, "passed": bool(ok)})
     return records, method, note

@@ -1,10 +1,13 @@
 """`onnxplain evaluate`: which attribution method is best for this model? A table of
 metrics per method (printed and JSON), the curves as a PNG, methods ranked.
 
-Also the batch machinery the evaluate, validate and report commands share: INPUTS may be
-folders; inputs are processed one file at a time under a progress bar and each file's
-record is appended to a JSON-lines log as soon as it is done, so an interrupted run loses
-nothing and `--resume` skips the files already in the log.
+Also the batch machinery the evaluate, validate and report commands share: INPUTS are
+read through `onnxplain.datasets` (images, .npy/.npz shards, folders, globs, CSV/JSONL
+manifests with a path and an optional target column, Parquet tables); they are processed
+one input file at a time (the rows of a shard together, under the memory budget) under a
+progress bar and each batch's record is appended to a JSON-lines log as soon as it is
+done, so an interrupted run loses nothing and `--resume` skips the batches already in the
+log.
 """
 
 from __future__ import annotations
@@ -18,82 +21,64 @@ import numpy as np
 from .. import runtime
 from ..cli import (TARGET_HELP, _bytes, _fail, _labels, _preprocess, _providers, _target, models_dir, DEFAULT_MODEL,
                    DEFAULT_PHOTO)
+from ..datasets import (SOURCE_SUFFIXES, batches, check_present, for_model, input_rank, is_source, load_samples,
+                        open_inputs, samples_per_group)
 from ..errors import InputError, OptionError
-from ..io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, PRESETS, load_inputs
+from ..io import PRESETS
 
 DEFAULT_METHODS = "gradient,input_x_gradient,integrated_gradients,lrp.epsilon_plus"
 DEFAULT_METRICS = "deletion,insertion,selectivity,infidelity,max_sensitivity"
 # Settings that keep the defaults quick on a CPU; every one can be changed with --setting.
 DEFAULT_SETTINGS = {"max_sensitivity": {"n_samples": 5}, "continuity": {"shifts": 6},
                     "randomization": {"points": 4}}
-INPUT_SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES
+INPUT_SUFFIXES = SOURCE_SUFFIXES
 
-__all__ = ["COMMANDS", "split_models", "input_files", "Batch", "method_options", "log_path"]
+__all__ = ["COMMANDS", "split_models", "Batch", "method_options", "log_path", "explained"]
 
 
 # ----------------------------------------------------------------------------- shared by the commands
 
 
 def split_models(paths, at_most: int) -> tuple[list[Path], list[Path]]:
-    """Leading paths that are model files (not images, arrays or folders), then inputs."""
+    """Leading paths that are model files (not inputs: images, shards, manifests, folders,
+    globs), then the inputs."""
     paths = [Path(p) for p in paths]
     models = []
     for p in paths:
-        if len(models) == at_most or p.is_dir() or is_glob(p) or p.suffix.lower() in INPUT_SUFFIXES:
+        if len(models) == at_most or is_source(p):
             break
         models.append(p)
     return models, paths[len(models):]
-
-
-def is_glob(p) -> bool:
-    """A pattern (cat*.png, photos/**/*.jpg) rather than a file that exists."""
-    return any(c in str(p) for c in "*?[") and not Path(p).exists()
-
-
-def input_files(paths) -> list[Path]:
-    """Files given, with folders expanded to their image/array files (sorted, not recursive)
-    and globs to the image/array files they match (sorted; ** recurses)."""
-    import glob
-
-    out = []
-    for p in paths:
-        if is_glob(p):
-            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True)
-                           if Path(f).is_file() and Path(f).suffix.lower() in INPUT_SUFFIXES)
-            if not found:
-                raise InputError(f"{p} matches no images or .npy/.npz files")
-            out += found
-            continue
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES)
-            if not found:
-                raise InputError(f"folder {p} holds no images or .npy/.npz files")
-            out += found
-        else:
-            out.append(p)
-    return out
 
 
 def log_path(out: Path) -> Path:
     return out.with_suffix(".jsonl")
 
 
-class Batch:
-    """One model's inputs, file by file: preprocessing chosen once, a progress bar, and
-    the JSON-lines log appended per file. With `resume`, a logged record is reused only
-    where its run key (`onnxplain.runkey`) is the key of what is asked now."""
+def _group_id(ids) -> str:
+    return "\n".join(ids)
 
-    def __init__(self, explainer, files, preset=None, log: Path | None = None, resume: bool = False):
+
+class Batch:
+    """One model's inputs, read through `onnxplain.datasets` and processed batch by batch
+    (`groups`: an input file's samples together, at most what the memory budget holds at
+    once): preprocessing chosen once, a progress bar, and the JSON-lines log appended per
+    batch. With `resume`, a logged record is reused only where its run key
+    (`onnxplain.runkey`) is the key of what is asked now. Every input file must be there
+    before any work starts; one that cannot be read stops the run (exit 2)."""
+
+    def __init__(self, explainer, sources, preset=None, log: Path | None = None, resume: bool = False,
+                 display: bool = False):
         self.explainer = explainer
-        self.files = files
-        shapes = list(explainer.inputs.values())
-        self.shape = shapes[0] if len(shapes) == 1 else None
-        self.pre = None
-        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
-            self.pre = _preprocess(explainer, preset, {})
+        dataset = open_inputs(sources, rank=input_rank(explainer))
+        pre = _preprocess(explainer, preset, {}) if any(e.kind == "image" for e in dataset.entries) else None
+        self.dataset = for_model(dataset, explainer, pre)
+        check_present(self.dataset)
+        self.pre = self.dataset.preprocess
+        self.groups = batches(self.dataset.entries, samples_per_group(explainer), by_file=True)
+        self.display = display
         self.log = log
-        self.done = {}  # input -> its last logged record
+        self.done = {}  # the ids of a batch -> its last logged record
         if log is not None and resume and log.is_file():
             for i, line in enumerate(log.read_text().splitlines()):
                 if line.strip():
@@ -102,39 +87,84 @@ class Batch:
                     except ValueError:
                         raise InputError(f"{log} line {i + 1} is not JSON; remove it or rerun without --resume") \
                             from None
-                    self.done[record.get("input")] = record
+                    if isinstance(record.get("ids"), list):
+                        self.done[_group_id(record["ids"])] = record
         elif log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")
 
-    def previous(self, path) -> dict | None:
-        """The logged record of an input from an earlier run (with --resume), whatever its key."""
-        return self.done.get(str(path))
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def previous(self, entries) -> dict | None:
+        """The logged record of these inputs from an earlier run (with --resume), whatever its key."""
+        return self.done.get(_group_id(e.id for e in entries))
+
+    def digests(self, entries) -> list:
+        """What identifies each input for a run key: its file's bytes, row, preprocessing
+        and the dataset's target for it."""
+        return [dict(e.digest(self.pre), dataset_target=e.target) for e in entries]
 
     def run(self, process, label: str, key=None) -> list[dict]:
-        """process(path, inputs) -> record (JSON-able dict); key(path) -> that input's run
-        key. Returns the records of this run's files, in order: reused where the logged
-        key matches, computed (and logged) otherwise. Without `key` nothing is reused."""
+        """process(samples) -> record (JSON-able dict), samples a `datasets.Samples`;
+        key(entries) -> that batch's run key. Returns the records of this run's batches,
+        in order: reused where the logged key matches, computed (and logged) otherwise.
+        Without `key` nothing is reused."""
         records, todo = {}, []
-        for f in self.files:
-            old = self.previous(f)
-            k = key(f) if key is not None else None
+        for entries in self.groups:
+            gid = _group_id(e.id for e in entries)
+            old = self.previous(entries)
+            k = key(entries) if key is not None else None
             if old is not None and k is not None and old.get("key") == k:
-                records[str(f)] = old
+                records[gid] = old
             else:
-                todo.append((f, k))
-        with runtime.progress(len(todo), label) as bar:
-            for f, k in todo:
-                inputs = load_inputs([f], self.pre, self.shape)
-                record = {"input": str(f), **process(f, inputs)}
+                todo.append((gid, entries, k))
+        with runtime.progress(sum(len(t[1]) for t in todo), label) as bar:
+            for gid, entries, k in todo:
+                samples = load_samples(self.dataset, entries, display=self.display)
+                record = {"input": entries[0].path, "ids": samples.ids, **process(samples)}
                 if k is not None:
                     record["key"] = k
-                records[str(f)] = record
+                records[gid] = record
                 if self.log is not None:
                     with self.log.open("a") as fh:
                         fh.write(json.dumps(record) + "\n")
-                bar.update(1)
-        return [records[str(f)] for f in dict.fromkeys(self.files)]
+                bar.update(len(entries))
+        return [records[_group_id(e.id for e in entries)] for entries in self.groups]
+
+
+def samples_target(explainer, samples, target):
+    """The target of a batch: -t where given; else a manifest's targets, the predicted
+    class filling in for inputs without one; else None (the predicted classes)."""
+    t = samples.target(target)
+    if isinstance(t, list) and any(c is None for c in t):
+        scores = np.asarray(explainer.predict(samples.batch, explainer.explained_tensor()))
+        if scores.ndim != 2:
+            raise InputError("the dataset gives targets for some inputs only, and the explained output has no "
+                             "class per sample to explain the others with; give every input a target")
+        t = [int(p) if c is None else c for c, p in zip(t, scores.argmax(axis=1))]
+    return t
+
+
+def explained(explainer, samples, target, scorer=None) -> list[dict]:
+    """Per sample what was explained, as the dataset engine's index records say it: id,
+    input, target (class, or the target's spelling), predicted class (None where the
+    output has no class axis) and the explained score (the raw score of the target: the
+    class's logit, the seed's weighted sum of the output)."""
+    from .. import metrics as M
+    from ..target import as_target
+
+    scorer = scorer or M.Scorer(explainer, samples.batch, target, probability=False)
+    scores = np.asarray(explainer.predict(samples.batch, explainer.explained_tensor()))
+    n = len(samples)
+    classes = scores.ndim == 2 and scores.shape[0] == n and scores.shape[1] > 1
+    predicted = [int(c) for c in scores.argmax(axis=1)] if classes else [None] * n
+    if scorer.classes is not None:
+        targets = [int(c) for c in np.asarray(scorer.classes).reshape(-1)[:n]]
+    else:
+        targets = [as_target(target).text] * n
+    return [{"id": e.id, "input": e.path, "sample": name, "target": t, "predicted": p, "score": float(v)}
+            for e, name, t, p, v in zip(samples.entries, samples.names, targets, predicted, scorer.original)]
 
 
 def scoped_pairs(values, scopes, what: str) -> dict:
@@ -171,7 +201,7 @@ def names_list(text: str, what: str) -> list[str]:
 
 
 def load_model(paths, at_most: int, quiet: bool):
-    """(model paths, input files): the bundled model and photo where none are given."""
+    """(model paths, input sources): the bundled model and photo where none are given."""
     models, inputs = split_models(paths, at_most)
     bundled = []
     if not models:
@@ -182,7 +212,7 @@ def load_model(paths, at_most: int, quiet: bool):
         bundled.append(str(inputs[0]))
     if bundled and not quiet:
         click.echo(f"using the bundled {' and '.join(bundled)}", err=True)
-    return models, input_files(inputs)
+    return models, inputs
 
 
 # ----------------------------------------------------------------------------- evaluation per file
@@ -254,7 +284,7 @@ class CellKeys:
     reuses the cells whose key matches and computes the rest, so changing one method's
     options recomputes only that method."""
 
-    def __init__(self, model, methods, options, metric_names, settings, target, preset):
+    def __init__(self, model, methods, options, metric_names, settings, target, preset, digests):
         from ..runkey import method_options as full_options, metric_settings as full_settings, model_digest
 
         self.model = model_digest(model)
@@ -262,26 +292,27 @@ class CellKeys:
         self.options = {m: full_options(m, options.get(m)) for m in methods}
         self.settings = {k: full_settings(k, settings.get(k)) for k in metric_names}
         self.target, self.preset = target_text(target), preset
+        self.digests = digests  # entries -> what identifies each input (Batch.digests)
 
-    def cells(self, path) -> dict:
-        from ..runkey import file_digest, run_key
+    def cells(self, entries) -> dict:
+        from ..runkey import run_key
 
-        ident = file_digest(path)
+        ident = self.digests(entries)
         return {m: {k: run_key(model=self.model, method=m, options=self.options[m], metric=k,
                                settings=self.settings[k], target=self.target, input=ident, preset=self.preset)
                     for k in self.metric_names} for m in self.methods}
 
-    def key(self, path) -> str:
+    def key(self, entries) -> str:
         from ..runkey import run_key
 
-        return run_key(cells=self.cells(path))
+        return run_key(cells=self.cells(entries))
 
-    def record(self, path, inputs, old, compute) -> dict:
-        """The record of one input: old cells whose key matches, the others from
+    def record(self, samples, old, compute) -> dict:
+        """The record of one batch: old cells whose key matches, the others from
         compute(method, metric names) -> an evaluate_record."""
-        keys = self.cells(path)
-        old = old if old is not None and old.get("samples") == inputs.names else {}
-        rec = {"metrics": {}, "curves": {}, "extra": {}, "keys": keys, "samples": inputs.names}
+        keys = self.cells(samples.entries)
+        old = old if old is not None and old.get("samples") == samples.names else {}
+        rec = {"metrics": {}, "curves": {}, "extra": {}, "keys": keys, "samples": samples.names}
         for m in self.methods:
             kept = [k for k in self.metric_names if old.get("keys", {}).get(m, {}).get(k) == keys[m][k]]
             todo = [k for k in self.metric_names if k not in kept]
@@ -294,6 +325,7 @@ class CellKeys:
                         cells[k] = value
                 rec[part][m] = cells
         return rec
+
 
 def check_target(explainer, target) -> None:
     """A target that cannot fit the explained output fails before any work (its shape is
@@ -366,15 +398,17 @@ def evaluate(paths, methods, metric_names, options, settings, target, out, plot,
     if out.suffix.lower() != ".json":
         raise OptionError(f"--out must end in .json, got '{out.name}'")
     plot = plot or out.with_suffix(".png")
-    (model,), files = load_model(paths, 1, quiet)
+    (model,), sources = load_model(paths, 1, quiet)
     explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
     check_target(explainer, target)
-    batch = Batch(explainer, files, preset, log_path(out), resume)
-    keys = CellKeys(model, methods, opts, metric_names, sets, target, preset)
+    batch = Batch(explainer, sources, preset, log_path(out), resume)
+    keys = CellKeys(model, methods, opts, metric_names, sets, target, preset, batch.digests)
 
-    def process(path, inputs):
-        return keys.record(path, inputs, batch.previous(path),
-                           lambda m, names: evaluate_record(explainer, inputs.batch, {m: opts[m]}, names, sets, target))
+    def process(samples):
+        t = samples_target(explainer, samples, target)
+        rec = keys.record(samples, batch.previous(samples.entries),
+                          lambda m, names: evaluate_record(explainer, samples.batch, {m: opts[m]}, names, sets, t))
+        return {**rec, "explained": explained(explainer, samples, t)}
 
     records = batch.run(process, "evaluating", keys.key)
     table, curves = aggregate(records)
@@ -382,13 +416,14 @@ def evaluate(paths, methods, metric_names, options, settings, target, out, plot,
     result = {"model": str(model), "inputs": [r["input"] for r in records], "methods": methods,
               "metrics": metric_names, "settings": sets, "options": opts, "target": target_text(target),
               "table": table,
-              "ranking": [{"method": m, "mean_rank": r} for m, r in ranking], "records": records}
+              "ranking": [{"method": m, "mean_rank": r} for m, r in ranking],
+              "samples": [x for r in records for x in r.get("explained", [])], "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     if curves:
         save_png(plot, plot_curves(curves))
     if as_json:
-        click.echo(json.dumps({k: result[k] for k in ("model", "inputs", "table", "ranking")}, indent=2))
+        click.echo(json.dumps({k: result[k] for k in ("model", "inputs", "table", "ranking", "samples")}, indent=2))
         return 0
     n = sum(len(r.get("samples", [])) for r in records)
     click.echo(f"{model.name}: {n} input(s), explained: {_explained(target)}")

@@ -12,8 +12,8 @@ import numpy as np
 from .. import runtime
 from ..cli import TARGET_HELP, _target
 from ..errors import OptionError
-from .evaluate import (DEFAULT_METHODS, Batch, aggregate, batch_options, check_target, evaluate_record, load_model,
-                       method_options, metric_settings, names_list, target_text)
+from .evaluate import (DEFAULT_METHODS, Batch, aggregate, batch_options, check_target, evaluate_record, explained,
+                       load_model, method_options, metric_settings, names_list, samples_target, target_text)
 
 __all__ = ["COMMANDS"]
 THUMB = 224  # side of a grid picture, pixels
@@ -98,16 +98,18 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
     metric_names = [] if metric_names.strip().lower() == "none" else names_list(metric_names, "metric")
     opts = method_options(methods, options)
     sets = metric_settings(metric_names, settings)
-    (model,), files = load_model(paths, 1, quiet)
+    (model,), sources = load_model(paths, 1, quiet)
     explainer = Explainer(model, providers=providers, memory_budget=memory_budget)
     check_target(explainer, target)
-    batch = Batch(explainer, files, preset, None, False)
+    batch = Batch(explainer, sources, preset, None, False, display=True)
     layout = batch.pre.layout if batch.pre is not None else None
-    inputs, grid = [], {m: [] for m in methods}
+    inputs, grid, samples = [], {m: [] for m in methods}, []
 
-    def process(path, loaded):
+    def process(loaded):
         x = loaded.batch
-        scorer = M.Scorer(explainer, x, target, probability=False)
+        t = samples_target(explainer, loaded, target)
+        scorer = M.Scorer(explainer, x, t, probability=False)
+        samples.extend(explained(explainer, loaded, t, scorer))
         fixed = scorer.fixed_target()
         for i, name in enumerate(loaded.names):
             image = loaded.images[i] if loaded.images else None
@@ -116,7 +118,7 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
             attr = explainer.attribute(x, method=m, target=fixed, **opts[m])
             for i in range(len(loaded.names)):
                 grid[m].append(_picture(attr[i], loaded.images[i] if loaded.images else None, layout))
-        rec = evaluate_record(explainer, x, opts, metric_names, sets, target) if metric_names else {}
+        rec = evaluate_record(explainer, x, opts, metric_names, sets, t) if metric_names else {}
         return {"samples": loaded.names, **rec}
 
     records = batch.run(process, "reporting")
@@ -126,7 +128,8 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
         values, curves = aggregate(records)
         table = format_table(values, rank_methods(values))
         curves_png = plot_curves(curves) if curves else None
-    meta = [f"model: {model}", f"inputs: {len(inputs)} from {len(files)} file(s)",
+    files = len({e.path for e in batch.dataset.entries})
+    meta = [f"model: {model}", f"inputs: {len(inputs)} from {files} file(s)",
             f"methods: {', '.join(methods)}", f"explained: {target_text(target)}",
             f"written {datetime.datetime.now():%Y-%m-%d %H:%M} by onnxplain"]
     page = html_report(title or f"onnxplain report: {model.name}", meta, inputs, grid, table, curves_png,
@@ -141,7 +144,7 @@ def report(paths, methods, metric_names, options, settings, target, out, title, 
 
         click.echo(json.dumps({"file": str(out), "model": str(model), "methods": methods,
                                "inputs": [name for name, _ in inputs], "explained": target_text(target),
-                               "table": values}, indent=2))
+                               "table": values, "samples": samples}, indent=2))
         return 0
     click.echo(f"wrote {out} ({len(methods)} method(s) x {len(inputs)} input(s)"
                + (f", metrics {', '.join(metric_names)})" if metric_names else ")"))

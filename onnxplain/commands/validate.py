@@ -13,9 +13,9 @@ import click
 from .. import runtime
 from ..cli import TARGET_HELP, _target
 from ..errors import OptionError
-from ..runkey import file_digest, method_options as full_options, model_digest, run_key, target_text
+from ..runkey import method_options as full_options, model_digest, run_key, target_text
 from ..target import Target
-from .evaluate import Batch, batch_options, load_model, log_path, method_options
+from .evaluate import Batch, batch_options, load_model, log_path, method_options, samples_target
 
 __all__ = ["COMMANDS"]
 
@@ -84,28 +84,30 @@ def validate(paths, method, options, thresholds_file, min_rank_corr, min_topk_ov
     if isinstance(target, Target):
         raise OptionError(f"validate compares class decisions: -t takes a class, one class per sample or pred; "
                           f"'{target.text}' works in explain, evaluate and report")
-    models, files = _models_and_inputs(paths, bool(expectations), quiet)
+    models, sources = _models_and_inputs(paths, bool(expectations), quiet)
     if report is not None and report.suffix.lower() != ".json":
         raise OptionError(f"--report must end in .json, got '{report.name}'")
     explainers = [Explainer(m, providers=providers, memory_budget=memory_budget) for m in models]
     log = log_path(report) if report is not None else None
-    batch = Batch(explainers[0], files, preset, log, resume)
+    batch = Batch(explainers[0], sources, preset, log, resume)
     digests = [model_digest(m) for m in models]
 
     def key_of(**parts):
         # Everything that changes a record; the thresholds only judge records.
-        return lambda path: run_key(command="validate", models=digests, method=method,
-                                    options=opts if method == "auto" else full_options(method, opts),
-                                    target=target_text(target), input=file_digest(path), preset=preset, **parts)
+        return lambda entries: run_key(command="validate", models=digests, method=method,
+                                       options=opts if method == "auto" else full_options(method, opts),
+                                       target=target_text(target), input=batch.digests(entries), preset=preset,
+                                       **parts)
 
     if expectations:
         exps = V.load_expectations(expectations)
         state = {}
 
-        def process(path, inputs):
-            recs, state["method"], state["note"] = V.check(explainers[0], inputs.batch, exps, method, target, opts,
+        def process(inputs):
+            t = samples_target(explainers[0], inputs, target)
+            recs, state["method"], state["note"] = V.check(explainers[0], inputs.batch, exps, method, t, opts,
                                                          inputs.names)
-            return {"checks": recs, "method": state["method"], "note": state["note"]}
+            return {"checks": _with_ids(recs, inputs), "method": state["method"], "note": state["note"]}
 
         records = batch.run(process, "validating", key_of(expectations=exps))
         _resumed_state(state, records)
@@ -121,10 +123,11 @@ def validate(paths, method, options, thresholds_file, min_rank_corr, min_topk_ov
                                    min_iou=min_iou, min_top1_agreement=min_top1_agreement, max_prob_diff=max_prob_diff)
     state = {}
 
-    def process(path, inputs):
-        recs, state["method"], state["note"] = V.compare(explainers[0], explainers[1], inputs.batch, method, target,
+    def process(inputs):
+        t = samples_target(explainers[0], inputs, target)
+        recs, state["method"], state["note"] = V.compare(explainers[0], explainers[1], inputs.batch, method, t,
                                                          topk, region, opts, inputs.names)
-        return {"samples": recs, "method": state["method"], "note": state["note"]}
+        return {"samples": _with_ids(recs, inputs), "method": state["method"], "note": state["note"]}
 
     records = batch.run(process, "validating", key_of(topk=topk, region=region))
     _resumed_state(state, records)
@@ -134,6 +137,13 @@ def validate(paths, method, options, thresholds_file, min_rank_corr, min_topk_ov
               "thresholds": thresholds, **V.verdict(samples, thresholds), "samples": samples}
     _finish(result, report, as_json, _print_compare)
     return 0 if result["passed"] else 1
+
+
+def _with_ids(records, inputs):
+    """Each record with its input's id and file (as the dataset engine's index names them)."""
+    by_name = {n: e for n, e in zip(inputs.names, inputs.entries)}
+    return [{"id": by_name[r["sample"]].id, "input": by_name[r["sample"]].path, **r}
+            if r.get("sample") in by_name else r for r in records]
 
 
 def _resumed_state(state, records):
