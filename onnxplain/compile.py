@@ -30,6 +30,8 @@ NON_DIFFERENTIABLE = {
     "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Less", "Greater", "LessOrEqual",
     "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Floor", "Ceil",
     "Round", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike",
+    # NMS selects box indices: downstream Gathers read the boxes and scores at them as constants.
+    "NonMaxSuppression",
 }
 
 

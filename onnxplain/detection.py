@@ -426,6 +426,8 @@ def default_cam_layer(explainer, feeds, target) -> str | None:
     anchor produced the samples' detections; None where it cannot be told (or they differ)."""
     layout = target.layout
     graph = explainer.plan(feeds).graph
+    if layout.kind == "nms":
+        return _nms_cam_layer(explainer, feeds, graph, target)
     shape = graph.shape(layout.scores)
     if shape is None or not all(isinstance(d, int) for d in shape[1:]):
         return None
@@ -435,6 +437,41 @@ def default_cam_layer(explainer, feeds, target) -> str | None:
     if len(grids) != 1:  # samples at different scales: one layer cannot serve them
         return None
     return cam_layer(graph, layout.scores, grids.pop())
+
+
+def _nms_cam_layer(explainer, feeds, graph, target) -> str:
+    """The CAM layer for rows an in-graph NonMaxSuppression selected: the anchor of each
+    chosen row is the NMS candidate box equal to the row's box (read off the NMS's boxes
+    input), and its scale's feature map is the layer."""
+    from .compile import _ancestors
+
+    need = _ancestors(graph, target.layout.scores)
+    nms = [n for n in graph.nodes if n.op_type == "NonMaxSuppression" and any(o in need for o in n.output)]
+    if len(nms) != 1:
+        raise OptionError(f"Grad-CAM on rows selected by NMS needs one NonMaxSuppression node before "
+                          f"'{target.layout.scores}' to find the detection's anchor; found {len(nms)}: give layer=")
+    node = nms[0]
+    centre = next((a.i for a in node.attribute if a.name == "center_point_box"), 0) == 1
+    cand = np.asarray(explainer._forward(feeds, [node.input[0]])[node.input[0]], dtype=np.float64)
+    grids = set()
+    for i, d in enumerate(target.chosen):
+        b = cand[i].reshape(-1, 4)
+        if centre:  # cx, cy, w, h
+            corners = np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
+        else:  # y1, x1, y2, x2 (either corner order)
+            corners = np.stack([np.minimum(b[:, 1], b[:, 3]), np.minimum(b[:, 0], b[:, 2]),
+                                np.maximum(b[:, 1], b[:, 3]), np.maximum(b[:, 0], b[:, 2])], 1)
+        anchor = int(np.argmax(iou(d.box, corners)))
+        grids.add(anchor_grid(Layout("yolov8", "", "", 1, True), len(corners), anchor, target.image_size))
+    if len(grids) != 1 or None in grids:
+        raise OptionError(f"Grad-CAM on rows selected by NMS: the scale of the detection's anchor cannot be told from "
+                          f"the NMS's {cand[0].size // 4} candidate boxes{' (samples at different scales)' if len(grids) > 1 else ''}: "
+                          "give layer=")
+    layer = cam_layer(graph, target.layout.scores, grids.pop())
+    if layer is None:
+        raise OptionError("Grad-CAM on rows selected by NMS: no feature map at the detection's scale feeds the "
+                          "output: give layer=")
+    return layer
 
 
 def target(index: int | None = None, box=None, cls: int | None = None, decoder: str | None = None,
@@ -466,3 +503,32 @@ def detections(explainer, x, decoder: str | None = None, score_threshold: float 
     (one forward pass); `detection:I` explains detections(...)[sample][I]."""
     t = target(index=0, decoder=decoder, score_threshold=score_threshold, iou_threshold=iou_threshold)
     return t.detections(explainer, explainer.feeds(x))[1]
+
+
+# Methods that run the model only on the explained inputs themselves (one forward and one
+# backward pass), plus D-RISE, which matches the boxes of every masked image by IoU.
+_ONE_PASS = {"gradient", "saliency", "sensitivity", "input_x_gradient", "guided_backprop", "deconvnet", "cam",
+             "grad_cam", "grad_cam_pp", "xgrad_cam", "layer_cam", "guided_grad_cam", "deep_taylor",
+             "excitation_backprop", "contrastive_excitation_backprop", "d_rise"}
+
+
+def check_selection(graph, explained: str, method: str) -> None:
+    """Refuse a method that runs a model whose explained output a NonMaxSuppression selects
+    on inputs other than the explained ones (a path, noise samples, masks, a reference).
+    NMS picks its rows anew on every input, so row k of a scaled or masked image need not
+    be the detection row k is on the explained image, and the method would mix the scores
+    of different detections. At the explained inputs the selection is piecewise constant:
+    single-pass methods differentiate through the Gathers at the selected indices."""
+    if method in _ONE_PASS or method.startswith("lrp"):
+        return
+    from .compile import _ancestors
+
+    need = _ancestors(graph, explained)
+    nms = [n for n in graph.nodes if n.op_type == "NonMaxSuppression" and any(o in need for o in n.output)]
+    if nms:
+        raise OptionError(
+            f"method '{method}' runs the model on other inputs than the explained ones, and the explained output "
+            f"'{explained}' is selected by NonMaxSuppression ('{nms[0].name or nms[0].output[0]}') in the graph: its "
+            "rows are chosen anew on each of those inputs, so a row need not hold the same detection. Use d_rise "
+            "(it matches boxes), a single-pass method (gradient, input_x_gradient, an lrp.* composite, grad_cam, "
+            "excitation_backprop), or explain the detector's raw output before the NMS")

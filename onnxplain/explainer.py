@@ -332,6 +332,9 @@ class Explainer:
 
             layer = default_cam_layer(self, feeds, target)  # the feature map at the detection's scale
         explained = self.explained_tensor(output, probability)
+        from .detection import check_selection
+
+        check_selection(self.graph, explained, m.name)  # rows an in-graph NMS selects
         tensors = self.attributed(layer, wrt, feeds, black_box=m.kind == "black-box")
         # The predicted class (target None) is found lazily: a single-pass method forms it
         # inside its explainer, so the model runs once, not twice.

@@ -511,6 +511,60 @@ def test_d_rise_on_a_detector_with_nms_in_its_graph_equals_the_equations_on_its_
     np.testing.assert_allclose(sal[0, 0], want / n_masks, rtol=1e-5, atol=1e-7)
 
 
+def _row_score(session, x, like):
+    """The score of the row of the NMS output that holds the detection `like` (same class,
+    the nearest box): what a finite difference of that detection reads."""
+    rows = session.run(None, {"images": x.astype(np.float32)})[0][0]
+    same = [r for r in rows if r[4] > 0 and round(r[5]) == round(like[5])]
+    return float(min(same, key=lambda r: np.abs(r[:4] - like[:4]).sum())[4])
+
+
+def test_gradient_through_an_in_graph_nms_is_the_selected_scores_by_torch_and_finite_differences(nms_model,
+                                                                                                torch_model):
+    """NMS's selected indices are piecewise constant in the input: the gradient of a kept row's
+    score is that of the class score at its anchor (Gather of constant indices)."""
+    x, _ = _square_scenes(1, seed=3)
+    e = Explainer(str(nms_model))
+    grads = e.attribute(x, method="gradient", target="detection:0@nms")
+    sess = ort.InferenceSession(str(nms_model), providers=["CPUExecutionProvider"])
+    rows = sess.run(None, {"images": x})[0][0]
+    row = rows[np.argmax(rows[:, 4])]  # detection:0, the best score (NMS writes its rows class by class)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = torch_model(xt)[0]
+    corners = torch.cat([y[:2] - y[2:4] / 2, y[:2] + y[2:4] / 2]).T.detach().numpy()
+    anchor = int(np.argmin(np.abs(corners - row[:4]).sum(1)))
+    assert np.abs(corners[anchor] - row[:4]).max() < 1e-4 and abs(y[4 + int(row[5]), anchor].item() - row[4]) < 1e-6
+    y[4 + int(row[5]), anchor].backward()
+    np.testing.assert_allclose(grads, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # central differences along random directions, float32: several steps
+        v = rng.standard_normal(x.shape)
+        v /= np.linalg.norm(v)
+        want = float((grads.astype(np.float64) * v).sum())
+        for h in (3e-2, 1e-2, 3e-3):
+            fd = (_row_score(sess, x + h * v, row) - _row_score(sess, x - h * v, row)) / (2 * h)
+            assert fd == pytest.approx(want, rel=2e-2, abs=2e-4), (h, fd, want)
+
+
+@pytest.mark.parametrize("method", ["input_x_gradient", "lrp.epsilon_plus_flat", "grad_cam", "excitation_backprop"])
+def test_single_pass_methods_explain_an_nms_row_as_the_raw_outputs_detection(explainer, nms_model, method):
+    x, _ = _square_scenes(2, seed=31)
+    e = Explainer(str(nms_model))
+    for i in range(2):
+        got = e.attribute(x[i:i + 1], method=method, target="detection:0@nms")
+        want = explainer.attribute(x[i:i + 1], method=method, target="detection:0")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        assert np.any(got != 0)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "deeplift", "occlusion"])
+def test_methods_that_run_other_inputs_through_an_in_graph_nms_are_refused(nms_model, method):
+    """Their scaled, noisy or masked inputs select other rows: row k need not be the detection."""
+    x, _ = _square_scenes(1, seed=3)
+    with pytest.raises(OptionError, match="NonMaxSuppression"):
+        Explainer(str(nms_model)).attribute(x, method=method, target="detection:0@nms")
+
+
 # ----------------------------------------------------------------------------- other layouts, end to end
 
 _RELAYOUT = {"yolov5": (["output0"], "yolov5"), "ssd": (["boxes", "scores"], "ssd"),
