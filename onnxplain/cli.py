@@ -514,6 +514,10 @@ def inspect(model, as_json):
                f"({', '.join(start['tensors'])}), subgraphs included, per method family:")
     click.echo(_table([(f, ", ".join(ops) if ops else "none (all supported)")
                        for f, ops in report["unsupported"].items()], ("family", "missing"), indent=2))
+    used = [(f, line) for f, lines in report["rules"].items() for line in lines or ()]
+    if used:
+        click.echo("\nrules of recurrent and quantized operators, per method family:")
+        click.echo(_table(used, ("family", "rule"), indent=2))
 
 
 @main.command(epilog="\b\nExamples:\n  onnxplain export models/tiny_cnn.onnx -m gradient -o explainer.onnx\n"
@@ -786,7 +790,28 @@ def _inspect(e) -> dict:
         "analysed_from": {"tensors": wrt, "kind": start},
         "unsupported": {k: unsupported(g, c, wrt, explained) if wrt else None for k, c in families.items()
                         if isinstance(c, Composite)},
+        "rules": {k: _rules_used(g, c, wrt, explained) if wrt else None for k, c in families.items()
+                  if isinstance(c, Composite)},
     }
+
+
+def _rules_used(graph, composite, wrt, explained) -> list:
+    """'Op: what serves it' for the operators on the explained path whose rule says what it
+    does under `composite` (recurrent and quantized operators: the convention or published
+    rule, or the exact gradient where that is what the method defines)."""
+    from .compile import active_nodes
+
+    found = set()
+    for n in active_nodes(graph, wrt, explained):
+        try:
+            rule = composite.rule(n, graph)
+        except Exception:  # a rule the composite cannot give is reported as missing instead
+            continue
+        describe = getattr(getattr(rule, "func", rule), "describe", None)
+        text = describe(composite, n, graph) if describe else None
+        if text:
+            found.add(f"{n.op_type}: {text}")
+    return sorted(found)
 
 
 def _composites() -> list:

@@ -173,6 +173,8 @@ def _gradient_methods_only(rule):
     guarded.__name__, guarded.__doc__, guarded.__wrapped__ = rule.__name__, rule.__doc__, rule
     # For the compiler's and `inspect`'s check of what a composite lacks (see applies_to).
     guarded.applies_to = applies_to
+    guarded.describe = lambda comp, node, graph: (
+        "straight-through gradient (weights dequantized, zero where clipped)" if applies_to(comp) else None)
     return guarded
 
 

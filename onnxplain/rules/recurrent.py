@@ -49,6 +49,8 @@ class Activation:
 
     def __init__(self, name: str, alpha, beta):
         self.name, self.kind, self.alpha, self.beta = name, name.lower(), alpha, beta
+        # The modified ReLU backward of guided backprop / deconvnet (None: the exact one).
+        self.relu_mode = None
 
     def forward(self, b, x):
         k, a, c = self.kind, self.alpha, self.beta
@@ -85,6 +87,10 @@ class Activation:
         if k == "tanh":
             return b.mul(g, b.op("Sub", b.scalar_like(1.0, y), b.mul(y, y)))
         if k == "relu":
+            if self.relu_mode == "deconvnet":
+                return b.op("Relu", g)
+            if self.relu_mode == "guided":
+                g = b.op("Relu", g)
             return b.op("Where", b.op("Greater", x, zero), g, zero)
         if k == "softsign":
             d = b.add(b.scalar_like(1.0, x), b.op("Abs", x))
@@ -549,9 +555,57 @@ def _step_backward(rec, s, p, d, dh, dc):
     return out
 
 
+def _explicit(comp, node) -> bool:
+    """Whether a relevance composite names the gradient for this node itself (rules=LSTM:gradient)."""
+    return "gradient" in (getattr(comp, "ops", {}).get(node.op_type), getattr(comp, "nodes", {}).get(node.name))
+
+
+def refuses(comp, node, graph=None) -> bool:
+    """Whether composite `comp` would only reach the exact gradient of a recurrence through
+    its gradient fallback, which its method does not define:
+
+    - relevance composites without a recurrent rule of their own (deep Taylor, excitation
+      backprop and its contrastive variant; the LRP composites have Arras et al.'s rule,
+      recurrent_lrp.py): both methods are derived for networks of non-negative (ReLU)
+      activations, whose z+ shares are a probability or a root-point decomposition; an
+      LSTM's states are tanh-valued, signed, and its gates multiply two computed tensors;
+    - DeepLIFT (deeplift family): its rescale multipliers need every step's response to the
+      baseline, which the gradient is not (input x gradient would not sum to the output's
+      difference from the baseline).
+    A composite that names the gradient for the node (rules=LSTM:gradient) gets it."""
+    if comp is None:
+        return False
+    families = tuple(getattr(comp, "families", ("gradient",)))
+    relevance = not families
+    return (relevance or "deeplift" in families) and not _explicit(comp, node)
+
+
+def describe(comp, node, graph=None):
+    """What serves a recurrence under `comp` (for `inspect`): None where it is refused."""
+    if refuses(comp, node):
+        return None
+    families = tuple(getattr(comp, "families", ("gradient",)))
+    acts = [n.lower() for n in (_text(v) for v in (attr(node, "activations") or []))]
+    relu = "relu" in acts
+    if "guided_backprop" in families or "deconvnet" in families:
+        kind = "guided backprop" if "guided_backprop" in families else "deconvnet"
+        if relu:
+            return f"exact gradient, the modified ReLU backward of {kind} at its Relu activations"
+        return f"exact gradient ({kind} modifies ReLU backward only; no Relu activation inside)"
+    if not families:
+        return "exact gradient (named by the composite's rules)"
+    return "exact gradient"
+
+
 @register(*RECURRENT)
-def recurrent_gradient(b, node, grads):
+def recurrent_gradient(b, node, grads, relu_mode=None):
+    comp = getattr(b, "composite", None)
+    if refuses(comp, node):
+        raise UnsupportedOperatorError([node.op_type], getattr(comp, "name", None))
     rec = Recurrence(b, node)
+    for per_direction in rec.acts:
+        for act in per_direction:
+            act.relu_mode = relu_mode
     H, G = rec.H, rec.G
     gy, gyh, gyc = rec.output_grads(grads)
     want_x = rec.wants(rec.X)
@@ -633,3 +687,24 @@ def recurrent_gradient(b, node, grads):
     if want["P"]:
         res[7] = rec.stack_params(dps)
     return res
+
+
+recurrent_gradient.refuses = refuses
+recurrent_gradient.describe = describe
+
+
+# Guided backprop and deconvnet change ReLU's backward only (Springenberg et al. 2014; Zeiler
+# and Fergus 2014): through a recurrence that is its exact gradient, except at Relu
+# activations inside it, which take the modified rule as a ReLU node would. (Captum hooks
+# nn.ReLU modules only, so its GuidedBackprop keeps torch's RNN(nonlinearity='relu') exact.)
+@register(*RECURRENT, family="guided_backprop")
+def recurrent_guided(b, node, grads):
+    return recurrent_gradient(b, node, grads, relu_mode="guided")
+
+
+@register(*RECURRENT, family="deconvnet")
+def recurrent_deconvnet(b, node, grads):
+    return recurrent_gradient(b, node, grads, relu_mode="deconvnet")
+
+
+recurrent_guided.describe = recurrent_deconvnet.describe = describe

@@ -145,3 +145,11 @@ def recurrent_relevance(b, node, grads, epsilon: float = EPSILON, bias: bool = T
     if rec.wants(rec.c0):
         res[6] = rec.stack_states(rc0s)
     return res
+
+
+def _describe(comp, node, graph=None):
+    return ("Arras et al. 2017: each gated product's relevance to its signal, none to the gates; the epsilon "
+            "rule on the linear maps")
+
+
+recurrent_relevance.describe = _describe
