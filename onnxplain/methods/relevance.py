@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import groups
-from ..compile import Composite
+from ..compile import Composite, _ancestors
 from ..errors import OptionError
 from ..graph import node_inputs, subgraph_op_types
 from ..rules import deeplift as deeplift_rules
 from ..rules import lrp
 from ..rules.base import lookup
 from ..rules.deeplift import Reference
-from .base import Option, non_negative, register
+from .base import Context, Option, non_negative, register
 from .integrated import (LAYER_OPTIONS, baseline_ids_for, check_layer_options, check_moved, layer_value,
                          with_baseline_ids)
 
@@ -401,34 +401,73 @@ def excitation_backprop(ctx, stabilizer):
     return ctx.backward(excitation_composite(False, stabilizer))[0]
 
 
-def _contrastive_composite(stabilizer=1e-6, saliency_layer=None):
+def _contrastive_composite(stabilizer=1e-6, saliency_layer=None, contrast_layer=None, non_negative_contrast=False,
+                           positive=None):
     if saliency_layer:
         raise OptionError("saliency_layer reads the map at a layer and upsamples it, which an exported graph "
                           "does not do: export without it and read the attribution at that layer (--layer)")
+    if non_negative_contrast or positive:
+        raise OptionError("non_negative_contrast and positive clip a map between passes, which an exported graph "
+                          "does not do: export without them and clip the attribution it returns")
+    # Without truncation the contrast formed at a deeper contrast_layer is the same map (see
+    # contrastive_excitation_backprop): the one-pass graph serves it.
     return excitation_composite(True, stabilizer)
 
 
+CONTRAST_LAYER = Option("contrast_layer", None, str,
+                        "the tensor where target minus dual is formed and propagated on from (TorchRay's "
+                        "contrast_layer, e.g. the last feature map); default: the explained layer's input. The "
+                        "same map wherever it is formed, unless non_negative_contrast")
+NON_NEGATIVE_CONTRAST = Option("non_negative_contrast", False, bool,
+                               "keep only the positive part of the contrast at contrast_layer before propagating "
+                               "it on (TorchRay's Probe.non_negative_contrast)")
+POSITIVE = Option("positive", None, bool,
+                  "keep only the map's positive part: where the target's evidence beats its dual's (the read-out "
+                  "of the paper and of TorchRay); default: yes at a saliency_layer, no at the input (the signed "
+                  "convention tested against Zennit)")
+
+
 @register("contrastive_excitation_backprop", "excitation backprop of the target minus that of its dual "
-          "(negated output weights), formed at the layer below the explained neuron; saliency_layer= reads "
-          "it at a mid layer, summed over channels and upsampled to the input (the paper's maps)",
+          "(negated output weights), formed below the explained neuron or at contrast_layer; saliency_layer= "
+          "reads it at a mid layer, summed over channels, its positive part upsampled to the input (the "
+          "paper's maps)",
           options=[STABILIZER, Option("saliency_layer", None, str, "a 4-D tensor to read the map at (TorchRay's "
-                                      "saliency_layer; `onnxplain inspect` lists them); default: the input")],
+                                      "saliency_layer; `onnxplain inspect` lists them); default: the input"),
+                   CONTRAST_LAYER, NON_NEGATIVE_CONTRAST, POSITIVE],
           reference="Zhang et al. 2016; TorchRay contrastive_excitation_backprop",
           composite=_contrastive_composite)
-def contrastive_excitation_backprop(ctx, stabilizer, saliency_layer=None):
+def contrastive_excitation_backprop(ctx, stabilizer, saliency_layer=None, contrast_layer=None,
+                                    non_negative_contrast=False, positive=None):
     composite = excitation_composite(True, stabilizer, ctx.explained)
-    if not saliency_layer:  # None, or '' from the CLI: the map at the input
-        return ctx.backward(composite)[0]
-    # Excitation backprop carries relevance linearly (z+ shares of fixed activations), so the
-    # target-minus-dual difference formed below the explained neuron equals the one TorchRay
-    # forms at a deeper contrast_layer: only where the map is read changes it.
-    layer_shape = ctx.shape(saliency_layer) if saliency_layer in ctx.graph.tensor_names() else None
+    saliency_layer = saliency_layer or None  # '' from the CLI: the map at the input
+    contrast_layer = contrast_layer or None
+    if non_negative_contrast and not contrast_layer:
+        raise OptionError("non_negative_contrast truncates the contrast where it is formed: give contrast_layer=T "
+                          "too (e.g. the last feature map; `onnxplain inspect MODEL` lists the layers)")
     inputs = {t: ctx.feeds[t].shape for t in ctx.wrt if t in ctx.feeds}
-    if layer_shape is None or len(layer_shape) != 4 or not inputs or any(len(s) != 4 for s in inputs.values()):
-        raise OptionError(f"saliency_layer '{saliency_layer}' must be a 4-D (batch, channels, H, W) tensor of a "
-                          "model with (batch, channels, H, W) inputs; `onnxplain inspect MODEL` lists the layers")
-    at = ctx.with_wrt([saliency_layer]).backward(composite)[0][saliency_layer]
-    summed = np.asarray(at, np.float32).sum(axis=1)
+    if saliency_layer:
+        layer_shape = ctx.shape(saliency_layer) if saliency_layer in ctx.graph.tensor_names() else None
+        if layer_shape is None or len(layer_shape) != 4 or not inputs or any(len(s) != 4 for s in inputs.values()):
+            raise OptionError(f"saliency_layer '{saliency_layer}' must be a 4-D (batch, channels, H, W) tensor of a "
+                              "model with (batch, channels, H, W) inputs; `onnxplain inspect MODEL` lists the layers")
+    read = [saliency_layer] if saliency_layer else list(ctx.wrt)
+    if contrast_layer:
+        _check_contrast_layer(ctx, contrast_layer, read)
+        # TorchRay's passes: target and dual to the contrast layer (one pass here: their
+        # difference, as the top rule forms it), then on down from there.
+        contrast = ctx.with_wrt([contrast_layer]).backward(composite)[0][contrast_layer]
+        if non_negative_contrast:
+            contrast = np.maximum(contrast, 0.0)
+        below = Context(ctx.explainer, None, None, read, contrast_layer, ctx.method, _from=ctx)
+        below._seed = contrast  # the relevance at the contrast layer, batch first
+        maps = below.backward(excitation_composite(False, stabilizer, contrast_layer))[0]
+    else:
+        maps = (ctx.with_wrt(read) if saliency_layer else ctx).backward(composite)[0]
+    if not saliency_layer:
+        return {t: np.maximum(a, 0.0) for t, a in maps.items()} if positive else maps
+    summed = np.asarray(maps[saliency_layer], np.float32).sum(axis=1)
+    if positive is None or positive:
+        summed = np.maximum(summed, 0.0)
     from PIL import Image
 
     out = {}
@@ -436,6 +475,34 @@ def contrastive_excitation_backprop(ctx, stabilizer, saliency_layer=None):
         h, w = shape[2], shape[3]
         out[t] = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.BILINEAR)) for m in summed])[:, None]
     return out
+
+
+def _check_contrast_layer(ctx, layer: str, read: list):
+    """The contrast layer must carry all of the explained layer's relevance to where the map
+    is read: below the explained (classifier) layer, above the read tensors, and on every
+    path between them (a tensor inside a residual branch would drop the skip path's share)."""
+    g = ctx.graph
+    hint = "; `onnxplain inspect MODEL` lists the layers"
+    if layer not in set(g.tensor_names()):
+        raise OptionError(f"contrast_layer '{layer}' is not a tensor of the model{hint}")
+    tops = last_linear_nodes(g, ctx.explained)
+    top_inputs = {i for n in g.nodes if n.name in tops for i in n.input[:1]}
+    if layer not in _ancestors(g, top_inputs):
+        raise OptionError(f"contrast_layer '{layer}' must lie below the explained layer whose weights the dual "
+                          f"negates (its input or an earlier tensor){hint}")
+    above = _ancestors(g, layer)
+    missing = [t for t in read if t not in above]
+    if missing:
+        raise OptionError(f"contrast_layer '{layer}' does not depend on {', '.join(missing)}: give a contrast layer "
+                          f"above the saliency layer (or the input){hint}")
+    reach = {ctx.explained}
+    for node in reversed(g.nodes):
+        if any(o in reach and o != layer for o in node.output):
+            reach.update(node_inputs(node))
+    bypass = [t for t in read if t in reach and t != layer]
+    if bypass:
+        raise OptionError(f"contrast_layer '{layer}' is not on every path from the explained output to "
+                          f"{', '.join(bypass)} (a tensor inside a residual branch?): give a block output{hint}")
 
 
 # ----------------------------------------------------------------------------- DeepLIFT
