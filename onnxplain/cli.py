@@ -246,7 +246,7 @@ Preprocessing of images: explicit flags > --preset > the model's metadata > the 
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--wrt", metavar="NAME[,NAME]", help="Attribute to these model inputs and hold the others fixed "
                                                     "(default: the batched float inputs).")
-@click.option("--decoder", type=click.Choice(["yolov8", "yolov5", "yolox", "ssd", "detr", "nms"]),
+@click.option("--decoder", type=click.Choice(["yolov8", "yolov5", "yolox", "ssd", "detr", "rtdetr", "nms"]),
               help="Detector output layout for detection:I / box: targets (default: read off the output shapes).")
 @click.option("--list-detections", is_flag=True, help="Print the detector's decoded detections (explains only "
                                                       "with a detection:I or box: target).")

@@ -13,6 +13,11 @@ A `Layout` says which outputs hold the boxes and the scores and how (`LAYOUTS`):
   a background class in column 0, which is never a detection.
 - `detr`: class logits (queries, C + 1; the last is "no object") and boxes (queries, 4) as
   normalised centre x, centre y, width, height; the score is the softmax probability.
+- `rtdetr`: RT-DETR's (and Deformable DETR's, DINO's) two outputs, class logits (queries, C)
+  with no "no object" class and boxes as DETR's; a score is the sigmoid of one logit, and a
+  query is a detection of every class whose score passes the threshold (the top-k over
+  queries x classes of their post-processors). Never read off the shapes (the outputs look
+  like DETR's): name it.
 - `nms`: detections already selected inside the graph, one output (K, 6) of rows x1, y1, x2,
   y2, score, class (the export with NMS of YOLOv8, padded with zero rows); never read off
   the shapes (a (K, 6) output is also a one-class YOLOv5): name it.
@@ -32,7 +37,7 @@ import numpy as np
 
 from .errors import InputError, OptionError
 
-LAYOUTS = ("yolov8", "yolov5", "yolox", "ssd", "detr", "nms")
+LAYOUTS = ("yolov8", "yolov5", "yolox", "ssd", "detr", "rtdetr", "nms")
 # The defaults of the detectors' own predict functions (YOLOv5/v8: conf 0.25; NMS IoU 0.45
 # as YOLOv5 and most deployments; DETR keeps queries above 0.5 in its demos, but the
 # threshold is one number for every layout here).
@@ -104,7 +109,7 @@ def find_layout(shapes: dict, decoder: str | None = None) -> Layout:
         if len(squeezed) == 2:
             two_d[k] = squeezed
     pairs = _pairs(two_d)
-    if decoder in (None, "detr", "ssd") and pairs:
+    if decoder in (None, "detr", "rtdetr", "ssd") and pairs:
         boxes, scores = pairs[0]
         named_detr = any(w in (boxes + scores).lower() for w in ("logit", "pred_boxes", "detr"))
         kind = decoder or ("detr" if named_detr else "ssd")
@@ -116,7 +121,7 @@ def find_layout(shapes: dict, decoder: str | None = None) -> Layout:
             raise InputError(f"decoder 'nms' needs an output (K, 6) of rows x1, y1, x2, y2, score, class; the "
                              f"model's float outputs are {_shapes_text(shapes)}")
         return Layout("nms", rows[0][0], rows[0][0], 0)
-    if decoder in ("detr", "ssd"):
+    if decoder in ("detr", "rtdetr", "ssd"):
         raise InputError(f"decoder '{decoder}' needs two outputs, boxes (N, 4) and scores (N, C), one row per "
                          f"anchor or query; the model's float outputs are {_shapes_text(shapes)}")
     singles = [(k, v) for k, v in two_d.items() if (max(v) if decoder else min(v)) >= 5]  # 4 box values + a score
@@ -198,6 +203,11 @@ def candidates(layout: Layout, outputs: dict, image_size) -> tuple:
         cx, cy, bw, bh = boxes.T
         boxes = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], 1)
         return boxes, prob, None, prob
+    if layout.kind == "rtdetr":
+        prob = 0.5 * (1.0 + np.tanh(0.5 * scores))  # the sigmoid, without overflow
+        cx, cy, bw, bh = boxes.T
+        boxes = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], 1)
+        return boxes, prob, None, prob
     if np.abs(boxes).max(initial=0.0) <= 1.5:  # normalised corners
         boxes = boxes * np.array([w, h, w, h], dtype=np.float64)
     if scores.shape[1] > 1 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
@@ -236,8 +246,14 @@ def nms(boxes, scores, iou_threshold: float) -> list[int]:
 def decode(layout: Layout, outputs: dict, image_size, score_threshold: float = SCORE_THRESHOLD,
            iou_threshold: float = IOU_THRESHOLD, max_detections: int = MAX_DETECTIONS) -> list[Detection]:
     """The detections of one sample (outputs: name -> that sample's array), best first:
-    each anchor's best class above the threshold, then NMS per class (not for DETR)."""
+    each anchor's best class above the threshold, then NMS per class (not for DETR); for
+    RT-DETR every (query, class) above the threshold, without NMS."""
     boxes, cls, obj, score = candidates(layout, outputs, image_size)
+    if layout.kind == "rtdetr":
+        q, c = np.nonzero(score >= score_threshold)
+        order = np.lexsort((c, q, -score[q, c]))[:max_detections]
+        return [Detection(tuple(float(v) for v in boxes[q[k]]), int(c[k]), float(score[q[k], c[k]]), int(q[k]),
+                          cls[q[k]].copy()) for k in order]
     if layout.kind == "nms":
         labels = np.asarray(outputs[layout.scores], dtype=np.float64).reshape(-1, 6)[:, 5]
         keep = [int(i) for i in np.argsort(-score[:, 0], kind="stable") if score[i, 0] >= score_threshold]
@@ -291,6 +307,8 @@ def explained_score(layout: Layout) -> str:
                 "start from seed . output = 2 x score")
     if layout.kind == "detr":
         return "the class logit (the detection's score is the softmax of the query's logits)"
+    if layout.kind == "rtdetr":
+        return "the class logit (the detection's score is its sigmoid)"
     if layout.kind == "nms":
         return "the score the graph's NMS kept (gradients through NMS are those of the selected score)"
     return "the class score"

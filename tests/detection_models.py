@@ -137,7 +137,9 @@ class Relayout(nn.Module):
     """The tiny detector's answer in another detector's raw layout, for decoding and seeding
     tests end to end: `yolov5` (batch, anchors, 5 + C) with an objectness (the mean class
     score), `ssd` boxes (batch, anchors, 4) normalised corners + scores (batch, anchors, C),
-    `detr` logits (batch, anchors, C + 1) + normalised centre boxes (batch, anchors, 4)."""
+    `detr` logits (batch, anchors, C + 1) + normalised centre boxes (batch, anchors, 4),
+    `rtdetr` logits (batch, anchors, C) whose sigmoids are the scores (no "no object" class)
+    + the same boxes."""
 
     def __init__(self, net: TinyYolo, kind: str):
         super().__init__()
@@ -152,5 +154,8 @@ class Relayout(nn.Module):
         if self.kind == "ssd":
             xy, wh = xywh[..., :2], xywh[..., 2:]
             return torch.cat([xy - wh / 2, xy + wh / 2], dim=2) / SIZE, cls
-        logits = torch.cat([torch.logit(cls.clamp(1e-4, 1 - 1e-4)), torch.zeros_like(cls[..., :1])], dim=2)
+        logits = torch.logit(cls.clamp(1e-4, 1 - 1e-4))
+        if self.kind == "rtdetr":
+            return logits, xywh / SIZE
+        logits = torch.cat([logits, torch.zeros_like(cls[..., :1])], dim=2)
         return logits, xywh / SIZE

@@ -104,6 +104,25 @@ def test_detr_scores_are_softmax_probabilities_without_the_no_object_class_and_w
     np.testing.assert_allclose(dets[0].box, (40, 40, 60, 60))
 
 
+def test_rtdetr_scores_are_sigmoids_of_every_query_and_class_without_a_background_or_nms():
+    logits = np.array([[2.0, 1.0, -5.0], [2.0, -5.0, -5.0], [-5.0, -5.0, 0.5], [-3.0, -3.0, -3.0]])
+    boxes = np.array([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.1, 0.2, 0.1, 0.2], [0.5, 0.5, 1.0, 1.0]])
+    lay = D.find_layout({"pred_logits": (4, 3), "pred_boxes": (4, 4)}, "rtdetr")
+    assert (lay.kind, lay.scores, lay.boxes, lay.classes) == ("rtdetr", "pred_logits", "pred_boxes", 3)
+    dets = D.decode(lay, {"pred_logits": logits, "pred_boxes": boxes}, (100, 200))
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    # query 0 is a detection of classes 0 and 1 (multi-label); query 1 duplicates query 0's
+    # box and is kept (a set prediction); query 3 is under the threshold everywhere
+    assert [(d.index, d.cls) for d in dets] == [(0, 0), (1, 0), (0, 1), (2, 2)]
+    assert [d.score for d in dets] == pytest.approx([sig(2.0), sig(2.0), sig(1.0), sig(0.5)])
+    np.testing.assert_allclose(dets[3].box, (0.05 * 200, 0.1 * 100, 0.15 * 200, 0.3 * 100))
+    np.testing.assert_allclose(dets[0].class_scores, sig(logits[0]))
+    s = D.seed(lay, dets[2], {"pred_logits": logits, "pred_boxes": boxes})
+    assert s.shape == (4, 3) and s[0, 1] == 1 and s.sum() == 1  # the logit of (query 0, class 1)
+    assert D.from_seed(lay, s) == (0, 1)
+    assert "sigmoid" in D.explained_score(lay)
+
+
 def test_layouts_that_fit_no_decoder_are_refused_by_name():
     with pytest.raises(InputError, match="no detector layout"):
         D.find_layout({"logits": (10,)})
@@ -111,6 +130,8 @@ def test_layouts_that_fit_no_decoder_are_refused_by_name():
         D.find_layout({"o": (84, 8400)}, "yolov9")
     with pytest.raises(InputError, match="needs two outputs"):
         D.find_layout({"o": (84, 8400)}, "detr")
+    with pytest.raises(InputError, match="needs two outputs"):
+        D.find_layout({"o": (84, 8400)}, "rtdetr")
 
 
 def test_box_matching_picks_the_best_iou_of_the_class():
@@ -610,6 +631,41 @@ def test_each_layouts_detection_is_explained_as_the_gradient_of_its_score(relayo
     scorer = M.Scorer(e, x, "detection:0", probability=False)
     np.testing.assert_allclose(scorer.original, [d.score if kind != "detr" else float(out[0][i, d.index, d.cls])
                                                  for i, d in enumerate(target.chosen)], rtol=1e-5)
+
+
+def test_an_rtdetr_detection_is_explained_as_the_gradient_of_its_query_and_class_logit(torch_model, tmp_path):
+    """Two outputs, logits (1, Q, C) with sigmoid scores and boxes (1, Q, 4), named rtdetr."""
+    from detection_models import Relayout
+
+    net = Relayout(torch_model, "rtdetr").eval()
+    x, _ = _square_scenes(2, seed=41)
+    path = tmp_path / "rtdetr.onnx"
+    torch.onnx.export(net, (torch.from_numpy(x),), str(path), input_names=["images"],
+                      output_names=["pred_logits", "pred_boxes"], dynamic_axes={"images": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    e = Explainer(str(path))
+    target, output = resolve_target(e, e.feeds(x), "detection:0@rtdetr")
+    assert (target.layout.kind, output) == ("rtdetr", "pred_logits")
+    xt = torch.from_numpy(x).requires_grad_(True)
+    logits, boxes = net(xt)
+    total = 0
+    for i, d in enumerate(target.chosen):
+        assert d.score == pytest.approx(torch.sigmoid(logits[i, d.index, d.cls]).item(), rel=1e-5)
+        np.testing.assert_allclose(d.box, (np.array([-0.5, -0.5, 0.5, 0.5]) * np.tile(boxes[i, d.index, 2:].detach()
+                                           .numpy(), 2) + np.tile(boxes[i, d.index, :2].detach().numpy(), 2)) * 64,
+                                   rtol=1e-5, atol=1e-4)
+        total = total + logits[i, d.index, d.cls]
+    total.backward()
+    grads = e.attribute(x, method="gradient", target="detection:0@rtdetr")
+    np.testing.assert_allclose(grads, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+    # the same detections the tiny detector's own layout finds, in the same order
+    raw = D.detections(Explainer(str(MODEL)), x)
+    assert [(d.index, d.cls) for d in target.chosen] == [(f[0].index, f[0].cls) for f in raw]
+    scorer = M.Scorer(e, x, "detection:0@rtdetr", probability=False)  # the metrics score the logit explained
+    np.testing.assert_allclose(scorer.original, [logits[i, d.index, d.cls].item() for i, d in enumerate(target.chosen)],
+                               rtol=1e-5)
+    sal = e.attribute(x[:1], method="d_rise", target="detection:0@rtdetr", n_masks=8, cells=4)
+    assert sal.shape == x[:1].shape and np.all(np.isfinite(sal))
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "guided_backprop", "deeplift",
