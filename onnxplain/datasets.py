@@ -384,18 +384,19 @@ def is_source(p) -> bool:
 
 def open_inputs(sources, preprocess: Preprocess | None = None, rank: int | None = None) -> Dataset:
     """One dataset of the inputs a command is given: any mix of what `open_dataset` reads.
-    Files named one by one keep their paths as ids (names: their stems); one folder, glob
-    or manifest keeps its own ids; with several sources every id is the input's path
-    (`path:row` for a shard's row), except the ids a manifest gives."""
+    One source has the ids `open_dataset` gives it (those of `explain-dataset`); several
+    files keep their paths as ids (names: their stems); with folders, globs or manifests
+    among several sources every id is the input's path (`path:row` for a shard's row),
+    except the ids a manifest gives."""
     sources = [os.fspath(s) for s in sources]
     if not sources:
         raise InputError("no inputs given; pass images, .npy/.npz shards, a folder, a glob or a manifest")
     plain = [not Path(s).is_dir() and not is_glob(s) and Path(s).suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES
              for s in sources]
+    if len(sources) == 1:
+        return open_dataset(sources[0], preprocess, rank)  # the ids explain-dataset gives it
     if all(plain):
         return open_dataset(sources, preprocess, rank)
-    if len(sources) == 1:
-        return open_dataset(sources[0], preprocess, rank)
     entries = []
     for s, is_file in zip(sources, plain):
         ds = open_dataset([s] if is_file else s, None, rank)
