@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from onnxplain import Explainer
+from onnxplain.factorize import default_layer
 from onnxplain.io import Preprocess, prepare_images
-from onnxplain.visualize import colorbar, grid, heatmap, picture, reduce_channels, save_png
+from onnxplain.visualize import colorbar, grid, heatmap, overlay, picture, reduce_channels, save_png
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
 PHOTO = ROOT / "models" / "chelsea.png"
+
+CEB = {"saliency_layer": "mid"}  # replaced by the CLI's choice of layer for the model
 
 FIGURES = {
     "gradients.png": [
@@ -30,7 +33,10 @@ FIGURES = {
         ("deconvnet", {"clip_as_relu": True}),
     ],
     "relevance.png": [
-        ("excitation_backprop", {}), ("contrastive_excitation_backprop", {}), ("lrp.epsilon_plus", {}),
+        # Contrastive EB as the CLI draws it (and the paper): read at a mid layer, its positive
+        # part, for two classes, to show that the map follows the class.
+        ("excitation_backprop", {}), ("contrastive_excitation_backprop", CEB, None, "predicted"),
+        ("contrastive_excitation_backprop", CEB, None, 287), ("lrp.epsilon_plus", {}),
         ("lrp.epsilon_gamma_box", {}), ("lrp.epsilon_alpha2_beta1", {}), ("deeplift", {}),
     ],
 }
@@ -70,17 +76,26 @@ def main(names=None) -> None:
         if names and fname not in names:
             continue
         tiles, titles = [images[0]], [f"input: {labels[target]}"]
-        for method, opts, *how in methods:
+        for method, opts, *rest in methods:
+            how, tgt = (rest + [None, "predicted"])[:2]
+            tgt = target if tgt == "predicted" else tgt
+            if opts.get("saliency_layer") == "mid":
+                opts = {**opts, "saliency_layer": default_layer(e)}
             t0 = time.perf_counter()
             try:
-                a = e.attribute(x, method=method, target=target, **opts)
+                a = e.attribute(x, method=method, target=tgt, **opts)
             except Exception as exc:  # a method not available yet is left out, loudly
                 print(f"{method}: skipped ({exc})", file=sys.stderr)
                 continue
             heat = reduce_channels(a[0], layout="nchw", how="abs_max" if how else "sum")
-            tiles.append(heatmap(heat))
+            # A map read at a 14x14 layer says where, not which pixel: drawn over the photo.
+            tiles.append(overlay(images[0], heat, alpha=0.6, background="gray") if "saliency_layer" in opts
+                         else heatmap(heat))
             # SmoothGrad as its paper draws it: |gradient|, max over channels.
-            titles.append(f"{method} (|max|)" if how else method)
+            title = f"{method} (|max|)" if how else method
+            if "saliency_layer" in opts:
+                title = f"contrastive EB, {labels[tgt]}: {opts['saliency_layer'].strip('/').split('/')[0]}"
+            titles.append(title)
             print(f"{method}: {time.perf_counter() - t0:.2f} s")
         save_png(ROOT / "docs" / fname, _with_legend(grid(tiles, titles, ncols=4)))
         print("wrote", ROOT / "docs" / fname)
