@@ -312,3 +312,22 @@ def test_bad_layers_and_options_are_refused_by_name(ex, random_net, tmp_path):
     # Inside the residual branch: the skip path's share would be lost, not silently dropped.
     with pytest.raises(OptionError, match="every path"):
         net.attribute(x, method=METHOD, target=0, contrast_layer="branch")
+
+
+def test_the_clis_picture_on_the_bundled_photo_follows_the_class(tmp_path):
+    """`onnxplain explain -m contrastive_excitation_backprop` on the bundled photo draws the
+    paper's map (mid layer, positive part): for the cat (tiger cat) and another class (lynx)
+    two different maps, where today's signed map at the input was one top/bottom split."""
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    maps = {}
+    for target in (282, 287):
+        r = CliRunner().invoke(cli.main, ["explain", "-m", METHOD, "-t", str(target), "-o",
+                                          str(tmp_path / f"{target}.npy")])
+        assert r.exit_code == 0, r.output
+        assert "saliency_layer=/_blocks.10/Add_output_0" in r.stderr
+        maps[target] = np.load(tmp_path / f"{target}.npy")[0, 0]
+        assert maps[target].shape == (224, 224) and maps[target].min() == 0 and maps[target].max() > 0
+    assert np.corrcoef(maps[282].ravel(), maps[287].ravel())[0, 1] < 0.5
