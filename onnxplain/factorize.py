@@ -131,8 +131,16 @@ def class_attributions(explainer, x, layer: str, classes, method: str = "input_x
     (the activation factors' part of each activation).
     """
     feeds = explainer.feeds(x)
-    if next(iter(feeds.values())).shape[0] != 1:
+    plan = explainer.plan(feeds)
+    # Each input along its own batch axis (a state shaped (2, N, H) on axis 1); an input
+    # without one (a fixed state, a 0-d rate) is the same for every row.
+    axes = {k: plan.axis(k) for k in feeds}
+    if plan.n(feeds) != 1 or plan.whole:
         raise InputError("attribution factorization explains one sample at a time; pass a single image")
+    if plan.axis(layer) != 0:
+        where = "no batch axis" if plan.axis(layer) is None else f"its batch on axis {plan.axis(layer)}"
+        raise InputError(f"attribution factorization reads layer '{layer}' batch first (N, C, ...); it has {where}: "
+                         "choose a layer whose first axis is the batch")
     classes = [int(c) for c in classes]
     if not classes:
         raise OptionError("no classes to attribute; give at least one class")
@@ -142,7 +150,7 @@ def class_attributions(explainer, x, layer: str, classes, method: str = "input_x
     maps, projected = [], []
     for start in range(0, len(classes), chunk):
         rows = classes[start:start + chunk]
-        batch = {k: np.repeat(v, len(rows), axis=0) for k, v in feeds.items()}
+        batch = {k: v if axes[k] is None else np.repeat(v, len(rows), axis=axes[k]) for k, v in feeds.items()}
         attr = explainer.attribute(batch, method=method, target=rows, layer=layer, output=output,
                                    probability=probability, **options)
         attr = np.moveaxis(np.asarray(attr, dtype=np.float64), channel_axis, 1)

@@ -79,14 +79,22 @@ class Scorer:
         if self.x.dtype.kind != "f":
             raise InputError(f"metrics perturb the input, which must be float; '{self.input}' is {self.x.dtype}")
         self.explainer = explainer
+        plan = explainer.plan(feeds)
+        if plan.axis(self.input) != 0:
+            where = ("no batch axis (the model reads the whole input as one sample: a sequence it runs "
+                     "through, a graph)") if plan.axis(self.input) is None else f"its batch on axis {plan.axis(self.input)}"
+            raise InputError(f"metrics score samples batched along the input's first axis; input '{self.input}' of "
+                             f"shape {self.x.shape} has {where}")
         self.n = self.x.shape[0]
         target, output = resolve_target(explainer, feeds, target, output)
         self.tensor = explainer.explained_tensor(output)
         self.session = explainer.forward_session(feeds, [self.tensor])
         # Sessions give rows batch first; the target reads the tensor in its own layout.
         # (A tensor without a batch axis comes stacked per sample: its rows are its layout.)
-        self.axis = explainer.plan(feeds).axis(self.tensor) or 0
-        out = self._physical(self.session.run({self.input: self.x}, [self.tensor])[self.tensor])
+        self.axis = plan.axis(self.tensor) or 0
+        # Row chunks, not one run: a model with a fixed batch size takes that many at a time.
+        out = self._physical(np.concatenate([o[self.tensor] for _, _, o in self.session.run_rows(
+            self.n, lambda s, e: {self.input: self.x[s:e]}, [self.tensor])]))
         self.target = TargetScorer(target, out, self.axis)
         self.probability = probability and self.target.probability_scored
         self.classes = self.target.classes

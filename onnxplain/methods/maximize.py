@@ -127,7 +127,8 @@ def activation_maximization(explainer, target=None, output=None, probability: bo
             raise OptionError(f"unknown neuron tensor '{explained}'; `onnxplain inspect MODEL` lists the tensors")
     else:
         explained = problem.explained_tensor(output, probability)
-        what = f"{'probability' if probability else 'score'} of class {target}"
+        what = f"{'probability' if probability else 'score'} of " + (
+            f"class {target}" if str(target).strip().lstrip("-").isdigit() else f"target {target}")
     feeds = problem.feeds(start)
     seed = _seed(problem, feeds, explained, target, neuron)
     step = _Ascent(problem, feeds, wrt, explained, seed)
@@ -211,7 +212,11 @@ def _image_input(explainer):
 
 def _seed(problem, feeds, explained, target, neuron):
     if neuron is None:
-        return problem.seed_for(feeds, explained, int(target))
+        # Any target form (a class, step:T:C of a sequence output, a seed); the compiled
+        # explainer takes the seed in the explained tensor's own layout.
+        seed = problem.seed_for(feeds, explained, target)
+        axis = problem.plan(feeds).axis(explained)
+        return np.ascontiguousarray(np.moveaxis(seed, 0, axis)) if axis else seed
     shape = problem._explained_shape(feeds, explained)
     if len(shape) < 2 or not -shape[1] <= neuron[1] < shape[1]:
         raise OptionError(f"neuron channel {neuron[1]} is out of range for tensor '{explained}' of shape {shape}")
