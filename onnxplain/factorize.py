@@ -121,15 +121,18 @@ def pca(V, k: int):
 
 def class_attributions(explainer, x, layer: str, classes, method: str = "input_x_gradient",
                        channel_axis: int = 1, shares=None, output=None, probability: bool = False,
-                       **options):
+                       label: str | None = "factorize: class attributions", **options):
     """Spatial attribution of each class to `layer` for one sample x.
 
     Returns maps (n_classes, *spatial): the layer attribution of each class's logit, summed
     over channels. One explainer run covers many classes: the sample is repeated along the
     batch with one one-hot seed per row. With `shares` (k, C, positions), also returns
     (k, n_classes): each class's attribution split by those per-(channel, position) shares
-    (the activation factors' part of each activation).
+    (the activation factors' part of each activation). `label`: the progress bar's (on a
+    terminal, as `explain`'s; None for none).
     """
+    from .runtime import progress
+
     feeds = explainer.feeds(x)
     plan = explainer.plan(feeds)
     # Each input along its own batch axis (a state shaped (2, N, H) on axis 1); an input
@@ -147,22 +150,34 @@ def class_attributions(explainer, x, layer: str, classes, method: str = "input_x
     shape = explainer.shape(layer, feeds)
     per_row = int(np.prod([d for d in (shape or ())[1:] if isinstance(d, int)] or [1]))
     chunk = int(np.clip((64 << 20) // max(4 * per_row, 1), 1, 256))  # ~64 MB of layer attributions
+    # About twenty runs at most, so that a progress bar moves (batches of 8 or more classes
+    # keep the explainer's batching efficient).
+    chunk = min(chunk, max(8, -(-len(classes) // 20)))
     maps, projected = [], []
-    for start in range(0, len(classes), chunk):
-        rows = classes[start:start + chunk]
-        batch = {k: v if axes[k] is None else np.repeat(v, len(rows), axis=axes[k]) for k, v in feeds.items()}
-        attr = explainer.attribute(batch, method=method, target=rows, layer=layer, output=output,
-                                   probability=probability, **options)
-        attr = np.moveaxis(np.asarray(attr, dtype=np.float64), channel_axis, 1)
-        if attr.ndim < 3:
-            raise InputError(f"layer '{layer}' has shape {attr.shape[1:]}: it has no spatial axes to factorize; "
-                             "choose a 4-D (N,C,H,W) or 3-D (N,C,L) tensor")
-        maps.append(attr.sum(axis=1))
-        if shares is not None:
-            flat = attr.reshape(len(rows), attr.shape[1], -1)
-            projected.append(np.einsum("ncp,kcp->kn", flat, shares))
+    with progress(len(classes), label) as bar:
+        for start in range(0, len(classes), chunk):
+            rows = classes[start:start + chunk]
+            m, p = _attribute_rows(explainer, feeds, axes, rows, layer, method, channel_axis, shares, output,
+                                   probability, options)
+            maps.append(m)
+            projected.append(p)
+            bar.update(len(rows))
     maps = np.concatenate(maps)
     return maps if shares is None else (maps, np.concatenate(projected, axis=1))
+
+
+def _attribute_rows(explainer, feeds, axes, rows, layer, method, channel_axis, shares, output, probability, options):
+    """One run: the sample repeated once per class of `rows`, each with its one-hot seed.
+    Returns (maps of those classes, their split by `shares` or None)."""
+    batch = {k: v if axes[k] is None else np.repeat(v, len(rows), axis=axes[k]) for k, v in feeds.items()}
+    attr = explainer.attribute(batch, method=method, target=rows, layer=layer, output=output,
+                               probability=probability, **options)
+    attr = np.moveaxis(np.asarray(attr, dtype=np.float64), channel_axis, 1)
+    if attr.ndim < 3:
+        raise InputError(f"layer '{layer}' has shape {attr.shape[1:]}: it has no spatial axes to factorize; "
+                         "choose a 4-D (N,C,H,W) or 3-D (N,C,L) tensor")
+    flat = attr.reshape(len(rows), attr.shape[1], -1)
+    return attr.sum(axis=1), None if shares is None else np.einsum("ncp,kcp->kn", flat, shares)
 
 
 # ----------------------------------------------------------------------------- factorization

@@ -3,6 +3,9 @@ classes, the picture, and the `factorize` command."""
 
 import colorsys
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +228,50 @@ def test_factorize_command_bad_arguments_exit_2_with_one_line(tmp_path, args, me
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and message in lines[0]
+
+
+# ----------------------------------------------------------------------------- progress on a terminal
+SCRIPT = Path(sys.executable).parent / "onnxplain"
+
+
+def _stderr_on_a_terminal(args, cwd):
+    """(exit code, stderr) of the console script with stderr a pseudo-terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(SCRIPT), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the other end closed: the command is done
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_factorize_shows_a_progress_bar_on_a_terminal_only(tmp_path):
+    """Before: factorize collected its class attributions silently, even on a terminal."""
+    args = ["factorize", TINY, _photo(tmp_path), "--classes", "all", "-o", tmp_path / "f.png"]
+    rc, err = _stderr_on_a_terminal(args, tmp_path)
+    assert rc == 0, err
+    assert "factorize: class attributions" in err and "%" in err
+    rc, err = _stderr_on_a_terminal(args + ["--quiet"], tmp_path)
+    assert rc == 0 and "%" not in err and "factorize:" not in err
+    piped = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert piped.returncode == 0 and "%" not in piped.stderr and "factorize:" not in piped.stderr
+
+
+def test_the_class_attributions_do_not_depend_on_how_many_classes_one_run_takes():
+    """The progress bar splits the classes into runs: each class's map is its own row's."""
+    ex = Explainer(TINY)
+    x = np.random.default_rng(3).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    together = class_attributions(ex, x, TINY_LAYER, list(range(10)), label=None)
+    alone = np.concatenate([class_attributions(ex, x, TINY_LAYER, [c], label=None) for c in range(10)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-7 * np.abs(alone).max())
