@@ -8,7 +8,9 @@ conserves the mass exactly; `lrp.zplus` with `bias=False` serves the linear laye
 The contrastive variant subtracts, at the layer below the explained neuron, the winning
 probability of its dual unit (the same unit with negated weights) from the target's, then
 continues excitation backprop with the difference. Both maps are linear in that signal, so
-this equals subtracting the two full maps at the target layer, in one pass.
+this equals subtracting the two full maps at the target layer, in one pass, and equals
+TorchRay's two passes that subtract at a deeper contrast layer; only truncating the
+difference there (methods/relevance.py, non_negative_contrast) makes that layer matter.
 """
 
 from __future__ import annotations
