@@ -26,9 +26,6 @@ METHOD = "contrastive_excitation_backprop"
 # ----------------------------------------------------------------------------- a small CNN
 # x (N,1,16,16) -> conv1 3x3 -> relu: a1 (N,4,16,16) -> conv2 3x3 stride 2 -> relu: a2 (N,6,8,8)
 # -> a3 = a2 + relu(conv3 1x1 (a2)) (a residual block) -> global average pool -> gemm -> logits.
-TENSORS = dict(a1="a1", a2="a2", branch="branch", a3="a3", pooled="pooled")
-
-
 def _cnn(path, w1, b1, w2, b2, w3, b3, wf, bf):
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in
              dict(w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, wf=wf, bf=bf).items()]
@@ -53,13 +50,6 @@ def _cnn(path, w1, b1, w2, b2, w3, b3, wf, bf):
     return path
 
 
-def _random_cnn(path, seed=0):
-    r = np.random.default_rng(seed)
-    return _cnn(path, r.normal(size=(4, 1, 3, 3)), r.normal(size=4) * 0.1, r.normal(size=(6, 4, 3, 3)) * 0.5,
-                r.normal(size=6) * 0.1, r.normal(size=(6, 6, 1, 1)), r.normal(size=6) * 0.1,
-                r.normal(size=(3, 6)), r.normal(size=3) * 0.1)
-
-
 # ----------------------------------------------------------------------------- the paper's equations
 def _reference(params, x, target, contrast_at="pooled", non_negative_contrast=False, read_at="x"):
     """Excitation backprop as the paper defines it, in float64 torch, one layer at a time:
@@ -76,7 +66,6 @@ def _reference(params, x, target, contrast_at="pooled", non_negative_contrast=Fa
     branch = F.relu(F.conv2d(a2, w3, b3))
     a3 = a2 + branch
     pooled = a3.mean(dim=(2, 3))
-    acts = dict(x=x, a1=a1, a2=a2, branch=branch, a3=a3, pooled=pooled)
 
     def share(z, p):  # p / sum_k a_k w+_ik, a unit with no excitatory input passing nothing on
         return torch.where(z > 0, p / torch.where(z > 0, z, 1.0), 0.0)
@@ -88,47 +77,37 @@ def _reference(params, x, target, contrast_at="pooled", non_negative_contrast=Fa
         return inp.detach() * g  # a_j sum_i w+_ij p_i / z_i
 
     pos = lambda w: w.clamp(min=0)  # noqa: E731
-    # Each step: (tensor below, tensor above, MWP above -> MWP below).
-    steps = [
-        ("a3", "pooled", lambda p: eb_linear(a3, lambda t: t.mean(dim=(2, 3)), p)),
-        # The residual sum: each summand's share a / (a2 + branch); a3 > 0 wherever it carries mass.
-        ("a2+branch", "a3", lambda p: (a2 * share(a3, p), branch * share(a3, p))),
-        ("a2'", "branch", lambda p: eb_linear(a2, lambda t: F.conv2d(t, pos(w3)), p)),
-        ("a1", "a2", lambda p: eb_linear(a1, lambda t: F.conv2d(t, pos(w2), padding=1, stride=2), p)),
-        ("x", "a1", lambda p: eb_linear(x, lambda t: F.conv2d(t, pos(w1), padding=1), p)),
-    ]
+    chain = ["pooled", "a3", "branch", "a2", "a1", "x"]  # every tensor after those it feeds
 
     def down(p, start, stop):
-        """MWP at `stop` from the MWP `p` at `start` (a tensor of the chain above)."""
-        values = {start: p}
-        order = ["pooled", "a3", "branch", "a2", "a1", "x"]
-        for name in order[order.index(start):]:
+        """The MWP at `stop` from the MWP `p` at `start`, one tensor of the chain at a time."""
+        mwp = {start: p}
+        for name in chain[chain.index(start):]:
             if name == stop:
-                return values[name]
+                return mwp[name]
             if name == "pooled":
-                values["a3"] = steps[0][2](values["pooled"])
-            elif name == "a3":
-                skip, br = steps[1][2](values["a3"])
-                values["a2"], values["branch"] = skip, br
+                mwp["a3"] = eb_linear(a3, lambda t: t.mean(dim=(2, 3)), mwp["pooled"])
+            elif name == "a3":  # the residual sum: each summand's share a / (a2 + branch)
+                mwp["a2"], mwp["branch"] = a2 * share(a3, mwp["a3"]), branch * share(a3, mwp["a3"])
             elif name == "branch":
-                values["a2"] = values["a2"] + steps[2][2](values["branch"])
+                mwp["a2"] = mwp["a2"] + eb_linear(a2, lambda t: F.conv2d(t, pos(w3)), mwp["branch"])
             elif name == "a2":
-                values["a1"] = steps[3][2](values["a2"])
+                mwp["a1"] = eb_linear(a1, lambda t: F.conv2d(t, pos(w2), padding=1, stride=2), mwp["a2"])
             elif name == "a1":
-                values["x"] = steps[4][2](values["a1"])
-        raise AssertionError(stop)
+                mwp["x"] = eb_linear(x, lambda t: F.conv2d(t, pos(w1), padding=1), mwp["a1"])
+        raise AssertionError(f"{stop} is not below {start}")
 
     def top(w):  # the explained unit's MWP at the pooled features, one unit of mass
         z = pooled @ pos(w).T
         return pooled * pos(w) * share(z, torch.ones_like(z))
 
-    assert contrast_at in acts and (contrast_at != "branch")
+    assert contrast_at in chain and contrast_at != "branch"
     target_p = down(top(wf[target][None]), "pooled", contrast_at)
     dual_p = down(top(-wf[target][None]), "pooled", contrast_at)
     contrast = target_p - dual_p
     if non_negative_contrast:
         contrast = contrast.clamp(min=0)
-    return down(contrast, contrast_at, read_at).numpy(), acts
+    return down(contrast, contrast_at, read_at).numpy()
 
 
 def _params(seed):
@@ -164,7 +143,7 @@ def test_the_map_equals_the_papers_equations_element_wise(random_net, contrast_a
     opts = {} if (contrast_at, non_negative) == ("pooled", False) else dict(
         contrast_layer=contrast_at, non_negative_contrast=non_negative)
     for target in (0, 2):
-        want = np.concatenate([_reference(params, x[i:i + 1], target, contrast_at, non_negative, read_at)[0]
+        want = np.concatenate([_reference(params, x[i:i + 1], target, contrast_at, non_negative, read_at)
                                for i in range(len(x))])
         got = ex.attribute(x, method=METHOD, target=target, layer=None if read_at == "x" else read_at, **opts)
         scale = np.abs(want).max()
@@ -192,7 +171,7 @@ def test_a_saliency_layer_map_is_the_positive_part_of_the_layers_contrast_summed
     got = ex.attribute(x, method=METHOD, target=2, saliency_layer="a2")
     signed = ex.attribute(x, method=METHOD, target=2, saliency_layer="a2", positive=False)
     assert got.shape == signed.shape == (2, 1, 16, 16)
-    ref = np.concatenate([_reference(params, x[i:i + 1], 2, read_at="a2")[0] for i in range(2)]).sum(1, keepdims=True)
+    ref = np.concatenate([_reference(params, x[i:i + 1], 2, read_at="a2") for i in range(2)]).sum(1, keepdims=True)
     for mine, part in ((got, np.maximum(ref, 0)), (signed, ref)):
         want = F.interpolate(torch.tensor(part), size=(16, 16), mode="bilinear", align_corners=False).numpy()
         np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -235,7 +214,8 @@ def _two_bars():
     return x, horizontal, vertical
 
 
-@pytest.mark.parametrize("opts", [{}, {"saliency_layer": "a1"}, {"contrast_layer": "a2", "non_negative_contrast": True}])
+@pytest.mark.parametrize("opts", [{}, {"saliency_layer": "a1"},
+                                  {"contrast_layer": "a2", "non_negative_contrast": True}])
 def test_each_class_map_is_positive_where_that_class_evidence_is(tmp_path, opts):
     ex = Explainer(_bars_net(tmp_path / "bars.onnx"))
     x, horizontal, vertical = _two_bars()
