@@ -156,11 +156,11 @@ def test_without_truncation_the_contrast_gives_the_same_map_wherever_it_is_forme
     # target minus dual subtracted at any layer that carries all the relevance is one map.
     ex, _ = random_net
     x = _images()
-    base = ex.attribute(x, method=METHOD, target=1)
+    base = ex.attribute(x, method=METHOD, target=[1, 2])  # a target per row
     for layer in ("pooled", "a3", "a2", "a1"):
-        np.testing.assert_allclose(ex.attribute(x, method=METHOD, target=1, contrast_layer=layer), base,
+        np.testing.assert_allclose(ex.attribute(x, method=METHOD, target=[1, 2], contrast_layer=layer), base,
                                    rtol=1e-4, atol=1e-6 * np.abs(base).max())
-    truncated = ex.attribute(x, method=METHOD, target=1, contrast_layer="a2", non_negative_contrast=True)
+    truncated = ex.attribute(x, method=METHOD, target=[1, 2], contrast_layer="a2", non_negative_contrast=True)
     assert np.abs(truncated - base).max() > 1e-3 * np.abs(base).max()
 
 
