@@ -142,3 +142,72 @@ def onehot_weights(sample: np.ndarray, n: int, w: np.ndarray | None = None) -> n
     out = np.zeros((n, len(sample)), np.float32)
     out[sample, np.arange(len(sample))] = 1.0 if w is None else w
     return out
+
+
+def compose_occlusion(model: onnx.ModelProto, explained: str, k: str, held: list, seed_rank: int, dims: tuple,
+                      window: tuple) -> onnx.ModelProto:
+    """The forward model scoring occluded rows built on the device: row j is input k of
+    sample ia_j with the window whose corner is lo_j (one start per non-batch axis) set to
+    the baseline; its score is sum(seed[ia_j] * explained). Inputs bound once: k's values
+    and baseline (P+k+'/A', P+k+'/base'), the seed and the held inputs; per chunk ia, lo."""
+    src = model
+    elem, rank = _elem(src, k)
+    nodes, inits = [], []
+    inputs = [helper.make_tensor_value_info(P + "ia", TensorProto.INT64, ["m"]),
+              helper.make_tensor_value_info(P + "lo", TensorProto.INT64, ["m", len(dims)])]
+    for name in (P + k + "/A", P + k + "/base"):
+        inputs.append(helper.make_tensor_value_info(name, elem, ["n"] + list(dims)))
+    nodes += [helper.make_node("Gather", [P + k + "/A", P + "ia"], [P + "x"], axis=0),
+              helper.make_node("Gather", [P + k + "/base", P + "ia"], [P + "b"], axis=0)]
+    inside = None
+    for a, (d, w) in enumerate(zip(dims, window)):
+        if w >= d:
+            continue  # the window spans the axis
+        shape = [1] * (a + 1) + [d] + [1] * (len(dims) - a - 1)
+        inits += [numpy_helper.from_array(np.arange(d, dtype=np.int64).reshape(shape), P + f"pos{a}"),
+                  numpy_helper.from_array(np.array([a], np.int64), P + f"axis{a}"),
+                  numpy_helper.from_array(np.array([-1] + [1] * len(dims), np.int64), P + f"col{a}"),
+                  numpy_helper.from_array(np.array(w, np.int64), P + f"w{a}")]
+        nodes += [helper.make_node("Gather", [P + "lo", P + f"axis{a}"], [P + f"lo{a}"], axis=1),
+                  helper.make_node("Reshape", [P + f"lo{a}", P + f"col{a}"], [P + f"start{a}"]),
+                  helper.make_node("Add", [P + f"start{a}", P + f"w{a}"], [P + f"end{a}"]),
+                  helper.make_node("Less", [P + f"pos{a}", P + f"start{a}"], [P + f"before{a}"]),
+                  helper.make_node("Less", [P + f"pos{a}", P + f"end{a}"], [P + f"until{a}"]),
+                  helper.make_node("Not", [P + f"before{a}"], [P + f"after{a}"]),
+                  helper.make_node("And", [P + f"after{a}", P + f"until{a}"], [P + f"in{a}"])]
+        if inside is None:
+            inside = P + f"in{a}"
+        else:
+            nodes.append(helper.make_node("And", [inside, P + f"in{a}"], [P + f"inside{a}"]))
+            inside = P + f"inside{a}"
+    if inside is None:
+        nodes.append(helper.make_node("Identity", [P + "b"], [k]))
+    else:
+        nodes.append(helper.make_node("Where", [inside, P + "b", P + "x"], [k]))
+    for h in held:
+        e, r = _elem(src, h)
+        inputs.append(helper.make_tensor_value_info(P + h + "/A", e, ["n"] + [f"{h}.d{i}" for i in range(1, r)]))
+        nodes.append(helper.make_node("Gather", [P + h + "/A", P + "ia"], [h], axis=0))
+    inputs.append(helper.make_tensor_value_info(P + "seed/A", TensorProto.FLOAT,
+                                                ["n"] + [f"seed.d{i}" for i in range(1, seed_rank)]))
+    inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), P + "flat"))
+    tail = [helper.make_node("Gather", [P + "seed/A", P + "ia"], [P + "seed"], axis=0),
+            helper.make_node("Cast", [explained], [P + "y32"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", [P + "y32", P + "flat"], [P + "yflat"]),
+            helper.make_node("Reshape", [P + "seed", P + "flat"], [P + "sflat"]),
+            helper.make_node("Mul", [P + "yflat", P + "sflat"], [P + "ys"]),
+            ]
+    version = max([o.version for o in src.opset_import if o.domain in ("", "ai.onnx")] + [1])
+    if version >= 13:
+        tail.append(helper.make_node("ReduceSum", [P + "ys", P + "one"], [P + "score"], keepdims=0))
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), P + "one"))
+    else:
+        tail.append(helper.make_node("ReduceSum", [P + "ys"], [P + "score"], keepdims=0, axes=[1]))
+    built = {k} | set(held)
+    inputs += [v for v in src.graph.input if v.name not in built]
+    outputs = [helper.make_tensor_value_info(P + "score", TensorProto.FLOAT, ["m"])]
+    graph = helper.make_graph(nodes + list(src.graph.node) + tail, src.graph.name + "_occlusion", inputs, outputs,
+                              initializer=list(src.graph.initializer) + inits)
+    out = helper.make_model(graph, opset_imports=list(src.opset_import))
+    out.ir_version = src.ir_version
+    return out

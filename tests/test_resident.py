@@ -164,3 +164,33 @@ def test_onnxruntime_allocation_failures_are_out_of_memory(monkeypatch):
     s.session = Failing()
     with pytest.raises(OutOfMemory, match="Failed to allocate"):
         s.run({"x": np.ones(2, np.float32)})
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_occlusion_masks_made_on_the_device_score_as_the_plain_path(monkeypatch, exported, exporter):
+    _model, path = exported("mobilenet", exporter)
+    x = np.random.default_rng(5).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    calls = []
+    real = Session.run_bound
+    monkeypatch.setattr(Session, "run_bound", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setenv("ONNXPLAIN_RESIDENT", "0")
+    plain = Explainer(path).attribute(x, method="occlusion", target=[2, 4], window=(3, 5, 4), strides=(1, 3, 2),
+                                      baseline=0.25)
+    assert not calls
+    monkeypatch.setenv("ONNXPLAIN_RESIDENT", "1")
+    bound = Explainer(path).attribute(x, method="occlusion", target=[2, 4], window=(3, 5, 4), strides=(1, 3, 2),
+                                      baseline=0.25)
+    assert calls
+    scale = np.abs(plain).max()
+    assert scale > 0
+    np.testing.assert_allclose(bound, plain, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_occlusion_on_the_device_holds_the_other_inputs(monkeypatch, tmp_path):
+    # y = sum(a^2 b): occluding a_i (baseline 0) drops the score by a_i^2 b_i exactly.
+    path = _two_input_model(tmp_path / "two.onnx")
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+    monkeypatch.setenv("ONNXPLAIN_RESIDENT", "1")
+    got = Explainer(path).attribute({"a": a, "b": b}, method="occlusion", target=0, wrt=["a"], window=(1,))
+    np.testing.assert_allclose(got, a * a * b, rtol=1e-5, atol=1e-6)

@@ -397,6 +397,56 @@ class Context:
         s2 = {t: _finite(s2[t], self.method).reshape(shape[t]) for t in s2 if t in shape}
         return s1, s2
 
+    def forward_scores_resident(self, k: str, base: np.ndarray, window: tuple, total: int, chunk_rows,
+                                label: str | None = None):
+        """Scores sum(seed * explained) of `total` occluded rows built on the device (see
+        onnxplain.resident.compose_occlusion): chunk_rows(start, stop) -> (samples, window
+        corners (m, axes)). None where the plain path must run."""
+        from .. import resident
+        from ..runtime import Session, chunked
+
+        rows = self.forward_session([self.explained])
+        if not resident.wanted(rows.session) or rows.static:
+            return None
+        if any(rows.axes.get(t, 0) != 0 for t in list(self.feeds) + [self.explained]):
+            return None
+        seed = self.seed.astype(np.float32, copy=False)
+        if rows.ranks.get(self.explained, seed.ndim) != seed.ndim:
+            return None  # a batch of one the model squeezes away (Rows re-expands it)
+        x = self.feeds[k]
+        held = [h for h in self.feeds if h != k]
+        key = ("resident-occlusion", self.plan.key, self.explained, k, tuple(held), tuple(window), x.shape[1:])
+        e = self.explainer
+
+        def make():
+            model = resident.compose_occlusion(rows.model, self.explained, k, held, seed.ndim, x.shape[1:], window)
+            return Session(model, e.providers, e.memory_budget), 2 * model.ByteSize()
+
+        session = e._cache.get(key, make)
+        arrays = {resident.P + k + "/A": x, resident.P + k + "/base": base.astype(x.dtype, copy=False),
+                  resident.P + "seed/A": seed}
+        arrays.update({resident.P + h + "/A": self.feeds[h] for h in held})
+        arrays.update({h: v for h, v in self.fixed.items() if h in session.input_names})
+        bound = {name: session.on_device(v) for name, v in arrays.items()}
+        scores = np.empty(total, np.float64)
+        per_run = rows.rows_per_run()
+
+        class _Step:
+            def rows_per_run(self, cap=None):
+                return per_run
+
+        def run_chunk(start, stop):
+            samples, corners = chunk_rows(start, stop)
+            feeds = {resident.P + "ia": samples.astype(np.int64), resident.P + "lo": corners.astype(np.int64)}
+            return session.run_bound(bound, feeds, [resident.P + "score"])[resident.P + "score"]
+
+        for start, stop, out in chunked(_Step(), total, run_chunk, label, None):
+            scores[start:stop] = out
+        if not np.all(np.isfinite(scores)):
+            raise InputError(f"method '{self.method}' got non-finite model outputs on perturbed inputs; "
+                             "check the input's scale or the baseline")
+        return scores
+
     def _run(self, spec, session, feeds, seed, predicted=None):
         total = next(iter(feeds.values())).shape[0] if feeds else self.n
         attrs = {t: [] for t in spec.attributions}

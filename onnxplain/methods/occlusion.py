@@ -117,7 +117,15 @@ def occlusion(ctx, window, strides, baseline):
             occluded = np.where(inside, base[k][samples], x[samples])
             return sample_feeds(ctx, samples, {k: occluded}), samples
 
-        diff = score0[np.arange(total) % n] - forward_scores(ctx, total, rows, label=f"occlusion of {k}")
+        def device_rows(start, stop, starts=starts, counts=counts):  # the same rows, masked on the device
+            r = np.arange(start, stop)
+            corner = np.unravel_index(r // n, counts)
+            return r % n, np.stack([starts[a][corner[a]] for a in range(len(dims))], axis=1)
+
+        scores = ctx.forward_scores_resident(k, base[k], win, total, device_rows, label=f"occlusion of {k}")
+        if scores is None:
+            scores = forward_scores(ctx, total, rows, label=f"occlusion of {k}")
+        diff = score0[np.arange(total) % n] - scores
         corners = np.zeros((n,) + tuple(d + w for d, w in zip(dims, win)), dtype=np.float64)
         grid = np.ix_(*[np.arange(n)] + starts)
         corners[grid] = np.moveaxis(diff.reshape(tuple(counts) + (n,)), -1, 0)
