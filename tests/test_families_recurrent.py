@@ -4,8 +4,11 @@
   its exact gradient (checked by float64 finite differences), except at Relu activations
   inside it, which take the modified rule (checked against a numpy backward pass);
 - the LRP composites use Arras et al.'s rule (tests/test_lrp_recurrent.py);
-- deep Taylor, (contrastive) excitation backprop and DeepLIFT have no rule for a recurrence
-  and refuse it by name, where before they silently took its gradient;
+- DeepLIFT carries its rescale multipliers through each gated product to the signal (the
+  Arras rule as differences from the baseline), checked against numpy and by
+  summation-to-delta; before, it silently took the gradient (input x gradient);
+- deep Taylor and (contrastive) excitation backprop have no rule for a recurrence and refuse
+  it by name, where before they silently took its gradient;
 - `inspect` says, per family, which rule serves the recurrence or that it is missing.
 """
 
@@ -28,7 +31,7 @@ from onnxplain.graph import Graph
 from onnxplain.methods.gradients import DECONVNET, GRADIENT, GUIDED, GUIDED_CLIP
 from onnxplain.rules import recurrent_scan
 
-REFUSING = ("deep_taylor", "excitation_backprop", "contrastive_excitation_backprop", "deeplift")
+REFUSING = ("deep_taylor", "excitation_backprop", "contrastive_excitation_backprop")
 
 
 @pytest.fixture(params=["unrolled", "scan"])
@@ -159,8 +162,11 @@ def test_inspect_reports_per_family_the_recurrent_rule_or_that_it_is_missing(rec
     for method in REFUSING:
         assert report["unsupported"][method] == [op], method
         assert report["rules"][method] == [], method
-    for family in ("gradient", "guided_backprop", "deconvnet", "lrp.epsilon", "lrp.epsilon_plus"):
+    for family in ("gradient", "guided_backprop", "deconvnet", "lrp.epsilon", "lrp.epsilon_plus", "deeplift"):
         assert report["unsupported"][family] == [], family
+    assert report["rules"]["deeplift"] == [f"{op}: rescale multipliers through each gated product to its signal, "
+                                           "none to the gates (Arras et al.'s rule for LRP, as differences from the "
+                                           "baseline)"]
     assert report["rules"]["guided_backprop"] == [f"{op}: exact gradient (guided backprop modifies ReLU backward "
                                                   "only; no Relu activation inside)"]
     assert all(line.startswith(f"{op}: Arras et al. 2017") for line in report["rules"]["lrp.epsilon"])
@@ -190,3 +196,187 @@ def test_reference_forward_matches_the_rnn_model_used_here():
                         f["h0"].transpose(1, 0, 2), None, None, activations=["Relu"])
     got = session(model).run(None, feeds)[0]
     np.testing.assert_allclose(got, yh.transpose(1, 0, 2).reshape(cfg.N, -1), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- DeepLIFT
+def deeplift_reference(cfg, feeds, params, m_out):
+    """DeepLIFT's attributions (batch-first, baseline 0 for x, h0 and c0) for multipliers
+    `m_out` on the model's output, by the signal rule in float64: every gated product's
+    difference to its signal, m_signal = m_product * dproduct / dsignal; rescale dy / dx on
+    the signal's activation; the linear maps' transposes. (The signals all move here, so
+    the rule's gate fallback never applies.)"""
+    op, D, H, T, N = cfg.op, cfg.D, cfg.H, cfg.T, cfg.N
+    f1 = {k: np.asarray(v, np.float64) if v.dtype.kind == "f" else v for k, v in {**feeds, **params}.items()}
+    f0 = {k: (np.zeros_like(v) if k in feeds and v.dtype.kind == "f" else v) for k, v in f1.items()}
+    records = []
+    for f in (f1, f0):
+        record = {}
+        ref.forward(op, f["x"].transpose(1, 0, 2), f["W"], f["R"], f.get("B"), f.get("sl"),
+                    f["h0"].transpose(1, 0, 2) if "h0" in f else None, f["c0"].transpose(1, 0, 2) if "c0" in f else None,
+                    f.get("P"), direction=cfg.direction, record=record, **cfg.attrs)
+        records.append(record)
+    parts, at = {}, 0
+    for name in ("Y", "Y_h", "Y_c"):
+        if name not in cfg.outputs or (name == "Y_c" and op != "LSTM"):
+            continue
+        shape = (N, T, D, H) if name == "Y" else (N, D, H)
+        size = int(np.prod(shape[1:]))
+        parts[name] = m_out[:, at:at + size].reshape(shape).astype(np.float64)
+        at += size
+
+    def ratio(a, b):
+        assert np.all(np.abs(b) > 1e-9)
+        return a / b
+
+    lens = f1.get("sl", np.full(N, T))
+    lbr = cfg.attrs.get("linear_before_reset", 0)
+    k = {"LSTM": 3, "GRU": 2, "RNN": 0}[op]
+    mx, mh0, mc0 = np.zeros((N, T, cfg.I)), np.zeros((N, D, H)), np.zeros((N, D, H))
+    for d in range(D):
+        rev = cfg.direction == "reverse" or d == 1
+        Wc, Rc = f1["W"][d][k * H:(k + 1) * H], f1["R"][d][k * H:(k + 1) * H]
+        for n in range(N):
+            steps = list(range(lens[n] - 1, -1, -1) if rev else range(lens[n]))
+            mh = parts["Y_h"][n, d].copy() if "Y_h" in parts and lens[n] > 0 else np.zeros(H)
+            mc = parts["Y_c"][n, d].copy() if "Y_c" in parts and lens[n] > 0 else np.zeros(H)
+            for t in reversed(steps):
+                s1, s0 = records[0][(d, n, t)], records[1][(d, n, t)]
+                dl = {key: s1[key] - s0[key] for key in s1}
+                if "Y" in parts:
+                    mh = mh + parts["Y"][n, t, d]
+                if op == "LSTM":
+                    mc = mc + mh * ratio(dl["h"], dl["c"])  # h = o * tanh(c): all of it to c
+                    m_cprev = mc * ratio(s1["f"] * s1["c_prev"] - s0["f"] * s0["c_prev"], dl["c_prev"])
+                    m_g = mc * ratio(s1["i"] * s1["g"] - s0["i"] * s0["g"], dl["g"])
+                    m_a = m_g * ratio(dl["g"], dl["a"])
+                    mh, mc = Rc.T @ m_a, m_cprev
+                elif op == "GRU":
+                    m_hprev = mh * ratio(s1["z"] * s1["h_prev"] - s0["z"] * s0["h_prev"], dl["h_prev"])
+                    m_hh = mh * ratio((1 - s1["z"]) * s1["hh"] - (1 - s0["z"]) * s0["hh"], dl["hh"])
+                    m_a = m_hh * ratio(dl["hh"], dl["a"])
+                    if lbr:
+                        m_v = m_a * ratio(s1["r"] * s1["v"] - s0["r"] * s0["v"], dl["v"])
+                        m_hprev = m_hprev + Rc.T @ m_v
+                    else:
+                        m_rh = Rc.T @ m_a
+                        m_hprev = m_hprev + m_rh * ratio(s1["r"] * s1["h_prev"] - s0["r"] * s0["h_prev"], dl["h_prev"])
+                    mh = m_hprev
+                else:
+                    m_a = mh * ratio(dl["h"], dl["a"])
+                    mh = Rc.T @ m_a
+                mx[n, t] += Wc.T @ m_a
+            mh0[n, d], mc0[n, d] = mh, mc
+    out = {"x": f1["x"] * mx}
+    if "h0" in feeds:
+        out["h0"] = f1["h0"] * mh0
+    if "c0" in feeds:
+        out["c0"] = f1["c0"] * mc0
+    return out
+
+
+def _deeplift(cfg, m_out, tmp_path, seed=0, **options):
+    model, feeds, params = make(cfg, seed)
+    onnx.save(model, tmp_path / "m.onnx")
+    e = Explainer(str(tmp_path / "m.onnx"))
+    got = e.attribute(feeds, method="deeplift", target=m_out.astype(np.float32), **options)
+    return e, got, feeds, params
+
+
+DEEPLIFT_CASES = [
+    pytest.param(Config("LSTM"), id="LSTM"),
+    pytest.param(Config("LSTM", direction="bidirectional", lens=[4, 2, 3]), id="LSTM-bidirectional-lengths"),
+    pytest.param(Config("LSTM", direction="reverse", outputs=("Y_h", "Y_c")), id="LSTM-reverse-final-states"),
+    pytest.param(Config("GRU"), id="GRU"),
+    pytest.param(Config("GRU", attrs={"linear_before_reset": 1}, direction="bidirectional"), id="GRU-lbr-bidirectional"),
+    pytest.param(Config("RNN", lens=[4, 1, 3]), id="RNN-lengths"),
+]
+
+
+@pytest.mark.parametrize("cfg", DEEPLIFT_CASES)
+def test_deeplift_through_a_recurrence_follows_the_signal_not_the_gates(cfg, tmp_path):
+    m_out = np.random.default_rng(8).normal(size=(cfg.N, _width(cfg)))
+    _, got, feeds, params = _deeplift(cfg, m_out, tmp_path)
+    want = deeplift_reference(cfg, feeds, params, m_out)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, rtol=1e-3, atol=1e-4 * np.abs(w).max(), err_msg=name)
+
+
+SUMMATION_CASES = DEEPLIFT_CASES + [
+    # Clipped gates and signals: where a clipped signal does not move, its product's
+    # difference is the gate's, and the rule routes it there.
+    pytest.param(Config("LSTM", peephole=True, attrs={"clip": 0.5}, scale=1.2), id="LSTM-peepholes-clip"),
+    pytest.param(Config("LSTM", attrs={"input_forget": 1, "clip": 0.7}, scale=1.2), id="LSTM-input-forget-clip"),
+    pytest.param(Config("GRU", attrs={"clip": 0.5}, scale=1.2), id="GRU-clip"),
+    pytest.param(Config("GRU", attrs={"clip": 0.5, "linear_before_reset": 1}, scale=1.2), id="GRU-lbr-clip"),
+    pytest.param(Config("LSTM", lens=[4, 0, 2], direction="bidirectional"), id="LSTM-length-0"),
+]
+
+
+@pytest.mark.parametrize("cfg", SUMMATION_CASES)
+def test_deeplift_through_a_recurrence_sums_to_the_outputs_difference_from_the_baseline(cfg, tmp_path):
+    m_out = np.random.default_rng(9).normal(size=(cfg.N, _width(cfg)))
+    e, got, feeds, _ = _deeplift(cfg, m_out, tmp_path)
+    base = {k: np.zeros_like(v) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    delta = (m_out * (e.predict(feeds) - e.predict(base))).sum(1)
+    total = sum(v.reshape(cfg.N, -1).sum(1) for v in got.values())
+    np.testing.assert_allclose(total, delta, rtol=1e-4, atol=1e-5 * np.abs(delta).max())
+    # It is not input x gradient, what it silently was before.
+    grad = e.attribute(feeds, method="input_x_gradient", target=m_out.astype(np.float32))
+    assert np.abs(grad["x"] - got["x"]).max() > 1e-3 * np.abs(got["x"]).max()
+
+
+def test_deeplift_with_a_constant_initial_state_routes_its_gated_difference_to_the_gates(tmp_path):
+    # c_prev of the first step is the same for the input and the baseline (a constant c0):
+    # f * c0 differs only through the forget gate, which gets that difference.
+    cfg = Config("LSTM", h0=False, c0=False)
+    model, feeds, _ = make(cfg)
+    H = cfg.H
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    c0 = np.random.default_rng(10).normal(size=(1, cfg.N, H)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(c0, "c0_const"))
+    while len(node.input) < 7:
+        node.input.append("")
+    node.input[6] = "c0_const"
+    onnx.save(model, tmp_path / "m.onnx")
+    e = Explainer(str(tmp_path / "m.onnx"))
+    m_out = np.random.default_rng(11).normal(size=(cfg.N, _width(cfg))).astype(np.float32)
+    got = e.attribute(feeds, method="deeplift", target=m_out)
+    delta = (m_out * (e.predict(feeds) - e.predict({"x": np.zeros_like(feeds["x"])}))).sum(1)
+    np.testing.assert_allclose(got.reshape(cfg.N, -1).sum(1), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_deeplift_refuses_a_recurrence_longer_than_it_unrolls(tmp_path, monkeypatch):
+    from onnxplain.rules import recurrent_deeplift
+
+    monkeypatch.setattr(recurrent_deeplift, "MAX_STEPS", 3)
+    cfg = Config("GRU", h0=False)
+    with pytest.raises(UnsupportedOperatorError, match="static sequence length of at most 3 steps"):
+        _deeplift(cfg, np.ones((cfg.N, _width(cfg))), tmp_path)
+
+
+def test_deeplift_of_a_torch_lstm_classifier_sums_to_the_logits_difference(tmp_path):
+    import warnings
+
+    torch = pytest.importorskip("torch")
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 5, batch_first=True, bidirectional=True)
+            self.fc = torch.nn.Linear(10, 4)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.fc(torch.relu(y[:, -1]))
+
+    torch.manual_seed(2)
+    path = tmp_path / "c.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Classifier().eval(), (torch.randn(2, 7, 3),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    e = Explainer(str(path))
+    x = np.random.default_rng(12).normal(size=(3, 7, 3)).astype(np.float32)
+    got = e.attribute(x, method="deeplift", target=2)
+    delta = e.predict(x)[:, 2] - e.predict(np.zeros_like(x))[:, 2]
+    np.testing.assert_allclose(got.reshape(3, -1).sum(1), delta, rtol=1e-4, atol=1e-5)

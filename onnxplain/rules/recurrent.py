@@ -569,9 +569,9 @@ def refuses(comp, node, graph=None) -> bool:
       recurrent_lrp.py): both methods are derived for networks of non-negative (ReLU)
       activations, whose z+ shares are a probability or a root-point decomposition; an
       LSTM's states are tanh-valued, signed, and its gates multiply two computed tensors;
-    - DeepLIFT (deeplift family): its rescale multipliers need every step's response to the
-      baseline, which the gradient is not (input x gradient would not sum to the output's
-      difference from the baseline).
+    - DeepLIFT (deeplift family), should its own rule (recurrent_deeplift.py) not serve:
+      its multipliers need every step's response to the baseline, which the gradient is not
+      (input x gradient does not sum to the output's difference from the baseline).
     A composite that names the gradient for the node (rules=LSTM:gradient) gets it."""
     if comp is None:
         return False

@@ -153,3 +153,7 @@ def _describe(comp, node, graph=None):
 
 
 recurrent_relevance.describe = _describe
+
+
+# DeepLIFT's multipliers through recurrences use the same signal weights (registered on import).
+from . import recurrent_deeplift  # noqa: E402,F401
