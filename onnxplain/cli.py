@@ -334,8 +334,9 @@ def explain(paths, method, layer, output, probability, providers, memory_budget,
             pass
         else:
             if not quiet:
-                click.echo(f"note: contrastive excitation backprop read at -O saliency_layer={options['saliency_layer']} "
-                           "(-O saliency_layer= for the input)", err=True)
+                click.echo(f"note: contrastive excitation backprop read at -O saliency_layer={options['saliency_layer']}, "
+                           "its positive part (-O positive=false for both signs; -O saliency_layer= for the signed "
+                           "map at the input)", err=True)
     from .runkey import canonical
 
     # The record of each input is the dataset engine's index record (id, input, target,
