@@ -198,3 +198,22 @@ def test_a_qdq_pair_with_a_scale_fed_at_run_time_is_refused_for_relevance():
     x = np.ones((1, 4), np.float32)
     with pytest.raises(ModelError, match="QuantizeLinear|DequantizeLinear"):
         e.attribute({"x": x, "s": scale}, method="lrp.epsilon", target=0)
+
+
+def test_inspect_reports_the_relevance_convention_on_a_qdq_model_and_deeplift_missing(models):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    result = CliRunner().invoke(cli.main, ["inspect", str(models["qdq_per_channel"]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for family in list(ZENNIT) + ["deep_taylor", "excitation_backprop", "contrastive_excitation_backprop"]:
+        assert report["unsupported"][family] == [], family
+        assert report["rules"][family] == [
+            "DequantizeLinear: relevance passed unchanged (straight-through; weights dequantized)",
+            "QuantizeLinear: relevance passed unchanged (straight-through; weights dequantized)"], family
+    assert report["unsupported"]["deeplift"] == ["DequantizeLinear", "QuantizeLinear"]
+    assert report["rules"]["gradient"][0].startswith("DequantizeLinear: straight-through gradient")
