@@ -602,6 +602,9 @@ def recurrent_gradient(b, node, grads, relu_mode=None):
     comp = getattr(b, "composite", None)
     if refuses(comp, node):
         raise UnsupportedOperatorError([node.op_type], getattr(comp, "name", None))
+    if relu_mode is None:  # from the composite, for rules that reach this one (DynamicQuantizeLSTM's)
+        families = tuple(getattr(comp, "families", ()) or ())
+        relu_mode = "guided" if "guided_backprop" in families else "deconvnet" if "deconvnet" in families else None
     rec = Recurrence(b, node)
     for per_direction in rec.acts:
         for act in per_direction:
