@@ -2,10 +2,10 @@
 
     python docs/make_vit_figure.py
 
-docs/vit.png: for a few held-out scenes (tests/shape_scenes.py, seed 7, as its test draws
-them), the scene | its AttnLRP heatmap (summed over channels) | the heatmap over the scene |
-transformer_attribution over the scene, for the true class (the box the test measures in grey), with the predicted class in
-each title. models/vit_scene.png: one such scene as a 32x32 PNG for the README's command.
+docs/vit.png: for one held-out scene of each class (tests/shape_scenes.py, seed 7, as its
+test draws them), the scene | its AttnLRP heatmap (summed over channels; the box the test
+measures in grey) | that heatmap over a grey copy of the scene | transformer_attribution
+over it, for the true class, with the predicted class in each title. models/vit_scene.png: one such scene as a 32x32 PNG for the README's command.
 Public API only (what a user would write).
 """
 
@@ -56,7 +56,8 @@ def main(n: int = 4) -> None:
         heat = reduce_channels(lrp[i], layout="nchw", how="sum")
         name = shape_scenes.CLASSES[labels[i]]
         tiles += [photo, _boxed(heatmap(np.kron(heat, np.ones((SCALE, SCALE)))), boxes[i]),
-                  overlay(photo, heat, alpha=0.9, background="gray"), overlay(photo, chefer[i, 0], alpha=0.8, background="gray")]
+                  overlay(photo, heat, alpha=0.9, background="gray"),
+                  overlay(photo, chefer[i, 0], alpha=0.8, background="gray")]
         titles += [f"{name} (predicted {shape_scenes.CLASSES[predicted[i]]})", "lrp.attnlrp", "lrp.attnlrp on grey",
                    "transformer_attribution on grey"]
     save_png(ROOT / "docs" / "vit.png", grid(tiles, titles, ncols=4))
