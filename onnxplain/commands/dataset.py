@@ -3,6 +3,7 @@ attributions and a JSON-lines index, on this machine (streaming) or on a Ray clu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -55,8 +56,10 @@ method, options, key; or its error) and the shards shard-*.npz (array 'attributi
 @click.option("--providers", callback=_providers, metavar="P1,P2", help="onnxruntime providers.")
 @click.option("--memory-budget", callback=_bytes, metavar="SIZE", help="Memory one batched run may use.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON: the counts, the index and shard "
+                                                      "paths and every index record (with its explained score).")
 def explain_dataset(model, dataset, method, target, options, layer, out, batch_size, resume, on_error, float16,
-                    no_scores, engine, address, workers, preset, providers, memory_budget, quiet):
+                    no_scores, engine, address, workers, preset, providers, memory_budget, quiet, as_json):
     """Explain every input of DATASET with MODEL, streaming results into OUT."""
     runtime.QUIET = quiet
     if isinstance(target, list):
@@ -73,11 +76,23 @@ def explain_dataset(model, dataset, method, target, options, layer, out, batch_s
         from ..engine import explain_dataset as run
 
         summary = run(model, dataset, out, workers=workers or 4, **common)
-    if not quiet:
+    if as_json:
+        click.echo(json.dumps(as_dict(summary), indent=2))
+    elif not quiet:
         click.echo(f"{summary.explained} explained, {summary.reused} kept from an earlier run, "
                    f"{summary.failed} failed (batch {summary.batch_size}, {summary.rate:.1f} inputs/s) "
                    f"| index {summary.index}")
     return 0
+
+
+def as_dict(summary) -> dict:
+    """A run as a script reads it: what was done, where it went, and the index's records
+    (dataset order; a record holds its explained score, or the error of an input that failed)."""
+    shards = sorted({r["shard"] for r in summary.records if r.get("shard")})
+    return {"explained": summary.explained, "reused": summary.reused, "failed": summary.failed,
+            "total": len(summary.records), "batch_size": summary.batch_size, "seconds": summary.seconds,
+            "out": str(summary.index.parent), "index": str(summary.index),
+            "shards": [str(summary.index.parent / s) for s in shards], "records": summary.records}
 
 
 COMMANDS = [explain_dataset]

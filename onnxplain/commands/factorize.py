@@ -108,6 +108,11 @@ def factorize(paths, layer, factors, classes, of, algo, method, options, top, se
     report = result.to_dict(labels, top)
     report.update(file=str(out), colours=[_hex(c) for c in colours])
     if as_json:
+        # Each class factorized with its explained score (the logit, or the probability).
+        explained = np.asarray(explainer.predict(batch.batch, explainer.explained_tensor(output, probability)))
+        report["input"] = str(inputs[0])
+        report["explained"] = [{"class": c, **({"label": labels[c]} if labels and 0 <= c < len(labels) else {}),
+                                "score": float(explained.reshape(1, -1)[0, c])} for c in result.classes]
         click.echo(json.dumps(report, indent=2))
         return
     shape = "x".join(map(str, result.spatial.shape[1:]))

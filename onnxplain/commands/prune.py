@@ -98,6 +98,7 @@ def prune_study_command(model, inputs, layer, box, target, ks, n_steps, integrat
     result = prune_study(explainer, batch.batch, layer, box, target=target, ks=ks, n_steps=n_steps,
                          integration=integration, baseline=base[0] if len(base) == 1 else np.asarray(base),
                          output=output, probability=probability)
+    result["samples"] = _samples(explainer, batch, inputs, result, output, probability)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if out is not None:
         try:
@@ -112,6 +113,22 @@ def prune_study_command(model, inputs, layer, box, target, ks, n_steps, integrat
         save_png(plot, draw_plot(result))
         if not as_json:
             click.echo(f"wrote {plot}")
+
+
+def _samples(explainer, batch, inputs, result, output, probability) -> list[dict]:
+    """Per sample, what explain's records say: its target, the class the unpruned model
+    predicts and the explained score (the unpruned row's)."""
+    explained = np.asarray(explainer.predict(batch.batch, explainer.explained_tensor(output, probability)))
+    predicted = explained.reshape(len(batch.names), -1).argmax(axis=1)
+    targets = result["target"] if isinstance(result["target"], list) else [result["target"]] * len(batch.names)
+    one_each = len(inputs) == len(batch.names)  # one sample per file: it is the sample's source
+    out = []
+    for i, name in enumerate(batch.names):
+        r = {"id": inputs[i].name, "input": str(inputs[i])} if one_each else {}
+        r.update(sample=name, target=int(targets[i]), predicted=int(predicted[i]),
+                 score=result["unpruned"]["scores"][i])
+        out.append(r)
+    return out
 
 
 def format_table(result: dict) -> str:

@@ -281,7 +281,8 @@ def prune_study(model, x, layer: str, box, target=None, ks=(1, 2, 4, 8, 16), n_s
     by their scores summed over the batch and pruned for all of it). target: as in
     `attribute` (default: the class the unpruned model predicts, kept fixed while pruning).
     Returns a dict with the rankings and, per ranking and k, the attribution inside and
-    outside the box (and their sum), next to the unpruned values (k = 0).
+    outside the box (and their sum) and each sample's explained score (`scores`: the
+    target's logit, or probability, of the pruned model), next to the unpruned values (k = 0).
     """
     from ..explainer import Explainer
 
@@ -308,7 +309,14 @@ def prune_study(model, x, layer: str, box, target=None, ks=(1, 2, 4, 8, 16), n_s
     orders = {r: np.argsort(-s.reshape(s.shape[0], channels, -1).sum(axis=(0, 2)), kind="stable").tolist()
               for r, s in scores.items()}
 
+    n = len(next(iter(feeds.values())))
+    targets = target if isinstance(target, list) else [target] * n
+
     def measure(explainer):
+        # The explained score of each sample, pruned or not: what the integrated gradients
+        # of the row distribute (up to the baseline's score).
+        logits = np.asarray(explainer.predict(feeds, explainer.explained_tensor(output, probability))).reshape(n, -1)
+        scores = [float(logits[i, t]) for i, t in enumerate(targets)]
         ig = explainer.attribute(feeds, method="integrated_gradients", **common)
         ig = next(iter(ig.values())) if isinstance(ig, dict) else ig
         ctx = _BoxContext(explainer, feeds)
@@ -317,7 +325,7 @@ def prune_study(model, x, layer: str, box, target=None, ks=(1, 2, 4, 8, 16), n_s
         per_pixel = ig.sum(axis=channel, keepdims=True)
         inside = float((per_pixel * mask).sum())
         total = float(per_pixel.sum())
-        return {"inside": inside, "outside": total - inside, "total": total}
+        return {"inside": inside, "outside": total - inside, "total": total, "scores": scores}
 
     base = measure(e)
     rows = [{"ranking": "none", "k": 0, "pruned": [], **base}]
