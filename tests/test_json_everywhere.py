@@ -209,8 +209,8 @@ def token_model(tmp_path_factory):
     tok = tokenizers.Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
-                                                                                              ("[SEP]", 2)])
+    specials = [("[CLS]", 1), ("[SEP]", 2)]
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=specials)
     tok.save(str(d / "tokenizer.json"))
     rng = np.random.default_rng(4)
     nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"]),
@@ -221,15 +221,13 @@ def token_model(tmp_path_factory):
              helper.make_node("ReduceSum", ["m3", "tokens"], ["n"], keepdims=0),
              helper.make_node("Div", ["s", "n"], ["mean"]),
              helper.make_node("MatMul", ["mean", "W"], ["logits"])]
-    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids",
-                                                                                           "attention_mask")]
-    graph = helper.make_graph(nodes, "tokens", ints, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                                                    ["batch", 3])],
-                              initializer=[numpy_helper.from_array(rng.normal(size=(len(VOCAB), 6)).astype(np.float32),
-                                                                   "E"),
-                                           numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "W"),
-                                           numpy_helper.from_array(np.array([2], np.int64), "last"),
-                                           numpy_helper.from_array(np.array([1], np.int64), "tokens")])
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+            for n in ("input_ids", "attention_mask")]
+    out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])]
+    weights = {"E": rng.normal(size=(len(VOCAB), 6)).astype(np.float32),
+               "W": rng.normal(size=(6, 3)).astype(np.float32), "last": np.array([2], np.int64), "tokens": np.array([1], np.int64)}
+    graph = helper.make_graph(nodes, "tokens", ints, out,
+                              initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(d / "tokens.onnx"))
