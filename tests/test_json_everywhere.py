@@ -225,7 +225,8 @@ def token_model(tmp_path_factory):
             for n in ("input_ids", "attention_mask")]
     out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])]
     weights = {"E": rng.normal(size=(len(VOCAB), 6)).astype(np.float32),
-               "W": rng.normal(size=(6, 3)).astype(np.float32), "last": np.array([2], np.int64), "tokens": np.array([1], np.int64)}
+               "W": rng.normal(size=(6, 3)).astype(np.float32),
+               "last": np.array([2], np.int64), "tokens": np.array([1], np.int64)}
     graph = helper.make_graph(nodes, "tokens", ints, out,
                               initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
