@@ -9,8 +9,9 @@ takes part by exposing ``main(args)``, where ``args`` is the argparse namespace 
 here (the common options below plus whatever the module adds through an optional
 ``add_arguments(parser)``). ``main`` returns its section as markdown text (or returns
 None and prints it: its stdout is then the section). An optional module-level ``TITLE``
-names the section. Each module's section replaces only its own generated block in
-RESULTS.md, between ``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->``;
+names the section, an optional ``SECTION`` its block (default NAME). Each module's section
+replaces only its own generated block in RESULTS.md, between ``<!-- bench:NAME:begin -->``
+and ``<!-- bench:NAME:end -->``;
 text outside those blocks is kept.
 
 The helpers here (``time_call``, ``machine_info``, ``configure_threads``,
@@ -360,7 +361,9 @@ def main(argv=None) -> int:
                 print(tb, file=sys.stderr)
                 body = buf.getvalue() + f"\n\n**failed**:\n\n```\n{tb.strip()}\n```"
             body += f"\n\n_(section took {time.perf_counter() - t0:.0f} s)_"
-        sections[name] = f"## {title}\n\n{body.strip()}"
+        # A module's optional SECTION names its RESULTS.md block (default: its file's name).
+        block = name if isinstance(mod, str) else getattr(mod, "SECTION", name)
+        sections[block] = f"## {title}\n\n{body.strip()}"
         print(flush=True)
     if not args.no_write:
         update_results(args.out, sections)
