@@ -223,6 +223,7 @@ class TokenAttribution:
             "text": self.text, "text_pair": self.text_pair, "method": self.method, "target": self.target,
             "reduction": self.reduction, "score_kind": self.score_kind, "layer": self.layer,
             "baseline": self.baseline, "level": self.level, "explained_score": self.explained_score,
+            "score": self.explained_score,  # the key every other command's --json uses
             "tokens": [{"token": t, "id": int(i), "offsets": list(o), "special": bool(s),
                         "word": w, "sequence": q, "score": float(v)}
                        for t, i, o, s, w, q, v in zip(self.tokens, self.ids, self.offsets, self.special,

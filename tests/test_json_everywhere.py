@@ -245,6 +245,7 @@ def test_explain_text_json_gives_the_logit_of_the_sentence(token_model):
     assert [t["token"] for t in printed["tokens"]] == enc.tokens
     assert printed["target"] == "1"  # the target as spelt (text targets are sentences)
     assert printed["explained_score"] == pytest.approx(float(want[0, 1]), rel=1e-5, abs=1e-6)
+    assert printed["score"] == printed["explained_score"]  # the key the other commands use
 
 
 # ----------------------------------------------------------------------------- commands that show
