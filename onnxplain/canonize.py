@@ -251,6 +251,9 @@ def _predicted_bytes(node, values) -> int:
     return 0
 
 
+_REFERENCE_FROM = {"DequantizeLinear": 19, "QuantizeLinear": 19}
+
+
 def _evaluate(node, values: list, opset_import) -> list[np.ndarray] | None:
     from onnx.reference import ReferenceEvaluator
 
@@ -261,7 +264,14 @@ def _evaluate(node, values: list, opset_import) -> list[np.ndarray] | None:
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                   for n, v in zip(names, values) if n]
         graph = helper.make_graph([one], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in one.output])
-        model = helper.make_model(graph, opset_imports=list(opset_import))
+        opsets = list(opset_import)
+        if node.op_type in _REFERENCE_FROM and node.domain in ("", "ai.onnx"):
+            # The reference runtime implements (De)QuantizeLinear from opset 19 only, whose
+            # versions 13..19 agree on integer types: a weight's DequantizeLinear of a constant
+            # folds to the dequantized weight in any opset, as relevance rules need it.
+            opsets = [helper.make_opsetid("", max(o.version, _REFERENCE_FROM[node.op_type]))
+                      if o.domain in ("", "ai.onnx") else o for o in opsets]
+        model = helper.make_model(graph, opset_imports=opsets)
         results = ReferenceEvaluator(model).run(None, {n: v for n, v in zip(names, values) if n})
     except Exception:  # an op the reference runtime lacks, or inputs it rejects: keep the node
         return None
