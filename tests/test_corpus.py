@@ -195,3 +195,171 @@ def test_ratchet_verified_models_stay_verified(results):
     assert len(verified) >= ratchet.get("gradient_verified", 0)
     assert len(predicted) >= ratchet.get("predict_ok", 0)
     assert len(occluded) >= ratchet.get("occlusion_ok", 0)
+
+
+# ----------------------------------------------------------------------------- float64 referees
+
+
+def test_float64_differences_take_the_small_steps_below_a_nearby_kink():
+    # A ReLU 3e-5 from the point: steps of 1e-4 straddle it (their difference is 2.3), steps
+    # of 1e-6 and 1e-7 do not and agree on the derivative, 3.
+    f = lambda h: 2 * max(0.0, h + 3e-5) + h  # noqa: E731
+    fd, fds = corpus.converged_difference(f)
+    assert fd == pytest.approx(3.0, rel=1e-9)
+    assert set(fds) <= {1e-6, 1e-7}
+
+
+def test_float64_differences_that_never_converge_give_no_value():
+    fd, fds = corpus.converged_difference(lambda h: np.sign(h) * np.sqrt(abs(h)))
+    assert fd is None and len(fds) == len(corpus.STEPS64)
+
+
+def test_a_float64_referee_whose_forward_is_not_the_models_is_refused(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(_tiny(), str(path))
+    feeds = {"x": np.array([[0.3, -0.2, 0.1, 0.7]], np.float32)}
+    y = corpus._Reference(path, "y").run(feeds, ["y"])["y"]
+    v = [{"x": np.ones((1, 4))}]
+    fd, engine, fwd = corpus.fd64(path, feeds, "y", np.ones((1, 4)), ["x"], v, want=y)
+    assert fwd["forward"] < 1e-6
+    w = np.array([1.0, -2.0, 3.0, 0.5])
+    assert fd[0] == pytest.approx(float(np.sum(w * (1 - np.tanh(feeds["x"].astype(np.float64) * w) ** 2))), rel=1e-6)
+    with pytest.raises(corpus.CorpusError, match="forward"):
+        corpus.fd64(path, feeds, "y", np.ones((1, 4)), ["x"], v, want=y * 1.001)
+
+
+def test_the_float64_reference_evaluates_inference_batchnorm_with_a_momentum_attribute():
+    # paddle2onnx writes momentum on inference BatchNormalization (one output), which
+    # onnx.reference's opset-9 kernel takes for training mode (batch statistics).
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3, 4])
+    rng = np.random.default_rng(0)
+    p = {k: rng.uniform(0.5, 1.5, 3) for k in ("s", "b", "m", "v")}
+    inits = [helper.make_tensor(k, TensorProto.DOUBLE, [3], v) for k, v in p.items()]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-5, momentum=0.9)
+    model = helper.make_model(helper.make_graph([node], "bn", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 12)])
+    from onnx.reference import ReferenceEvaluator
+
+    xv = rng.standard_normal((2, 3, 4))
+    (got,) = ReferenceEvaluator(model, new_ops=corpus._quantized_referee().STANDARD_FIXES).run(None, {"x": xv})
+    c = lambda a: a.reshape(1, 3, 1)  # noqa: E731
+    np.testing.assert_allclose(got, (xv - c(p["m"])) / np.sqrt(c(p["v"]) + 1e-5) * c(p["s"]) + c(p["b"]), rtol=1e-9)
+
+
+def _dynamic_conv_model():
+    """onnx.quantize's dynamically quantized Conv, as ddddocr-common-old has 21 of them:
+    the input quantized on the fly (DynamicQuantizeLinear), a uint8 weight, the float bias
+    quantized by the product of the two scales (Div -> Floor -> Cast int32), ConvInteger,
+    then the product with the scales."""
+    rng = np.random.default_rng(0)
+    wq = rng.integers(0, 256, (3, 2, 3, 3)).astype(np.uint8)
+    bias = rng.uniform(-0.5, 0.5, 3).astype(np.float32)
+    T = TensorProto
+    inits = [helper.make_tensor("wq", T.UINT8, wq.shape, wq.ravel()), helper.make_tensor("ws", T.FLOAT, [], [0.004]),
+             helper.make_tensor("wz", T.UINT8, [], [131]), helper.make_tensor("b", T.FLOAT, [3], bias),
+             helper.make_tensor("bshape", T.INT64, [4], [1, 3, 1, 1])]
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("Mul", ["xs", "ws"], ["s"]),
+        helper.make_node("Div", ["b", "s"], ["bdiv"]),
+        helper.make_node("Floor", ["bdiv"], ["bfloor"]),
+        helper.make_node("Cast", ["bfloor"], ["bq"], to=T.INT32),
+        helper.make_node("Reshape", ["bq", "bshape"], ["bq4"]),
+        helper.make_node("ConvInteger", ["xq", "wq", "xz", "wz"], ["acc"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Add", ["acc", "bq4"], ["accb"]),
+        helper.make_node("Cast", ["accb"], ["accf"], to=T.FLOAT),
+        helper.make_node("Mul", ["accf", "s"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "dq_conv", [helper.make_tensor_value_info("x", T.FLOAT, [1, 2, 5, 6])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 3, 5, 6])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+    wd = (wq.astype(np.float64) - 131) * np.float64(np.float32(0.004))
+    return model, wd, bias
+
+
+def test_quantized_referee_operators_compute_what_onnxruntime_computes():
+    model, _, _ = _dynamic_conv_model()
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 2, 5, 6)).astype(np.float32)
+    errors = corpus._quantized_referee().operator_errors(model, {"x": x})
+    assert len(errors) == 3  # DynamicQuantizeLinear, ConvInteger, the fused bias quantizer
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_quantized_referee_straight_through_is_the_dequantized_float_model_at_onnxruntimes_point(tmp_path):
+    # The convention onnxplain documents: rounding passed straight through, so the
+    # dequantized conv with its float bias, whose input gradient is the transposed conv of
+    # the seed with the dequantized weight (torch, float64), and no term from the dynamic
+    # scale (it cancels).
+    torch = pytest.importorskip("torch")
+    qr = corpus._quantized_referee()
+    model, wd, _ = _dynamic_conv_model()
+    path = tmp_path / "dq_conv.onnx"
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (1, 2, 5, 6)).astype(np.float32)
+    seed = rng.standard_normal((1, 3, 5, 6))
+    want = corpus._Reference(path, "y").run({"x": x}, ["y"])["y"]
+    ref = corpus._Reference64(path, "y")
+    assert ref.quantized is not None
+    check = ref.check_forward({"x": x}, want)
+    assert check["operators"] < 1e-6 and check["straight_through"] < 1e-6, check
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    out = torch.nn.functional.conv2d(xt, torch.tensor(wd), padding=1)
+    (g,) = torch.autograd.grad((out * torch.tensor(seed)).sum(), xt)
+    v = [{"x": rng.standard_normal(x.shape)} for _ in range(3)]
+    fd, engine, _ = corpus.fd64(path, {"x": x}, "y", seed, ["x"], v, want=want, ref=ref)
+    assert "straight-through" in engine
+    for d, f in zip(v, fd):
+        assert f == pytest.approx(float(np.sum(g.numpy() * d["x"])), rel=1e-6)
+    assert qr.needs_referee(model)
+
+
+def ort_run(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_quantized_referee_lstm_matches_onnxruntime_exactly_and_is_the_float_lstm_straight_through():
+    import onnxruntime as ort
+
+    qr = corpus._quantized_referee()
+    rng = np.random.default_rng(3)
+    T_, N, I, H = 4, 1, 3, 2
+    wq = rng.integers(-100, 100, (1, I, 4 * H)).astype(np.int8)
+    rq = rng.integers(-100, 100, (1, H, 4 * H)).astype(np.int8)
+    bias = rng.uniform(-0.3, 0.3, (1, 8 * H)).astype(np.float32)
+    T = TensorProto
+    inits = [helper.make_tensor("W", T.INT8, wq.shape, wq.ravel()),
+             helper.make_tensor("R", T.INT8, rq.shape, rq.ravel()),
+             helper.make_tensor("B", T.FLOAT, bias.shape, bias.ravel()),
+             helper.make_tensor("ws", T.FLOAT, [1], [0.01]), helper.make_tensor("wz", T.INT8, [1], [3]),
+             helper.make_tensor("rs", T.FLOAT, [1], [0.02]), helper.make_tensor("rz", T.INT8, [1], [-2])]
+    node = helper.make_node("DynamicQuantizeLSTM", ["x", "W", "R", "B", "", "", "", "", "ws", "wz", "rs", "rz"],
+                            ["y", "yh", "yc"], domain="com.microsoft", hidden_size=H)
+    g = helper.make_graph([node], "dq_lstm", [helper.make_tensor_value_info("x", T.FLOAT, [T_, N, I])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    x = rng.uniform(-1, 1, (T_, N, I)).astype(np.float32)
+    errors = qr.operator_errors(model, {"x": x})
+    assert max(errors.values()) < 1e-5, errors
+    # Straight through: the float LSTM with the dequantized weights, as onnxruntime's own
+    # float LSTM computes it (float32 only; weights in LSTM's layout [D, 4H, in]).
+    wd = ((wq.astype(np.float64) - 3) * np.float32(0.01)).transpose(0, 2, 1)
+    rd = ((rq.astype(np.float64) - -2) * np.float32(0.02)).transpose(0, 2, 1)
+    lstm = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=H)], "lstm",
+        [helper.make_tensor_value_info("x", T.FLOAT, [T_, N, I])], [helper.make_tensor_value_info("y", T.FLOAT, None)],
+        [helper.make_tensor("W", T.FLOAT, wd.shape, wd.ravel()), helper.make_tensor("R", T.FLOAT, rd.shape, rd.ravel()),
+         helper.make_tensor("B", T.FLOAT, bias.shape, bias.ravel())])
+    float_lstm = ort.InferenceSession(helper.make_model(lstm, opset_imports=[helper.make_opsetid("", 14)],
+                                                        ir_version=8).SerializeToString(),
+                                      providers=["CPUExecutionProvider"])
+    (want,) = float_lstm.run(None, {"x": x})
+    ref = qr.QuantizedReferee(corpus.float64_model(model), ["y"])
+    (got,) = ref.straight_through({"x": x.astype(np.float64)})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # ... which is not the quantized forward: the quantization of X and h is what it drops.
+    assert np.max(np.abs(got - ort_run(model, x))) > 1e-4
