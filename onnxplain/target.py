@@ -26,7 +26,8 @@ Forms (`FORMS` is the one-line summary errors show):
   that detection's score on the scores output (`resolve_target`, before any explainer run).
 - `text:"REFERENCE"`: for a sentence encoder, dot(emb(text), emb(REFERENCE)) with the
   model's pooling (`TextTarget`); resolved to a seed by `onnxplain.text`, which has the
-  tokenizer (`explain_text`, the CLI's --text/--tokenizer).
+  tokenizer (`explain_text`, the CLI's --text/--tokenizer). `text-cos:"REFERENCE"`: the
+  cosine of the two embeddings, built into the graph as a scalar output by `onnxplain.text`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ FORMS = ("target forms: 3 (class 3 for every sample), 3,1,4 (one class per sampl
          "pos:T:V (token V at position T of a (batch, positions, vocab) output), last:V, step:T[:C], "
          "steps:T0-T1[:C] (frames of a sequence output), region:x1,y1,x2,y2[:C] and mask:FILE.png[:C] "
          "(an area of a dense (batch, classes, H, W) map), detection:I and box:x1,y1,x2,y2[:C] (one detection of a "
-         "detector; @yolov8|yolov5|yolox|ssd|detr names the output layout)")
+         "detector; @yolov8|yolov5|yolox|ssd|detr names the output layout), text:\"REF\" and text-cos:\"REF\" (a "
+         "sentence encoder explained on text with its tokenizer: the dot product or the cosine of the embeddings)")
 
 _INT = r"-?\d+"
 
@@ -507,11 +509,14 @@ _NOT_YET: dict = {}
 class TextTarget(Target):
     """`text:"REFERENCE"`: why the explained text's embedding is close to REFERENCE's, the
     score dot(emb(text), emb(REFERENCE)). Its seed needs the tokenizer and the model, so
-    `onnxplain.text.text_target_seed` forms it; on a bare tensor shape it is an error."""
+    `onnxplain.text.text_target_seed` forms it; on a bare tensor shape it is an error.
+    `text-cos:"REFERENCE"` (cosine=True) explains the cosine instead, which no seed on the
+    model's output can express: `onnxplain.text` adds it to the graph as a scalar output."""
 
-    def __init__(self, reference: str):
+    def __init__(self, reference: str, cosine: bool = False):
         self.reference = reference
-        self.text = "text:" + json.dumps(reference)
+        self.cosine = bool(cosine)
+        self.text = ("text-cos:" if self.cosine else "text:") + json.dumps(reference)
 
     def seed(self, shape, batch_axis=0, output=None):
         raise OptionError(f"target '{self.text}' compares sentence embeddings: it needs the tokenizer to embed the "
@@ -519,13 +524,15 @@ class TextTarget(Target):
                           "target=...) or the CLI's --text/--tokenizer")
 
 
-def _parse_text(rest: str, raw: str) -> TextTarget:
+def _parse_text(rest: str, raw: str, cosine: bool = False) -> TextTarget:
     rest = rest.strip()
     if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "\"'":
         rest = rest[1:-1]
+    kind = "text-cos" if cosine else "text"
     if not rest.strip():
-        raise OptionError(f"target '{raw}' is not text:\"REFERENCE\" (a reference sentence, e.g. text:\"a great film\")")
-    return TextTarget(rest)
+        raise OptionError(f"target '{raw}' is not {kind}:\"REFERENCE\" (a reference sentence, e.g. "
+                          f"{kind}:\"a great film\")")
+    return TextTarget(rest, cosine=cosine)
 
 
 def parse_target(text: str) -> Target:
@@ -544,8 +551,8 @@ def parse_target(text: str) -> Target:
         return _Seed(load_array(raw), name=f"seed:{raw}:{_file_digest(raw)}")
     if kind in ("detection", "box"):
         return _parse_detection(kind, rest.strip(), raw)
-    if kind == "text":
-        return _parse_text(rest, raw)
+    if kind in ("text", "text-cos"):
+        return _parse_text(rest, raw, cosine=kind == "text-cos")
     if kind in _NOT_YET:
         pattern, spelling, needs = _NOT_YET[kind]
         if not re.fullmatch(pattern, rest.strip()):

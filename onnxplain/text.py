@@ -28,6 +28,7 @@ from __future__ import annotations
 import html as _html
 import json
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,23 +152,51 @@ def input_roles(explainer) -> dict:
     return roles
 
 
-def model_feeds(explainer, enc: Encoded) -> dict:
-    """The model's inputs for one encoded text (batch 1), by name, in the model's dtypes."""
+def pad_token_id(tokenizer) -> int:
+    """The id texts of a batch are padded with: the tokenizer's PAD (the attention mask
+    hides it from the model, so any id would do where the model honours the mask)."""
+    tok = load_tokenizer(tokenizer)
+    pad = getattr(tok, "padding", None)
+    if pad and pad.get("pad_id") is not None:
+        return int(pad["pad_id"])
+    for name in ("[PAD]", "<pad>", "<PAD>"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return int(i)
+    return 0
+
+
+def model_feeds(explainer, enc, pad_id: int = 0) -> dict:
+    """The model's inputs for one encoded text (batch 1), or for a list of them padded at
+    the end to the longest (ids `pad_id`, attention mask 0, type ids 0, positions counted
+    on), by name, in the model's dtypes."""
     from .explainer import _np_dtype
 
+    encs = [enc] if isinstance(enc, Encoded) else list(enc)
     g = explainer.graph
-    values = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids,
-              "position_ids": np.arange(len(enc), dtype=np.int64)}
+    n, t = len(encs), max(len(e) for e in encs)
+    roles = input_roles(explainer)
+    if len({len(e) for e in encs}) > 1 and "attention_mask" not in roles.values():
+        raise ModelError(f"the texts have {min(len(e) for e in encs)} to {t} tokens, so a batch pads them; the model "
+                         f"takes no attention mask ({', '.join(g.inputs)}), so the padding would change what it "
+                         "computes: explain the texts one at a time")
+    values = {"input_ids": np.full((n, t), int(pad_id), np.int64), "attention_mask": np.zeros((n, t), np.int64),
+              "token_type_ids": np.zeros((n, t), np.int64),
+              "position_ids": np.broadcast_to(np.arange(t, dtype=np.int64), (n, t))}
+    for i, e in enumerate(encs):
+        values["input_ids"][i, :len(e)] = e.ids
+        values["attention_mask"][i, :len(e)] = e.attention_mask
+        values["token_type_ids"][i, :len(e)] = e.type_ids
     feeds = {}
-    for name, role in input_roles(explainer).items():
+    for name, role in roles.items():
         shape = g.shape(name)
-        v = values[role][None]
+        v = values[role]
         if shape is not None and len(shape) != 2:
             raise ModelError(f"input '{name}' ({role}) has shape {shape}; a token model takes (batch, tokens)")
-        if shape is not None and isinstance(shape[1], int) and shape[1] != len(enc):
-            raise InputError(f"the model takes exactly {shape[1]} tokens in '{name}'; the text has {len(enc)} "
+        if shape is not None and isinstance(shape[1], int) and shape[1] != t:
+            raise InputError(f"the model takes exactly {shape[1]} tokens in '{name}'; the text has {t} "
                              "(export the model with a dynamic sequence axis)")
-        feeds[name] = v.astype(_np_dtype(g.elem_type(name)))
+        feeds[name] = np.ascontiguousarray(v).astype(_np_dtype(g.elem_type(name)))
     return feeds
 
 
@@ -286,61 +315,116 @@ def _merge_words(tokens, word_ids, sequence_ids, special, scores, reduction, tex
     return out
 
 
-def _feature_mask(enc: Encoded, words: bool) -> np.ndarray:
-    """One feature per token, or per word (special tokens each their own feature)."""
+def _feature_mask(enc: Encoded, words: bool, length: int | None = None) -> np.ndarray:
+    """One feature per token, or per word (special tokens each their own feature), (1,
+    length). Padding past the text joins the last token's feature: its baseline is itself,
+    so ablating it changes nothing, and it adds no feature of its own."""
     if not words:
-        return np.arange(len(enc))[None]
+        return np.arange(len(enc) if length is None else length)[None]
     keys, mask = {}, []
     for i, (w, q) in enumerate(zip(enc.word_ids, enc.sequence_ids)):
         key = ("s", i) if enc.special[i] or w is None else ("w", q, w)
         mask.append(keys.setdefault(key, len(keys)))
+    mask += [mask[-1]] * ((length or len(enc)) - len(enc))
     return np.asarray(mask, np.int64)[None]
 
 
-def explain_text(explainer, tokenizer, text: str, text_pair: str | None = None, method: str = "gradient",
-                 target=None, reduce: str = "sum", words: bool = False, baseline_id: int | None = None,
-                 output=None, probability: bool = False, pooling: str = "mean", **options) -> TokenAttribution:
+# Methods whose result is one score per token already: the row of a token-mixing matrix.
+ATTENTION_MAPS = ("attention_rollout", "generic_attention", "transformer_attribution")
+# Methods whose features are sampled per text (coalitions over its own tokens): a padded
+# batch would give a shorter text dummy features that change its fit, so they run text by text.
+PER_TEXT = ("kernel_shap", "lime")
+
+
+def explain_text(explainer, tokenizer, text, text_pair=None, method: str = "gradient", target=None,
+                 reduce: str | None = None, words: bool = False, baseline_id: int | None = None, output=None,
+                 probability: bool = False, pooling: str = "mean", **options):
     """Explain `explainer`'s model on `text` (and `text_pair`) and score each token.
 
-    target: any target of the grammar, or `text:"..."` for a sentence encoder (see
-    `text_target_seed`). reduce: `sum` or `l2` over the hidden axis (see the module's
-    doc). words: merge scores into words (black-box methods then perturb whole words).
+    text: one text (returns one TokenAttribution) or a list of texts (returns a list, one
+    per text): they are padded at the end to the longest, the attention mask 0 on the
+    padding, and explained in one batch (kernel_shap and lime: text by text); text_pair:
+    None, one text for all, or one per text.
+    target: any target of the grammar, or `text:"..."` / `text-cos:"..."` for a sentence
+    encoder (see `text_target_seed`, `cosine_output`). reduce: `sum` (default) or `l2`
+    over the hidden axis (see the module's doc); attention maps (attention_rollout,
+    generic_attention, transformer_attribution) are one score per token and take none.
+    words: merge scores into words (black-box methods then perturb whole words).
     baseline_id: the id a black-box method puts in place of a token, and the id whose
     embedding is the baseline of integrated gradients / DeepLIFT (default: the tokenizer's
-    PAD id); special tokens keep their ids in every baseline.
+    PAD id); special tokens (and padding) keep their ids in every baseline.
     """
     from .explainer import Explainer
     from .methods.base import get_method
-    from .target import as_target
 
     if not isinstance(explainer, Explainer):
         explainer = Explainer(explainer)
+    m = get_method(method)
+    if m.name in ATTENTION_MAPS and reduce is not None:
+        raise OptionError(f"method '{m.name}' gives one score per token (an attention map's row): there is no hidden "
+                          "axis to reduce; leave out reduce (--reduce)")
+    reduce = "sum" if reduce is None else reduce
     if reduce not in REDUCTIONS:
         raise OptionError(f"unknown reduction '{reduce}'; choose {' or '.join(REDUCTIONS)}")
+    single = isinstance(text, str)
+    texts = [text] if single else list(text)
+    if not texts:
+        raise InputError("no texts to explain")
+    if text_pair is None or isinstance(text_pair, str):
+        pairs = [text_pair] * len(texts)
+    else:
+        pairs = list(text_pair)
+        if len(pairs) != len(texts):
+            raise InputError(f"got {len(pairs)} text pairs for {len(texts)} texts; give one pair per text or one "
+                             "for all")
     tok = load_tokenizer(tokenizer)
-    enc = encode(tok, text, text_pair)
-    feeds = model_feeds(explainer, enc)
+    kw = dict(method=m.name, target=target, reduce=None if m.name in ATTENTION_MAPS else reduce, words=words,
+              baseline_id=baseline_id, output=output, probability=probability, pooling=pooling, **options)
+    if m.name in PER_TEXT and len(texts) > 1:
+        return [explain_text(explainer, tok, t, p, **kw) for t, p in zip(texts, pairs)]
+    encs = [encode(tok, t, p) for t, p in zip(texts, pairs)]
+    results = _explain_encoded(explainer, tok, encs, m, target, reduce, words, baseline_id, output, probability,
+                               pooling, options)
+    return results[0] if single else results
+
+
+def _explain_encoded(explainer, tok, encs, m, target, reduce, words, baseline_id, output, probability, pooling,
+                     options) -> list:
+    from .target import TextTarget, as_target
+
+    feeds = model_feeds(explainer, encs, pad_token_id(tok))
     roles = input_roles(explainer)
     ids_name = next(n for n, r in roles.items() if r == "input_ids")
-    m = get_method(method)
+    n, t_max = feeds[ids_name].shape
     if baseline_id is None:
         baseline_id, base_name = baseline_token_id(tok)
     else:
         base_name = tok.id_to_token(int(baseline_id)) or f"id {baseline_id}"
-    base_ids = np.where(enc.special, enc.ids, int(baseline_id))[None].astype(feeds[ids_name].dtype)
+    # Special tokens and the padding keep their ids in every baseline.
+    kept = np.ones((n, t_max), bool)
+    for i, e in enumerate(encs):
+        kept[i, :len(e)] = e.special
+    base_ids = np.where(kept, feeds[ids_name], int(baseline_id)).astype(feeds[ids_name].dtype)
     baseline_text = f"{base_name} (id {int(baseline_id)}), special tokens kept"
 
-    score_kind = ""
-    from .target import TextTarget
-
+    kinds = [""] * n
+    ex = explainer
     t = as_target(target)
-    if isinstance(t, TextTarget):
-        seed, score_kind = text_target_seed(explainer, tok, enc, feeds, t, output=output, pooling=pooling)
-        target_arg, target_text = seed, t.text
+    if isinstance(t, TextTarget) and t.cosine:
+        if probability:
+            raise OptionError(f"target '{t.text}' is a cosine, not a class: it has no probability")
+        ex, output, kind = cosine_output(explainer, tok, t.reference, output=output, pooling=pooling)
+        kinds = [kind] * n
+        target_arg = np.ones((n, 1), np.float32)  # the cosine output, seed 1 for every method
+    elif isinstance(t, TextTarget):
+        target_arg, kinds = text_target_seeds(explainer, tok, encs, feeds, t, output=output, pooling=pooling)
     else:
-        target_arg, target_text = target, t.text
+        target_arg = target
+    target_text = t.text
 
     opts = dict(options)
+    attention = m.name in ATTENTION_MAPS
+    x = None  # the embedding, for the signed sum of a gradient-type result
     if m.kind == "black-box":
         if m.name not in TOKEN_BLACK_BOX:
             raise OptionError(f"method '{m.name}' does not perturb tokens; over tokens use "
@@ -350,60 +434,85 @@ def explain_text(explainer, tokenizer, text: str, text_pair: str | None = None, 
                 raise OptionError("occlusion slides a window over tokens; to remove whole words use "
                                   "feature_ablation (or kernel_shap, lime) with words")
         else:
-            opts.setdefault("feature_mask", _feature_mask(enc, words))
+            opts.setdefault("feature_mask", np.concatenate([_feature_mask(e, words, t_max) for e in encs]))
         opts.setdefault("baseline", base_ids)
-        raw = explainer.attribute(feeds, method=m.name, target=target_arg, output=output, probability=probability,
-                                  wrt=ids_name, **opts)
-        raw = np.asarray(raw, np.float64)[0]
-        scores, reduction, layer = raw.copy(), "none (the score drop of the perturbed token)", None
-        if m.name in ("occlusion", "feature_ablation"):
-            # Never perturbed (their baseline is themselves): the drop is zero, not float noise
-            # of a batched run against a single one.
-            scores[enc.special] = 0.0
+        raw = ex.attribute(feeds, method=m.name, target=target_arg, output=output, probability=probability,
+                           wrt=ids_name, **opts)
+        raw = np.asarray(raw, np.float64).reshape(n, t_max)
+        layer = None
+        reduction = "none (the score drop of the perturbed token)"
         if m.name in ("kernel_shap", "lime"):
             reduction = "none (the surrogate's coefficient of the token)"
     else:
         layer = word_embedding(explainer, ids_name)
         if "baseline_ids" in m.options and "layer_baseline" not in opts:
             opts.setdefault("baseline_ids", base_ids)
-        raw = explainer.attribute(feeds, method=m.name, target=target_arg, output=output, probability=probability,
-                                  layer=layer, **opts)
+        raw = ex.attribute(feeds, method=m.name, target=target_arg, output=output, probability=probability,
+                           layer=layer, **opts)
         raw = np.asarray(raw, np.float64)
-        if raw.ndim != 3 or raw.shape[:2] != (1, len(enc)):
+        if attention:
+            if raw.shape != (n, t_max):
+                raise ModelError(f"method '{m.name}' gave scores of shape {raw.shape}; token scores need ({n}, "
+                                 f"{t_max}), one per token")
+            reduction = "attention map: the explained query's row of the method's token-mixing matrix, one score " \
+                        "per token (no hidden axis to reduce)"
+            kinds = ["attention map" + (f"; target: {k}" if k else "") for k in kinds]
+        elif raw.ndim != 3 or raw.shape[:2] != (n, t_max):
             raise ModelError(f"method '{m.name}' gave an attribution of shape {raw.shape} at the embedding "
-                             f"'{layer}'; token scores need (1, {len(enc)}, hidden)")
-        raw = raw[0]
-        if reduce == "l2":
-            scores, reduction = np.linalg.norm(raw, axis=-1), "l2: the norm over hidden of the attribution"
+                             f"'{layer}'; token scores need ({n}, {t_max}, hidden)")
+        elif reduce == "l2":
+            reduction = "l2: the norm over hidden of the attribution"
         elif m.name in GRADIENT_TYPE:
-            x = explainer.forward(feeds, [layer])[layer][0].astype(np.float64)
-            scores, reduction = (x * raw).sum(-1), "sum: sum over hidden of embedding x gradient (signed)"
+            x = ex.forward(feeds, [layer])[layer].astype(np.float64)
+            reduction = "sum: sum over hidden of embedding x gradient (signed)"
         else:
-            scores, reduction = raw.sum(-1), "sum: sum over hidden of the attribution (signed)"
-    explained = _explained_score(explainer, feeds, target_arg, output, probability)
-    per_feature = m.kind == "black-box" and words
-    merged = _merge_words(enc.tokens, enc.word_ids, enc.sequence_ids, enc.special, scores, reduce, enc.text,
-                          enc.text_pair, enc.offsets, per_feature=per_feature)
+            reduction = "sum: sum over hidden of the attribution (signed)"
+    explained = _explained_scores(ex, feeds, target_arg, output, probability if ex is explainer else False)
     if m.kind == "black-box":
         reduce_name = "none"
+    elif attention:
+        reduce_name = "attention map"
     else:
         reduce_name = reduce
-    result = TokenAttribution(enc.text, enc.text_pair, enc.tokens, enc.ids.tolist(), enc.offsets,
-                              enc.special.tolist(), enc.word_ids, enc.sequence_ids, scores.astype(np.float64),
-                              reduce_name, m.name, target_text, raw.astype(np.float32), score_kind, layer,
-                              baseline_text if (m.kind == "black-box" or "baseline_ids" in m.options) else None,
-                              explained, "word" if words else "token", merged)
-    result.reduction_text = reduction
-    return result
+    results = []
+    for i, enc in enumerate(encs):
+        length = len(enc)
+        a = raw[i, :length]
+        if m.kind == "black-box":
+            scores = a.copy()
+            if m.name in ("occlusion", "feature_ablation"):
+                # Never perturbed (their baseline is themselves): the drop is zero, not float noise
+                # of a batched run against a single one.
+                scores[enc.special] = 0.0
+        elif attention:
+            scores = a.copy()
+        elif reduce == "l2":
+            scores = np.linalg.norm(a, axis=-1)
+        elif x is not None:
+            scores = (x[i, :length] * a).sum(-1)
+        else:
+            scores = a.sum(-1)
+        per_feature = m.kind == "black-box" and words
+        merged = _merge_words(enc.tokens, enc.word_ids, enc.sequence_ids, enc.special, scores, reduce, enc.text,
+                              enc.text_pair, enc.offsets, per_feature=per_feature)
+        result = TokenAttribution(enc.text, enc.text_pair, enc.tokens, enc.ids.tolist(), enc.offsets,
+                                  enc.special.tolist(), enc.word_ids, enc.sequence_ids, scores.astype(np.float64),
+                                  reduce_name, m.name, target_text, a.astype(np.float32), kinds[i], layer,
+                                  baseline_text if (m.kind == "black-box" or "baseline_ids" in m.options) else None,
+                                  None if explained is None else float(explained[i]), "word" if words else "token",
+                                  merged)
+        result.reduction_text = reduction
+        results.append(result)
+    return results
 
 
-def _explained_score(explainer, feeds, target, output, probability) -> float | None:
-    """sum(seed * output) for the explained tensor, as every method explains it."""
+def _explained_scores(explainer, feeds, target, output, probability) -> np.ndarray | None:
+    """(n,) sum(seed * output) per text for the explained tensor, as every method explains it."""
     try:
         tensor = explainer.explained_tensor(output, probability)
         seed = explainer.seed_for(feeds, tensor, target)
         y = explainer._forward(feeds, [tensor])[tensor]
-        return float(np.sum(seed.astype(np.float64) * y))
+        return (seed.astype(np.float64) * y).reshape(len(y), -1).sum(-1)
     except Exception:  # a score is a courtesy; the attribution does not depend on it
         return None
 
@@ -424,6 +533,25 @@ def _pool(out: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
     return (out * m).sum(0) / max(m.sum(), 1.0)
 
 
+def _check_pooling(pooling):
+    if pooling not in ("mean", "cls"):
+        raise OptionError(f"unknown pooling '{pooling}'; choose mean or cls")
+
+
+def reference_embedding(explainer, tokenizer, reference: str, output=None, pooling: str = "mean"):
+    """(emb(reference), rank of the explained output per sample, its name): the sentence
+    embedding of the reference text with the model's pooling."""
+    _check_pooling(pooling)
+    tok = load_tokenizer(tokenizer)
+    ref = encode(tok, reference)
+    tensor = explainer.explained_tensor(output, False)
+    out = explainer._forward(model_feeds(explainer, ref), [tensor])[tensor][0].astype(np.float64)
+    if out.ndim not in (1, 2):
+        raise ModelError(f"a text target needs a sentence encoder's output, (batch, hidden) or (batch, tokens, "
+                         f"hidden); '{tensor}' is {(1,) + out.shape}")
+    return _pool(out, ref.attention_mask, pooling), out.ndim, tensor
+
+
 def text_target_seed(explainer, tokenizer, enc: Encoded, feeds: dict, target, output=None,
                      pooling: str = "mean") -> tuple[np.ndarray, str]:
     """(seed, what the score is) for `text:"reference"`: the seed on the explained output
@@ -433,39 +561,145 @@ def text_target_seed(explainer, tokenizer, enc: Encoded, feeds: dict, target, ou
     (pooling='mean') or read at the first token ('cls'), so the pooling lives in the seed:
     seed[t] = mask[t] / count * emb(reference) (or the reference at token 0). A pooled
     (batch, hidden) output has the reference embedding as its seed."""
-    if pooling not in ("mean", "cls"):
-        raise OptionError(f"unknown pooling '{pooling}'; choose mean or cls")
-    tok = load_tokenizer(tokenizer)
-    ref = encode(tok, target.reference)
-    ref_feeds = model_feeds(explainer, ref)
-    tensor = explainer.explained_tensor(output, False)
-    out_x = explainer._forward(feeds, [tensor])[tensor][0].astype(np.float64)
-    out_r = explainer._forward(ref_feeds, [tensor])[tensor][0].astype(np.float64)
-    if out_x.ndim not in (1, 2):
-        raise ModelError(f"target '{target.text}' needs a sentence encoder's output, (batch, hidden) or (batch, "
-                         f"tokens, hidden); '{tensor}' is {(1,) + out_x.shape}")
-    r = _pool(out_r, ref.attention_mask, pooling)
-    if out_x.ndim == 1:
-        seed = r[None]
+    seeds, kinds = text_target_seeds(explainer, tokenizer, [enc], feeds, target, output, pooling)
+    return seeds, kinds[0]
+
+
+def text_target_seeds(explainer, tokenizer, encs: list, feeds: dict, target, output=None,
+                      pooling: str = "mean") -> tuple[np.ndarray, list]:
+    """`text_target_seed` for a padded batch of texts (`model_feeds` of `encs`): the seeds
+    stacked, (n, tokens, hidden) or (n, hidden), and what each text's score is. The mean
+    runs over each text's own attention mask, so the padding has seed 0."""
+    r, rank, tensor = reference_embedding(explainer, tokenizer, target.reference, output, pooling)
+    out = explainer._forward(feeds, [tensor])[tensor].astype(np.float64)
+    n = len(encs)
+    if out.ndim - 1 != rank:
+        raise ModelError(f"'{tensor}' has shape {out.shape[1:]} per sample for the text and rank {rank} for the "
+                         "reference")
+    if rank == 1:
+        seed = np.broadcast_to(r, (n,) + r.shape)
         how = "the model's pooled output"
     else:
-        if pooling == "cls":
-            w = np.zeros(len(enc))
-            w[0] = 1.0
-        else:
-            w = enc.attention_mask.astype(np.float64) / max(enc.attention_mask.sum(), 1)
-        seed = (w[:, None] * r[None, :])[None]
+        t_max = out.shape[1]
+        w = np.zeros((n, t_max))
+        for i, e in enumerate(encs):
+            if pooling == "cls":
+                w[i, 0] = 1.0
+            else:
+                w[i, :len(e)] = e.attention_mask / max(e.attention_mask.sum(), 1)
+        seed = w[:, :, None] * r[None, None, :]
         how = f"{pooling} pooling of '{tensor}' over the attention mask" if pooling == "mean" else \
             f"the first token of '{tensor}'"
-    e = _pool(out_x, enc.attention_mask, pooling)
-    norms = np.linalg.norm(e), np.linalg.norm(r)
-    cos = float(e @ r / max(norms[0] * norms[1], 1e-30))
-    unit = all(abs(n - 1.0) < 1e-3 for n in norms)
-    kind = (f"dot product of the sentence embeddings ({how}); " +
-            ("= the cosine, the embeddings have unit norm" if unit else
-             f"not the cosine (cosine {cos:.4f}, norms {norms[0]:.3g} and {norms[1]:.3g}): the cosine divides by "
-             "the text's own norm, which the attribution does not explain"))
-    return seed.astype(np.float32), kind
+    kinds = []
+    for i, e in enumerate(encs):
+        mask = np.zeros(out.shape[1] if rank == 2 else 0, np.int64)
+        if rank == 2:
+            mask[:len(e)] = e.attention_mask
+        emb = _pool(out[i], mask, pooling)
+        norms = np.linalg.norm(emb), np.linalg.norm(r)
+        cos = float(emb @ r / max(norms[0] * norms[1], 1e-30))
+        unit = all(abs(v - 1.0) < 1e-3 for v in norms)
+        kinds.append(f"dot product of the sentence embeddings ({how}); " +
+                     ("= the cosine, the embeddings have unit norm" if unit else
+                      f"not the cosine (cosine {cos:.4f}, norms {norms[0]:.3g} and {norms[1]:.3g}): the cosine divides "
+                      "by the text's own norm, which the attribution does not explain; text-cos:\"...\" explains it"))
+    return np.ascontiguousarray(seed, dtype=np.float32), kinds
+
+
+COSINE_OUTPUT = "onnxplain.text_cosine"
+# The extended models of an explainer, per (tensor, pooling, reference embedding): each
+# holds a copy of the weights, so only the last few are kept.
+_COSINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COSINES_KEPT = 2
+
+
+def cosine_output(explainer, tokenizer, reference: str, output=None, pooling: str = "mean"):
+    """(explainer, output, what it is) for `text-cos:"reference"`: the model with a scalar
+    output per sample, cos(emb(text), emb(reference)), computed from the explained output
+    in the graph, so every method explains the cosine itself with seed 1.
+
+    Added nodes: the pooling ((batch, tokens, hidden): the mean over the attention mask
+    input, or over all tokens when the model takes none; cls: token 0), the L2
+    normalisation written as an RMSNorm, u = p / sqrt(mean(p^2) + 1e-12) = sqrt(H) p/|p|,
+    and a MatMul with the constant unit reference embedding divided by sqrt(H). Written so
+    because the rule families know these forms: the gradient is exact through all of them,
+    relevance rules take the RMSNorm group with its scale held constant (AttnLRP) and the
+    product with the reference as a linear layer."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from .explainer import Explainer, _np_dtype
+
+    r, rank, tensor = reference_embedding(explainer, tokenizer, reference, output, pooling)
+    norm = float(np.linalg.norm(r))
+    if norm == 0:
+        raise InputError(f"the reference {reference!r} has a zero embedding: its cosine is undefined")
+    g = explainer.graph
+    elem = g.elem_type(tensor) or onnx.TensorProto.FLOAT
+    dtype = _np_dtype(elem)
+    hidden = r.shape[0]
+    weight = (r / norm / np.sqrt(hidden)).reshape(hidden, 1).astype(dtype)
+    key = (tensor, pooling, rank, weight.tobytes())
+    cache = _COSINES.setdefault(explainer, {})
+    roles = input_roles(explainer)
+    mask_input = next((k for k, v in roles.items() if v == "attention_mask"), None)
+    how = "the model's pooled output" if rank == 1 else (
+        f"the first token of '{tensor}'" if pooling == "cls" else
+        f"mean pooling of '{tensor}' over {'the attention mask' if mask_input else 'all tokens'}")
+    kind = (f"cosine of the sentence embeddings ({how}, L2-normalised, dotted with the unit reference embedding), "
+            f"built into the graph as the output '{COSINE_OUTPUT}', explained with seed 1")
+    if key in cache:
+        return cache[key], COSINE_OUTPUT, kind
+    opset = g.opset
+    prefix = "onnxplain.text_cos/"
+    nodes, inits = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), prefix + name))
+        return prefix + name
+
+    def node(op, inputs, name, **attrs):
+        out = COSINE_OUTPUT if name == "cosine" else prefix + name
+        nodes.append(helper.make_node(op, inputs, [out], name=prefix + name, **attrs))
+        return out
+
+    def reduce(op, x, axes, keepdims, name):
+        if (op == "ReduceSum" and opset >= 13) or opset >= 18:
+            return node(op, [x, const(name + "_axes", np.asarray(axes, np.int64))], name, keepdims=keepdims)
+        return node(op, [x], name, axes=axes, keepdims=keepdims)
+
+    if rank == 1:
+        pooled = tensor
+    elif pooling == "cls":
+        pooled = node("Gather", [tensor, const("first", np.asarray(0, np.int64))], "pooled", axis=1)
+    else:
+        if mask_input is not None:
+            mask = node("Cast", [mask_input], "mask", to=elem)
+        else:
+            ids = next(k for k, v in roles.items() if v == "input_ids")
+            mask = node("ConstantOfShape", [node("Shape", [ids], "shape")], "mask",
+                        value=helper.make_tensor("one", elem, [1], [1]))
+        if opset >= 13:
+            mask = node("Unsqueeze", [mask, const("last_axis", np.asarray([2], np.int64))], "mask3")
+        else:
+            mask = node("Unsqueeze", [mask], "mask3", axes=[2])
+        total = reduce("ReduceSum", node("Mul", [tensor, mask], "masked"), [1], 0, "sum")
+        count = reduce("ReduceSum", mask, [1], 0, "count")
+        pooled = node("Div", [total, count], "pooled")
+    mean_square = reduce("ReduceMean", node("Mul", [pooled, pooled], "square"), [-1], 1, "mean_square")
+    rms = node("Sqrt", [node("Add", [mean_square, const("eps", np.asarray(1e-12, dtype))], "mean_square_eps")], "rms")
+    unit = node("Div", [pooled, rms], "unit")
+    node("MatMul", [unit, const("reference", weight)], "cosine")
+    m = onnx.ModelProto()
+    m.CopyFrom(g.model)
+    m.graph.node.extend(nodes)
+    m.graph.initializer.extend(inits)
+    m.graph.output.append(helper.make_tensor_value_info(COSINE_OUTPUT, elem, ["batch", 1]))
+    extended = Explainer(m, providers=explainer.providers, memory_budget=explainer.memory_budget, canonize=False)
+    while len(cache) >= _COSINES_KEPT:
+        cache.pop(next(iter(cache)))
+    cache[key] = extended
+    return extended, COSINE_OUTPUT, kind
 
 
 # ----------------------------------------------------------------------------- renderings
