@@ -286,6 +286,52 @@ class TokenAttribution:
         return p
 
 
+def save_results(results: list, path) -> Path:
+    """Write the results of several texts to one file, by suffix: .json (a list under
+    "texts", each as `TokenAttribution.to_dict`), .html (one page, a section per text),
+    .txt (the renderings), .npz (stacked, padded at the end to the longest text: `lengths`
+    says where each text stops; scores and attributions 0, ids -1, tokens "" past it).
+    .npy is refused: a bare array cannot say where each text stops."""
+    results = list(results)
+    if len(results) == 1:
+        return results[0].save(path)
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".json":
+            p.write_text(json.dumps({"texts": [r.to_dict() for r in results]}, indent=2))
+        elif suffix in (".html", ".htm"):
+            p.write_text(to_html_many(results))
+        elif suffix == ".txt":
+            p.write_text("\n\n".join(render(r, color=False) for r in results) + "\n")
+        elif suffix == ".npz":
+            n, t = len(results), max(len(r.tokens) for r in results)
+            per_token = results[0].attribution.shape[1:]
+            attribution = np.zeros((n, t) + per_token, np.float32)
+            scores, ids = np.zeros((n, t)), np.full((n, t), -1, np.int64)
+            offsets, special = np.zeros((n, t, 2), np.int64), np.zeros((n, t), bool)
+            tokens, word_ids = np.full((n, t), "", dtype=object), np.full((n, t), -1, np.int64)
+            for i, r in enumerate(results):
+                k = len(r.tokens)
+                attribution[i, :k], scores[i, :k], ids[i, :k] = r.attribution, r.scores, r.ids
+                offsets[i, :k] = np.asarray(r.offsets, np.int64).reshape(-1, 2)
+                special[i, :k], tokens[i, :k] = r.special, r.tokens
+                word_ids[i, :k] = [-1 if w is None else w for w in r.word_ids]
+            np.savez(p, attribution=attribution, scores=scores, ids=ids, offsets=offsets, special=special,
+                     tokens=tokens.astype(str), word_ids=word_ids, lengths=np.asarray([len(r.tokens) for r in results]),
+                     texts=np.asarray([r.text for r in results]),
+                     explained_score=np.asarray([np.nan if r.explained_score is None else r.explained_score
+                                                 for r in results]))
+        elif suffix == ".npy":
+            raise OptionError(f"cannot write '{p.name}' for {len(results)} texts: a bare array cannot say where each "
+                              "text stops; write .npz (stacked, with the lengths)")
+        else:
+            raise OptionError(f"cannot write '{p.name}': token scores are written as .html, .json, .npz or .txt")
+    except OSError as exc:
+        raise InputError(f"cannot write {p}: {exc.strerror}") from None
+    return p
+
+
 def _merge_words(tokens, word_ids, sequence_ids, special, scores, reduction, text, text_pair, offsets,
                  per_feature=False):
     """(word, token indices, score) per word: special tokens are words of their own; a word's
@@ -749,9 +795,8 @@ def _rgba(score: float, m: float) -> str:
     return f"rgba(220,38,38,{a:.3f})" if score >= 0 else f"rgba(37,99,235,{a:.3f})"
 
 
-def to_html(result: TokenAttribution) -> str:
-    """A self-contained page: one span per token (its score in data-score, red positive,
-    blue negative), the words, and the top tokens."""
+def _section(result: TokenAttribution, h1: str = "h1", h2: str = "h2") -> str:
+    """The page's part for one text: its spans, words and top tokens."""
     esc = _html.escape
     m = _scale([s for s, sp in zip(result.scores, result.special) if not sp] or [1.0])
     spans = []
@@ -780,8 +825,19 @@ def to_html(result: TokenAttribution) -> str:
         meta.append(("baseline", result.baseline))
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in meta)
     pair = f'<p class="pair">pair: {esc(result.text_pair)}</p>' if result.text_pair else ""
+    return f"""<{h1}>Why: {esc(result.text)}</{h1}>{pair}
+<table>{rows}</table>
+<p class="legend"><span style="background:rgba(220,38,38,0.85)">for the target</span>
+<span style="background:rgba(37,99,235,0.85)">against</span> <span class="special">special token</span></p>
+<{h2}>Tokens</{h2}><div class="tokens">{''.join(spans)}</div>
+<{h2}>Words</{h2}><div class="words">{''.join(words)}</div>
+<{h2}>Top tokens</{h2}><ol class="top">{top}</ol>
+"""
+
+
+def _page_head(title: str) -> str:
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>onnxplain: {esc(result.text[:60])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>onnxplain: {_html.escape(title[:60])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #111; }}
 h1 {{ font-size: 1.3em; }}
@@ -793,12 +849,18 @@ th {{ text-align: left; padding-right: 1em; color: #555; font-weight: normal; wh
 .legend span {{ padding: 0.1em 0.5em; border-radius: 0.25em; }}
 ol li {{ margin: 0.3em 0; font-size: 1.1em; }}
 </style></head><body>
-<h1>Why: {esc(result.text)}</h1>{pair}
-<table>{rows}</table>
-<p class="legend"><span style="background:rgba(220,38,38,0.85)">for the target</span>
-<span style="background:rgba(37,99,235,0.85)">against</span> <span class="special">special token</span></p>
-<h2>Tokens</h2><div class="tokens">{''.join(spans)}</div>
-<h2>Words</h2><div class="words">{''.join(words)}</div>
-<h2>Top tokens</h2><ol class="top">{top}</ol>
-</body></html>
 """
+
+
+def to_html(result: TokenAttribution) -> str:
+    """A self-contained page: one span per token (its score in data-score, red positive,
+    blue negative), the words, and the top tokens."""
+    return _page_head(result.text) + _section(result) + "</body></html>\n"
+
+
+def to_html_many(results: list) -> str:
+    """One self-contained page for several texts: a section per text, as `to_html` draws it."""
+    title = f"{len(results)} texts"
+    sections = "".join(f'<section class="text" data-text="{i}">' + _section(r, "h2", "h3") + "</section>\n"
+                       for i, r in enumerate(results))
+    return _page_head(title) + f"<h1>onnxplain: {title}</h1>\n" + sections + "</body></html>\n"
