@@ -9,6 +9,11 @@ directly; gradient and input x gradient at the word embedding against autograd t
 `inputs_embeds`; layer integrated gradients against Captum's LayerIntegratedGradients on
 word_embeddings with PAD baseline ids (CLS and SEP kept); token feature ablation against
 Captum's FeatureAblation with the same mask and baseline. Both torch.onnx.export paths.
+
+`text-cos:"a great film"` explains the cosine (built into the graph): its gradient against
+autograd of torch's cosine_similarity of the pooled embeddings, its layer IG against
+Captum's LayerIntegratedGradients of that cosine, its value against numpy's cosine of
+onnxruntime's pooled embeddings; a padded batch of texts against each text alone.
 """
 
 from __future__ import annotations
@@ -161,3 +166,67 @@ def test_token_feature_ablation_equals_captum_feature_ablation(minilm):
             additional_forward_args=(mask, types)).numpy()[0]
     np.testing.assert_allclose(r.scores, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
     assert r.scores[0] == 0 and r.scores[-1] == 0  # CLS and SEP are not perturbed
+
+
+# ----------------------------------------------------------------------------- the cosine
+
+
+class _Cosine(torch.nn.Module):
+    """(batch,) cos(pooled embedding, reference): the cosine target as a torch model."""
+
+    def __init__(self, model, ref):
+        super().__init__()
+        self.bert, self.ref = model, ref
+
+    def forward(self, ids, mask, types, embeds=None):
+        e = _pooled(self.bert, ids, mask, types, embeds=embeds)
+        return torch.nn.functional.cosine_similarity(e, self.ref[None], dim=-1)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_the_cosine_target_gradient_equals_torch_autograd_of_the_cosine(minilm, exporter):
+    model, tok, get = minilm
+    ex = get(exporter)
+    r = T.explain_text(ex, tok, TEXT, method="gradient", target=f'text-cos:"{REF}"')
+    ids, mask, types = _inputs(T.encode(tok, TEXT))
+    x = model.embeddings.word_embeddings(ids).detach().requires_grad_(True)
+    cos = _Cosine(model, _reference(model, tok))(ids, mask, types, embeds=x)[0]
+    cos.backward()
+    g = x.grad.numpy()[0].astype(np.float64)
+    xg = (x.detach().numpy()[0] * g).sum(-1)
+    np.testing.assert_allclose(r.attribution, g, rtol=1e-3, atol=1e-4 * np.abs(g).max())
+    np.testing.assert_allclose(r.scores, xg, rtol=1e-3, atol=1e-4 * np.abs(xg).max())
+    assert r.explained_score == pytest.approx(float(cos.detach()), rel=1e-5)
+    # the printed value: numpy's cosine of onnxruntime's mean-pooled embeddings
+    out = ex.outputs[0]
+    h = ex.forward(T.model_feeds(ex, T.encode(tok, TEXT)), [out])[out][0].astype(np.float64)
+    hr = ex.forward(T.model_feeds(ex, T.encode(tok, REF)), [out])[out][0].astype(np.float64)
+    a, b = h.mean(0), hr.mean(0)
+    assert r.explained_score == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-6)
+
+
+def test_the_cosine_target_layer_integrated_gradients_equal_captum(minilm):
+    from captum.attr import LayerIntegratedGradients
+
+    model, tok, get = minilm
+    ex = get("torchscript")
+    r = T.explain_text(ex, tok, TEXT, method="integrated_gradients", target=f'text-cos:"{REF}"', n_steps=16)
+    enc = T.encode(tok, TEXT)
+    ids, mask, types = _inputs(enc)
+    base = torch.where(torch.tensor(enc.special)[None], ids, torch.full_like(ids, PAD))
+    lig = LayerIntegratedGradients(_Cosine(model, _reference(model, tok)), model.embeddings.word_embeddings)
+    ref = lig.attribute(ids, baselines=base, additional_forward_args=(mask, types), n_steps=16)
+    ref = ref.detach().numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(r.attribution, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(r.scores, ref.sum(-1), rtol=1e-3, atol=1e-4 * np.abs(ref.sum(-1)).max())
+
+
+def test_a_padded_batch_of_texts_gives_each_the_gradient_it_gets_alone(minilm):
+    _, tok, get = minilm
+    ex = get("torchscript")
+    texts = [TEXT, "the stock market fell sharply this morning", "good"]
+    batch = T.explain_text(ex, tok, texts, method="gradient", target=f'text-cos:"{REF}"')
+    for text, b in zip(texts, batch):
+        alone = T.explain_text(ex, tok, text, method="gradient", target=f'text-cos:"{REF}"')
+        np.testing.assert_allclose(b.scores, alone.scores, rtol=1e-3, atol=1e-4 * np.abs(alone.scores).max())
+        assert b.explained_score == pytest.approx(alone.explained_score, rel=1e-5)
