@@ -17,10 +17,17 @@ position ids), in the dtypes the model declares. Then:
   themselves, replacing a token (or a word: `words=True`) by a baseline id (the
   tokenizer's PAD id, else its MASK id, else 0); special tokens are never replaced.
 
+- attention maps (attention_rollout, generic_attention, transformer_attribution) are one
+  score per token already, the explained query's row: taken as they are ("attention map").
+
 Special tokens are kept in the result and marked; words are merged from the tokenizer's
 word ids. `text:"..."` targets (sentence encoders) are resolved here: the reference text
 is encoded and embedded with the same model and pooling, and the seed makes the explained
-score dot(emb(text), emb(reference)).
+score dot(emb(text), emb(reference)). `text-cos:"..."` explains the cosine: not linear in
+the output, it has no seed, so `cosine_output` adds it to the graph as a scalar output.
+
+Several texts are padded at the end to the longest (PAD ids, attention mask 0, kept in
+every baseline) and explained in one batch, one result per text; the padding is cut off.
 """
 
 from __future__ import annotations
