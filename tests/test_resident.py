@@ -194,3 +194,24 @@ def test_occlusion_on_the_device_holds_the_other_inputs(monkeypatch, tmp_path):
     monkeypatch.setenv("ONNXPLAIN_RESIDENT", "1")
     got = Explainer(path).attribute({"a": a, "b": b}, method="occlusion", target=0, wrt=["a"], window=(1,))
     np.testing.assert_allclose(got, a * a * b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_takes_one_row_at_a_time_falls_back_to_the_host_path(monkeypatch, tmp_path):
+    # A state fixed at batch 1 (h: (1, 4)) concatenated to the input: onnxruntime refuses more
+    # rows than one, as a GRU's initial_h does; the host path then runs the rows one by one.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])
+    nodes = [helper.make_node("Concat", ["x", "h"], ["xh"], axis=1), helper.make_node("Mul", ["xh", "xh"], ["sq"]),
+             helper.make_node("ReduceSum", ["sq"], ["y"], keepdims=1, axes=[1])]
+    m = helper.make_model(helper.make_graph(nodes, "state", [x, h], [y]), opset_imports=[helper.make_opsetid("", 12)])
+    m.ir_version = 7
+    onnx.save(m, str(tmp_path / "state.onnx"))
+    xs = np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)
+    feeds = {"x": xs, "h": np.ones((1, 4), np.float32)}
+    monkeypatch.setenv("ONNXPLAIN_RESIDENT", "1")
+    e = Explainer(tmp_path / "state.onnx")
+    occ = e.attribute(feeds, method="occlusion", target=0, window=(1,))
+    np.testing.assert_allclose(occ, xs * xs, rtol=1e-6)  # occluding x_i to 0 drops x_i^2
+    ig = e.attribute(feeds, method="integrated_gradients", target=0, n_steps=4)
+    np.testing.assert_allclose(ig, xs * xs, rtol=1e-5)  # IG of a quadratic from 0: x_i^2

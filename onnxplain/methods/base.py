@@ -365,7 +365,8 @@ class Context:
         if self.layer is not None or any(t not in moved for t in self.wrt):
             return None
         spec, rows = self.compiled(composite)
-        if not resident.wanted(rows.session) or spec.predicted or rows.static or spec.seed is None:
+        if not resident.wanted(rows.session) or spec.predicted or rows.static or spec.seed is None \
+                or getattr(rows, "_one_by_one", False):
             return None
         held = [k for k in self.feeds if k not in moved]
         names = list(self.feeds) + [spec.seed] + list(spec.attributions.values())
@@ -391,7 +392,12 @@ class Context:
             arrays[resident.P + k + "/A"] = self.feeds[k]
         arrays[resident.P + spec.seed + "/A"] = self.seed.astype(np.float32, copy=False)
         arrays.update({k: v for k, v in self.fixed.items() if k in program.session.input_names})
-        s1, s2 = program.run(arrays, total, chunk_rows, rows.rows_per_run(), label)
+        try:
+            s1, s2 = program.run(arrays, total, chunk_rows, rows.rows_per_run(), label)
+        except InputError as exc:
+            if _too_many_rows(exc, rows):
+                return None
+            raise
         shape = {t: moved[t][0].shape for t in self.wrt}
         s1 = {t: _finite(s1[t], self.method).reshape(shape[t]) for t in self.wrt}
         s2 = {t: _finite(s2[t], self.method).reshape(shape[t]) for t in s2 if t in shape}
@@ -406,7 +412,7 @@ class Context:
         from ..runtime import Session, chunked
 
         rows = self.forward_session([self.explained])
-        if not resident.wanted(rows.session) or rows.static:
+        if not resident.wanted(rows.session) or rows.static or getattr(rows, "_one_by_one", False):
             return None
         if any(rows.axes.get(t, 0) != 0 for t in list(self.feeds) + [self.explained]):
             return None
@@ -440,8 +446,13 @@ class Context:
             feeds = {resident.P + "ia": samples.astype(np.int64), resident.P + "lo": corners.astype(np.int64)}
             return session.run_bound(bound, feeds, [resident.P + "score"])[resident.P + "score"]
 
-        for start, stop, out in chunked(_Step(), total, run_chunk, label, None):
-            scores[start:stop] = out
+        try:
+            for start, stop, out in chunked(_Step(), total, run_chunk, label, None):
+                scores[start:stop] = out
+        except InputError as exc:
+            if _too_many_rows(exc, rows):
+                return None
+            raise
         if not np.all(np.isfinite(scores)):
             raise InputError(f"method '{self.method}' got non-finite model outputs on perturbed inputs; "
                              "check the input's scale or the baseline")
@@ -498,6 +509,17 @@ class Context:
         if rest:
             out.update(self.forward(rest, feeds))
         return out
+
+
+def _too_many_rows(exc: InputError, rows: Rows) -> bool:
+    """Whether a device-resident run failed because the model takes one row at a time (a
+    state input fixed at batch 1): the host path runs such models row by row."""
+    from ..runtime import OutOfMemory
+
+    if isinstance(exc, OutOfMemory) or rows.rows_per_run() <= 1:
+        return False
+    rows._one_by_one = True
+    return True
 
 
 def _finite(a: np.ndarray, method: str) -> np.ndarray:
