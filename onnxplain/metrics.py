@@ -81,13 +81,17 @@ class Scorer:
         self.explainer = explainer
         plan = explainer.plan(feeds)
         if plan.axis(self.input) != 0:
+            axis = plan.axis(self.input)
             where = ("no batch axis (the model reads the whole input as one sample: a sequence it runs "
-                     "through, a graph)") if plan.axis(self.input) is None else f"its batch on axis {plan.axis(self.input)}"
+                     "through, a graph)") if axis is None else f"its batch on axis {axis}"
             raise InputError(f"metrics score samples batched along the input's first axis; input '{self.input}' of "
                              f"shape {self.x.shape} has {where}")
         self.n = self.x.shape[0]
         target, output = resolve_target(explainer, feeds, target, output)
         self.tensor = explainer.explained_tensor(output)
+        from .detection import check_selection
+
+        check_selection(explainer.graph, self.tensor, None, who="a perturbation metric")  # rows an in-graph NMS selects
         self.session = explainer.forward_session(feeds, [self.tensor])
         # Sessions give rows batch first; the target reads the tensor in its own layout.
         # (A tensor without a batch axis comes stacked per sample: its rows are its layout.)
