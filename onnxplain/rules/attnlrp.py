@@ -12,7 +12,16 @@ The quantity propagated is relevance. Every rule here is one of four forms:
 - element-wise non-linearities by the identity rule (R_x = R), or with `activation=
   "gradient"` by gradient x input, R_x = x f'(x) R / stabilise(f(x)).
 Index-moving operators (reshapes, slices, gathers, concatenation) move relevance with the
-elements (their gradient rule); residual sums are split in proportion (lrp.norm_rule).
+elements (their gradient rule); residual sums are split in proportion.
+
+The rules divide by stabilise(z) where the published rules do (lxt's explicit functions):
+at the output of each linear layer (its bias included), residual sum and product of two
+computed tensors. Where ONNX splits one of those maps into several nodes -- a MatMul and
+its bias Add, attention scores scaled by a constant, masked by an Add and fed to the
+Softmax -- the inner nodes do not divide again: a rule that gives its operand x the
+relevance x * v records v (`Factored`), and the rule of x's producer takes R / stabilise(x)
+as v. That saves four element-wise passes per split, most of them over the large
+(batch, heads, queries, keys) attention tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import numpy as np
 from .. import groups
 from ..errors import ModelError
 from .base import attr, lookup, register
-from .lrp import EPSILON, divide, norm_rule, pool_norm, stabilise
+from .lrp import EPSILON, divide, pool_norm, stabilise
 
 FAMILY = "attnlrp"
 
@@ -68,6 +77,45 @@ def dependent(b, node) -> list:
             if i and b.constant(i) is None and (not deps or i in deps or i in data)]
 
 
+class Factored:
+    """Relevance tensors the rules emitted as x * v inside one map: relevance name -> (x, v),
+    x a forward tensor and v shaped like x. Kept per builder."""
+
+    _by_builder: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self):
+        self.factors: dict = {}
+
+    @classmethod
+    def of(cls, b) -> "Factored":
+        if b not in cls._by_builder:
+            cls._by_builder[b] = cls()
+        return cls._by_builder[b]
+
+
+def product(b, x: str, v: str) -> str:
+    """The relevance x * v, recorded as such (v shaped like x)."""
+    r = b.mul(x, v)
+    Factored.of(b).factors[r] = (x, v)
+    return r
+
+
+def factor(b, r: str, x: str) -> str | None:
+    """v where relevance r was recorded as x * v, else None. (A tensor read by several
+    nodes gets the compiler's Sum of their relevances, never recorded: it is divided.)"""
+    hit = Factored.of(b).factors.get(r)
+    return hit[1] if hit is not None and hit[0] == x else None
+
+
+def over(b, r: str, z: str, epsilon: float, inner: bool) -> str:
+    """R / stabilise(z) for the rule of a node with output z. An inner node of a map (a
+    linear layer with its bias added after it, a scaling or mask of attention scores:
+    `inner`, one operand carrying the data, the others constant or data-free) takes the
+    factor v where R = z * v was recorded: the division is the map's, at its output."""
+    v = factor(b, r, z) if inner else None
+    return divide(b, r, z, epsilon) if v is None else v
+
+
 def _gradient(b, node, s: str) -> list:
     rule = lookup(node, "gradient")
     if rule is None:
@@ -89,13 +137,32 @@ def linear_rule(b, node, grads, epsilon: float = EPSILON, constant=(), **_):
     out = [None] * len(node.input)
     if not idx:
         return out
-    s = divide(b, grads[0], node.output[0], epsilon)
+    s = over(b, grads[0], node.output[0], epsilon, inner=len(idx) == 1 and not constant)
     if len(idx) > 1:
         s = b.mul(s, b.scalar_like(1.0 / len(idx), node.output[0]))
     vjp = _gradient(b, node, s)
     for k in idx:
         if vjp[k] is not None:
             out[k] = b.mul(node.input[k], vjp[k])
+    return out
+
+
+def sum_rule(b, node, grads, epsilon: float = EPSILON, **_):
+    """Proportional split of a sum (residual connections, biases): R_k = x_k R / stabilise(y)
+    for the operands that carry the data; constants (biases) and tensors computed from
+    integer inputs alone (an attention mask) absorb the rest. An operand broadcast in the
+    sum is constant along the broadcast axes, so its share is x_k times the summed ratio."""
+    y = node.output[0]
+    deps = set(dependent(b, node))
+    s = over(b, grads[0], y, epsilon, inner=len(deps) == 1)
+    out = []
+    for k, x in enumerate(node.input):
+        if k not in deps:
+            out.append(None)
+            continue
+        v = s if b.shape(x) == b.shape(y) else b.unbroadcast(s, y, x)
+        v = b.op("Neg", v) if node.op_type == "Sub" and k == 1 else v
+        out.append(product(b, x, v) if len(deps) == 1 else b.mul(x, v))
     return out
 
 
@@ -109,11 +176,14 @@ def softmax_rule(b, node, grads, **_):
     # Before opset 13 softmax normalises over all axes from `axis` on.
     axes = [axis] if b.opset >= 13 else list(range(axis, rank))
     total = b.reduce_sum(r, axes, keepdims=True)
-    # A fully masked row is NaN (SDPA exports then zero it by a Where): it holds no relevance.
-    s = b.op("Where", b.op("IsNaN", s), b.scalar_like(0.0, s), s)
     inner = b.op("Sub", r, b.mul(s, total))
-    finite = b.op("Where", b.op("IsInf", x), b.scalar_like(0.0, x), x)
-    return [b.mul(finite, inner)]
+    # Masked scores (-inf) hold none, and so does a fully masked row, whose softmax is NaN
+    # (SDPA exports then zero it by a Where): all its scores are -inf.
+    masked, zero = b.op("IsInf", x), b.scalar_like(0.0, x)
+    v = b.op("Where", masked, zero, inner)
+    r_x = b.op("Where", masked, zero, b.mul(x, inner))
+    Factored.of(b).factors[r_x] = (x, v)
+    return [r_x]
 
 
 def _centred_relevance(b, x: str, r_centred: str, centred: str, axes, epsilon: float) -> str:
@@ -179,7 +249,7 @@ register("Softmax", family=FAMILY)(softmax_rule)
 register("LayerNormalization", family=FAMILY)(layernorm_rule)
 register("RMSNormalization", family=FAMILY)(rmsnorm_rule)
 register(*NONLINEAR, family=FAMILY)(identity_rule)
-register(*SUMS, family=FAMILY)(norm_rule)
+register(*SUMS, family=FAMILY)(sum_rule)
 register(*POOLS, family=FAMILY)(pool_norm)
 
 
@@ -216,5 +286,5 @@ def value_product(graph, node) -> int | None:
     return None
 
 
-__all__ = ["FAMILY", "linear_rule", "softmax_rule", "layernorm_rule", "rmsnorm_rule", "identity_rule", "group_rule",
-           "activation_gradient", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]
+__all__ = ["FAMILY", "linear_rule", "sum_rule", "softmax_rule", "product", "factor", "over", "layernorm_rule",
+           "rmsnorm_rule", "identity_rule", "group_rule", "activation_gradient", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]
