@@ -298,7 +298,7 @@ def ray_rows(model_path, tmp, sizes, repeat, log):
     out = []
     try:
         e1 = Explainer(model_path)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=2 * 1024**3)
         try:
             method, opts = "gradient", METHODS["gradient"]
             best = {k: {n: [] for n in sizes} for k in ("local", "ray1", "ray2")}
