@@ -59,7 +59,7 @@ def detection_figure(path):
     x, _ = scenes(1, np.random.default_rng(2024), kinds=[[0, 1, 1]])
     target, _ = resolve_target(e, e.feeds(x), "detection:0")
     layer = [n for n in onnx.load(str(ROOT / "models" / "tiny_yolo.onnx")).graph.node if n.op_type == "Conv"][-1]
-    runs = [("lrp.epsilon_plus_flat", {}), ("grad_cam", {"layer": layer.input[0]}),
+    runs = [("input_x_gradient", {}), ("lrp.epsilon_plus_flat", {}), ("grad_cam", {"layer": layer.input[0]}),
             ("d_rise", {"n_masks": 1000, "cells": 8, "center": True, "baseline": 0.5})]
     panels = []
     for method, opts in runs:

@@ -530,14 +530,15 @@ _ONE_PASS = {"gradient", "saliency", "sensitivity", "input_x_gradient", "guided_
              "excitation_backprop", "contrastive_excitation_backprop", "d_rise"}
 
 
-def check_selection(graph, explained: str, method: str) -> None:
-    """Refuse a method that runs a model whose explained output a NonMaxSuppression selects
-    on inputs other than the explained ones (a path, noise samples, masks, a reference).
-    NMS picks its rows anew on every input, so row k of a scaled or masked image need not
-    be the detection row k is on the explained image, and the method would mix the scores
-    of different detections. At the explained inputs the selection is piecewise constant:
-    single-pass methods differentiate through the Gathers at the selected indices."""
-    if method in _ONE_PASS or method.startswith("lrp"):
+def check_selection(graph, explained: str, method: str | None, who: str | None = None) -> None:
+    """Refuse a method (or, with `who`, what `who` names: a metric) that runs a model whose
+    explained output a NonMaxSuppression selects on inputs other than the explained ones (a
+    path, noise samples, masks, a reference). NMS picks its rows anew on every input, so row
+    k of a scaled or masked image need not be the detection row k is on the explained image,
+    and the method would mix the scores of different detections. At the explained inputs
+    the selection is piecewise constant: single-pass methods differentiate through the
+    Gathers at the selected indices."""
+    if method is not None and (method in _ONE_PASS or method.startswith("lrp")):
         return
     from .compile import _ancestors
 
@@ -545,8 +546,9 @@ def check_selection(graph, explained: str, method: str) -> None:
     nms = [n for n in graph.nodes if n.op_type == "NonMaxSuppression" and any(o in need for o in n.output)]
     if nms:
         raise OptionError(
-            f"method '{method}' runs the model on other inputs than the explained ones, and the explained output "
-            f"'{explained}' is selected by NonMaxSuppression ('{nms[0].name or nms[0].output[0]}') in the graph: its "
-            "rows are chosen anew on each of those inputs, so a row need not hold the same detection. Use d_rise "
+            f"{who or f'method {method!r}'} runs the model on other inputs than the explained ones, and the explained "
+            f"output '{explained}' is selected by NonMaxSuppression ('{nms[0].name or nms[0].output[0]}') in the graph: "
+            "its rows are chosen anew on each of those inputs, so a row need not hold the same detection. Use d_rise "
             "(it matches boxes), a single-pass method (gradient, input_x_gradient, an lrp.* composite, grad_cam, "
-            "excitation_backprop), or explain the detector's raw output before the NMS")
+            "excitation_backprop) and the energy_in_box and pointing_game metrics, or explain the detector's raw "
+            "output before the NMS")

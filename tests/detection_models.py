@@ -4,7 +4,8 @@ PyTorch so their explanations can be checked against autograd:
 - `TinyYolo`: an anchor-free YOLO-style detector (one 8x8 grid of stride 8 on 64x64 RGB
   scenes) whose ONNX output is the YOLOv8 layout (batch, 4 + classes, anchors): box centre,
   width and height in input pixels, then the sigmoid class scores. `models/train_detector.py`
-  trains it once on `scenes` (squares and circles on noise).
+  trains it once on `training_scenes` (squares and circles, unlabelled bars, on backgrounds
+  of varying level, tint, texture and noise).
 - `TinyUNet`: a two-level U-Net giving (batch, classes, H, W) logits.
 - `TinyCTC`: a 1-D conv + GRU recogniser giving per-frame class logits (batch, time,
   classes), or sequence-first (time, batch, classes) as CTC exports often are.
@@ -22,12 +23,16 @@ STRIDE = 8
 
 
 class TinyYolo(nn.Module):
+    """The strided convolutions are 4x4 with padding 1, so the receptive field of an anchor
+    (38 px) is centred on its cell: 3x3 ones with padding 1 centre it 3.5 px up and left of
+    the cell's centre, and the object's far side would fall at its rim."""
+
     def __init__(self, classes: int = len(CLASSES)):
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(3, 16, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
             nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
         )
         self.head = nn.Conv2d(32, 4 + classes, 1)
@@ -38,14 +43,27 @@ class TinyYolo(nn.Module):
 
     def raw(self, x):
         """(N, 4 + C, anchors) before decoding: box offsets and class logits."""
-        y = self.head(self.backbone(x))
-        return y.flatten(2)
+        return self.raw_and_activity(x)[0]
+
+    def raw_and_activity(self, x):
+        """raw(x) and the sum over the backbone's ReLUs of their mean activation (what the
+        trainer's sparsity penalty weighs)."""
+        activity = 0
+        for layer in self.backbone:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                activity = activity + x.mean()
+        return self.head(x).flatten(2), activity
+
+    def boxes(self, y):
+        """Centre x, centre y, width, height in pixels from raw(x)."""
+        xy = (self.grid + torch.sigmoid(y[:, :2])) * STRIDE
+        wh = torch.sigmoid(y[:, 2:4]) * 32.0
+        return torch.cat([xy, wh], dim=1)
 
     def forward(self, x):
         y = self.raw(x)
-        xy = (self.grid + torch.sigmoid(y[:, :2])) * STRIDE
-        wh = torch.sigmoid(y[:, 2:4]) * 32.0
-        return torch.cat([xy, wh, torch.sigmoid(y[:, 4:])], dim=1)
+        return torch.cat([self.boxes(y), torch.sigmoid(y[:, 4:])], dim=1)
 
 
 def scenes(n: int, rng, objects=(1, 3), kinds=None, noise=0.15):
@@ -82,6 +100,47 @@ def scenes(n: int, rng, objects=(1, 3), kinds=None, noise=0.15):
             placed.append((x1, y1, x1 + s, y1 + s, int(cls)))
         boxes.append(placed)
     return images, boxes
+
+
+def _smooth_fields(rng, n, cells):
+    """n smooth random fields (n, 3, 64, 64): unit normal values on a cells x cells grid,
+    interpolated bilinearly."""
+    coarse = torch.from_numpy(rng.standard_normal((n, 3, cells, cells)).astype(np.float32))
+    return nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False).numpy()
+
+
+def training_scenes(n: int, rng):
+    """The detector's training scenes: `scenes` with 1 to 4 objects and a noise level drawn
+    per scene in [0, 0.3], whose background (not the objects) is moved by a level in
+    [-0.2, 0.2], a tint in [-0.05, 0.05] per channel and a smooth texture of amplitude up to
+    0.1, and half of which hold an unlabelled bar (4-7 x 16-29 px, not a square). The
+    background varies far more than any object, so a detector that finds the shapes must
+    read them and not the pixels around them; the bars make "square" take all four sides."""
+    images, boxes = scenes(n, rng, objects=(1, 4), noise=(0.0, 0.3))
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    shift = rng.uniform(-0.2, 0.2, (n, 1, 1, 1)) + rng.uniform(-0.05, 0.05, (n, 3, 1, 1))
+    texture = _smooth_fields(rng, n, 8) * rng.uniform(0, 0.1, (n, 1, 1, 1))
+    out = images.copy()
+    for i in range(n):
+        shape = np.zeros((SIZE, SIZE), bool)
+        for x1, y1, x2, y2, c in boxes[i]:
+            if c == 0:
+                shape[y1:y2, x1:x2] = True
+            else:
+                s = x2 - x1
+                cx, cy = x1 + (s - 1) / 2, y1 + (s - 1) / 2
+                shape |= (xx - cx) ** 2 + (yy - cy) ** 2 <= (s / 2) ** 2
+        bg = ~shape
+        out[i][:, bg] = np.clip(images[i][:, bg] + shift[i][:, :, 0] + texture[i][:, bg], 0, 1)
+        if rng.random() < 0.5:
+            for _ in range(20):  # a bar where it overlaps no object
+                long, short = int(rng.integers(16, 30)), int(rng.integers(4, 8))
+                w, h = (long, short) if rng.random() < 0.5 else (short, long)
+                x1, y1 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+                if all(x1 >= b[2] + 2 or b[0] >= x1 + w + 2 or y1 >= b[3] + 2 or b[1] >= y1 + h + 2 for b in boxes[i]):
+                    out[i][:, y1:y1 + h, x1:x1 + w] = rng.uniform(0, 1, 3)[:, None, None]
+                    break
+    return out.astype(np.float32), boxes
 
 
 def targets(boxes, classes: int = len(CLASSES)):
@@ -154,7 +213,7 @@ class Relayout(nn.Module):
         if self.kind == "ssd":
             xy, wh = xywh[..., :2], xywh[..., 2:]
             return torch.cat([xy - wh / 2, xy + wh / 2], dim=2) / SIZE, cls
-        logits = torch.logit(cls.clamp(1e-4, 1 - 1e-4))
+        logits = self.net.raw(x)[:, 4:].transpose(1, 2)  # the class logits, not logit(sigmoid): exact in float32
         if self.kind == "rtdetr":
             return logits, xywh / SIZE
         logits = torch.cat([logits, torch.zeros_like(cls[..., :1])], dim=2)
