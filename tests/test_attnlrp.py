@@ -283,3 +283,115 @@ def test_product_of_two_computed_tensors_gives_each_operand_half_by_the_epsilon_
     np.testing.assert_allclose(ours["x1"], b * (a.transpose(0, 2, 1) @ s), rtol=1e-4, atol=1e-5)
     total = ours["x0"].sum((1, 2)) + ours["x1"].sum((1, 2))
     np.testing.assert_allclose(total, (seed * y).sum((1, 2)), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- CP-LRP's gamma per layer
+def _gamma_forward(layer, gamma):
+    """The forward of nn.Linear `layer` under the gamma rule for gradient x input (Zennit's
+    generalised Gamma, as lrp.gamma_rule states it): where the output is positive, z+ =
+    x+ (W + gamma W+) + x- (W + gamma W-), where negative z- with the two swapped; the output
+    keeps its value as z * (y / stabilise(z)).detach(), so the chain rule gives
+    x * W_gamma^T (R / z). An output that is exactly 0 passes nothing. A 2-D input is one
+    Gemm whose bias is in the rule (b + gamma b+ / b + gamma b-); a 3-D input is exported
+    as a MatMul and a bias Add after it, which splits its relevance in proportion."""
+    from torch.nn import functional as F
+
+    w, bias = layer.weight, layer.bias
+
+    def stab(z):
+        return z + torch.where(z < 0, -1e-6, 1e-6)
+
+    def forward(x):
+        in_rule = x.dim() == 2
+        up, down = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
+        xp = x.clamp(min=0)
+        xn = x - xp
+        y = F.linear(x, w, bias if in_rule else None)
+        z_pos, z_neg = F.linear(xp, up) + F.linear(xn, down), F.linear(xp, down) + F.linear(xn, up)
+        if in_rule:
+            z_pos = z_pos + bias + gamma * bias.clamp(min=0)
+            z_neg = z_neg + bias + gamma * bias.clamp(max=0)
+        out = torch.where(y > 0, z_pos * (y / stab(z_pos)).detach(),
+                          torch.where(y < 0, z_neg * (y / stab(z_neg)).detach(), torch.zeros_like(y)))
+        return out if in_rule else out + bias
+
+    return forward
+
+
+def _cp_lrp_with_gammas(model, x, gammas: dict):
+    """The CP-LRP reference with the gamma rule on the nn.Linear layers named in `gammas`
+    ({module path: gamma}); the others keep the epsilon rule."""
+    modules = dict(model.named_modules())
+    try:
+        for name, g in gammas.items():
+            modules[name].forward = _gamma_forward(modules[name], g)
+        if x.dtype == torch.int64:
+            return tz.relevance(model, x, TARGET, tz.CPLRP).numpy()
+        return tz.input_relevance(model, x, TARGET, tz.CPLRP).numpy()
+    finally:
+        for name in gammas:
+            del modules[name].forward  # the class's forward again
+
+
+BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_cp_lrp_gamma_list_gives_each_block_its_gamma_and_the_head_the_epsilon_rule(exported, exporter):
+    """gamma=[g0, g1]: every linear layer of block k takes gamma g_k (the blocks read off the
+    exported module names: TorchScript node names, dynamo's name scopes); the head outside
+    the blocks keeps the epsilon rule."""
+    model, ids, ex = exported(exporter, False, 17)
+    ours = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma=[0.5, 0.1])
+    ref = _cp_lrp_with_gammas(model, ids, {f"blocks.{k}.{n}": g for k, g in enumerate((0.5, 0.1))
+                                           for n in BLOCK_LINEARS})
+    _close(ours, ref)
+    # the gammas matter: the epsilon rule (and one gamma for both blocks) give other maps
+    for other in (0.0, 0.5):
+        assert np.abs(ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma=other) - ours).max() \
+            > 1e-2 * np.abs(ours).max()
+
+
+def test_cp_lrp_gamma_dict_names_layers_the_longest_name_winning_on_a_vit(tmp_path):
+    """gamma={module: value}: a module and the modules under it ('blocks.0'), a more
+    specific name overriding it ('blocks.0.fc2'), the Gemm head with its bias in the rule;
+    down to the pixels through the patch Conv's epsilon rule."""
+    model = tz.TinyViT().eval()
+    x = model.example()
+    ex = Explainer(str(tz.export(model, tmp_path / "vit.onnx", "torchscript", x)))
+    gamma = {"blocks.0": 0.25, "blocks.0.fc2": 1.0, "blocks.1.qkv": 0.5, "head": 0.1}
+    ours = ex.attribute(x.numpy(), method="lrp.cp_lrp", target=TARGET, gamma=gamma)
+    layers = {f"blocks.0.{n}": 0.25 for n in BLOCK_LINEARS} | {"blocks.0.fc2": 1.0, "blocks.1.qkv": 0.5, "head": 0.1}
+    ref = _cp_lrp_with_gammas(model, x, layers)
+    _close(ours, ref, atol=1e-3)
+    epsilon = tz.input_relevance(model, x, TARGET, tz.CPLRP).numpy()
+    assert np.abs(ref - epsilon).max() > 1e-2 * np.abs(ref).max()  # the reference applies the gammas
+
+
+def test_cp_lrp_gamma_number_is_every_linear_layer(exported):
+    model, ids, ex = exported("torchscript", False, 17)
+    ours = ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma=0.25)
+    _close(ours, ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma={"blocks": 0.25, "head": 0.25}))
+    _close(ours, _cp_lrp_with_gammas(model, ids, {f"blocks.{k}.{n}": 0.25 for k in (0, 1) for n in BLOCK_LINEARS}
+                                     | {"head": 0.25}))
+
+
+def test_cp_lrp_gamma_that_cannot_apply_is_an_error_not_the_epsilon_rule(exported):
+    from onnxplain.errors import OptionError
+
+    model, ids, ex = exported("torchscript", False, 17)
+    with pytest.raises(OptionError, match="2 blocks under 'blocks'"):
+        ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma=[0.25, 0.25, 0.25])
+    with pytest.raises(OptionError, match="blocks.7.*select no linear layer"):
+        ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma={"blocks.7": 0.25})
+    with pytest.raises(OptionError, match=">= 0"):
+        ex.attribute(ids.numpy(), method="lrp.cp_lrp", target=TARGET, gamma=[0.25, -1])
+
+
+def test_cp_lrp_gamma_from_the_command_line_is_a_number_a_comma_list_or_json():
+    from onnxplain.rules.attnlrp import parse_gamma
+
+    assert parse_gamma("0.25") == 0.25
+    assert parse_gamma("0.5,0.25") == (0.5, 0.25)
+    assert parse_gamma("[1, 0]") == (1.0, 0.0)
+    assert parse_gamma('{"blocks.0": 0.5}') == {"blocks.0": 0.5}

@@ -41,7 +41,8 @@ class TransformerComposite(Composite):
     def __init__(self, cp: bool = False, epsilon: float = lrp.EPSILON, gamma: float = 0.0,
                  activation: str = "identity"):
         super().__init__("lrp.cp_lrp" if cp else "lrp.attnlrp", ())
-        self.cp, self.epsilon, self.gamma, self.activation = cp, float(epsilon), float(gamma), activation
+        self.cp, self.epsilon, self.gamma, self.activation = cp, float(epsilon), rules.parse_gamma(gamma), activation
+        self._gammas: dict = {}  # id(graph) -> (graph, {node name: gamma}) (rules.layer_gammas: per layer or block)
 
     def claims(self, group) -> bool:
         return group.elementwise or group.kind in ("layernorm", "rmsnorm")
@@ -64,8 +65,9 @@ class TransformerComposite(Composite):
             # Defined by a function body, whose nodes these same rules propagate through
             # (rules/gradient_attention.function_backward runs the composite on it).
             return lookup(node, "gradient")
-        if op in lrp.LINEAR and self.gamma and _constant_weight(graph, node):
-            return functools.partial(lrp.gamma_rule, gamma=self.gamma, epsilon=eps)
+        gamma = self._layer_gamma(graph, node) if op in lrp.LINEAR and self.gamma else 0.0
+        if gamma and _constant_weight(graph, node):
+            return functools.partial(lrp.gamma_rule, gamma=gamma, epsilon=eps)
         if op in ("MatMul", "Einsum", "Mul") and self.cp:
             # Attention probabilities are constants: a product with them is linear in the
             # other operand (the values), which keeps all the relevance.
@@ -75,6 +77,13 @@ class TransformerComposite(Composite):
                 return functools.partial(rules.linear_rule, epsilon=eps, constant=held)
         fn = lookup(node, rules.FAMILY)
         return None if fn is None else _with_epsilon(fn, eps)
+
+    def _layer_gamma(self, graph, node) -> float:
+        hit = self._gammas.get(id(graph))
+        if hit is None or hit[0] is not graph:
+            layers = [n for n in graph.nodes if n.op_type in lrp.LINEAR and _constant_weight(graph, n)]
+            hit = self._gammas[id(graph)] = (graph, rules.layer_gammas(graph, self.gamma, layers))
+        return hit[1].get(node.name, 0.0)
 
     def rule(self, node, graph):
         fn = self._rule(node, graph)
@@ -127,8 +136,9 @@ def attnlrp(ctx, epsilon, activation):
 @register("lrp.cp_lrp", "CP-LRP (conservative propagation): attention probabilities and the LayerNorm scale held "
           "constant, so relevance flows through the value path only; epsilon (or gamma=) on linear layers, "
           "identity rule on GELU/SiLU",
-          options=[EPSILON, Option("gamma", 0.0, float, "gamma rule on the linear layers (0: epsilon rule)",
-                                   check=non_negative), ACTIVATION],
+          options=[EPSILON, Option("gamma", 0.0, "any", "gamma rule on the linear layers (0: epsilon rule): a "
+                                   "number for all, a list with one per transformer block, or {layer name: gamma}",
+                                   check=rules.check_gamma), ACTIVATION],
           reference="Ali et al., ICML 2022 (XAI for Transformers: conservative propagation)",
           composite=cp_lrp_composite)
 def cp_lrp(ctx, epsilon, gamma, activation):

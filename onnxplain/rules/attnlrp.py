@@ -253,6 +253,130 @@ register(*SUMS, family=FAMILY)(sum_rule)
 register(*POOLS, family=FAMILY)(pool_norm)
 
 
+# ----------------------------------------------------------------------------- CP-LRP's gamma per layer
+def parse_gamma(value):
+    """CP-LRP's gamma= as given: a number (every linear layer), a list (one per transformer
+    block, in order) or a dict {layer name: gamma}; on the command line a number, a comma
+    list or JSON. Returns a float, a tuple of floats or a dict of floats."""
+    import json
+
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[{":
+            value = json.loads(text)
+        elif "," in text:
+            value = [v for v in text.split(",") if v.strip()]
+        else:
+            value = float(text)
+    if isinstance(value, dict):
+        out = {str(k): float(v) for k, v in value.items()}
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        out = tuple(float(v) for v in value)
+        if not out:
+            raise ValueError("an empty list of gammas")
+    else:
+        out = float(value)
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, tuple) else (out,)
+    if any(not np.isfinite(v) or v < 0 for v in values):
+        raise ValueError("every gamma must be a finite number >= 0")
+    return out
+
+
+def check_gamma(value) -> str | None:
+    try:
+        parse_gamma(value)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def module_path(node) -> str:
+    """The torch module a node was exported from, as a dotted path ('blocks.0.qkv'): from
+    dynamo's name scopes, or from a TorchScript node name ('/blocks.0/qkv/MatMul'); '' if
+    neither tells."""
+    import json
+
+    for prop in getattr(node, "metadata_props", ()):
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [str(v) for v in json.loads(prop.value.replace("'", '"')) if v]
+            except ValueError:
+                break
+            path = ""
+            for scope in scopes:  # the innermost module: each scope extends the one before
+                if not path or scope.startswith(path + "."):
+                    path = scope
+                else:
+                    break
+            return path
+    name = node.name or ""
+    if name.startswith("/") and name.count("/") >= 2:
+        return ".".join(p for p in name.strip("/").split("/")[:-1] if p)
+    return ""
+
+
+def _blocks(paths: dict) -> tuple[str, dict]:
+    """The module list holding the transformer blocks ('blocks', 'bert.encoder.layer') and
+    each layer's block index, read off the module paths: the prefix most layers share
+    before an integer component."""
+    import collections
+    import re
+
+    found = {}
+    for name, path in paths.items():
+        m = re.match(r"^(.*?)\.?(\d+)(\.|$)", path) if path else None
+        if m:
+            found[name] = (m.group(1), int(m.group(2)))
+    if not found:
+        return "", {}
+    container = collections.Counter(c for c, _ in found.values()).most_common(1)[0][0]
+    return container, {n: i for n, (c, i) in found.items() if c == container}
+
+
+def layer_gammas(graph, gamma, layers) -> dict:
+    """{node name: gamma} for the linear layers `layers` (nodes with a constant weight):
+    a number applies to all; a list gives block k's layers gamma[k] and the layers outside
+    the blocks (patch embedding, head) the epsilon rule; a dict names layers by module path
+    (a key selects that module and the modules under it, the longest key winning), by
+    node name or by weight name. A list whose length is not the number of blocks, or a key
+    that selects no layer, is an error (never silently the epsilon rule)."""
+    from ..errors import OptionError
+
+    gamma = parse_gamma(gamma)
+    if isinstance(gamma, float):
+        return {n.name: gamma for n in layers}
+    paths = {n.name: module_path(n) for n in layers}
+    if isinstance(gamma, tuple):
+        container, index = _blocks(paths)
+        blocks = sorted(set(index.values()))
+        if len(blocks) != len(gamma):
+            where = (f"{len(blocks)} blocks under '{container}' ({', '.join(f'{container}.{i}' for i in blocks)})"
+                     if blocks else "no blocks (no layer's module path has an index)")
+            raise OptionError(f"gamma= lists {len(gamma)} values, one per transformer block; the model has {where}. "
+                              "Give that many, or a dict {layer name: gamma}")
+        rank = {b: k for k, b in enumerate(blocks)}
+        return {n: gamma[rank[index[n]]] for n in paths if n in index}
+    out, best, unused = {}, {}, set(gamma)
+    for node in layers:
+        names = [node.name] + [i for i in node.input[1:] if i]
+        path = paths[node.name]
+        for key, g in gamma.items():
+            if path and (path == key or path.startswith(key + ".")):
+                score = len(key) + 1000  # a module path match is the most specific kind
+            elif any(key in n for n in names):
+                score = len(key)
+            else:
+                continue
+            unused.discard(key)
+            if score > best.get(node.name, -1):
+                best[node.name], out[node.name] = score, g
+    if unused:
+        known = sorted({p for p in paths.values() if p}) or sorted(paths)
+        raise OptionError(f"gamma= names {', '.join(sorted(unused))}, which select no linear layer; layers: "
+                          + ", ".join(known[:12]) + (" ..." if len(known) > 12 else ""))
+    return out
+
+
 def attention_probabilities(graph, name: str, depth: int = 8) -> str | None:
     """The Softmax output that tensor `name` is (through reshapes, casts, dropout, masking
     by a Where), or None."""
@@ -287,4 +411,5 @@ def value_product(graph, node) -> int | None:
 
 
 __all__ = ["FAMILY", "linear_rule", "sum_rule", "softmax_rule", "product", "factor", "over", "layernorm_rule",
-           "rmsnorm_rule", "identity_rule", "group_rule", "activation_gradient", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]
+           "rmsnorm_rule", "identity_rule", "group_rule", "activation_gradient", "parse_gamma", "check_gamma",
+           "module_path", "layer_gammas", "attention_probabilities", "value_product", "MOVING", "NONLINEAR"]
