@@ -671,6 +671,15 @@ def test_an_rtdetr_detection_is_explained_as_the_gradient_of_its_query_and_class
                                rtol=1e-5)
     sal = e.attribute(x[:1], method="d_rise", target="detection:0@rtdetr", n_masks=8, cells=4)
     assert sal.shape == x[:1].shape and np.all(np.isfinite(sal))
+    from click.testing import CliRunner
+
+    from onnxplain import cli
+
+    np.save(tmp_path / "x.npy", x[:1])
+    listed = CliRunner().invoke(cli.main, ["explain", str(path), str(tmp_path / "x.npy"), "--decoder", "rtdetr",
+                                           "--list-detections", "-q"])
+    assert listed.exit_code == 0, listed.output
+    assert "decoded as rtdetr" in listed.output and f"class {target.chosen[0].cls}" in listed.output
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "guided_backprop", "deeplift",
