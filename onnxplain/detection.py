@@ -482,9 +482,9 @@ def _nms_cam_layer(explainer, feeds, graph, target) -> str:
         anchor = int(np.argmax(iou(d.box, corners)))
         grids.add(anchor_grid(Layout("yolov8", "", "", 1, True), len(corners), anchor, target.image_size))
     if len(grids) != 1 or None in grids:
+        why = " (samples at different scales)" if len(grids) > 1 else ""
         raise OptionError(f"Grad-CAM on rows selected by NMS: the scale of the detection's anchor cannot be told from "
-                          f"the NMS's {cand[0].size // 4} candidate boxes{' (samples at different scales)' if len(grids) > 1 else ''}: "
-                          "give layer=")
+                          f"the NMS's {cand[0].size // 4} candidate boxes{why}: give layer=")
     layer = cam_layer(graph, target.layout.scores, grids.pop())
     if layer is None:
         raise OptionError("Grad-CAM on rows selected by NMS: no feature map at the detection's scale feeds the "
@@ -547,8 +547,8 @@ def check_selection(graph, explained: str, method: str | None, who: str | None =
     if nms:
         raise OptionError(
             f"{who or f'method {method!r}'} runs the model on other inputs than the explained ones, and the explained "
-            f"output '{explained}' is selected by NonMaxSuppression ('{nms[0].name or nms[0].output[0]}') in the graph: "
-            "its rows are chosen anew on each of those inputs, so a row need not hold the same detection. Use d_rise "
+            f"output '{explained}' is selected by NonMaxSuppression ('{nms[0].name or nms[0].output[0]}') in the "
+            "graph: its rows are chosen anew on each of those inputs, so a row need not hold the same detection. Use d_rise "
             "(it matches boxes), a single-pass method (gradient, input_x_gradient, an lrp.* composite, grad_cam, "
             "excitation_backprop) and the energy_in_box and pointing_game metrics, or explain the detector's raw "
             "output before the NMS")
