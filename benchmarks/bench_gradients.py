@@ -235,6 +235,82 @@ def stride1_convtranspose_as_conv(model):
     return m, done
 
 
+def strided_convtranspose_as_conv(model, pointwise_only: bool = False):
+    """Each strided ConvTranspose (group 1, dilation 1, constant weight, no output_shape) as
+    onnxruntime's fast Conv: a 1x1 kernel mixes channels first (at the low resolution) and
+    the result is spread onto every stride-th position with zeros between; a larger kernel
+    convolves (stride 1, kernel transposed and flipped) the gradient spread out with zeros.
+    The same sums as the ConvTranspose (the zeros add nothing), in another order."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    done = 0
+    new_nodes = []
+
+    def const(name, arr):
+        if name not in inits:
+            t = numpy_helper.from_array(np.asarray(arr), name)
+            m.graph.initializer.append(t)
+            inits[name] = t
+        return name
+
+    for n in m.graph.node:
+        w = inits.get(n.input[1]) if n.op_type == "ConvTranspose" and len(n.input) > 1 else None
+        if w is None or (len(n.input) > 2 and n.input[2]):
+            new_nodes.append(n)
+            continue
+        w = numpy_helper.to_array(w)
+        r = w.ndim - 2
+        s = list(_attr(n, "strides", [1] * r))
+        if r != 2 or _attr(n, "group", 1) != 1 or all(v == 1 for v in s) \
+                or any(v != 1 for v in _attr(n, "dilations", [1] * r)) or _attr(n, "output_shape") is not None \
+                or _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or (pointwise_only and w.shape[2:] != (1, 1)):
+            new_nodes.append(n)
+            continue
+        k = list(w.shape[2:])
+        pads = list(_attr(n, "pads", [0] * 2 * r))
+        op = list(_attr(n, "output_padding", [0] * r))
+        tag = n.name + "/as_conv"
+        wc = np.ascontiguousarray(np.flip(w.swapaxes(0, 1), axis=(2, 3)))
+        wname = const(n.input[1] + "/as_conv", wc)
+        src = n.input[0]
+        nodes = []
+        if k == [1, 1]:  # channels first, at the low resolution
+            nodes.append(helper.make_node("Conv", [src, wname], [tag + "/mixed"], name=tag + "/conv", kernel_shape=k))
+            src = tag + "/mixed"
+        # Spread out: (N, C, H, W) -> (N, C, H, s, W, s) zero-padded -> (N, C, sH, sW), cropped to s(H-1)+1.
+        nodes += [
+            helper.make_node("Unsqueeze", [src, const(tag + "/ax", np.array([3, 5], np.int64))], [tag + "/u"], name=tag + "/u"),
+            helper.make_node("Pad", [tag + "/u", const(tag + "/p", np.array([0] * 6 + [0, 0, 0, s[0] - 1, 0, s[1] - 1], np.int64))],
+                             [tag + "/z"], name=tag + "/z"),
+            helper.make_node("Shape", [src], [tag + "/shape"], name=tag + "/shape"),
+            helper.make_node("Mul", [tag + "/shape", const(tag + "/sc", np.array([1, 1] + s, np.int64))], [tag + "/shape2"],
+                             name=tag + "/shape2"),
+            helper.make_node("Reshape", [tag + "/z", tag + "/shape2"], [tag + "/spread"], name=tag + "/spread"),
+            helper.make_node("Slice", [tag + "/spread", const(tag + "/b0", np.array([0, 0], np.int64)),
+                                       const(tag + "/e0", np.array([1 - s[0], 1 - s[1]], np.int64)),
+                                       const(tag + "/a0", np.array([2, 3], np.int64))], [tag + "/dil"], name=tag + "/dil"),
+        ]
+        if k == [1, 1]:
+            # Output s(H-1)+1 - pads + output_padding: crop the pads, append the output padding.
+            nodes.append(helper.make_node("Pad", [tag + "/dil", const(tag + "/p2", np.array(
+                [0, 0, -pads[0], -pads[1], 0, 0, op[0] - pads[2], op[1] - pads[3]], np.int64))], [n.output[0]], name=tag + "/out"))
+        else:
+            before = [k[j] - 1 - pads[j] for j in range(2)]
+            after = [k[j] - 1 - pads[2 + j] + op[j] for j in range(2)]
+            nodes += [helper.make_node("Pad", [tag + "/dil", const(tag + "/p2", np.array([0, 0] + before + [0, 0] + after, np.int64))],
+                                       [tag + "/padded"], name=tag + "/pad"),
+                      helper.make_node("Conv", [tag + "/padded", wname], [n.output[0]], name=tag + "/conv", kernel_shape=k)]
+        new_nodes += nodes
+        done += 1
+    del m.graph.node[:]
+    m.graph.node.extend(new_nodes)
+    return m, done
+
+
 def reuse_forward_maxpool_indices(model):
     """A backward MaxPool that recomputes a forward MaxPool (same input, same attributes)
     only to get its Indices: take them from the forward node instead."""
@@ -435,11 +511,11 @@ def bench_model(name: str, args, log) -> tuple[list[Row], list[str]]:
 
 def _onnxplain_rows(explainer) -> int | None:
     """Rows per onnxruntime run onnxplain chose for its gradient explainer (memory budget)."""
-    try:
-        for _spec, sess in explainer._compiled_cache.values():
-            return int(sess.rows_per_run())
-    except Exception:
-        return None
+    from onnxplain.runtime import Session
+
+    for v in explainer._cache.values():
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], Session):
+            return int(v[1].rows_per_run())
     return None
 
 

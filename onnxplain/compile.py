@@ -381,6 +381,7 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
         seed_inputs = []
         out_vis.append(helper.make_tensor_value_info(predicted, onnx.TensorProto.INT64, [shape[0]]))
     bw_nodes, bw_inits = _prune(b, [vi.name for vi in out_vis])
+    bw_nodes = _masks_from_relu_outputs(fwd.node, bw_nodes, bw_inits)
     g = helper.make_graph(
         list(fwd.node) + bw_nodes,
         f"{fwd.name or 'model'}_explainer",
@@ -409,6 +410,27 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
         raise ModelError(f"internal error: the compiled explainer is invalid ({str(exc).splitlines()[0]})") from None
     return Explainer(model, None if predicted_seed else SEED, explained, attributions, activations_out,
                      list(graph.outputs), predicted)
+
+
+def _masks_from_relu_outputs(fwd_nodes, bw_nodes, bw_inits) -> list:
+    """Backward `Greater(x, 0)` on the input x of a forward `y = Relu(x)` reads y instead:
+    y > 0 exactly where x > 0 (NaN and -0 included), so no value changes. Read by nothing
+    but its Relu, x lets onnxruntime fuse the Relu into the Conv before it and keep the
+    forward pass in its blocked (NCHWc) layout, as in plain inference; read by the backward
+    pass, x pins an unfused Relu between two layout conversions at every layer."""
+    relu_of = {n.input[0]: n.output[0] for n in fwd_nodes if n.op_type == "Relu" and n.domain in ("", "ai.onnx")}
+    zeros = {t.name for t in bw_inits if not t.dims and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                                                         onnx.TensorProto.FLOAT16)
+             and float(numpy_helper.to_array(t)) == 0.0}
+    out = []
+    for n in bw_nodes:
+        if n.op_type == "Greater" and n.domain in ("", "ai.onnx") and n.input[0] in relu_of and n.input[1] in zeros:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.input[0] = relu_of[n.input[0]]
+            n = m
+        out.append(n)
+    return out
 
 
 def _prune(b: Builder, outputs, before=()) -> tuple[list, list]:

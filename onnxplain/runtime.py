@@ -193,6 +193,10 @@ class Session:
         threads = os.environ.get("ONNXPLAIN_THREADS")
         if threads:
             so.intra_op_num_threads = int(threads)
+        if os.environ.get("ONNXPLAIN_SPIN") == "0":
+            # Idle intra-op threads sleep instead of spinning: on cores other processes share,
+            # a spinning thread takes the time slices its peers need (results are unchanged).
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
         except Exception as exc:
