@@ -550,5 +550,5 @@ def check_selection(graph, explained: str, method: str | None, who: str | None =
             f"output '{explained}' is selected by NonMaxSuppression ('{nms[0].name or nms[0].output[0]}') in the "
             "graph: its rows are chosen anew on each of those inputs, so a row need not hold the same detection. Use "
             "d_rise (it matches boxes), a single-pass method (gradient, input_x_gradient, an lrp.* composite, "
-            "grad_cam, excitation_backprop) and the energy_in_box and pointing_game metrics, or explain the detector's raw "
-            "output before the NMS")
+            "grad_cam, excitation_backprop) and the energy_in_box and pointing_game metrics, or explain the "
+            "detector's raw output before the NMS")
