@@ -146,7 +146,7 @@ def bert_forward(bert, e_word, types, mode):
 
 
 def vit_forward(vit_cls, patches, mode):
-    """transformers' ViTForImageClassification (pre-LayerNorm) from the patch embeddings
+    """transformers' (5.x) ViTForImageClassification (pre-LayerNorm) from the patch embeddings
     (batch, patches, width) on: the logits."""
     import torch
 
@@ -154,13 +154,13 @@ def vit_forward(vit_cls, patches, mode):
     emb = vit.embeddings
     x = torch.cat([emb.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
     x = _add(x, emb.position_embeddings.expand_as(x), mode)
-    for layer in vit.encoder.layer:
-        s = layer.attention.attention
-        heads = s.num_attention_heads
-        a = _attention(_layernorm(layer.layernorm_before, x, mode), s.query, s.key, s.value, heads, mode)
-        x = _add(_linear(layer.attention.output.dense, a, mode), x, mode)
-        h = _gelu(_linear(layer.intermediate.dense, _layernorm(layer.layernorm_after, x, mode), mode), mode)
-        x = _add(_linear(layer.output.dense, h, mode), x, mode)
+    heads = vit_cls.config.num_attention_heads
+    for layer in vit.layers:
+        att = layer.attention
+        a = _attention(_layernorm(layer.layernorm_before, x, mode), att.q_proj, att.k_proj, att.v_proj, heads, mode)
+        x = _add(_linear(att.o_proj, a, mode), x, mode)
+        h = _gelu(_linear(layer.mlp.fc1, _layernorm(layer.layernorm_after, x, mode), mode), mode)
+        x = _add(_linear(layer.mlp.fc2, h, mode), x, mode)
     return _linear(vit_cls.classifier, _layernorm(vit.layernorm, x, mode)[:, 0], mode)
 
 
@@ -269,6 +269,8 @@ class ViT:
                                       intermediate_size=768, image_size=64, patch_size=16, num_labels=10)
                if quick else transformers.ViTConfig(num_labels=1000))
         self.quick = quick
+        if quick:
+            self.name = "ViT (tiny)"
         model = transformers.ViTForImageClassification(cfg)
         model.set_attn_implementation("eager")
         self.model = model.eval()
@@ -425,7 +427,7 @@ def bench_model(spec, batches, args, log) -> tuple[list, list]:
         for method, call in list(calls.items()) + [("lrp.attnlrp graph", lambda: gsess.run(gout, gfeeds)[0])]:
             log(f"[{spec.name} b={batch}] onnxplain {method}")
             ours = time_call(call, **tc)
-            result = ours.result[0] if method.endswith("graph") else ours.result
+            result = ours.result
             for peer_name, peer in peers.get(method.replace(" graph", ""), [("", None)]):
                 row = dict(model=spec.name, batch=batch, method=method, ours=ours.median, floor=floor.median,
                            peer_name=peer_name)
