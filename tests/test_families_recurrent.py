@@ -295,11 +295,26 @@ def deeplift_reference(cfg, feeds, params, m_out):
     return out
 
 
-def _deeplift(cfg, m_out, tmp_path, seed=0, **options):
+def _deeplift(cfg, m_out, tmp_path, seed=0, form=None, **options):
+    from onnxplain.rules import recurrent_deeplift
+
     model, feeds, params = make(cfg, seed)
     onnx.save(model, tmp_path / "m.onnx")
     e = Explainer(str(tmp_path / "m.onnx"))
-    got = e.attribute(feeds, method="deeplift", target=m_out.astype(np.float32), **options)
+    scans = []
+    real = recurrent_deeplift.scan_backward
+
+    def counted(*args, **kwargs):
+        scans.append(1)
+        return real(*args, **kwargs)
+
+    recurrent_deeplift.scan_backward = counted
+    try:
+        got = e.attribute(feeds, method="deeplift", target=m_out.astype(np.float32), **options)
+    finally:
+        recurrent_deeplift.scan_backward = real
+    if form is not None:  # the form the rule took (see the fixture)
+        assert bool(scans) == (form == "scan")
     return e, got, feeds, params
 
 
@@ -315,9 +330,9 @@ DEEPLIFT_CASES = [
 
 
 @pytest.mark.parametrize("cfg", DEEPLIFT_CASES)
-def test_deeplift_through_a_recurrence_equals_the_rescale_and_product_rules_in_numpy(cfg, tmp_path):
+def test_deeplift_through_a_recurrence_equals_the_rescale_and_product_rules_in_numpy(cfg, tmp_path, form):
     m_out = np.random.default_rng(8).normal(size=(cfg.N, _width(cfg)))
-    _, got, feeds, params = _deeplift(cfg, m_out, tmp_path)
+    _, got, feeds, params = _deeplift(cfg, m_out, tmp_path, form=form)
     want = deeplift_reference(cfg, feeds, params, m_out)
     for name, w in want.items():
         np.testing.assert_allclose(got[name], w, rtol=1e-3, atol=1e-4 * np.abs(w).max(), err_msg=name)
@@ -334,9 +349,9 @@ SUMMATION_CASES = DEEPLIFT_CASES + [
 
 
 @pytest.mark.parametrize("cfg", SUMMATION_CASES)
-def test_deeplift_through_a_recurrence_sums_to_the_outputs_difference_from_the_baseline(cfg, tmp_path):
+def test_deeplift_through_a_recurrence_sums_to_the_outputs_difference_from_the_baseline(cfg, tmp_path, form):
     m_out = np.random.default_rng(9).normal(size=(cfg.N, _width(cfg)))
-    e, got, feeds, _ = _deeplift(cfg, m_out, tmp_path)
+    e, got, feeds, _ = _deeplift(cfg, m_out, tmp_path, form=form)
     base = {k: np.zeros_like(v) if v.dtype.kind == "f" else v for k, v in feeds.items()}
     delta = (m_out * (e.predict(feeds) - e.predict(base))).sum(1)
     total = sum(v.reshape(cfg.N, -1).sum(1) for v in got.values())
@@ -364,15 +379,6 @@ def test_deeplift_with_a_constant_initial_state_still_sums_to_the_difference(tmp
     got = e.attribute(feeds, method="deeplift", target=m_out)
     delta = (m_out * (e.predict(feeds) - e.predict({"x": np.zeros_like(feeds["x"])}))).sum(1)
     np.testing.assert_allclose(got.reshape(cfg.N, -1).sum(1), delta, rtol=1e-4, atol=1e-5)
-
-
-def test_deeplift_refuses_a_recurrence_longer_than_it_unrolls(tmp_path, monkeypatch):
-    from onnxplain.rules import recurrent_deeplift
-
-    monkeypatch.setattr(recurrent_deeplift, "MAX_STEPS", 3)
-    cfg = Config("GRU", h0=False)
-    with pytest.raises(UnsupportedOperatorError, match="static sequence length of at most 3 steps"):
-        _deeplift(cfg, np.ones((cfg.N, _width(cfg))), tmp_path)
 
 
 def test_deeplift_of_a_torch_lstm_classifier_sums_to_the_logits_difference(tmp_path):
@@ -403,14 +409,15 @@ def test_deeplift_of_a_torch_lstm_classifier_sums_to_the_logits_difference(tmp_p
     np.testing.assert_allclose(got.reshape(3, -1).sum(1), delta, rtol=1e-4, atol=1e-5)
 
 
-def test_deeplift_through_a_longer_lstm_stays_bounded_and_exact(tmp_path):
+@pytest.mark.parametrize("steps", [24, 300])
+def test_deeplift_through_a_longer_lstm_stays_bounded_and_exact(tmp_path, steps):
     # "All of d(gate * signal) to the signal" as a multiplier is unbounded where the signal
-    # barely moves: on this model it gave attributions of 3e8 that cancel. The product rule
-    # keeps them of the order of the output's difference.
-    cfg = Config("LSTM", T=24, N=2, I=8, H=16, outputs=("Y_h",), h0=False, c0=False)
+    # barely moves: on the 24-step model it gave attributions of 3e8 that cancel. The
+    # product rule keeps them of the order of the output's difference. (Both take the Scans.)
+    cfg = Config("LSTM", T=steps, N=2, I=8, H=16, outputs=("Y_h",), h0=False, c0=False)
     m_out = np.zeros((cfg.N, _width(cfg)))
     m_out[:, 0] = 1.0
-    e, got, feeds, _ = _deeplift(cfg, m_out, tmp_path)
+    e, got, feeds, _ = _deeplift(cfg, m_out, tmp_path, form="scan")
     delta = e.predict(feeds)[:, 0] - e.predict({"x": np.zeros_like(feeds["x"])})[:, 0]
     np.testing.assert_allclose(got.reshape(cfg.N, -1).sum(1), delta, rtol=1e-4, atol=1e-6)
     assert np.abs(got).max() < 1.0  # measured 0.13

@@ -16,21 +16,19 @@ Not the rule of the LRP composites (Arras et al. 2017: the gates get nothing): a
 barely moves while its gate does; measured on a 24-step LSTM, attributions of 3e8 cancelling
 each other for an output difference of 0.15. Gates are inputs' functions here like any other.
 
-Both runs (input and baseline) are recomputed step by step, unrolled: the rule needs the
-static sequence length and takes at most MAX_STEPS steps (a 128-step LSTM's explainer is
-built and run in about 20 s on one core).
+Both runs (input and baseline) are recomputed step by step: unrolled for short sequences,
+and for long or open lengths as a forward Scan per run and one backward Scan over both runs'
+records (recurrent_scan.py), so the graph does not grow with the length.
 """
 
 from __future__ import annotations
 
 import copy
 
-from ..errors import UnsupportedOperatorError
 from .base import register
 from .deeplift import ZERO, _rescale
 from .recurrent import RECURRENT, Recurrence
-
-MAX_STEPS = 256
+from .recurrent_scan import applies, scan_backward
 
 
 def _baseline_recurrence(rec, reference):
@@ -124,18 +122,36 @@ def _step(rec, s, s0, p, d, m_h, m_c):
     return m_hprev, m_cprev, m_a
 
 
+def _record_keys(rec):
+    """The step values `_step` reads, recorded by the Scan form for both runs."""
+    def gate(k):
+        return [k, k + "_x", k + "_pre"] + ([k + "_keep"] if rec.clip is not None else [])
+
+    if rec.op == "LSTM":
+        keys = ["c_prev", "c_new", "hc"] + gate("o") + gate("i") + gate("g")
+        return keys + (["f"] if rec.input_forget else gate("f"))
+    if rec.op == "GRU":
+        return ["h_prev"] + gate("z") + gate("r") + gate("hh") + (["v"] if rec.lbr else [])
+    return gate("hh")
+
+
 @register(*RECURRENT, family="deeplift")
 def recurrent_deeplift(b, node, grads, reference=ZERO):
     rec = Recurrence(b, node)
-    if rec.T is None or rec.T > MAX_STEPS:
-        err = UnsupportedOperatorError([node.op_type], "deeplift")
-        err.args = (f"method 'deeplift' recomputes {rec.what} step by step for the input and the baseline, which "
-                    f"needs a static sequence length of at most {MAX_STEPS} steps (got shape {rec.shape}); give inputs "
-                    "with a fixed, shorter length, or use a black-box method",)
-        raise err
     ref = _baseline_recurrence(rec, reference)
     my, myh, myc = rec.output_grads(grads)
     want_x = rec.wants(rec.X)
+    res = [None] * len(node.input)
+    if applies(rec):  # long or open lengths: two runs recorded by forward Scans, one backward Scan
+        signals, mh0s, mc0s, params = scan_backward(rec, my, myh, myc, _record_keys(rec), _step, ref=ref)
+        if want_x:
+            mx = b.sum([b.op("MatMul", sig, p["W"]) for sig, p in zip(signals, params)])
+            res[0] = b.op("Transpose", mx, perm=[1, 0, 2]) if rec.layout else mx
+        if rec.wants(rec.h0):
+            res[5] = rec.stack_states(mh0s)
+        if rec.wants(rec.c0):
+            res[6] = rec.stack_states(mc0s)
+        return res
     mx, mh0s, mc0s = [], [], []
     for d in range(rec.D):
         p, steps = rec.run(d)
@@ -165,7 +181,6 @@ def recurrent_deeplift(b, node, grads, reference=ZERO):
         mc0s.append(m_c)
         if want_x:
             mx.append(b.op("MatMul", rec.by_time(signal, rec.G * rec.H), p["W"]))
-    res = [None] * len(node.input)
     if want_x:
         res[0] = rec.to_sequence(b.sum(mx), rec.I)
     if rec.wants(rec.h0):

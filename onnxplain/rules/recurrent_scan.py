@@ -151,13 +151,54 @@ def _masks(rec):
     return b.op("Less", b.unsqueeze(steps, [1, 2]), b.unsqueeze(rec.col, [0]))
 
 
-def scan_backward(rec, gy, gyh, gyc, keys, step):
+def _forward_records(rec, d, keys, masks, elem):
+    """A forward Scan of direction d recomputing `rec`'s steps: (outer weights, {key: the
+    records of every step, (T, N, .) in time order})."""
+    b = rec.b
+    lstm = rec.op == "LSTM"
+    rev = int(rec.reverse[d])
+    p = rec.params(d)
+    xw = rec.projection(d, p)
+    h0, c0 = rec.initial("h", d), rec.initial("c", d) if lstm else None
+    fwd = _Body(b, rec.dtype)
+    fw = _Weights(rec, fwd, elem)
+    rec.b = fwd
+    try:
+        pb = rec.params(d)
+        names = {"h": fwd.fresh("h_in"), "c": fwd.fresh("c_in"), "xw": fwd.fresh("xw_in"), "m": fwd.fresh("m_in")}
+        s = {"h_prev": names["h"], "c_prev": names["c"] if lstm else None, "xw": names["xw"],
+             "mask": names["m"] if masks is not None else None}
+        getattr(rec, "_step_" + rec.op.lower())(s, pb, d)
+        m = s["mask"]
+        h_out = s["h_new"] if m is None else fwd.op("Where", m, s["h_new"], s["h_prev"])
+        outs = [fwd.op("Identity", h_out)]
+        if lstm:
+            outs.append(fwd.op("Identity", s["c_new"] if m is None else fwd.op("Where", m, s["c_new"], s["c_prev"])))
+        state_vis = [_vi(o, elem, 2) for o in outs] + fw.out_vis(fwd, elem)
+        outs = [fwd.op("Identity", s[k]) for k in keys]
+    finally:
+        rec.b = b
+        fw.restore()
+    ins = [_vi(names["h"], elem, 2)] + ([_vi(names["c"], elem, 2)] if lstm else []) + fw.inputs
+    ins += [_vi(names["xw"], elem, 2)] + ([_vi(names["m"], TensorProto.BOOL, 2)] if masks is not None else [])
+    out_vis = state_vis + [_vi(o, TensorProto.BOOL if k.endswith("_keep") else elem, 2) for o, k in zip(outs, keys)]
+    body = _graph(fwd, ins, out_vis, "forward_steps")
+    scan_ins = [h0] + ([c0] if lstm else []) + fw.states + [xw] + ([masks] if masks is not None else [])
+    n_scan = 1 + (masks is not None)
+    res = b.op("Scan", *scan_ins, outputs=len(out_vis), body=body, num_scan_inputs=n_scan,
+               scan_input_directions=[rev] * n_scan, scan_output_directions=[rev] * len(keys))
+    return p, dict(zip(keys, res[len(state_vis):]))
+
+
+def scan_backward(rec, gy, gyh, gyc, keys, step, ref=None):
     """Per direction: a forward Scan recording `keys` of every step, then a Scan over the
     records in the opposite order carrying (h, c) quantities: `step(rec, s, p, d, h, c)`
     gets a step's records `s`, the body's weights `p` and the carried h (plus the step's
     own incoming h quantity) and c, masked to the step's validity, and returns those for
-    h_prev and c_prev and one per-step output. Returns ([per-step outputs (T, N, .) in time
-    order], [final h], [final c], [outer weights]) per direction."""
+    h_prev and c_prev and one per-step output. With `ref` (a Recurrence on other inputs: a
+    baseline's), its steps are recorded too and `step(rec, s, s0, p, d, h, c)` gets both.
+    Returns ([per-step outputs (T, N, .) in time order], [final h], [final c], [outer
+    weights]) per direction."""
     b = rec.b
     elem = _ELEM.get(np.dtype(rec.dtype), TensorProto.FLOAT)
     lstm = rec.op == "LSTM"
@@ -165,40 +206,9 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
     outs_per_dir, h_finals, c_finals, params = [], [], [], []
     for d in range(rec.D):
         rev = int(rec.reverse[d])
-        p = rec.params(d)
+        p, records = _forward_records(rec, d, keys, masks, elem)
         params.append(p)
-        xw = rec.projection(d, p)
-        h0, c0 = rec.initial("h", d), rec.initial("c", d) if lstm else None
-
-        # --- forward: states in, records out (stored by time index)
-        fwd = _Body(b, rec.dtype)
-        fw = _Weights(rec, fwd, elem)
-        rec.b = fwd
-        try:
-            pb = rec.params(d)
-            names = {"h": fwd.fresh("h_in"), "c": fwd.fresh("c_in"), "xw": fwd.fresh("xw_in"), "m": fwd.fresh("m_in")}
-            s = {"h_prev": names["h"], "c_prev": names["c"] if lstm else None, "xw": names["xw"],
-                 "mask": names["m"] if masks is not None else None}
-            getattr(rec, "_step_" + rec.op.lower())(s, pb, d)
-            m = s["mask"]
-            h_out = s["h_new"] if m is None else fwd.op("Where", m, s["h_new"], s["h_prev"])
-            outs = [fwd.op("Identity", h_out)]
-            if lstm:
-                outs.append(fwd.op("Identity", s["c_new"] if m is None else fwd.op("Where", m, s["c_new"], s["c_prev"])))
-            state_vis = [_vi(o, elem, 2) for o in outs] + fw.out_vis(fwd, elem)
-            outs = [fwd.op("Identity", s[k]) for k in keys]
-        finally:
-            rec.b = b
-            fw.restore()
-        ins = [_vi(names["h"], elem, 2)] + ([_vi(names["c"], elem, 2)] if lstm else []) + fw.inputs
-        ins += [_vi(names["xw"], elem, 2)] + ([_vi(names["m"], TensorProto.BOOL, 2)] if masks is not None else [])
-        out_vis = state_vis + [_vi(o, TensorProto.BOOL if k.endswith("_keep") else elem, 2) for o, k in zip(outs, keys)]
-        body = _graph(fwd, ins, out_vis, "forward_steps")
-        scan_ins = [h0] + ([c0] if lstm else []) + fw.states + [xw] + ([masks] if masks is not None else [])
-        n_scan = 1 + (masks is not None)
-        res = b.op("Scan", *scan_ins, outputs=len(out_vis), body=body, num_scan_inputs=n_scan,
-                   scan_input_directions=[rev] * n_scan, scan_output_directions=[rev] * len(keys))
-        records = dict(zip(keys, res[len(state_vis):]))
+        records0 = _forward_records(ref, d, keys, masks, elem)[1] if ref is not None else None
 
         # --- backward: carried quantities in, one per-step output out
         gy_d = rec.direction_part(gy, d, axis=1)
@@ -210,6 +220,7 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
         try:
             pb = rec.params(d)
             s = {k: bwd.fresh(k + "_in") for k in keys}
+            s0 = {k: bwd.fresh(k + "_ref_in") for k in keys} if ref is not None else None
             for k in ("hh", "z", "r", "i", "f", "g", "o"):
                 s.setdefault(k + "_keep", None)
             dh_name, dc_name = bwd.fresh("dh_in"), bwd.fresh("dc_in")
@@ -222,7 +233,10 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
                 zero = bwd.scalar_like(0.0, dh_name)
                 dh_in = bwd.op("Where", m, dh_in, zero)
                 dc_in = bwd.op("Where", m, dc_in, zero) if lstm else None
-            h_prev, c_prev, y = step(rec, s, pb, d, dh_in, dc_in)
+            if ref is None:
+                h_prev, c_prev, y = step(rec, s, pb, d, dh_in, dc_in)
+            else:
+                h_prev, c_prev, y = step(rec, s, s0, pb, d, dh_in, dc_in)
             dh_out = h_prev if m is None else bwd.op("Where", m, h_prev, dh_name)
             bouts = [bwd.op("Identity", dh_out)]
             if lstm:
@@ -235,6 +249,9 @@ def scan_backward(rec, gy, gyh, gyc, keys, step):
         bins = [_vi(dh_name, elem, 2)] + ([_vi(dc_name, elem, 2)] if lstm else []) + bw.inputs
         bins += [_vi(s[k], TensorProto.BOOL if k.endswith("_keep") else elem, 2) for k in keys]
         scanned = [records[k] for k in keys]
+        if ref is not None:
+            bins += [_vi(s0[k], TensorProto.BOOL if k.endswith("_keep") else elem, 2) for k in keys]
+            scanned += [records0[k] for k in keys]
         if gy_d is not None:
             bins.append(_vi(gy_name, elem, 2))
             scanned.append(gy_d)
