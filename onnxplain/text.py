@@ -749,6 +749,7 @@ def cosine_output(explainer, tokenizer, reference: str, output=None, pooling: st
     m.graph.initializer.extend(inits)
     m.graph.output.append(helper.make_tensor_value_info(COSINE_OUTPUT, elem, ["batch", 1]))
     extended = Explainer(m, providers=explainer.providers, memory_budget=explainer.memory_budget, canonize=False)
+    extended._cache.limit = explainer._cache.limit  # the model's own session budget, not a second default
     while len(cache) >= _COSINES_KEPT:
         cache.pop(next(iter(cache)))
     cache[key] = extended
@@ -789,6 +790,8 @@ def render(result: TokenAttribution, color: bool | None = None, words: bool | No
     head = f"{result.method}, target {result.target}, reduction {result.reduction}"
     if result.score_kind:
         head += f"; score: {result.score_kind}"
+    if result.explained_score is not None:
+        head += f"; explained value {result.explained_score:.7g}"
     lines = [head, " ".join(parts)]
     top = result.top(5)
     lines.append("top: " + ", ".join(f"{t} {s:+.3g}" for _, t, s in top))

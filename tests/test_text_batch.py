@@ -303,6 +303,16 @@ def test_explain_text_with_several_texts_writes_one_result_per_text(setup, tmp_p
     res = CliRunner().invoke(main, base + ["-o", str(tmp_path / "why.json")])
     assert res.exit_code == 0, res.output
     assert res.output.count("[CLS](") == 3 and res.output.count("cosine of the sentence embeddings") == 3
+    # the printed value of each text: numpy's cosine of onnxruntime's mean-pooled embeddings
+    import re
+
+    ex = Explainer(str(folder / "encoder.onnx"))
+    hr = ex.forward(T.model_feeds(ex, T.encode(tok, REF)), ["out"])["out"][0].mean(0).astype(np.float64)
+    printed = [float(v) for v in re.findall(r"explained value ([-+0-9.e]+)", res.output)]
+    assert len(printed) == 3
+    for text, value in zip(TEXTS, printed):
+        h = ex.forward(T.model_feeds(ex, T.encode(tok, text)), ["out"])["out"][0].mean(0).astype(np.float64)
+        assert value == pytest.approx(h @ hr / np.linalg.norm(h) / np.linalg.norm(hr), rel=1e-6)
     d = json.loads((tmp_path / "why.json").read_text())["texts"]
     assert [x["text"] for x in d] == TEXTS
     for x, a in zip(d, alone):

