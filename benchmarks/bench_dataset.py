@@ -391,7 +391,7 @@ def main(args) -> str:
                     rate = {k: (n / min(v) if v else None) for k, v in t.items()}
                     rows.append((method, batch, n, chunk, rate))
                     log(f"{method} b{batch} n{n} chunk {chunk}: " +
-                        ", ".join(f"{k} {v:.2f}/s" for k, v in rate.items() if v))
+                        ", ".join(f"{k} {v:.3g}/s" for k, v in rate.items() if v))
             del e, sess
         if args.dataset_ray != "off":
             ray_out = ray_rows(model_path, tmp, args.dataset_ray_images, args.dataset_repeat, log)
@@ -411,9 +411,9 @@ def main(args) -> str:
         for method, batch, n, chunk, r in rows:
             peer = "Zennit" if method.startswith("lrp") else "Captum"
             ort = r["ort"]
-            ort_cells = ["", "", ""] if ort is None else [f"{ort:.2f}", f"{r['engine'] / ort:.2f}",
+            ort_cells = ["", "", ""] if ort is None else [f"{ort:.3g}", f"{r['engine'] / ort:.2f}",
                                                           f"{r['engine_bare'] / ort:.2f}"]
-            lines.append(f"| {LABEL[method]} | {batch} | {n} | {chunk} | {r['engine']:.2f} | {r['peer']:.2f} ({peer}) "
+            lines.append(f"| {LABEL[method]} | {batch} | {n} | {chunk} | {r['engine']:.3g} | {r['peer']:.3g} ({peer}) "
                          f"| {r['engine'] / r['peer']:.2f}x | " + " | ".join(ort_cells) + " |")
         lines += ["", "Goals:", ""]
         worst = min(rows, key=lambda row: row[4]["engine"] / row[4]["peer"])
@@ -453,7 +453,7 @@ def main(args) -> str:
                             f"{base * steady['local'] / steady[k] - 1:+.0%}" if base == 1 else ""]
                 scale = ["", ""] if k != "ray2" else [f"{total['ray2'] / (2 * total['ray1']):.0%}",
                                                        f"{steady['ray2'] / (2 * steady['ray1']):.0%}"]
-                lines.append(f"| {label} | {total[k]:.2f} | {steady[k]:.2f} | {over[0]} | {over[1]} | {scale[0]} "
+                lines.append(f"| {label} | {total[k]:.3g} | {steady[k]:.3g} | {over[0]} | {over[1]} | {scale[0]} "
                              f"| {scale[1]} |")
             o_total, o_steady = total["local"] / total["ray1"] - 1, steady["local"] / steady["ray1"] - 1
             notes.append(f"- `--engine ray` overhead (1 worker against the local engine, one thread each): "
