@@ -1036,6 +1036,17 @@ def _cell(step: dict) -> str:
     return res
 
 
+def _referee_name(reference: str) -> str:
+    """The float64 referee of a result, in a few words for the table."""
+    if reference.startswith("onnx2torch"):
+        return "onnx2torch"
+    if reference.startswith("onnxruntime float64"):
+        return "onnxruntime float64 FD"
+    if "straight-through" in reference:
+        return "onnx.reference FD, straight-through"
+    return "onnx.reference FD" if reference.startswith("onnx.reference") else reference
+
+
 def table(manifest: dict, results: list) -> str:
     by_id = {e["id"]: e for e in manifest["models"]}
     t = totals(manifest, results)
@@ -1047,7 +1058,8 @@ def table(manifest: dict, results: list) -> str:
         e = by_id[r["id"]]
         err = r["gradient"].get("max_rel_err")
         err64 = r["gradient"].get("max_rel_err_f64")
-        errs = "" if err is None else f"{err:.1e}" + ("" if err64 is None else f" (f64 {err64:.1e})")
+        who = _referee_name(r["gradient"].get("reference", ""))
+        errs = "" if err is None else f"{err:.1e}" + ("" if err64 is None else f" (f64 {err64:.1e}, {who})")
         ins = ", ".join(f"{k} {v}" for k, v in r.get("inputs", {}).items())
         lines.append(f"| {e['id']} | {e['package']}=={e['version']} | {e['exporter']} | {e.get('opset', '')} | "
                      f"{ins} | {_cell(r['predict'])} | {_cell(r['occlusion'])} | {_cell(r['gradient'])} | {errs} | "
