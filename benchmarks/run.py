@@ -3,6 +3,7 @@
     python benchmarks/run.py                  # full size: VGG-16 and ResNet-50 at 224x224, batch 1 and 16
     python benchmarks/run.py --quick          # smoke version: narrow models at 64x64, few repeats
     python benchmarks/run.py --models resnet50 --batch 1,16 --only gradients
+    python benchmarks/run.py --only transformers   # MiniLM-L6 (seq 128) and ViT-B/16: its own --transformers-* options
 
 Every module ``benchmarks/bench_*.py`` is discovered and run in name order. A module
 takes part by exposing ``main(args)``, where ``args`` is the argparse namespace built
@@ -79,7 +80,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for torch and onnxruntime alike (default: the CPUs this process may use)")
     p.add_argument("--only", type=_str_list, default=None,
-                   help="comma list of bench modules to run, e.g. gradients,blackbox (default: all)")
+                   help="comma list of bench modules to run, e.g. gradients,blackbox,transformers (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results file (default benchmarks/RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
