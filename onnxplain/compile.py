@@ -35,6 +35,18 @@ NON_DIFFERENTIABLE = {
 }
 
 
+def non_differentiable(node, graph) -> bool:
+    """Whether a node passes no gradient: the operators above, except a rounding that
+    quantizes (explained straight through; rules/quantized.quantizes)."""
+    if node.op_type not in NON_DIFFERENTIABLE:
+        return False
+    if node.op_type in ("Floor", "Ceil", "Round"):
+        from .rules.quantized import quantizes
+
+        return not quantizes(graph, node)
+    return True
+
+
 class Composite:
     """Which rule serves which node. The base composite maps each operator to the rule of
     the first family in `families` that has one."""
@@ -78,7 +90,7 @@ def _depends_on(graph: Graph, sources) -> set:
     """Tensors whose value depends on any of `sources` (through float-valued paths)."""
     dep = set(sources)
     for node in graph.nodes:
-        if node.op_type in NON_DIFFERENTIABLE:
+        if non_differentiable(node, graph):
             continue
         if any(i in dep for i in node_inputs(node)):
             dep.update(o for o in node.output if o)
@@ -101,7 +113,7 @@ def active_nodes(graph: Graph, wrt, explained) -> list:
     need = _ancestors(graph, explained)
     return [
         n for n in graph.nodes
-        if n.op_type not in NON_DIFFERENTIABLE
+        if not non_differentiable(n, graph)
         and any(o in need for o in n.output) and any(i in dep for i in node_inputs(n))
     ]
 

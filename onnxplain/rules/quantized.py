@@ -604,6 +604,59 @@ def dynamic_quantize_linear(b, node, grads):
     return [_back_to(b, b.op("Reshape", gx, b.shape_of(x)), x)]
 
 
+# --------------------------------------------------------------------------- rounding
+
+
+ROUNDING = ("Floor", "Ceil", "Round")
+_ACCUMULATING = ("Add", "Sum", "Sub")
+
+
+def quantizes(graph, node) -> bool:
+    """Whether a Floor/Ceil/Round quantizes: every consumer casts it to an integer type that
+    is added to a computed integer tensor (through reshapes), as onnx.quantize writes a
+    float bias quantized at run time, Div(b, s_x s_w) -> Floor -> Cast int32 -> Add to the
+    ConvInteger accumulator. By the straight-through convention such a rounding (and its
+    Cast) passes the gradient, so the dynamic scale's terms cancel as for the weights; any
+    other rounding is piecewise constant."""
+    if node.op_type not in ROUNDING or node.domain not in ("", "ai.onnx"):
+        return False
+    casts = graph.consumers.get(node.output[0], [])
+    if not casts:
+        return False
+    for c in casts:
+        t = graph.elem_type(c.output[0]) if c.op_type == "Cast" else None
+        if t is None or t in _FLOAT:
+            return False
+        todo, added = [c.output[0]], False
+        while todo:
+            name = todo.pop()
+            users = graph.consumers.get(name, [])
+            if not users:
+                return False
+            for u in users:
+                if u.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"):
+                    todo.append(u.output[0])
+                    continue
+                if u.op_type not in _ACCUMULATING:
+                    return False
+                others = [i for i in u.input if i and i != name]
+                if not any(graph.elem_type(i) not in (None, *_FLOAT) and graph.constant(i) is None for i in others):
+                    return False
+                added = True
+        if not added:
+            return False
+    return True
+
+
+@register(*ROUNDING)
+def rounding(b, node, grads):
+    # Served only where the rounding quantizes (else compile takes it as constant): the
+    # straight-through estimator, round(v) differentiates as v.
+    if grads[0] is None or not quantizes(b.graph, node):
+        return [None]
+    return [_back_to(b, grads[0], node.input[0])]
+
+
 # --------------------------------------------------------------------------- Cast
 
 
@@ -621,6 +674,10 @@ def cast(b, node, grads):
     rest = [None] * (len(node.input) - 1)
     if tx is not None and tx not in _FLOAT and grads[0] is not None:
         return [_to_f32(b, grads[0]) if ty in _FLOAT and ty != F32 else grads[0]] + rest
+    producer = b.graph.producer.get(x) if hasattr(b.graph, "producer") else None
+    if ty is not None and ty not in _FLOAT and grads[0] is not None and producer is not None \
+            and quantizes(b.graph, producer):
+        return [_back_to(b, grads[0], x)] + rest  # a quantizing rounding's integers (see `quantizes`)
     return _float_cast(b, node, grads)
 
 
