@@ -27,7 +27,10 @@ QUIET = False  # set by the CLI's --quiet and by library users who want no progr
 def _ort():
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # provider fallbacks are ours to report, not ORT's
+    # Provider fallbacks are ours to report, and every failed run becomes a typed error that
+    # carries onnxruntime's message: its own log lines (in red, mid-run) would only repeat
+    # them, or report a multi-row attempt the engine retries row by row.
+    ort.set_default_logger_severity(4)
     return ort
 
 
@@ -94,7 +97,7 @@ def provider_problem(name: str) -> str | None:
     except Exception as exc:
         return f"it cannot run here: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
     finally:
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(4)
 
 
 def cuda_works() -> bool:
@@ -189,7 +192,7 @@ class Session:
         self._budget_given = bool(memory_budget) or "ONNXPLAIN_MEMORY_BUDGET" in os.environ
         self.memory_budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4
         threads = os.environ.get("ONNXPLAIN_THREADS")
         if threads:
             so.intra_op_num_threads = int(threads)
