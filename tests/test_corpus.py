@@ -248,34 +248,9 @@ def test_the_float64_reference_evaluates_inference_batchnorm_with_a_momentum_att
 
 
 def _dynamic_conv_model():
-    """onnx.quantize's dynamically quantized Conv, as ddddocr-common-old has 21 of them:
-    the input quantized on the fly (DynamicQuantizeLinear), a uint8 weight, the float bias
-    quantized by the product of the two scales (Div -> Floor -> Cast int32), ConvInteger,
-    then the product with the scales."""
-    rng = np.random.default_rng(0)
-    wq = rng.integers(0, 256, (3, 2, 3, 3)).astype(np.uint8)
-    bias = rng.uniform(-0.5, 0.5, 3).astype(np.float32)
-    T = TensorProto
-    inits = [helper.make_tensor("wq", T.UINT8, wq.shape, wq.ravel()), helper.make_tensor("ws", T.FLOAT, [], [0.004]),
-             helper.make_tensor("wz", T.UINT8, [], [131]), helper.make_tensor("b", T.FLOAT, [3], bias),
-             helper.make_tensor("bshape", T.INT64, [4], [1, 3, 1, 1])]
-    nodes = [
-        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
-        helper.make_node("Mul", ["xs", "ws"], ["s"]),
-        helper.make_node("Div", ["b", "s"], ["bdiv"]),
-        helper.make_node("Floor", ["bdiv"], ["bfloor"]),
-        helper.make_node("Cast", ["bfloor"], ["bq"], to=T.INT32),
-        helper.make_node("Reshape", ["bq", "bshape"], ["bq4"]),
-        helper.make_node("ConvInteger", ["xq", "wq", "xz", "wz"], ["acc"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-        helper.make_node("Add", ["acc", "bq4"], ["accb"]),
-        helper.make_node("Cast", ["accb"], ["accf"], to=T.FLOAT),
-        helper.make_node("Mul", ["accf", "s"], ["y"]),
-    ]
-    g = helper.make_graph(nodes, "dq_conv", [helper.make_tensor_value_info("x", T.FLOAT, [1, 2, 5, 6])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 3, 5, 6])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
-    wd = (wq.astype(np.float64) - 131) * np.float64(np.float32(0.004))
-    return model, wd, bias
+    from quantized_models import dynamic_conv
+
+    return dynamic_conv()
 
 
 def test_quantized_referee_operators_compute_what_onnxruntime_computes():

@@ -11,33 +11,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxplain import Explainer
+from quantized_models import dynamic_conv
 
 T = TensorProto
 
 
 def _dynamic_conv(rounding="Floor"):
-    rng = np.random.default_rng(0)
-    wq = rng.integers(0, 256, (3, 2, 3, 3)).astype(np.uint8)
-    bias = rng.uniform(-0.5, 0.5, 3).astype(np.float32)
-    inits = [helper.make_tensor("wq", T.UINT8, wq.shape, wq.ravel()), helper.make_tensor("ws", T.FLOAT, [], [0.004]),
-             helper.make_tensor("wz", T.UINT8, [], [131]), helper.make_tensor("b", T.FLOAT, [3], bias),
-             helper.make_tensor("bshape", T.INT64, [4], [1, 3, 1, 1])]
-    nodes = [
-        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
-        helper.make_node("Mul", ["xs", "ws"], ["s"]),
-        helper.make_node("Div", ["b", "s"], ["bdiv"]),
-        helper.make_node(rounding, ["bdiv"], ["bround"]),
-        helper.make_node("Cast", ["bround"], ["bq"], to=T.INT32),
-        helper.make_node("Reshape", ["bq", "bshape"], ["bq4"]),
-        helper.make_node("ConvInteger", ["xq", "wq", "xz", "wz"], ["acc"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-        helper.make_node("Add", ["acc", "bq4"], ["accb"]),
-        helper.make_node("Cast", ["accb"], ["accf"], to=T.FLOAT),
-        helper.make_node("Mul", ["accf", "s"], ["y"]),
-    ]
-    g = helper.make_graph(nodes, "dq_conv", [helper.make_tensor_value_info("x", T.FLOAT, ["n", 2, 5, 6])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, ["n", 3, 5, 6])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    wd = (wq.astype(np.float64) - 131) * np.float64(np.float32(0.004))
+    model, wd, _bias = dynamic_conv(rounding, batch="n", opset=13)
     return model, wd
 
 
