@@ -100,9 +100,8 @@ def compose(spec, moved: list, held: list, times_input: bool, squares: bool) -> 
 class Program:
     """A composed explainer (see `compose`) and its session; `run` chunks the rows."""
 
-    def __init__(self, spec, session, moved: list, held: list, times_input: bool, squares: bool):
-        self.spec, self.session = spec, session
-        self.moved, self.held, self.squares = moved, held, squares
+    def __init__(self, spec, session, squares: bool):
+        self.spec, self.session, self.squares = spec, session, squares
 
     def run(self, arrays: dict, total: int, chunk_rows, rows_per_run: int, label=None) -> tuple[dict, dict]:
         """arrays: bound name -> host array (P + k + '/A' ...); chunk_rows(start, stop) ->

@@ -380,8 +380,7 @@ class Context:
 
         def make():
             model = resident.compose(spec, list(moved), held, times_input, squares)
-            program = resident.Program(spec, Session(model, e.providers, e.memory_budget), list(moved), held,
-                                       times_input, squares)
+            program = resident.Program(spec, Session(model, e.providers, e.memory_budget), squares)
             return program, 2 * model.ByteSize()
 
         program = e._cache.get(key, make)
