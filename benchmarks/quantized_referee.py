@@ -32,6 +32,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_conv import _conv_implementation
 
+from onnxplain.rules.base import attr
+
 DOMAIN = "onnxplain.referee"
 QUANTIZED_OPS = {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM"}
 _INT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
@@ -41,14 +43,6 @@ _INT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, o
 def needs_referee(model) -> bool:
     """Whether the model holds a quantized operator this referee implements."""
     return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
 
 
 def _uint8_params(x):
@@ -81,7 +75,7 @@ def _fuse_bias_quantizers(model):
         div = by_out.get(n.input[0])
         cast = users.get(n.output[0], [])
         if (div is None or div.op_type != "Div" or len(users.get(div.output[0], [])) != 1 or len(cast) != 1
-                or cast[0].op_type != "Cast" or _attr(cast[0], "to") not in _INT):
+                or cast[0].op_type != "Cast" or attr(cast[0], "to") not in _INT):
             continue
         drop.update({id(div), id(n), id(cast[0])})
         fused[id(cast[0])] = helper.make_node("RoundDiv", list(div.input), [cast[0].output[0]],
@@ -98,9 +92,9 @@ def _conv(x, w, node):
     """Conv of float64 x and w with node's geometry: torch's float64 conv2d where it is
     there (onnx.reference's loops take seconds on an OCR model's 21 layers), else
     onnx.reference's implementation."""
-    auto_pad = _attr(node, "auto_pad", "NOTSET")
-    strides, dilations = _attr(node, "strides"), _attr(node, "dilations")
-    pads, group = _attr(node, "pads"), int(_attr(node, "group", 1))
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    strides, dilations = attr(node, "strides"), attr(node, "dilations")
+    pads, group = attr(node, "pads"), int(attr(node, "group", 1))
     try:
         import torch
     except ImportError:
@@ -111,7 +105,7 @@ def _conv(x, w, node):
         y = torch.nn.functional.conv2d(xt, torch.from_numpy(w), stride=tuple(strides or (1, 1)),
                                        dilation=tuple(dilations or (1, 1)), groups=group)
         return y.numpy()
-    y = _conv_implementation(x, w, None, auto_pad, dilations, group, _attr(node, "kernel_shape"), pads, strides)
+    y = _conv_implementation(x, w, None, auto_pad, dilations, group, attr(node, "kernel_shape"), pads, strides)
     return np.asarray(y, np.float64)
 
 
@@ -227,8 +221,8 @@ class QuantizedReferee:
                 if (sequence_lens is not None and np.size(sequence_lens) and
                         np.any(np.asarray(sequence_lens) != X.shape[0])) or P is not None:
                     raise NotImplementedError("the referee's DynamicQuantizeLSTM takes full sequences and no peepholes")
-                if _attr(node, "activations") or _attr(node, "clip") or _attr(node, "input_forget", 0) or \
-                        _attr(node, "layout", 0):
+                if attr(node, "activations") or attr(node, "clip") or attr(node, "input_forget", 0) or \
+                        attr(node, "layout", 0):
                     raise NotImplementedError("the referee's DynamicQuantizeLSTM takes the default activations, "
                                               "no clip, no input_forget, layout 0")
                 return ref._lstm(node, X, W, R, B, initial_h, initial_c, W_scale, W_zero_point, R_scale,
@@ -237,8 +231,8 @@ class QuantizedReferee:
         return [DynamicQuantizeLinear, ConvInteger, MatMulInteger, RoundDiv, DynamicQuantizeLSTM]
 
     def _lstm(self, node, X, W, R, B, h0, c0, ws, wz, rs, rz):
-        hidden = int(_attr(node, "hidden_size"))
-        direction = _attr(node, "direction", "forward")
+        hidden = int(attr(node, "hidden_size"))
+        direction = attr(node, "direction", "forward")
         D = 2 if direction == "bidirectional" else 1
         T, N, _ = X.shape
 
@@ -367,9 +361,9 @@ class BatchNormalization(OpRun):
     op_domain = ""
 
     def _run(self, x, scale, bias, mean, var, **_):
-        if _attr(self.onnx_node, "training_mode", 0) or any(self.onnx_node.output[1:]):
+        if attr(self.onnx_node, "training_mode", 0) or any(self.onnx_node.output[1:]):
             raise NotImplementedError("the referee's BatchNormalization computes inference mode only")
-        eps = float(_attr(self.onnx_node, "epsilon", 1e-5))
+        eps = float(attr(self.onnx_node, "epsilon", 1e-5))
         shape = (1, -1) + (1,) * (x.ndim - 2)
         y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + bias.reshape(shape)
         return (y.astype(x.dtype),)

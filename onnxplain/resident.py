@@ -97,6 +97,17 @@ def compose(spec, moved: list, held: list, times_input: bool, squares: bool) -> 
     return model
 
 
+class Step:
+    """A fixed number of rows per run, for `runtime.chunked` (the explainer's own rows per
+    run, which the composed graph's bound inputs would otherwise inflate)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def rows_per_run(self, cap=None) -> int:
+        return self.rows
+
+
 class Program:
     """A composed explainer (see `compose`) and its session; `run` chunks the rows."""
 
@@ -116,17 +127,13 @@ class Program:
             outs += [P + o + "/s2" for o in self.spec.attributions.values()]
         s1, s2 = {}, {}
 
-        class _Step:
-            def rows_per_run(self, cap=None):
-                return rows_per_run
-
         def run_chunk(start, stop):
             ia, ib, alpha, w = chunk_rows(start, stop)
             feeds = {P + "ia": ia.astype(np.int64), P + "ib": ib.astype(np.int64),
                      P + "alpha": alpha.astype(np.float32), P + "W": w.astype(np.float32)}
             return s.run_bound(resident, feeds, outs)
 
-        for _start, _stop, out in chunked(_Step(), total, run_chunk, label, None):
+        for _start, _stop, out in chunked(Step(rows_per_run), total, run_chunk, label, None):
             for t, o in self.spec.attributions.items():
                 part = out[P + o + "/s1"].astype(np.float64)
                 s1[t] = part if t not in s1 else s1[t] + part

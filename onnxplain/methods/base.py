@@ -434,11 +434,6 @@ class Context:
         arrays.update({h: v for h, v in self.fixed.items() if h in session.input_names})
         bound = {name: session.on_device(v) for name, v in arrays.items()}
         scores = np.empty(total, np.float64)
-        per_run = rows.rows_per_run()
-
-        class _Step:
-            def rows_per_run(self, cap=None):
-                return per_run
 
         def run_chunk(start, stop):
             samples, corners = chunk_rows(start, stop)
@@ -446,7 +441,7 @@ class Context:
             return session.run_bound(bound, feeds, [resident.P + "score"])[resident.P + "score"]
 
         try:
-            for start, stop, out in chunked(_Step(), total, run_chunk, label, None):
+            for start, stop, out in chunked(resident.Step(rows.rows_per_run()), total, run_chunk, label, None):
                 scores[start:stop] = out
         except InputError as exc:
             if _too_many_rows(exc, rows):
