@@ -84,6 +84,9 @@ class Explainer:
     # With the seed formed in the graph (the predicted class), `seed` is not fed and this
     # output gives the class each row explained.
     predicted: str | None = None
+    # The output carrying the explained tensor's values (compiled with `values`): what the
+    # forward half computed anyway, read so that a caller needs no second forward pass.
+    values: str | None = None
 
 
 def _depends_on(graph: Graph, sources) -> set:
@@ -314,12 +317,14 @@ def subgraph_backward(b: Builder, node: onnx.NodeProto, body: onnx.GraphProto, g
 
 def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, activations=(),
                       method: str | None = None, times_input: bool = False,
-                      predicted_seed: bool = False) -> Explainer:
+                      predicted_seed: bool = False, values: bool = False) -> Explainer:
     """Compile `graph` plus the backward pass of `composite` into one model. With
     `times_input`, each attribution output is multiplied by its tensor's value (input x
     gradient as one graph). With `predicted_seed`, the seed is not an input but the one-hot
     of each row's largest explained value (the predicted class, for an explained tensor
-    shaped (batch, classes)), so explaining the prediction takes one run, not two."""
+    shaped (batch, classes)), so explaining the prediction takes one run, not two. With
+    `values`, the explained tensor's values are an output too (`Explainer.values`): the
+    predicted class and its score come out of the run that explains them."""
     wrt = list(dict.fromkeys(wrt))
     known = set(graph.tensor_names())
     for t in list(wrt) + [explained] + list(activations):
@@ -392,6 +397,13 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
         ]
         seed_inputs = []
         out_vis.append(helper.make_tensor_value_info(predicted, onnx.TensorProto.INT64, [shape[0]]))
+    values_out = None
+    if values:
+        values_out = explained if explained in {vi.name for vi in fwd_outputs} else "onnxplain.values"
+        if values_out != explained:
+            b.current = "out"
+            b.nodes.append(helper.make_node("Identity", [explained], [values_out], name="onnxplain/out/values"))
+            out_vis.append(_value_info(types, explained, values_out))
     bw_nodes, bw_inits = _prune(b, [vi.name for vi in out_vis])
     bw_nodes = _masks_from_relu_outputs(fwd.node, bw_nodes, bw_inits)
     g = helper.make_graph(
@@ -421,7 +433,7 @@ def compile_explainer(graph: Graph, composite: Composite, wrt, explained: str, a
     except Exception as exc:
         raise ModelError(f"internal error: the compiled explainer is invalid ({str(exc).splitlines()[0]})") from None
     return Explainer(model, None if predicted_seed else SEED, explained, attributions, activations_out,
-                     list(graph.outputs), predicted)
+                     list(graph.outputs), predicted, values_out)
 
 
 def _masks_from_relu_outputs(fwd_nodes, bw_nodes, bw_inits) -> list:

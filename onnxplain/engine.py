@@ -104,29 +104,46 @@ def explain_batch(explainer, items, job: Job) -> tuple[dict, list]:
     x = stack_inputs(items)
     n = len(items)
     given = [it.target is not None for it in items]
-    # Without scores the forward pass is needed only to fill the predicted class in beside
-    # the dataset's targets; else the explainer finds the predicted class itself (inside its
-    # graph for single-pass methods: the model runs once).
+    # The explained tensor's values give the predicted class and score. A run that explains
+    # computes them anyway (a single-pass explainer's forward half, the forward pass that
+    # finds the predicted class): they are read from it, so the model runs once a batch.
+    # Only a batch mixing given and missing targets needs them before the attribution.
     flat = predicted = None
-    if job.scores or (job.target is None and any(given) and not all(given)):
-        scores = np.asarray(explainer.predict(x, explainer.explained_tensor(job.output)))
-        flat = scores.reshape(n, -1) if scores.ndim >= 1 and scores.shape[0] == n else None
+
+    def read(values):
+        nonlocal flat, predicted
+        values = np.asarray(values)
+        # A class per sample only on a (batch, classes) tensor (size-1 axes aside).
+        classy = values.ndim >= 1 and values.shape[0] == n and sum(d > 1 for d in values.shape[1:]) <= 1
+        flat = values.reshape(n, -1) if classy else None
         predicted = flat.argmax(axis=1) if flat is not None else None
+
+    mixed = job.target is None and any(given) and not all(given)
+    if mixed:
+        read(explainer.predict(x, explainer.explained_tensor(job.output)))
     if job.target is not None:
         target = job.target
-        classes = _classes(job.target, n)
-    elif predicted is not None:
-        classes = [it.target if it.target is not None else int(p) for it, p in zip(items, predicted)]
-        target = classes
+    elif mixed:
+        target = [it.target if it.target is not None else int(p) for it, p in zip(items, predicted)] \
+            if predicted is not None else None
+        if target is None:
+            raise InputError("the dataset gives targets but the explained output has no class per sample")
     elif all(given) and any(given):
-        classes = [it.target for it in items]
-        target = classes
-    elif any(given):
-        raise InputError("the dataset gives targets but the explained output has no class per sample")
+        target = [it.target for it in items]
     else:
-        target, classes = None, None
-    attr = explainer.attribute(x, method=job.method, target=target, layer=job.layer, output=job.output,
-                               **job.options)
+        target = None
+    attr, values = explainer.attribute_scored(x, method=job.method, target=target, layer=job.layer,
+                                              output=job.output, **job.options)
+    if flat is None and values is not None and job.scores:
+        read(values)
+    if flat is None and job.scores:  # a method whose runs never saw the unperturbed output
+        read(explainer.predict(x, explainer.explained_tensor(job.output)))
+    if job.target is not None:
+        classes = _classes(job.target, n)
+    elif target is not None:
+        classes = list(target)
+    else:  # the predicted class, as the explainer found it
+        classes = [int(p) for p in predicted] if predicted is not None else None
     named = attr if isinstance(attr, dict) else {"attribution": attr}
     dtype = np.float16 if job.float16 else np.float32
     arrays = {("attribution" if k == "attribution" else f"attribution/{k}"): np.ascontiguousarray(v, dtype=dtype)

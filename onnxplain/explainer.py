@@ -256,11 +256,12 @@ class Explainer:
         return self._logits.get(name) or _logits_behind(g, name)
 
     # ------------------------------------------------------------------ seeds
-    def seed_for(self, feeds: dict, explained: str, target) -> np.ndarray:
+    def seed_for(self, feeds: dict, explained: str, target, keep: dict | None = None) -> np.ndarray:
         """The seed of `target` (any form of `onnxplain.target`) for the explained tensor,
         batch first as methods hold their rows; a float array target is given in the
         tensor's own layout (stacked per sample for a tensor without a batch axis). Only a
-        predicted class runs the model (once)."""
+        predicted class runs the model (once); `keep` (a dict) then gets the explained
+        tensor's values, batch first, under "values"."""
         t = as_target(target)
         plan = self.plan(feeds)
         shape = plan.graph.shape(explained)
@@ -277,7 +278,10 @@ class Explainer:
         physical = logical[1:b + 1] + logical[:1] + logical[b + 1:]
         out = None
         if t.needs_output(physical, b):
-            out = np.moveaxis(self._forward(feeds, [explained])[explained], 0, b)
+            first = self._forward(feeds, [explained])[explained]
+            if keep is not None:
+                keep["values"] = first
+            out = np.moveaxis(first, 0, b)
         return np.ascontiguousarray(np.moveaxis(t.seed(physical, b, out), b, 0))
 
     def _explained_shape(self, feeds, explained) -> tuple:
@@ -322,6 +326,15 @@ class Explainer:
         are held fixed. Returns an array shaped like the input (or the layer), or a dict when
         several tensors are attributed.
         """
+        return self.attribute_scored(x, method, target, layer, output, probability, wrt, **options)[0]
+
+    def attribute_scored(self, x, method: str = "gradient", target=None, layer=None, output=None,
+                         probability: bool = False, wrt=None, **options):
+        """(attribution, values) with `attribute`'s arguments: `values` is the explained
+        tensor on x, batch first, when the method's own runs computed it (a single-pass
+        explainer's forward half, or the forward pass that found the predicted class), else
+        None. The dataset engine reads each input's predicted class and score from it
+        instead of running the model once more."""
         m = get_method(method)
         opts = m.resolve(options)
         feeds = self._feeds(x)
@@ -341,9 +354,12 @@ class Explainer:
         seed = None if target is None else self.seed_for(feeds, explained, target)
         ctx = Context(self, feeds, seed, tensors, explained, method)
         result = {t: ctx.physical(t, a) for t, a in m.run(ctx, **opts).items()}
+        values = ctx.values
+        if values is not None and values.shape[:1] != (ctx.n,):
+            values = None  # rows that are not the samples (a fixed batch run sample by sample)
         if len(result) == 1:
-            return next(iter(result.values()))
-        return result
+            return next(iter(result.values())), values
+        return result, values
 
     def attributed(self, layer=None, wrt=None, feeds=None, black_box: bool = False) -> list[str]:
         """The tensors an attribution is for: `layer`, the inputs named by `wrt`, or by
@@ -709,7 +725,7 @@ class Plan:
             def build(graph):
                 acts = [t for t in wrt if t not in graph.inputs]
                 return compile_explainer(graph, composite, list(wrt), explained, activations=acts, method=method,
-                                         predicted_seed=predicted_seed)
+                                         predicted_seed=predicted_seed, values=True)
             try:
                 spec = build(self.graph_for(static))
             except UnsupportedOperatorError:

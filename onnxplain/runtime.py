@@ -380,23 +380,25 @@ class Rows:
             return np.asarray(a)[None]
         return np.moveaxis(a, ax, 0) if ax else a
 
-    def run(self, feeds: dict, outputs) -> dict:
+    def run(self, feeds: dict, outputs, optional=()) -> dict:
         """One run of at most rows_per_run() batch-first rows. A model that takes one row
-        only without saying so (a state input fixed at batch 1) is run row by row."""
+        only without saying so (a state input fixed at batch 1) is run row by row.
+        `optional` outputs are read too where they come out with the rows' layout, and left
+        out of the result where not (no error)."""
         n = next(iter(feeds.values())).shape[0] if feeds else 1
         if n > 1 and not self.static and not getattr(self, "_one_by_one", False):
             try:
-                return self._run(feeds, outputs)
+                return self._run(feeds, outputs, optional)
             except OutOfMemory:
                 raise  # smaller chunks, not row by row (see `chunked`)
             except InputError:
                 self._one_by_one = True
         if n > 1 and getattr(self, "_one_by_one", False):
-            parts = [self._run({k: v[i:i + 1] for k, v in feeds.items()}, outputs) for i in range(n)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return self._run(feeds, outputs)
+            parts = [self._run({k: v[i:i + 1] for k, v in feeds.items()}, outputs, optional) for i in range(n)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
+        return self._run(feeds, outputs, optional)
 
-    def _run(self, feeds: dict, outputs) -> dict:
+    def _run(self, feeds: dict, outputs, optional=()) -> dict:
         n = next(iter(feeds.values())).shape[0] if feeds else 1
         rows = n
         if self.static and n < self.static:  # pad to the compiled batch; the pad is dropped
@@ -410,12 +412,18 @@ class Rows:
             if max(n, self.static or 0) == 1 and ax is not None and k in self.ranks and v.ndim == self.ranks[k] + 1:
                 phys[k] = np.squeeze(v, ax)
         phys.update(self.fixed)
-        out = self.session.run(phys, outputs)
+        optional = [k for k in optional if k not in outputs]
+        out = self.session.run(phys, list(outputs) + optional)
         ran = max(rows, self.static or 0)
         for k, v in out.items():
             ax = self.axes.get(k, 0)
             if ran == 1 and ax is not None and k in self.ranks and np.ndim(v) == self.ranks[k] - 1 and ax <= np.ndim(v):
                 out[k] = np.expand_dims(v, ax)
+        for k in optional:
+            ax = self.axes.get(k, 0)
+            v = out[k]
+            if ax is None or np.ndim(v) <= ax or np.shape(v)[ax] != ran:
+                del out[k]
         bad = [k for k, v in out.items() if np.ndim(v) == 0 and self.axes.get(k, 0) is not None]
         if bad:
             raise ModelError(f"tensor '{bad[0]}' came out as a scalar: it has no batch axis to read rows from")
@@ -429,5 +437,6 @@ class Rows:
                                  "the one shape inference gave")
         return {k: v[:rows] for k, v in logical.items()}
 
-    def run_rows(self, total: int, make_feeds, outputs, label: str | None = None, cap: int | None = None):
-        yield from chunked(self, total, lambda s, e: self.run(make_feeds(s, e), outputs), label, cap)
+    def run_rows(self, total: int, make_feeds, outputs, label: str | None = None, cap: int | None = None,
+                 optional=()):
+        yield from chunked(self, total, lambda s, e: self.run(make_feeds(s, e), outputs, optional), label, cap)

@@ -38,7 +38,8 @@ def explainer():
 
 
 class Counting:
-    """An Explainer whose attribute calls are counted (and can be made to fail at call k)."""
+    """An Explainer whose attribute calls (the engine's `attribute_scored`) are counted (and
+    can be made to fail at call k)."""
 
     def __init__(self, explainer, fail_at=None):
         self._e, self.calls, self.rows, self.fail_at = explainer, 0, [], fail_at
@@ -46,12 +47,12 @@ class Counting:
     def __getattr__(self, name):
         return getattr(self._e, name)
 
-    def attribute(self, x, **kw):
+    def attribute_scored(self, x, **kw):
         self.calls += 1
         if self.fail_at is not None and self.calls == self.fail_at:
             raise KeyboardInterrupt  # the user's Ctrl-C in the middle of the run
         self.rows.append(len(x))
-        return self._e.attribute(x, **kw)
+        return self._e.attribute_scored(x, **kw)
 
 
 def reference(explainer, paths, method="gradient", target=None, **options):
@@ -259,3 +260,56 @@ def test_a_shard_write_cut_short_leaves_no_file_behind_after_the_next_run(folder
     (tmp_path / ".shard-0123.npz.77.88.tmp").write_bytes(b"half a shard")
     explain_dataset(TINY, folder, tmp_path, batch_size=4, resume=True, explainer=explainer)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_with_scores_a_single_pass_method_runs_the_model_once_a_batch(folder, explainer, tmp_path, monkeypatch):
+    """The predicted class and score come out of the run that explains them (the compiled
+    explainer's forward half): one onnxruntime run a batch, not a forward pass and then the
+    explainer; the records equal a separate forward pass's."""
+    from onnxplain import runtime
+
+    class NoPredict(Counting):
+        def predict(self, *a, **k):
+            raise AssertionError("the scores come from the explaining run")
+
+    paths = [folder / f"img{i:02d}.png" for i in range(N)]
+    logits = explainer.predict(prepare_images(paths, preprocess_for(explainer))[0])
+    explain_dataset(TINY, folder, tmp_path / "warm", batch_size=4, explainer=explainer)  # sessions compiled
+    runs = []
+    real = runtime.Session.run
+    monkeypatch.setattr(runtime.Session, "run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+    for method in ("gradient", "lrp.epsilon"):
+        runs.clear()
+        s = explain_dataset(TINY, folder, tmp_path / method, batch_size=4, method=method,
+                            explainer=NoPredict(explainer))
+        assert len(runs) == 3  # batches of 4, 4, 2
+        assert [r["predicted"] for r in s.records] == logits.argmax(1).tolist() == [r["target"] for r in s.records]
+        np.testing.assert_allclose([r["score"] for r in s.records], logits.max(1), rtol=1e-6)
+        want = reference(explainer, paths, method=method)
+        got = load_results(tmp_path / method)
+        for i, p in enumerate(paths):
+            np.testing.assert_allclose(got[p.name], want[i], rtol=1e-5, atol=1e-7)
+    # Targets the dataset gives: their scores come from the same run.
+    (tmp_path / "m.csv").write_text("path,target\n" + "".join(f"{p},{i % 3}\n" for i, p in enumerate(paths[:4])))
+    runs.clear()
+    s = explain_dataset(TINY, tmp_path / "m.csv", tmp_path / "m", batch_size=4, explainer=NoPredict(explainer))
+    assert len(runs) == 1
+    assert [r["target"] for r in s.records] == [0, 1, 2, 0]
+    np.testing.assert_allclose([r["score"] for r in s.records], logits[np.arange(4), [0, 1, 2, 0]], rtol=1e-6)
+
+
+def test_with_scores_a_multi_pass_method_reads_them_off_the_pass_that_found_the_class(folder, explainer, tmp_path):
+    class NoPredict(Counting):
+        def predict(self, *a, **k):
+            raise AssertionError("the forward pass that found the predicted class gives the scores")
+
+    paths = [folder / f"img{i:02d}.png" for i in range(N)]
+    logits = explainer.predict(prepare_images(paths, preprocess_for(explainer))[0])
+    s = explain_dataset(TINY, folder, tmp_path / "ig", batch_size=4, method="integrated_gradients",
+                        options={"n_steps": 4}, explainer=NoPredict(explainer))
+    assert [r["predicted"] for r in s.records] == logits.argmax(1).tolist() == [r["target"] for r in s.records]
+    np.testing.assert_allclose([r["score"] for r in s.records], logits.max(1), rtol=1e-6)
+    # Given targets: a method that never runs the unperturbed input alone needs the forward pass.
+    s = explain_dataset(TINY, folder, tmp_path / "ig3", batch_size=4, method="integrated_gradients", target=3,
+                        options={"n_steps": 4}, explainer=explainer)
+    np.testing.assert_allclose([r["score"] for r in s.records], logits[:, 3], rtol=1e-6)

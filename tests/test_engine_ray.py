@@ -92,9 +92,9 @@ def test_a_run_interrupted_locally_resumes_on_ray_and_a_corrupt_file_is_recorded
         calls.append(len(x))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return Explainer.attribute(e, x, **kw)
+        return Explainer.attribute_scored(e, x, **kw)
 
-    e.attribute = interrupted
+    e.attribute_scored = interrupted
     with pytest.raises(KeyboardInterrupt):
         explain_dataset(TINY, data, tmp_path / "out", batch_size=8, explainer=e, quiet=True)
     s = explain_dataset_ray(TINY, data, tmp_path / "out", batch_size=8, workers=2, resume=True, quiet=True)

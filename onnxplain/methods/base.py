@@ -197,6 +197,7 @@ class Context:
         if _from is not None:  # the same inputs, other tensors attributed (see `with_wrt`)
             self.plan, self.static, self.fixed = _from.plan, _from.static, _from.fixed
             self.feeds, self.n, self._seed = _from.feeds, _from.n, _from._seed
+            self._values = _from._values
             return
         self.plan = explainer.plan(feeds)
         self.plan.learn_axes(feeds, [explained] + [t for t in self.wrt if t not in feeds])
@@ -207,6 +208,7 @@ class Context:
         self.feeds = self.plan.rows(feeds, self.static, extra)
         self.n = self.plan.n(feeds)
         self._seed = seed  # batch first, as Explainer.seed_for makes it
+        self._values = None  # the explained tensor's values on these inputs, once a run computed them
 
     def with_wrt(self, wrt) -> "Context":
         """This context with other tensors attributed (a layer of a CAM, the inputs)."""
@@ -245,6 +247,8 @@ class Context:
         names.update(cut)
         if spec.seed is not None:
             names[spec.seed] = self.explained
+        if getattr(spec, "values", None):
+            names[spec.values] = self.explained
         axes = self.plan.axes_for(names)
         if spec.predicted:
             axes[spec.predicted] = 0
@@ -263,8 +267,24 @@ class Context:
         """The seed of the explained tensor. Explaining the predicted class, it comes from
         the first backward pass (which forms it in the graph) or else from a forward pass."""
         if self._seed is None:
-            self._seed = self.explainer.seed_for(self._physical_feeds(), self.explained, None)
+            kept = {}
+            self._seed = self.explainer.seed_for(self._physical_feeds(), self.explained, None, keep=kept)
+            if self._values is None and kept.get("values") is not None:
+                self._values = kept["values"]
         return self._seed
+
+    @property
+    def values(self) -> np.ndarray | None:
+        """The explained tensor's values on these inputs (batch first) if a run already
+        computed them (a single-pass explainer, the forward pass that found the predicted
+        class), else None: a caller wanting scores runs no second forward pass."""
+        return self._values
+
+    @values.setter
+    def values(self, values: np.ndarray) -> None:
+        """Values of the explained tensor a method computed on these very inputs."""
+        if self._values is None:
+            self._values = values
 
     def _physical_feeds(self) -> dict:
         feeds = {k: self.plan.physical(k, v) if self.plan.input_axes.get(k) is not None else v[0]
@@ -322,14 +342,15 @@ class Context:
             # The predicted class of these very inputs: one run forms the seed and explains it.
             spec, rows = self.compiled(composite, predicted_seed=True)
             predicted = []
-            result = self._run(spec, rows, self.feeds, None, predicted)
+            result = self._run(spec, rows, self.feeds, None, predicted, keep_values=True)
             # The seed those classes give, for any later pass (static shape: no forward run).
             self._seed = self.explainer.seed_for(self._physical_feeds(), self.explained, np.concatenate(predicted))
             return result
         spec, rows = self.compiled(composite)
+        own = feeds is None
         feeds = self.feeds if feeds is None else feeds
         seed = self.seed if seed is None else seed
-        return self._run(spec, rows, feeds, seed)
+        return self._run(spec, rows, feeds, seed, keep_values=own)
 
     def backward_rows_cut(self, composite, total: int, make_rows, consume, label: str | None = None):
         """Like backward_rows, with the layer cut out of the model and fed: make_rows returns
@@ -452,10 +473,11 @@ class Context:
                              "check the input's scale or the baseline")
         return scores
 
-    def _run(self, spec, session, feeds, seed, predicted=None):
+    def _run(self, spec, session, feeds, seed, predicted=None, keep_values: bool = False):
         total = next(iter(feeds.values())).shape[0] if feeds else self.n
         attrs = {t: [] for t in spec.attributions}
         acts = {}
+        values = [] if keep_values and spec.values else None
 
         def rows(start, stop):
             return {k: v[start:stop] for k, v in feeds.items()}, None if seed is None else seed[start:stop]
@@ -466,15 +488,22 @@ class Context:
             for t in c:
                 acts.setdefault(t, []).append(c[t])
 
-        self.backward_rows_with(spec, session, total, rows, consume, predicted=predicted)
+        self.backward_rows_with(spec, session, total, rows, consume, predicted=predicted, values=values)
+        if values and self._values is None and all(v is not None for v in values):
+            self._values = np.concatenate(values)
         return ({t: np.concatenate(v) for t, v in attrs.items()}, {t: np.concatenate(v) for t, v in acts.items()})
 
-    def backward_rows_with(self, spec, session, total, make_rows, consume, label=None, predicted=None):
-        """`predicted` (a list), for an explainer that forms its seed: gets each chunk's classes."""
+    def backward_rows_with(self, spec, session, total, make_rows, consume, label=None, predicted=None,
+                           values=None):
+        """`predicted` (a list), for an explainer that forms its seed: gets each chunk's
+        classes; `values` (a list): each chunk's values of the explained tensor."""
         session = self._explainer_rows(spec, session) if not isinstance(session, Rows) else session
         outs = list(spec.attributions.values()) + list(spec.activations.values())
         if spec.predicted:
             outs.append(spec.predicted)
+        # The explained tensor's values are read where they come out as rows (not a scalar
+        # the model reduces to, not a tensor whose batch axis a run disproves).
+        optional = [spec.values] if values is not None and spec.values else []
         chunk = {}
 
         def feeds_for(start, stop):
@@ -485,9 +514,11 @@ class Context:
                 f[spec.seed] = s.astype(np.float32, copy=False)
             return f
 
-        for start, stop, out in session.run_rows(total, feeds_for, outs, label=label):
+        for start, stop, out in session.run_rows(total, feeds_for, outs, label=label, optional=optional):
             if spec.predicted and predicted is not None:
                 predicted.append(out[spec.predicted])
+            if optional:
+                values.append(out.get(spec.values))
             attrs = {t: _finite(out[o], self.method) for t, o in spec.attributions.items()}
             # Activations of the attributed tensors: layers come out of the explainer,
             # inputs are what was fed.
