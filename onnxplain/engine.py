@@ -283,7 +283,7 @@ class Plan:
 
 
 def plan_run(explainer, model, dataset: Dataset, out, job: Job, batch_size: int = 16, resume: bool = False,
-             workers: int = 4) -> Plan:
+             workers: int = 4, budget: int | None = None) -> Plan:
     """Keys of every entry, what an earlier run already did (with `resume`), and the
     batches of what is left (consecutive, at most `batch_size` and under the memory budget)."""
     from .runkey import model_digest, run_key
@@ -315,7 +315,7 @@ def plan_run(explainer, model, dataset: Dataset, out, job: Job, batch_size: int 
     todo = [e for e in dataset.entries if e.id not in kept]
     size = batch_size
     if todo:
-        size = min(batch_size, rows_under_budget(explainer, dataset, todo, job))
+        size = min(batch_size, rows_under_budget(explainer, dataset, todo, job, budget))
     batches = [todo[i:i + size] for i in range(0, len(todo), size)]
     extra = {"method": job.method, "options": canonical_options(job)}
     (out / RUN).write_text(json.dumps({"method": job.method, "options": extra["options"],
@@ -331,11 +331,11 @@ def canonical_options(job: Job) -> dict:
     return canonical(job.resolved())
 
 
-def rows_under_budget(explainer, dataset: Dataset, todo, job: Job) -> int:
+def rows_under_budget(explainer, dataset: Dataset, todo, job: Job, budget: int | None = None) -> int:
     """Rows of one batch such that one run of the model on it fits the Explainer's memory
     budget (every intermediate tensor of every row at once, as `runtime.Session` counts
-    them); inputs the engine holds are at most `prefetch` such batches. The first
-    readable input gives the shapes."""
+    them), and `budget` too where given (a replica's share); inputs the engine holds are
+    at most `prefetch` such batches. The first readable input gives the shapes."""
     for e in todo[:16]:
         item = dataset.load(e)
         if item.error is None:
@@ -344,7 +344,10 @@ def rows_under_budget(explainer, dataset: Dataset, todo, job: Job) -> int:
         return len(todo)  # nothing readable among the first: the batches only report errors
     feeds = explainer.feeds(item.inputs)
     rows = explainer.forward_session(feeds, [explainer.explained_tensor(job.output)])
-    return max(1, rows.rows_per_run())
+    fits = rows.rows_per_run()
+    if budget and not (rows.static or rows.session.fixed_batch):
+        fits = min(fits, budget // max(1, rows.session.row_bytes()))
+    return max(1, fits)
 
 
 # ----------------------------------------------------------------------------- running
@@ -431,13 +434,15 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
                     batch_size: int = 16, resume: bool = False, on_error: str = "skip", float16: bool = False,
                     layer=None, output=None, preset: str | None = None, workers: int = 4, prefetch: int = 2,
                     quiet: bool = False, explainer=None, providers=None, memory_budget: int | None = None,
-                    scores: bool = True) -> Summary:
+                    scores: bool = True, replicas: int = 1) -> Summary:
     """Explain every input of `dataset` (a Dataset, or anything `open_dataset` reads)
     with `method`, streaming the attributions into shards in `out` and the records into
     `out/index.jsonl`. `model` is a path or bytes (what the run key hashes); pass an
     `explainer` built on it to reuse its compiled sessions. `scores=False` leaves the
     predicted class and score out of the index (and spares a forward pass a batch).
-    Returns a Summary."""
+    `replicas` > 1 explains that many batches at once, each on its own Explainer of the
+    model (`explainer` is the first) with its share of the threads and of the memory
+    budget (see `replica_shares`). Returns a Summary."""
     from .explainer import Explainer
     from .methods.base import get_method
 
@@ -445,29 +450,127 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
         raise OptionError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if not isinstance(prefetch, int) or prefetch < 1:
         raise OptionError(f"prefetch must be a positive integer, got {prefetch!r}")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise OptionError(f"replicas must be a positive integer, got {replicas!r}")
     job = Job(get_method(method).name, dict(options or {}), target, layer, output, float16, scores)
     job.resolved()  # a bad option fails before any work
     t0 = time.perf_counter()
-    explainer = explainer or Explainer(model, providers=providers, memory_budget=memory_budget)
+    share = None
+    if replicas == 1:
+        explainer = explainer or Explainer(model, providers=providers, memory_budget=memory_budget)
+    else:
+        share, threads = replica_shares(explainer, memory_budget, replicas)
+        first = explainer or Explainer(model, providers=providers, memory_budget=share, threads=threads)
+
+        def make_replica():
+            return Explainer(model, providers=getattr(first, "providers", providers), memory_budget=share,
+                             threads=getattr(first, "threads", None) or threads)
+
+        explainer = first
     dataset = as_dataset(dataset, explainer, preset)
-    plan = plan_run(explainer, model, dataset, out, job, batch_size, resume, workers)
+    plan = plan_run(explainer, model, dataset, out, job, batch_size, resume, workers, budget=share)
     index = _Index(plan.out / INDEX)
     records = dict(plan.kept)
     counts = {"explained": 0, "failed": 0}
     bar = Progress(sum(len(b) for b in plan.batches), quiet=quiet)
+
+    def take(batch_records, n):
+        index.append(batch_records)
+        for r in batch_records:
+            records[r["id"]] = r
+            counts["failed" if r.get("error") else "explained"] += 1
+        bar.update(n)
+
     try:
-        for items in _prefetched(dataset, plan.batches, workers, prefetch):
-            batch_records = process_batch(explainer, plan, items, on_error)
-            index.append(batch_records)
-            for r in batch_records:
-                records[r["id"]] = r
-                counts["failed" if r.get("error") else "explained"] += 1
-            bar.update(len(items))
+        if replicas == 1:
+            for items in _prefetched(dataset, plan.batches, workers, prefetch):
+                take(process_batch(explainer, plan, items, on_error), len(items))
+        else:
+            _replicated(_prefetched(dataset, plan.batches, workers, prefetch), explainer, make_replica, replicas,
+                        plan, on_error, take)
     finally:
         bar.close()
     ordered = finish_index(plan, records)
     return Summary(counts["explained"], len(plan.kept), counts["failed"], plan.batch_size, plan.out / INDEX, ordered,
                    time.perf_counter() - t0)
+
+
+def replica_shares(explainer, memory_budget, replicas: int) -> tuple[int, int]:
+    """(memory budget, intra-op threads) of each of `replicas` Explainers: the run's budget
+    (`memory_budget`, else the given explainer's, else the default) and its threads
+    (ONNXPLAIN_THREADS, else every core) split evenly, at least 1 byte and 1 thread each.
+    Independent sessions side by side scale better than one session's intra-op threads."""
+    from .runtime import DEFAULT_MEMORY_BUDGET
+
+    env = os.environ.get("ONNXPLAIN_THREADS")
+    total = int(env) if env else (os.cpu_count() or 1)
+    budget = int(memory_budget or getattr(explainer, "memory_budget", None) or DEFAULT_MEMORY_BUDGET)
+    return max(1, budget // replicas), max(1, total // replicas)
+
+
+def _replicated(batches, first, make_replica, replicas: int, plan: Plan, on_error: str, take) -> None:
+    """The batches explained by `replicas` threads, each with its own Explainer (`first`,
+    then `make_replica()` built in its thread on its first batch, so replicas compile in
+    parallel); onnxruntime releases the GIL while it runs. At most `replicas` batches are in
+    flight; `take(records, n)` sees each as it finishes (this thread alone writes the index
+    and the bar). The first error (an interrupt too) ends the run once the batches in
+    flight are done and taken, and is raised as it was raised."""
+    tasks: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+
+    def work(k):
+        replica = first if k == 0 else None
+        while True:
+            items = tasks.get()
+            if items is None:
+                return
+            try:
+                if replica is None:
+                    replica = make_replica()
+                done.put((items, process_batch(replica, plan, items, on_error), None))
+            except BaseException as exc:  # handed to the caller's thread, which raises it
+                done.put((items, None, exc))
+
+    pool = [threading.Thread(target=work, args=(k,), name=f"onnxplain-replica-{k}", daemon=True)
+            for k in range(replicas)]
+    for t in pool:
+        t.start()
+    error = None
+    in_flight = 0
+
+    def collect(block: bool) -> bool:
+        nonlocal error, in_flight
+        try:
+            items, batch_records, exc = done.get() if block else done.get_nowait()
+        except queue.Empty:
+            return False
+        in_flight -= 1
+        if exc is not None:
+            error = error or exc
+        else:
+            take(batch_records, len(items))
+        return True
+
+    try:
+        for items in batches:
+            while in_flight >= replicas:
+                collect(block=True)
+            if error is not None:
+                break
+            tasks.put(items)
+            in_flight += 1
+            while collect(block=False):
+                pass
+            if error is not None:
+                break
+        while in_flight:
+            collect(block=True)
+    finally:
+        batches.close()  # the decode threads stop
+        for _ in pool:
+            tasks.put(None)
+    if error is not None:
+        raise error
 
 
 def finish_index(plan: Plan, records: dict) -> list:

@@ -31,10 +31,14 @@ class Explainer:
 
     model: a path, bytes or onnx.ModelProto. providers: onnxruntime execution providers
     (default: CUDA when it really works, else CPU). memory_budget: bytes that one batched
-    run may use; multi-pass methods split their passes to stay under it.
+    run may use; multi-pass methods split their passes to stay under it. threads: intra-op
+    threads of each onnxruntime session (default: ONNXPLAIN_THREADS, else onnxruntime's).
     """
 
-    def __init__(self, model, providers=None, memory_budget: int | None = None, canonize: bool = True):
+    def __init__(self, model, providers=None, memory_budget: int | None = None, canonize: bool = True,
+                 threads: int | None = None):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise OptionError(f"threads must be a positive integer, got {threads!r}")
         proto = read_model(model)
         self.source = proto
         model = _canonize.canonize(proto) if canonize else proto
@@ -42,6 +46,7 @@ class Explainer:
         self.graph = Graph(model)
         self.providers = providers
         self.memory_budget = memory_budget
+        self.threads = threads
         # Sessions and compiled explainers are cached per method and input shape, least
         # recently used first out once they hold more model bytes than the cache allows:
         # each holds a copy of the weights (half a GB for a VGG-16).
@@ -157,7 +162,7 @@ class Explainer:
     def _session(self, key, build) -> Session:
         def make():
             model = build()
-            return Session(model, self.providers, self.memory_budget), model.ByteSize()
+            return Session(model, self.providers, self.memory_budget, self.threads), model.ByteSize()
 
         return self._cache.get(("session",) + key, make)
 
@@ -737,7 +742,7 @@ class Plan:
                 # batch, ...): with every dimension fixed, constant folding settles them.
                 spec = build(self.static_graph(1))
                 spec.static = 1
-            return (spec, Session(spec.model, e.providers, e.memory_budget)), 2 * spec.model.ByteSize()
+            return (spec, Session(spec.model, e.providers, e.memory_budget, e.threads)), 2 * spec.model.ByteSize()
 
         return e._cache.get(key, make)
 
@@ -750,7 +755,7 @@ class Plan:
         def make():
             cut_graph = Graph(_cut_model(graph, layer, cut))
             spec = compile_explainer(cut_graph, composite, [cut], explained, method=method)
-            return (spec, Session(spec.model, e.providers, e.memory_budget)), 2 * spec.model.ByteSize()
+            return (spec, Session(spec.model, e.providers, e.memory_budget, e.threads)), 2 * spec.model.ByteSize()
 
         spec, session = e._cache.get(key, make)
         return spec, session, cut

@@ -185,7 +185,8 @@ class Session:
     On a GPU the batch size adapts to the device's free memory (unless a budget was given),
     and a chunk that does not fit is halved and retried."""
 
-    def __init__(self, model: onnx.ModelProto, providers=None, memory_budget: int | None = None):
+    def __init__(self, model: onnx.ModelProto, providers=None, memory_budget: int | None = None,
+                 threads: int | None = None):
         ort = _ort()
         self.model = model
         self.providers = resolve_providers(providers)
@@ -193,7 +194,8 @@ class Session:
         self.memory_budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
         so = ort.SessionOptions()
         so.log_severity_level = 4
-        threads = os.environ.get("ONNXPLAIN_THREADS")
+        # An explicit count (the dataset engine's replicas split the cores) wins over the env.
+        threads = threads or os.environ.get("ONNXPLAIN_THREADS")
         if threads:
             so.intra_op_num_threads = int(threads)
         if os.environ.get("ONNXPLAIN_SPIN") == "0":

@@ -51,6 +51,9 @@ method, options, key; or its error) and the shards shard-*.npz (array 'attributi
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode threads (local) or Ray actors (default: 4 / the "
                                                             "cluster's CPUs).")
+@click.option("--replicas", type=click.IntRange(min=1), help="Local engine: explain this many batches at once, each "
+              "on its own onnxruntime session with its share of the threads (ONNXPLAIN_THREADS, else the cores) "
+              "and of the memory budget (default: 1).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="Image preprocessing preset "
               "(default: the model's metadata).")
 @click.option("--providers", callback=_providers, metavar="P1,P2", help="onnxruntime providers.")
@@ -59,7 +62,7 @@ method, options, key; or its error) and the shards shard-*.npz (array 'attributi
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON: the counts, the index and shard "
                                                       "paths and every index record (with its explained score).")
 def explain_dataset(model, dataset, method, target, options, layer, out, batch_size, resume, on_error, float16,
-                    no_scores, engine, address, workers, preset, providers, memory_budget, quiet, as_json):
+                    no_scores, engine, address, workers, replicas, preset, providers, memory_budget, quiet, as_json):
     """Explain every input of DATASET with MODEL, streaming results into OUT."""
     runtime.QUIET = quiet
     if isinstance(target, list):
@@ -71,11 +74,14 @@ def explain_dataset(model, dataset, method, target, options, layer, out, batch_s
     if engine == "ray":
         from ..engine_ray import explain_dataset_ray
 
+        if replicas is not None:
+            raise OptionError("--replicas is for the local engine; on Ray, --workers sets the actors")
+
         summary = explain_dataset_ray(model, dataset, out, address=address, workers=workers, **common)
     else:
         from ..engine import explain_dataset as run
 
-        summary = run(model, dataset, out, workers=workers or 4, **common)
+        summary = run(model, dataset, out, workers=workers or 4, replicas=replicas or 1, **common)
     if as_json:
         click.echo(json.dumps(as_dict(summary), indent=2))
     elif not quiet:

@@ -401,7 +401,7 @@ class Context:
 
         def make():
             model = resident.compose(spec, list(moved), held, times_input, squares)
-            program = resident.Program(spec, Session(model, e.providers, e.memory_budget), squares)
+            program = resident.Program(spec, Session(model, e.providers, e.memory_budget, e.threads), squares)
             return program, 2 * model.ByteSize()
 
         program = e._cache.get(key, make)
@@ -446,7 +446,7 @@ class Context:
 
         def make():
             model = resident.compose_occlusion(rows.model, self.explained, k, held, seed.ndim, x.shape[1:], window)
-            return Session(model, e.providers, e.memory_budget), 2 * model.ByteSize()
+            return Session(model, e.providers, e.memory_budget, e.threads), 2 * model.ByteSize()
 
         session = e._cache.get(key, make)
         arrays = {resident.P + k + "/A": x, resident.P + k + "/base": base.astype(x.dtype, copy=False),

@@ -173,7 +173,7 @@ class _Ascent:
         graph = explainer.plan(feeds).graph
         self.spec = compile_explainer(graph, GRADIENT, [wrt], explained, activations=[explained],
                                       method="activation_maximization")
-        self.session = Session(self.spec.model, explainer.providers, explainer.memory_budget)
+        self.session = Session(self.spec.model, explainer.providers, explainer.memory_budget, explainer.threads)
         self.feeds, self.wrt, self.seed = feeds, wrt, seed
 
     def __call__(self, x):
