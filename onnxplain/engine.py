@@ -467,8 +467,14 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
                              threads=getattr(first, "threads", None) or threads)
 
         explainer = first
-    dataset = as_dataset(dataset, explainer, preset)
-    plan = plan_run(explainer, model, dataset, out, job, batch_size, resume, workers, budget=share)
+    restore = _run_under(explainer, share) if share is not None else None
+    try:
+        dataset = as_dataset(dataset, explainer, preset)
+        plan = plan_run(explainer, model, dataset, out, job, batch_size, resume, workers, budget=share)
+    except BaseException:
+        if restore is not None:
+            restore()
+        raise
     index = _Index(plan.out / INDEX)
     records = dict(plan.kept)
     counts = {"explained": 0, "failed": 0}
@@ -490,6 +496,8 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
                         plan, on_error, take)
     finally:
         bar.close()
+        if restore is not None:
+            restore()
     ordered = finish_index(plan, records)
     return Summary(counts["explained"], len(plan.kept), counts["failed"], plan.batch_size, plan.out / INDEX, ordered,
                    time.perf_counter() - t0)
@@ -506,6 +514,32 @@ def replica_shares(explainer, memory_budget, replicas: int) -> tuple[int, int]:
     total = int(env) if env else (os.cpu_count() or 1)
     budget = int(memory_budget or getattr(explainer, "memory_budget", None) or DEFAULT_MEMORY_BUDGET)
     return max(1, budget // replicas), max(1, total // replicas)
+
+
+def _run_under(explainer, budget: int):
+    """Give `explainer` (the caller's, replica 0) its share of the budget for this run: its
+    own and that of the sessions it has already built (each reads its budget at every run).
+    Returns what restores them."""
+    from .runtime import Session
+
+    sessions = []
+    cache = getattr(explainer, "_cache", None)
+    for value in (cache.values() if cache is not None else ()):
+        for v in value if isinstance(value, tuple) else (value,):
+            v = v if isinstance(v, Session) else getattr(v, "session", None)
+            if isinstance(v, Session):
+                sessions.append((v, v.memory_budget))
+    own = getattr(explainer, "memory_budget", None)
+    explainer.memory_budget = budget
+    for v, _ in sessions:
+        v.memory_budget = budget
+
+    def restore():
+        explainer.memory_budget = own
+        for v, old in sessions:
+            v.memory_budget = old
+
+    return restore
 
 
 def _replicated(batches, first, make_replica, replicas: int, plan: Plan, on_error: str, take) -> None:

@@ -34,22 +34,6 @@ def folder(tmp_path_factory):
     return root
 
 
-class Interrupting:
-    """An Explainer whose k-th attribute call is the user's Ctrl-C."""
-
-    def __init__(self, explainer, fail_at):
-        self._e, self.calls, self.fail_at = explainer, 0, fail_at
-
-    def __getattr__(self, name):
-        return getattr(self._e, name)
-
-    def attribute_scored(self, x, **kw):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KeyboardInterrupt
-        return self._e.attribute_scored(x, **kw)
-
-
 def watch_batches(monkeypatch, delay=None):
     """Records (thread, explainer, rows) of every batch the engine explains and the most
     batches explained at once; `delay(first_row_id)` seconds are slept inside a batch."""
@@ -98,7 +82,17 @@ def test_two_replicas_write_the_bits_and_records_of_one(folder, tmp_path, monkey
 
 
 def test_batches_are_spread_over_the_replicas_at_most_one_each_at_a_time(folder, tmp_path, monkeypatch):
-    seen = watch_batches(monkeypatch, delay=lambda first: 0.05)
+    # The first batch waits for a second one to be explained beside it: the pool must hand
+    # it to the other replica (a pool that ran one batch at a time would break the barrier).
+    both = threading.Barrier(2, timeout=10)
+    first_two = iter([True, True])
+
+    def delay(first):
+        if next(first_two, False):
+            both.wait()
+        return 0.0
+
+    seen = watch_batches(monkeypatch, delay=delay)
     s = explain_dataset(TINY, folder, tmp_path, batch_size=2, replicas=2)
     assert s.explained == N
     threads = {t for t, _, _ in seen["calls"]}
@@ -124,20 +118,68 @@ def test_batches_finishing_out_of_order_are_indexed_in_dataset_order(folder, tmp
 def test_an_interrupted_replicated_run_resumed_explains_only_the_rest(folder, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     explain_dataset(TINY, folder, whole, batch_size=2)
-    broken = Interrupting(Explainer(TINY), fail_at=2)  # replica 0's second batch
+    calls, lock = [], threading.Lock()
+    real = engine.explain_batch
+
+    def interrupted(explainer, items, job):
+        with lock:
+            calls.append(len(items))
+            k = len(calls)
+        if k == 3:
+            raise KeyboardInterrupt  # the user's Ctrl-C, inside a replica's batch
+        return real(explainer, items, job)
+
+    monkeypatch.setattr(engine, "explain_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        explain_dataset(TINY, folder, tmp_path / "run", batch_size=2, replicas=2, explainer=broken)
+        explain_dataset(TINY, folder, tmp_path / "run", batch_size=2, replicas=2)
+    monkeypatch.setattr(engine, "explain_batch", real)
     done = read_index(tmp_path / "run" / "index.jsonl")
-    assert 1 <= len(done) // 2 <= 4 and len({r["id"] for r in done}) == len(done)
+    # The two batches before the interrupt, and one the other replica had begun, are indexed.
+    assert len(done) in (4, 6) and len({r["id"] for r in done}) == len(done)
     seen = watch_batches(monkeypatch)
     s = explain_dataset(TINY, folder, tmp_path / "run", batch_size=2, resume=True, replicas=2)
-    # Shards an earlier try wrote before its index lines are read back, not recomputed.
     assert s.reused == len(done) and s.explained == N - len(done)
-    assert sum(n for _, _, n in seen["calls"]) <= N - len(done)
+    assert sum(n for _, _, n in seen["calls"]) == N - len(done)  # nothing explained twice
     index = read_index(tmp_path / "run" / "index.jsonl")
     assert [r["id"] for r in index] == IDS
     a, b = load_results(whole), load_results(tmp_path / "run")
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupt_in_the_callers_thread_leaves_a_resumable_replicated_run(folder, tmp_path, monkeypatch):
+    appended = []
+    real = engine._Index.append
+
+    def append(self, records):
+        if len(appended) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the engine writes the index
+        appended.append(len(records))
+        real(self, records)
+
+    monkeypatch.setattr(engine._Index, "append", append)
+    with pytest.raises(KeyboardInterrupt):
+        explain_dataset(TINY, folder, tmp_path, batch_size=2, replicas=2)
+    monkeypatch.setattr(engine._Index, "append", real)
+    assert len(read_index(tmp_path / "index.jsonl")) == 4
+    seen = watch_batches(monkeypatch)
+    s = explain_dataset(TINY, folder, tmp_path, batch_size=2, resume=True, replicas=2)
+    assert (s.reused, s.explained, s.failed) == (4, N - 4, 0)
+    # Shards the replicas wrote after the interrupt, before their index lines, are read back.
+    assert sum(n for _, _, n in seen["calls"]) <= N - 4
+    assert [r["id"] for r in read_index(tmp_path / "index.jsonl")] == IDS
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_progress_bar_counts_every_input_once_with_replicas(folder, tmp_path, monkeypatch):
+    counted = []
+
+    class Bar(engine.Progress):
+        def update(self, n):
+            counted.append(n)
+
+    monkeypatch.setattr(engine, "Progress", Bar)
+    explain_dataset(TINY, folder, tmp_path, batch_size=3, replicas=3)
+    assert sorted(counted) == [1, 3, 3, 3]
 
 
 def test_with_replicas_a_corrupt_input_is_recorded_on_skip_and_ends_the_run_on_stop(folder, tmp_path):
@@ -180,10 +222,20 @@ def test_each_replica_gets_its_share_of_the_memory_budget_and_of_the_threads(fol
     for shard in {r["shard"] for r in s.records}:
         with np.load(tmp_path / "given" / shard) as z:
             assert z["attribution"].shape[0] * row <= budget // 2
-    # A given explainer's budget is the run's: the batches are planned for its share.
-    s = explain_dataset(TINY, folder, tmp_path / "explainer", batch_size=16, replicas=2,
-                        explainer=Explainer(TINY, memory_budget=budget))
-    assert s.batch_size == 3
+    # A given explainer's budget is the run's: the batches are planned for its share, and
+    # it runs (with the sessions it had built before) under that share, restored after.
+    given = Explainer(TINY, memory_budget=budget)
+    given.attribute(probe, method="occlusion", window="8,8")
+    built = [v for v in given._cache.values() if isinstance(v, runtime.Session)]
+    assert built and {v.memory_budget for v in built} == {budget}
+    budgets = []
+    rows_per_run = runtime.Session.rows_per_run
+    monkeypatch.setattr(runtime.Session, "rows_per_run",
+                        lambda self, cap=None: budgets.append(self.memory_budget) or rows_per_run(self, cap))
+    s = explain_dataset(TINY, folder, tmp_path / "explainer", batch_size=16, replicas=2, explainer=given,
+                        method="occlusion", options={"window": "8,8"})
+    assert s.batch_size == 3 and budgets and set(budgets) == {budget // 2}
+    assert given.memory_budget == budget and {v.memory_budget for v in built} == {budget}
     assert replica_shares(None, budget, 3) == (budget // 3, 1)
     monkeypatch.delenv("ONNXPLAIN_THREADS")
     monkeypatch.setattr(engine.os, "cpu_count", lambda: 16)
