@@ -442,7 +442,9 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
     predicted class and score out of the index (and spares a forward pass a batch).
     `replicas` > 1 explains that many batches at once, each on its own Explainer of the
     model (`explainer` is the first) with its share of the threads and of the memory
-    budget (see `replica_shares`). Returns a Summary."""
+    budget (see `replica_shares`). `explainer` may also be a list of Explainers of the
+    model, used as they are, one replica each (sessions compiled by an earlier run are
+    reused; their threads and budgets are the caller's). Returns a Summary."""
     from .explainer import Explainer
     from .methods.base import get_method
 
@@ -456,7 +458,20 @@ def explain_dataset(model, dataset, out, method: str = "gradient", target=None, 
     job.resolved()  # a bad option fails before any work
     t0 = time.perf_counter()
     share = None
-    if replicas == 1:
+    given = list(explainer) if isinstance(explainer, (list, tuple)) else None
+    if given is not None:
+        if not given or replicas not in (1, len(given)):
+            raise OptionError(f"a list of {len(given)} explainers is {len(given)} replicas; replicas={replicas} "
+                              "asks for another number")
+        replicas, explainer = len(given), given[0]
+    if given is not None and replicas > 1:
+        ready = iter(given[1:])
+        lock = threading.Lock()
+
+        def make_replica():
+            with lock:
+                return next(ready)
+    elif replicas == 1:
         explainer = explainer or Explainer(model, providers=providers, memory_budget=memory_budget)
     else:
         share, threads = replica_shares(explainer, memory_budget, replicas)

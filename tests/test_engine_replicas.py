@@ -274,3 +274,20 @@ def test_the_cli_runs_replicas_and_refuses_a_bad_count(folder, tmp_path):
         assert r.exit_code == 2 and "--replicas" in r.output and bad in r.output, r.output
     r = CliRunner().invoke(cli.main, args + ["--engine", "ray", "--replicas", "2"])
     assert r.exit_code == 2 and "--replicas is for the local engine" in r.output, r.output
+
+
+def test_a_list_of_explainers_is_the_replicas_reused_as_they_are(folder, tmp_path, monkeypatch):
+    """Warm replicas (sessions compiled by an earlier run) are handed in as a list and used
+    as given: each explains batches in its own thread, and the results are those of one."""
+    monkeypatch.setenv("ONNXPLAIN_THREADS", "1")
+    one = explain_dataset(TINY, folder, tmp_path / "one", batch_size=3)
+    pair = [Explainer(TINY, threads=1), Explainer(TINY, threads=1)]
+    seen = watch_batches(monkeypatch)
+    two = explain_dataset(TINY, folder, tmp_path / "two", batch_size=3, explainer=pair)
+    assert {e for _, e, _ in seen["calls"]} == {id(e) for e in pair}
+    a, b = load_results(tmp_path / "one"), load_results(tmp_path / "two")
+    assert all(np.array_equal(a[k], b[k]) for k in a) and sorted(b) == IDS
+    assert without_timing(one.records) == without_timing(two.records)
+    assert all(e.memory_budget is None for e in pair)  # the caller's, untouched (no share imposed)
+    with pytest.raises(OptionError, match="2 explainers is 2 replicas"):
+        explain_dataset(TINY, folder, tmp_path / "bad", explainer=pair, replicas=3)
