@@ -78,6 +78,9 @@ def add_arguments(group) -> None:
     group.add_argument("--dataset-methods", type=lambda s: [v for v in s.split(",") if v], default=list(METHODS),
                        help=f"comma list of {', '.join(METHODS)}")
     group.add_argument("--dataset-repeat", type=int, default=1, help="best of this many runs (default 1)")
+    group.add_argument("--dataset-replicas", type=int, default=1,
+                       help="the engine's replicas (explain_dataset(replicas=)), each with threads // replicas "
+                            "onnxruntime threads; torch keeps --threads (default 1)")
     group.add_argument("--dataset-ray", choices=("on", "off", "only"), default="on",
                        help="the Ray rows: on, off, or only them")
     group.add_argument("--dataset-ray-images", type=lambda v: sorted({int(x) for x in v.split(",") if x}),
@@ -218,8 +221,10 @@ def time_engine(model_path, e, folder, paths, method, opts, batch, out: Path, sc
     from onnxplain.io import load_inputs
 
     shutil.rmtree(out, ignore_errors=True)
-    warm = load_inputs(paths[:batch], preprocess_for(e, "imagenet"), list(e.inputs.values())[0])
-    e.attribute(warm.batch, method=method, **opts)
+    replicas = e if isinstance(e, list) else [e]
+    warm = load_inputs(paths[:batch], preprocess_for(replicas[0], "imagenet"), list(replicas[0].inputs.values())[0])
+    for r in replicas:  # every replica's sessions compiled before the clock
+        r.attribute(warm.batch, method=method, **opts)
     t = time.perf_counter()
     s = explain_dataset(model_path, folder, out, method=method, options=opts, batch_size=batch, explainer=e,
                         quiet=True, preset="imagenet", scores=scores)
@@ -337,7 +342,7 @@ def main(args) -> str:
 
     configure_threads(args.threads)
     runtime.QUIET = True
-    defaults = dict(dataset_images=64, dataset_ig_images=16, dataset_occlusion_images=16, dataset_methods=list(METHODS), dataset_repeat=1,
+    defaults = dict(dataset_images=64, dataset_ig_images=16, dataset_occlusion_images=16, dataset_methods=list(METHODS), dataset_repeat=1, dataset_replicas=1,
                     dataset_ray="on", dataset_ray_images=[16, 48])
     for k, v in defaults.items():
         if not hasattr(args, k):
@@ -364,7 +369,10 @@ def main(args) -> str:
             folder.mkdir()
             folders[n] = (folder, make_photos(folder, n))
         if args.dataset_ray != "only":
-            e = Explainer(model_path)
+            reps = max(1, int(getattr(args, "dataset_replicas", 1) or 1))
+            e = Explainer(model_path) if reps == 1 else \
+                [Explainer(model_path, threads=max(1, args.threads // reps)) for _ in range(reps)]
+            first = e[0] if isinstance(e, list) else e
             sess = ort_session(model_path, args.threads)
             in_name = sess.get_inputs()[0].name
             for method in args.dataset_methods:
@@ -373,7 +381,7 @@ def main(args) -> str:
                 n = len(paths)
                 for batch in sorted({min(b, n) for b in batches}):
                     x0 = np.stack([peer_image(p) for p in paths[:batch]])
-                    chunk = onnxplain_rows(e, method, opts, x0)
+                    chunk = onnxplain_rows(first, method, opts, x0)
                     step = peer_step(model, method, opts, chunk)
                     loader = peer_loader(paths, batch)
                     t = {"engine": [], "peer": [], "ort": [], "engine_bare": []}
@@ -392,14 +400,16 @@ def main(args) -> str:
                     rows.append((method, batch, n, chunk, rate))
                     log(f"{method} b{batch} n{n} chunk {chunk}: " +
                         ", ".join(f"{k} {v:.3g}/s" for k, v in rate.items() if v))
-            del e, sess
+            del e, first, sess
         if args.dataset_ray != "off":
             ray_out = ray_rows(model_path, tmp, args.dataset_ray_images, args.dataset_repeat, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     lines.append(f"ResNet-50 (models.py, width {width:g}, 224x224), JPEG photos decoded and preprocessed in every "
-                 f"run, {args.threads} threads for torch and onnxruntime alike, best of {args.dataset_repeat}; "
+                 f"run, {args.threads} threads for torch and onnxruntime alike"
+                 + (f" (onnxplain as {args.dataset_replicas} engine replicas of {max(1, args.threads // args.dataset_replicas)} "
+                    "thread(s) each)" if args.dataset_replicas > 1 else "") + f", best of {args.dataset_repeat}; "
                  f"gradient and LRP over {sizes['fast']} photos, IG-32 over {sizes['integrated_gradients']}, "
                  f"occlusion over {sizes['occlusion']} (throughput is per input; a batch larger than the set runs "
                  "as one batch of all). Inputs/s; `rows` is what onnxplain runs per onnxruntime call, "
