@@ -28,6 +28,7 @@ import copy
 from .base import register
 from .deeplift import ZERO, _rescale
 from .recurrent import RECURRENT, Recurrence
+from .recurrent_carry import carry_back, results, scan_x
 from .recurrent_scan import applies, scan_backward
 
 
@@ -141,53 +142,22 @@ def recurrent_deeplift(b, node, grads, reference=ZERO):
     ref = _baseline_recurrence(rec, reference)
     my, myh, myc = rec.output_grads(grads)
     want_x = rec.wants(rec.X)
-    res = [None] * len(node.input)
     if applies(rec):  # long or open lengths: two runs recorded by forward Scans, one backward Scan
         signals, mh0s, mc0s, params = scan_backward(rec, my, myh, myc, _record_keys(rec), _step, ref=ref)
-        if want_x:
-            mx = b.sum([b.op("MatMul", sig, p["W"]) for sig, p in zip(signals, params)])
-            res[0] = b.op("Transpose", mx, perm=[1, 0, 2]) if rec.layout else mx
-        if rec.wants(rec.h0):
-            res[5] = rec.stack_states(mh0s)
-        if rec.wants(rec.c0):
-            res[6] = rec.stack_states(mc0s)
-        return res
+        mx = scan_x(rec, signals, params, lambda p: p["W"]) if want_x else None
+        return results(rec, node, mx, mh0s, mc0s)
     mx, mh0s, mc0s = [], [], []
     for d in range(rec.D):
         p, steps = rec.run(d)
         _, steps0 = ref.run(d)
-        my_d = rec.direction_part(my, d, axis=1)
-        m_h = rec.final_part(myh, d) or rec.zero_state()
-        m_c = (rec.final_part(myc, d) or rec.zero_state()) if rec.op == "LSTM" else None
-        signal = {}
-        for s, s0 in zip(reversed(steps), reversed(steps0)):
-            t, mask = s["t"], s["mask"]
-            m_in = m_h
-            myt = rec.step_part(my_d, t)
-            if myt is not None:
-                m_in = b.add(m_in, myt)
-            mc_in = m_c
-            if mask is not None:
-                m_in = b.op("Where", mask, m_in, b.scalar_like(0.0, m_in))
-                if mc_in is not None:
-                    mc_in = b.op("Where", mask, mc_in, b.scalar_like(0.0, mc_in))
-            m_hprev, m_cprev, signal[t] = _step(rec, s, s0, p, d, m_in, mc_in)
-            if mask is None:
-                m_h, m_c = m_hprev, m_cprev
-            else:
-                m_h = b.op("Where", mask, m_hprev, m_h)
-                m_c = b.op("Where", mask, m_cprev, m_c) if rec.op == "LSTM" else None
+        m_h, m_c, signal = carry_back(
+            rec, d, steps, my, myh, myc,
+            lambda k, m_in, mc_in: _step(rec, steps[k], steps0[k], p, d, m_in, mc_in))
         mh0s.append(m_h)
         mc0s.append(m_c)
         if want_x:
             mx.append(b.op("MatMul", rec.by_time(signal, rec.G * rec.H), p["W"]))
-    if want_x:
-        res[0] = rec.to_sequence(b.sum(mx), rec.I)
-    if rec.wants(rec.h0):
-        res[5] = rec.stack_states(mh0s)
-    if rec.wants(rec.c0):
-        res[6] = rec.stack_states(mc0s)
-    return res
+    return results(rec, node, rec.to_sequence(b.sum(mx), rec.I) if want_x else None, mh0s, mc0s)
 
 
 def _describe(comp, node, graph=None):

@@ -26,6 +26,7 @@ from __future__ import annotations
 from .base import register
 from .lrp import EPSILON, divide
 from .recurrent import RECURRENT, Recurrence
+from .recurrent_carry import carry_back, results, scan_x
 from .recurrent_scan import applies, scan_backward
 
 
@@ -102,49 +103,21 @@ def recurrent_relevance(b, node, grads, epsilon: float = EPSILON, bias: bool = T
             return _step(rec, s, p, d, r_h, r_c, epsilon, bias)
 
         signals, rh0s, rc0s, params = scan_backward(rec, ry, ryh, ryc, _record_keys(rec), step)
-        rx = [b.op("MatMul", sig, _signal_weights(rec, p)[0]) for sig, p in zip(signals, params)]
-        per_x = b.sum(rx)
-        if rec.layout:
-            per_x = b.op("Transpose", per_x, perm=[1, 0, 2])
+        per_x = scan_x(rec, signals, params, lambda p: _signal_weights(rec, p)[0])
     else:
         rx, rh0s, rc0s = [], [], []
         for d in range(rec.D):
             p, steps = rec.run(d)
             w = _signal_weights(rec, p)[0]
-            ry_d = rec.direction_part(ry, d, axis=1)
-            rh = rec.final_part(ryh, d) or rec.zero_state()
-            rc = (rec.final_part(ryc, d) or rec.zero_state()) if rec.op == "LSTM" else None
-            signal = {}
-            for s in reversed(steps):
-                t, m = s["t"], s["mask"]
-                r_h = rh
-                ryt = rec.step_part(ry_d, t)
-                if ryt is not None:
-                    r_h = b.add(r_h, ryt)
-                r_c = rc
-                if m is not None:
-                    r_h = b.op("Where", m, r_h, b.scalar_like(0.0, r_h))
-                    if r_c is not None:
-                        r_c = b.op("Where", m, r_c, b.scalar_like(0.0, r_c))
-                h_prev_r, c_prev_r, signal[t] = _step(rec, s, p, d, r_h, r_c, epsilon, bias)
-                if m is None:
-                    rh, rc = h_prev_r, c_prev_r
-                else:
-                    rh = b.op("Where", m, h_prev_r, rh)
-                    rc = b.op("Where", m, c_prev_r, rc) if rec.op == "LSTM" else None
+            rh, rc, signal = carry_back(
+                rec, d, steps, ry, ryh, ryc,
+                lambda k, r_h, r_c: _step(rec, steps[k], p, d, r_h, r_c, epsilon, bias))
             rh0s.append(rh)
             rc0s.append(rc)
             if want_x:
                 rx.append(b.op("MatMul", rec.by_time(signal, rec.H), w))
         per_x = rec.to_sequence(b.sum(rx), rec.I) if want_x else None
-    res = [None] * len(node.input)
-    if want_x:
-        res[0] = b.mul(rec.X, per_x)
-    if rec.wants(rec.h0):
-        res[5] = rec.stack_states(rh0s)
-    if rec.wants(rec.c0):
-        res[6] = rec.stack_states(rc0s)
-    return res
+    return results(rec, node, b.mul(rec.X, per_x) if want_x else None, rh0s, rc0s)
 
 
 def _describe(comp, node, graph=None):
