@@ -15,15 +15,9 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from .attributes import attr
+
 MS, ML = "com.microsoft", "ai.onnx.ml"
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
 
 
 def _broadcast(a, b):
@@ -41,12 +35,12 @@ def _pool(shape, node, kernel=None):
     """Output shape of a sliding window (explicit pads or VALID, floor or ceil mode)."""
     if shape is None or len(shape) < 3:
         return None
-    kernel = kernel or _attr(node, "kernel_shape")
+    kernel = kernel or attr(node, "kernel_shape")
     r = len(kernel)
-    auto = _attr(node, "auto_pad", "NOTSET")
-    strides = _attr(node, "strides", [1] * r)
-    dil = _attr(node, "dilations", [1] * r)
-    pads = [0] * (2 * r) if auto == "VALID" else _attr(node, "pads", [0] * (2 * r))
+    auto = attr(node, "auto_pad", "NOTSET")
+    strides = attr(node, "strides", [1] * r)
+    dil = attr(node, "dilations", [1] * r)
+    pads = [0] * (2 * r) if auto == "VALID" else attr(node, "pads", [0] * (2 * r))
     out = list(shape[:2])
     for i, h in enumerate(shape[2:]):
         if not isinstance(h, int):
@@ -56,8 +50,8 @@ def _pool(shape, node, kernel=None):
             out.append(-(-h // strides[i]))
             continue
         span = h + pads[i] + pads[i + r] - ((kernel[i] - 1) * dil[i] + 1)
-        o = (-(-span // strides[i]) if _attr(node, "ceil_mode", 0) else span // strides[i]) + 1
-        if _attr(node, "ceil_mode", 0) and (o - 1) * strides[i] >= h + pads[i]:
+        o = (-(-span // strides[i]) if attr(node, "ceil_mode", 0) else span // strides[i]) + 1
+        if attr(node, "ceil_mode", 0) and (o - 1) * strides[i] >= h + pads[i]:
             o -= 1
         out.append(o)
     return tuple(out)
@@ -83,8 +77,8 @@ def _types(node, t):
             a, b = shape(0), shape(3)
             if a is None or b is None:
                 return None
-            m = a[1] if _attr(node, "transA", 0) else a[0]
-            n = b[0] if _attr(node, "transB", 0) else b[1]
+            m = a[1] if attr(node, "transA", 0) else a[0]
+            n = b[0] if attr(node, "transB", 0) else b[1]
             quantized = len(ins) > 7 and ins[7]
             return [((elem(8) or elem(0)) if quantized else TensorProto.FLOAT, (m, n))]
         if op in ("QLinearAdd", "QLinearMul"):
@@ -96,11 +90,11 @@ def _types(node, t):
             s = shape(0)
             if s is None:
                 return None
-            if _attr(node, "channels_last", 0):
+            if attr(node, "channels_last", 0):
                 return [(elem(4) or elem(0), (s[0],) + (1,) * (len(s) - 2) + (s[-1],))]
             return [(elem(4) or elem(0), tuple(s[:2]) + (1,) * (len(s) - 2))]
         if op == "QLinearAveragePool":
-            if _attr(node, "channels_last", 0):
+            if attr(node, "channels_last", 0):
                 return None
             s = _pool(shape(0), node)
             return None if s is None else [(elem(4) or elem(0), s)]
@@ -108,7 +102,7 @@ def _types(node, t):
             parts = [shape(i) for i in range(2, len(ins), 3)]
             if any(p is None for p in parts):
                 return None
-            axis = _attr(node, "axis") % len(parts[0])
+            axis = attr(node, "axis") % len(parts[0])
             sizes = [p[axis] for p in parts]
             total = sum(sizes) if all(isinstance(d, int) for d in sizes) else None
             s = list(parts[0])
@@ -123,8 +117,8 @@ def _types(node, t):
             x = shape(0)
             if x is None or len(x) != 3:
                 return None
-            d = 2 if _attr(node, "direction", "forward") == "bidirectional" else 1
-            h = _attr(node, "hidden_size")
+            d = 2 if attr(node, "direction", "forward") == "bidirectional" else 1
+            h = attr(node, "hidden_size")
             if h is None:
                 return None
             t, n = x[0], x[1]
@@ -140,22 +134,22 @@ def _types(node, t):
         x = shape(0)
         if x is None:
             return None
-        labels = _attr(node, "classlabels_ints") or _attr(node, "classlabels_strings") or []
-        label_type = TensorProto.INT64 if _attr(node, "classlabels_ints") else TensorProto.STRING
+        labels = attr(node, "classlabels_ints") or attr(node, "classlabels_strings") or []
+        label_type = TensorProto.INT64 if attr(node, "classlabels_ints") else TensorProto.STRING
         if op in ("Scaler", "Normalizer"):
             return [(TensorProto.FLOAT, x)]
         if op == "LinearRegressor":
-            return [(TensorProto.FLOAT, _first_rows(x) + (int(_attr(node, "targets", 1)),))]
+            return [(TensorProto.FLOAT, _first_rows(x) + (int(attr(node, "targets", 1)),))]
         if op == "SVMRegressor":
             return [(TensorProto.FLOAT, _first_rows(x) + (1,))]
         if op == "LinearClassifier":
-            rows = len(_attr(node, "intercepts", []) or []) or len(labels)
+            rows = len(attr(node, "intercepts", []) or []) or len(labels)
             scores = 2 if rows == 1 and len(labels) == 2 else rows
             return [(label_type, _first_rows(x)), (TensorProto.FLOAT, _first_rows(x) + (scores,))]
         if op == "SVMClassifier":
             k = len(labels)
-            probabilities = bool(_attr(node, "prob_a"))
-            scores = k if (probabilities or k == 2 or not _attr(node, "vectors_per_class")) else k * (k - 1) // 2
+            probabilities = bool(attr(node, "prob_a"))
+            scores = k if (probabilities or k == 2 or not attr(node, "vectors_per_class")) else k * (k - 1) // 2
             return [(label_type, _first_rows(x)), (TensorProto.FLOAT, _first_rows(x) + (scores,))]
         if op == "ArrayFeatureExtractor":
             dims = t(ins[1])[2] if len(ins) > 1 else None

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .. import attributes
 from ..errors import ModelError
 
 Rule = Callable[["Builder", onnx.NodeProto, list], list]
@@ -59,15 +60,9 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _decode(v):
-    return v.decode() if isinstance(v, bytes) else v
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return _decode(helper.get_attribute_value(a))
-    return default
+# The rules import it from here; it lives in attributes so that contrib_types (which graph.py
+# imports) reads attributes the same way without importing the rules package.
+attr = attributes.attr
 
 
 class Builder:
