@@ -361,6 +361,33 @@ def _reduced_count(b, node, x: str, axes) -> str:
     return b.cast_like(b.op("Div", b.op("Size", x), b.op("Size", node.output[0])), x)
 
 
+def _reduce_backward(b, op, x, yk, g, count, tie_count):
+    """The gradient at x of reduction `op`, from g and the forward result yk, both in the
+    shape with the reduced axes kept; count() is the number of elements reduced into each
+    result, tie_count(mask) the sum of a mask over the reduced axes."""
+    if op == "ReduceSum":
+        return b.op("Expand", g, b.shape_of(x))
+    if op == "ReduceMean":
+        return b.op("Expand", b.op("Div", g, count()), b.shape_of(x))
+    if op in ("ReduceMax", "ReduceMin"):
+        # Ties share the gradient equally (the convention of torch.amax/amin).
+        mask = b.cast_like(b.op("Equal", x, yk), x)
+        return b.mul(mask, b.op("Div", g, tie_count(mask)))
+    if op == "ReduceL1":
+        return b.mul(g, b.op("Sign", x))
+    if op == "ReduceL2":
+        # d|x|/dx = x / |x|, taken as 0 where |x| = 0 (the subgradient of least norm).
+        zero = b.scalar_like(0.0, x)
+        safe = b.op("Where", b.op("Equal", yk, zero), b.scalar_like(1.0, x), yk)
+        return b.mul(g, b.op("Div", x, safe))
+    if op == "ReduceSumSquare":
+        return b.mul(g, b.mul(x, b.scalar_like(2.0, x)))
+    if op == "ReduceLogSum":
+        return b.op("Expand", b.op("Div", g, b.op("Exp", yk)), b.shape_of(x))
+    # ReduceLogSumExp: softmax over the reduced axes
+    return b.mul(g, b.op("Exp", b.op("Sub", x, yk)))
+
+
 @register("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2",
           "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
 def reduce(b, node, grads):
@@ -376,28 +403,8 @@ def reduce(b, node, grads):
     if not keep:
         g = b.unsqueeze(g, axes)
     yk = y if keep else b.unsqueeze(y, axes)
-    op = node.op_type
-    if op == "ReduceSum":
-        out = b.op("Expand", g, b.shape_of(x))
-    elif op == "ReduceMean":
-        out = b.op("Expand", b.op("Div", g, _reduced_count(b, node, x, axes)), b.shape_of(x))
-    elif op in ("ReduceMax", "ReduceMin"):
-        # Ties share the gradient equally (the convention of torch.amax/amin).
-        mask = b.cast_like(b.op("Equal", x, yk), x)
-        out = b.mul(mask, b.op("Div", g, b.reduce_sum(mask, axes, keepdims=True)))
-    elif op == "ReduceL1":
-        out = b.mul(g, b.op("Sign", x))
-    elif op == "ReduceL2":
-        # d|x|/dx = x / |x|, taken as 0 where |x| = 0 (the subgradient of least norm).
-        zero = b.scalar_like(0.0, x)
-        safe = b.op("Where", b.op("Equal", yk, zero), b.scalar_like(1.0, x), yk)
-        out = b.mul(g, b.op("Div", x, safe))
-    elif op == "ReduceSumSquare":
-        out = b.mul(g, b.mul(x, b.scalar_like(2.0, x)))
-    elif op == "ReduceLogSum":
-        out = b.op("Expand", b.op("Div", g, b.op("Exp", yk)), b.shape_of(x))
-    else:  # ReduceLogSumExp: softmax over the reduced axes
-        out = b.mul(g, b.op("Exp", b.op("Sub", x, yk)))
+    out = _reduce_backward(b, node.op_type, x, yk, g, lambda: _reduced_count(b, node, x, axes),
+                           lambda mask: b.reduce_sum(mask, axes, keepdims=True))
     return _grads_out(node, [out])
 
 
@@ -410,26 +417,9 @@ def _reduce_at_run_time(b, node, g):
     axes, noop = node.input[1], int(attr(node, "noop_with_empty_axes", 0))
     yk = b.op(op, x, axes, keepdims=1, noop_with_empty_axes=noop)
     g = b.op("Reshape", g, b.shape_of(yk))
-    if op == "ReduceSum":
-        out = b.op("Expand", g, b.shape_of(x))
-    elif op == "ReduceMean":
-        count = b.cast_like(b.op("Div", b.op("Size", x), b.op("Size", yk)), x)
-        out = b.op("Expand", b.op("Div", g, count), b.shape_of(x))
-    elif op in ("ReduceMax", "ReduceMin"):
-        mask = b.cast_like(b.op("Equal", x, yk), x)
-        out = b.mul(mask, b.op("Div", g, b.op("ReduceSum", mask, axes, keepdims=1, noop_with_empty_axes=noop)))
-    elif op == "ReduceL1":
-        out = b.mul(g, b.op("Sign", x))
-    elif op == "ReduceL2":
-        zero = b.scalar_like(0.0, x)
-        safe = b.op("Where", b.op("Equal", yk, zero), b.scalar_like(1.0, x), yk)
-        out = b.mul(g, b.op("Div", x, safe))
-    elif op == "ReduceSumSquare":
-        out = b.mul(g, b.mul(x, b.scalar_like(2.0, x)))
-    elif op == "ReduceLogSum":
-        out = b.op("Expand", b.op("Div", g, b.op("Exp", yk)), b.shape_of(x))
-    else:  # ReduceLogSumExp
-        out = b.mul(g, b.op("Exp", b.op("Sub", x, yk)))
+    out = _reduce_backward(
+        b, op, x, yk, g, lambda: b.cast_like(b.op("Div", b.op("Size", x), b.op("Size", yk)), x),
+        lambda mask: b.op("ReduceSum", mask, axes, keepdims=1, noop_with_empty_axes=noop))
     # Broadcasting g against x (Mul above) already has x's shape except for Sum-like ones.
     return _grads_out(node, [b.op("Expand", out, b.shape_of(x))])
 
