@@ -74,6 +74,19 @@ def _out_size(h, k, s, d, begin, end, ceil: bool) -> int:
     return out
 
 
+def _pads(node, auto, r: int, totals):
+    """(begin, end) pads of r spatial axes: each of `totals` (the padding an axis needs,
+    None where the node's pads say it) split as auto_pad says, the odd one at the end for
+    SAME_UPPER and at the beginning otherwise; none for VALID; else the node's pads."""
+    if totals is not None:
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in totals]
+        return begin, [t - h for t, h in zip(totals, begin)]
+    if auto == "VALID":
+        return [0] * r, [0] * r
+    pads = [int(p) for p in attr(node, "pads", [0] * (2 * r))]
+    return pads[:r], pads[r:]
+
+
 @dataclass
 class Window:
     """Sliding-window geometry of one forward Conv/pool node, all pads explicit.
@@ -99,18 +112,11 @@ class Window:
         dilations = [int(d) for d in attr(node, "dilations", [1] * r)]
         ceil = bool(attr(node, "ceil_mode", 0))
         auto = attr(node, "auto_pad", "NOTSET")
+        totals = None
         if auto in ("SAME_UPPER", "SAME_LOWER"):
-            begin, end = [], []
-            for h, k, s, d in zip(ins, kernel, strides, dilations):
-                total = max((-(-h // s) - 1) * s + (k - 1) * d + 1 - h, 0)
-                head = total // 2 if auto == "SAME_UPPER" else total - total // 2
-                begin.append(head)
-                end.append(total - head)
-        elif auto == "VALID":
-            begin, end = [0] * r, [0] * r
-        else:
-            pads = [int(p) for p in attr(node, "pads", [0] * (2 * r))]
-            begin, end = pads[:r], pads[r:]
+            totals = [max((-(-h // s) - 1) * s + (k - 1) * d + 1 - h, 0)
+                      for h, k, s, d in zip(ins, kernel, strides, dilations)]
+        begin, end = _pads(node, auto, r, totals)
         outs = [_out_size(*geo, ceil) for geo in zip(ins, kernel, strides, dilations, begin, end)]
         return cls(kernel, strides, dilations, begin, end, ins, outs)
 
@@ -240,18 +246,11 @@ def _transpose_window(b, node, kernel, what) -> Window:
     dilations = [int(d) for d in attr(node, "dilations", [1] * r)]
     extra = [int(p) for p in attr(node, "output_padding", [0] * r)]
     auto = attr(node, "auto_pad", "NOTSET")
+    totals = None
     if attr(node, "output_shape") is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for h, o, k, s, d, e in zip(ins, outs, kernel, strides, dilations, extra):
-            total = s * (h - 1) + e + (k - 1) * d + 1 - o
-            head = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            begin.append(head)
-            end.append(total - head)
-    elif auto == "VALID":
-        begin, end = [0] * r, [0] * r
-    else:
-        pads = [int(p) for p in attr(node, "pads", [0] * (2 * r))]
-        begin, end = pads[:r], pads[r:]
+        totals = [s * (h - 1) + e + (k - 1) * d + 1 - o
+                  for h, o, k, s, d, e in zip(ins, outs, kernel, strides, dilations, extra)]
+    begin, end = _pads(node, auto, r, totals)
     if min(begin + end) < 0:
         raise ModelError(f"the gradient of {what} does not support output_shape larger than the full output")
     return Window(kernel, strides, dilations, begin, end, outs, ins)
