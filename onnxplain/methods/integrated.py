@@ -176,16 +176,22 @@ def baseline_ids_for(ctx, baseline_ids) -> dict:
     return {k: ids for k, v in tokens.items() if v == largest}
 
 
-def ids_like(ids: np.ndarray, x: np.ndarray, name: str, method: str) -> np.ndarray:
-    """Baseline ids broadcast to the input x: one id, one sample's ids, or x's shape."""
-    v = np.asarray(ids, dtype=x.dtype)
-    if 0 < v.ndim == x.ndim - 1:
+def _fit(value, like: np.ndarray, option: str, method: str, where: str) -> np.ndarray:
+    """`value` (one value, one sample's values, or like's shape) broadcast to `like`, in its
+    dtype; a shape that does not fit is refused naming the option and `where` it goes."""
+    v = np.asarray(value, dtype=like.dtype)
+    if 0 < v.ndim == like.ndim - 1:
         v = v[None]
     try:
-        return np.ascontiguousarray(np.broadcast_to(v, x.shape))
+        return np.ascontiguousarray(np.broadcast_to(v, like.shape))
     except ValueError:
-        raise OptionError(f"option baseline_ids of method '{method}': shape {v.shape} does not fit input '{name}' "
-                          f"of shape {x.shape}") from None
+        raise OptionError(f"option {option} of method '{method}': shape {v.shape} does not fit {where} "
+                          f"of shape {like.shape}") from None
+
+
+def ids_like(ids: np.ndarray, x: np.ndarray, name: str, method: str) -> np.ndarray:
+    """Baseline ids broadcast to the input x: one id, one sample's ids, or x's shape."""
+    return _fit(ids, x, "baseline_ids", method, f"input '{name}'")
 
 
 def with_baseline_ids(ctx, feeds: dict, ids: dict, keep_ids=None) -> dict:
@@ -203,14 +209,7 @@ def with_baseline_ids(ctx, feeds: dict, ids: dict, keep_ids=None) -> dict:
 
 def layer_value(ctx, value, act: np.ndarray) -> np.ndarray:
     """A baseline given at the layer, broadcast to the layer's activations `act`."""
-    v = np.asarray(value, dtype=act.dtype)
-    if 0 < v.ndim == act.ndim - 1:
-        v = v[None]
-    try:
-        return np.ascontiguousarray(np.broadcast_to(v, act.shape))
-    except ValueError:
-        raise OptionError(f"option layer_baseline of method '{ctx.method}': shape {v.shape} does not fit layer "
-                          f"'{ctx.layer}' of shape {act.shape}") from None
+    return _fit(value, act, "layer_baseline", ctx.method, f"layer '{ctx.layer}'")
 
 
 def check_moved(ctx, tensor: str, act: np.ndarray, base: np.ndarray, ids: dict) -> None:
