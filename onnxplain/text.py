@@ -564,7 +564,7 @@ def _explained_scores(explainer, feeds, target, output, probability) -> np.ndarr
     try:
         tensor = explainer.explained_tensor(output, probability)
         seed = explainer.seed_for(feeds, tensor, target)
-        y = explainer._forward(feeds, [tensor])[tensor]
+        y = explainer.forward(feeds, [tensor])[tensor]
         return (seed.astype(np.float64) * y).reshape(len(y), -1).sum(-1)
     except Exception:  # a score is a courtesy; the attribution does not depend on it
         return None
@@ -598,7 +598,7 @@ def reference_embedding(explainer, tokenizer, reference: str, output=None, pooli
     tok = load_tokenizer(tokenizer)
     ref = encode(tok, reference)
     tensor = explainer.explained_tensor(output, False)
-    out = explainer._forward(model_feeds(explainer, ref), [tensor])[tensor][0].astype(np.float64)
+    out = explainer.forward(model_feeds(explainer, ref), [tensor])[tensor][0].astype(np.float64)
     if out.ndim not in (1, 2):
         raise ModelError(f"a text target needs a sentence encoder's output, (batch, hidden) or (batch, tokens, "
                          f"hidden); '{tensor}' is {(1,) + out.shape}")
@@ -624,7 +624,7 @@ def text_target_seeds(explainer, tokenizer, encs: list, feeds: dict, target, out
     stacked, (n, tokens, hidden) or (n, hidden), and what each text's score is. The mean
     runs over each text's own attention mask, so the padding has seed 0."""
     r, rank, tensor = reference_embedding(explainer, tokenizer, target.reference, output, pooling)
-    out = explainer._forward(feeds, [tensor])[tensor].astype(np.float64)
+    out = explainer.forward(feeds, [tensor])[tensor].astype(np.float64)
     n = len(encs)
     if out.ndim - 1 != rank:
         raise ModelError(f"'{tensor}' has shape {out.shape[1:]} per sample for the text and rank {rank} for the "
