@@ -49,10 +49,10 @@ def divide(b, r: str, z: str, epsilon: float) -> str:
     return b.op("Div", r, stabilise(b, z, epsilon))
 
 
-class _WithConstants:
+class WithConstants:
     """A view of the builder that also knows the values of constants emitted by a rule, so
     a gradient rule run on a copy of a node treats the modified weight as fixed (no weight
-    gradient) and can read its shape."""
+    gradient) and can read its shape (quantized.py's float view of a quantized node too)."""
 
     def __init__(self, b, consts: dict):
         self._b, self._consts = b, consts
@@ -128,7 +128,7 @@ class Layer:
         rule = lookup(node.op_type, "gradient")
         if rule is None:
             raise ModelError(f"no gradient rule for {node.op_type}: the LRP rules need it for the adjoint")
-        return rule(_WithConstants(b, {w: weight}), node, [s])[self.x_index]
+        return rule(WithConstants(b, {w: weight}), node, [s])[self.x_index]
 
     def result(self, r: str) -> list:
         out = [None] * len(self.node.input)

@@ -41,6 +41,7 @@ from . import gradient_elementwise, gradient_linear, gradient_pool
 from .base import attr, attrs, lookup
 from .base import register as _register
 from .gradient_linear import unbroadcast_to, varies
+from .lrp import WithConstants
 
 MS = "com.microsoft"
 F32 = TensorProto.FLOAT
@@ -377,19 +378,10 @@ def _out_shape(b, node, *inputs):
     return None
 
 
-class _FloatView:
+class _FloatView(WithConstants):
     """The builder seen by a float rule run on a quantized node: emitted constants (the
     dequantized weights) are known with their values, and integer forward tensors have
     float32 gradients (so the rule's constants are float32, not uint8)."""
-
-    def __init__(self, b, consts: dict):
-        self._b, self._consts = b, consts
-
-    def constant(self, name):
-        return self._consts[name] if name in self._consts else self._b.constant(name)
-
-    def shape(self, name):
-        return tuple(self._consts[name].shape) if name in self._consts else self._b.shape(name)
 
     def np_dtype(self, name):
         d = self._b.np_dtype(name)
@@ -397,9 +389,6 @@ class _FloatView:
 
     def scalar_like(self, value, like):
         return self._b.const(value, self.np_dtype(like))
-
-    def __getattr__(self, key):
-        return getattr(self._b, key)
 
 
 def _as_float_node(node, op_type: str, inputs: list, keep=None) -> onnx.NodeProto:
