@@ -583,6 +583,12 @@ def inline_constant_ifs(model: onnx.ModelProto, known: dict | None = None) -> on
     g = model.graph
     consts = {**_constants(g), **(known or {})}
     nodes, changed = [], False
+
+    def initializer(name, value):
+        fresh = _fresh_name(g, name)
+        _add_initializer(g, fresh, value)
+        return fresh
+
     for node in g.node:
         cond = consts.get(node.input[0]) if node.op_type == "If" and _is_onnx(node) and node.input else None
         if cond is None or np.asarray(cond).size != 1:
@@ -591,15 +597,7 @@ def inline_constant_ifs(model: onnx.ModelProto, known: dict | None = None) -> on
         branch = _attr(node, "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch")
         prefix = f"{node.name or 'If'}/inlined/"
         rename = {}
-        for t in branch.initializer:
-            rename[t.name] = _fresh_name(g, prefix + t.name)
-            _add_initializer(g, rename[t.name], numpy_helper.to_array(t))
-        for n in branch.node:
-            for o in n.output:
-                if o:
-                    rename[o] = prefix + o
-        for k, n in enumerate(branch.node):
-            nodes.append(_copy_renamed(n, rename, f"{prefix}{n.name or n.op_type}_{k}"))
+        nodes.extend(_inlined(branch, prefix, rename, initializer))
         for out, vi in zip(node.output, branch.output):
             if out:
                 nodes.append(helper.make_node("Identity", [rename.get(vi.name, vi.name)], [out], name=f"{prefix}{out}"))
@@ -716,6 +714,19 @@ def _copy_renamed(node, rename: dict, name: str):
     return copy
 
 
+def _inlined(body, prefix: str, rename: dict, const) -> list:
+    """Copies of a subgraph's nodes to inline under `prefix`: each initializer becomes the
+    tensor const(prefixed name, value) returns, each node output is prefixed, and `rename`
+    (updated in place) maps every body name to its inlined one."""
+    for t in body.initializer:
+        rename[t.name] = const(prefix + t.name, numpy_helper.to_array(t))
+    for n in body.node:
+        for o in n.output:
+            if o:
+                rename[o] = prefix + o
+    return [_copy_renamed(n, rename, f"{prefix}{n.name or n.op_type}_{k}") for k, n in enumerate(body.node)]
+
+
 class _LoopUnroller:
     def __init__(self, graph):
         self.graph = graph
@@ -743,15 +754,8 @@ class _LoopUnroller:
         names in this iteration."""
         prefix = f"{loop.name}/{it}/"
         rename = dict(feeds)
-        for t in body.initializer:
-            name = prefix + t.name
-            rename[t.name] = self.const(name, numpy_helper.to_array(t))
-        for n in body.node:
-            for o in n.output:
-                if o:
-                    rename[o] = prefix + o
-        for k, n in enumerate(body.node):
-            self.emit(_copy_renamed(n, rename, f"{prefix}{n.name or n.op_type}_{k}"))
+        for n in _inlined(body, prefix, rename, self.const):
+            self.emit(n)
         return [rename.get(o.name, o.name) for o in body.output]
 
     def stack(self, name: str, parts: list, axis: int) -> None:
