@@ -46,6 +46,8 @@ def add_arguments(group) -> None:
     group.add_argument("--ig-models", type=lambda s: [v for v in s.split(",") if v], default=["resnet50"])
     group.add_argument("--resident", action="store_true", help="also time IG's device-resident path")
     group.add_argument("--spin", default=None, help="'0': also time onnxplain sessions made with ONNXPLAIN_SPIN=0")
+    group.add_argument("--blocks", action="store_true",
+                       help="time each candidate in a block of --rounds calls instead of interleaved rounds")
 
 
 def _with_env(env: dict, make):
@@ -76,7 +78,28 @@ class Candidate:
         self.cpu.append(time.process_time() - c)
 
 
+BLOCKS = False  # --blocks: each candidate timed in a block of its own (see interleave)
+
+
 def interleave(cands: list, rounds: int, log, title: str) -> None:
+    """Every round times each candidate once, in turn. With --blocks each candidate is warmed
+    and timed `rounds` times in a row instead: one session busy at a time, as a user calls
+    one; sessions timed in turn disturb each other's intra-op thread pools (a pool that spins
+    after its run takes the core the next one needs), which interleaving at 2+ threads shows
+    as a floor that does not gain from its second thread."""
+    if BLOCKS:
+        for c in cands:
+            c.call()
+            c.call()
+            for _ in range(rounds):
+                c.time_once()
+            log(f"  {title} block {c.label}: " + ", ".join(f"{v * 1e3:.0f}" for v in c.wall))
+        for c in cands:
+            c.fn = None
+        import gc
+
+        gc.collect()
+        return
     for c in cands:
         c.call()  # warm-up: compiles sessions, grows arenas
         c.call()
@@ -214,9 +237,11 @@ def main(args) -> str:
 
     warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
     for k, v in (("goals", list(GOALS)), ("rounds", 5), ("lrp_composites", list(LRP)), ("ig_models", ["resnet50"]),
-                 ("resident", False), ("spin", None)):
+                 ("resident", False), ("spin", None), ("blocks", False)):
         if not hasattr(args, k):
             setattr(args, k, v)
+    global BLOCKS
+    BLOCKS = bool(args.blocks)
 
     def log(msg):
         print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
@@ -232,7 +257,7 @@ def main(args) -> str:
         for name in args.ig_models:
             rows += bench_ig(name, args, log)[0]
     return (f"Batch 1, width {args.width:g}, {args.resolution}x{args.resolution}, {args.threads} threads, "
-            f"{args.rounds} interleaved rounds after 2 warm-up calls each; wall ms as median (min-max).\n\n"
+            f"{args.rounds} " + ("calls in a block per candidate" if args.blocks else "interleaved rounds") + " after 2 warm-up calls each; wall ms as median (min-max).\n\n"
             + render(rows, args) + f"\n\n_(section took {time.time() - t0:.0f} s)_")
 
 
