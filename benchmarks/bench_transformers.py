@@ -28,6 +28,7 @@ Run: ``python benchmarks/run.py --only transformers`` or ``python benchmarks/ben
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import sys
@@ -403,10 +404,13 @@ def bench_model(spec, batches, args, log) -> tuple[list, list]:
 
     threads = args.threads
     tc = dict(repeats=args.repeats, warmup=1, budget=args.budget, warm_seconds=0.0)
-    ex = Explainer(str(spec.path), providers=["CPUExecutionProvider"])
     infer = ort_session(Path(spec.path), threads)
     rows, notes = [], []
     for batch in batches:
+        # A fresh Explainer a batch size, released with the batch's peers below: ViT-B/16's
+        # sessions of batch 1 and 16 and the torch peers alive at once ran the machine out
+        # of memory.
+        ex = Explainer(str(spec.path), providers=["CPUExecutionProvider"])
         feeds = spec.inputs(batch)
         log(f"[{spec.name} b={batch}] inference")
         floor = time_call(lambda: infer.run(None, feeds), **tc)
@@ -456,6 +460,8 @@ def bench_model(spec, batches, args, log) -> tuple[list, list]:
             notes.append(f"### Profile: {spec.name} AttnLRP explainer, batch {batch}\n\n"
                          + _profile(gpath, gfeeds, threads, args.transformers_profile_top, log))
         torch.set_num_threads(threads)
+        del calls, peers, ex, call
+        gc.collect()
     return rows, notes
 
 
