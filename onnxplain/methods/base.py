@@ -269,8 +269,8 @@ class Context:
         if self._seed is None:
             kept = {}
             self._seed = self.explainer.seed_for(self._physical_feeds(), self.explained, None, keep=kept)
-            if self._values is None and kept.get("values") is not None:
-                self._values = kept["values"]
+            if kept.get("values") is not None:
+                self.values = kept["values"]
         return self._seed
 
     @property
@@ -489,8 +489,8 @@ class Context:
                 acts.setdefault(t, []).append(c[t])
 
         self.backward_rows_with(spec, session, total, rows, consume, predicted=predicted, values=values)
-        if values and self._values is None and all(v is not None for v in values):
-            self._values = np.concatenate(values)
+        if values and all(v is not None for v in values):
+            self.values = np.concatenate(values)
         return ({t: np.concatenate(v) for t, v in attrs.items()}, {t: np.concatenate(v) for t, v in acts.items()})
 
     def backward_rows_with(self, spec, session, total, make_rows, consume, label=None, predicted=None,
