@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import ModelError, UnsupportedOperatorError
 from .base import attr, register
 from .gradient_linear import varies
+from .recurrent_carry import carry_back
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -487,12 +488,6 @@ class Recurrence:
 
 
 # --------------------------------------------------------------------------- gradient
-def _masked(b, m, g):
-    if m is None or g is None:
-        return g
-    return b.op("Where", m, g, b.scalar_like(0.0, g))
-
-
 def _step_backward(rec, s, p, d, dh, dc):
     """One step's backward: from the gradients of h_new (dh) and c_new (dc) to those of
     h_prev and c_prev, the gate pre-activations (for X, W, B) and the recurrent terms."""
@@ -626,31 +621,18 @@ def recurrent_gradient(b, node, grads, relu_mode=None):
     dxs, dws, drs, dbs, dps, dh0s, dc0s = [], [], [], [], [], [], []
     for d in range(rec.D):
         p, steps = rec.run(d)
-        gy_d = rec.direction_part(gy, d, axis=1)
-        dh = rec.final_part(gyh, d) or rec.zero_state()
-        dc = rec.final_part(gyc, d) if rec.op == "LSTM" else None
-        if rec.op == "LSTM" and dc is None:
-            dc = rec.zero_state()
-        da_x, r_terms, da_rb, dp = {}, [], {}, []
-        for s in reversed(steps):
-            t, m = s["t"], s["mask"]
-            dh_in = dh
-            gyt = rec.step_part(gy_d, t)
-            if gyt is not None:
-                dh_in = b.add(dh_in, gyt)
-            dc_in = dc
-            if m is not None:
-                dh_in = _masked(b, m, dh_in)
-                dc_in = _masked(b, m, dc_in)
-            out = _step_backward(rec, s, p, d, dh_in, dc_in)
-            da_x[t], da_rb[t] = out["dx"], out["drb"]
-            r_terms.append(out["dr"])
-            dp.append(out.get("dp"))
-            if m is None:
-                dh, dc = out["dh"], out.get("dc")
-            else:
-                dh = b.op("Where", m, out["dh"], dh)
-                dc = b.op("Where", m, out["dc"], dc) if rec.op == "LSTM" else None
+
+        def step(k, dh_in, dc_in, p=p, steps=steps, d=d):
+            out = _step_backward(rec, steps[k], p, d, dh_in, dc_in)
+            return out["dh"], out.get("dc"), out
+
+        # The states' gradients carried back over the steps as the relevance rules carry
+        # theirs; each step's outputs come back last step first.
+        dh, dc, outs = carry_back(rec, d, steps, gy, gyh, gyc, step)
+        da_x = {t: out["dx"] for t, out in outs.items()}
+        da_rb = {t: out["drb"] for t, out in outs.items()}
+        r_terms = [out["dr"] for out in outs.values()]
+        dp = [out.get("dp") for out in outs.values()]
         dh0s.append(dh)
         dc0s.append(dc)
         flat = rec.by_time(da_x, G * H) if (want_x or want["W"] or want["B"]) else None

@@ -1,7 +1,7 @@
 """What the relevance (recurrent_lrp.py) and DeepLIFT (recurrent_deeplift.py) rules through
 LSTM, GRU and RNN share around their own step: carrying what flows back through the states
 over a direction's unrolled steps, and placing the results by the operator's inputs. The
-exact gradient (recurrent.py) carries more per step (weight gradients) and keeps its own.
+exact gradient (recurrent.py) carries its states' gradients with `carry_back` too.
 """
 
 from __future__ import annotations
